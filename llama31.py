@@ -1,0 +1,758 @@
+"""
+llama31.py: Meta's Llama 3.x in one PyTorch file, exact against Meta's reference.
+
+Run a Meta-format checkpoint folder (consolidated.00.pth, params.json, tokenizer.model):
+
+    pip install -r requirements.txt
+    python llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-8B
+    python llama31.py --ckpt_dir D --prompts '["Clearly, the meaning of life is"]' --temperature 0 --max_gen_len 32
+    python llama31.py --help
+
+From Python:
+
+    import llama31, torch
+    llama = llama31.Llama.build(ckpt_dir, max_seq_len=512, max_batch_size=4)   # device and dtype picked for you
+    rng = torch.Generator(device=llama.device).manual_seed(1337)
+    out = llama.text_completion(["Simply put, the theory of relativity states that"], sample_rng=rng)
+    print(out[0]["generation"])
+
+Test it (tiny random checkpoints, the real Llama 3 tokenizer, Hugging Face transformers as the reference):
+
+    pip install -r requirements-test.txt && pip install --no-deps llama-models
+    python -m pytest -q test_llama31.py
+
+The file reads top to bottom: config -> model blocks -> KV cache -> Transformer -> tokenizer -> sampling ->
+Llama (loading and generation) -> command line.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import AbstractSet, Collection, Dict, Iterator, List, Literal, Optional, Sequence, Union
+
+import tiktoken
+import torch
+from tiktoken.load import load_tiktoken_bpe
+import torch.nn.functional as F
+from torch import nn
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096  # width of the residual stream
+    n_layers: int = 32  # number of transformer blocks
+    n_heads: int = 32  # query heads
+    n_kv_heads: Optional[int] = None  # key/value heads (grouped-query attention); None means n_heads
+    vocab_size: int = 128256  # 128000 BPE tokens + 256 special tokens
+    multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None  # scales the SwiGLU hidden size (1.3 for 8B, 1.5 for 3.2 1B)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 500000.0  # RoPE base
+    use_scaled_rope: bool = False  # Llama 3.1's long-context RoPE frequency scaling
+    # Llama 3.1's RoPE scaling constants (Meta's reference hard-codes these values)
+    rope_scale_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
+    # runtime limits, not part of the trained model
+    max_batch_size: int = 4  # most sequences generate() takes at once
+    max_seq_len: int = 2048  # most positions (prompt + generation) a sequence may use
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.max_seq_len, int) or self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be an integer >= 1, got {self.max_seq_len!r}")
+        if self.dim % self.n_heads != 0:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2 != 0:
+            raise ValueError(f"head_dim {self.dim // self.n_heads} must be even for rotary embeddings")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError(f"norm_eps and rope_theta must be positive, got {self.norm_eps}, {self.rope_theta}")
+
+    @classmethod
+    def from_params(cls, params: dict, **overrides) -> "ModelArgs":
+        """ModelArgs from a params.json dict. Keys this file does not use are ignored: newer Meta files
+        carry extra ones (e.g. "vision_chunk_size", "quantization_args")."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in params.items() if k in known}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        # Meta's SwiGLU sizing: 2/3 of 4*dim (SwiGLU has three matrices instead of two, so this keeps the
+        # parameter count of a 4*dim MLP), times ffn_dim_multiplier, rounded up to multiple_of.
+        # e.g. Llama 3.1 8B: int(2 * 16384 / 3) = 10922 -> * 1.3 = 14198 -> rounded up to 1024s = 14336
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+# -----------------------------------------------------------------------------
+# model blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 (a bf16 mean of squares loses precision), cast back, then scale: Meta's order
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """The head_dim/2 rotation frequencies, with Llama 3.1's scaling when args.use_scaled_rope."""
+    hd = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))  # (head_dim/2,)
+    if not args.use_scaled_rope:
+        return freqs
+    # Llama 3.1 stretches the context 8x: wavelengths shorter than original_context/high_freq_factor are
+    # kept, those longer than original_context/low_freq_factor are divided by the factor, and the band in
+    # between is blended linearly in 1/wavelength.
+    factor, low, high, ctx = (args.rope_scale_factor, args.rope_low_freq_factor, args.rope_high_freq_factor,
+                              args.rope_original_context)
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > ctx / low, freqs / factor, freqs)
+    smooth = (ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= ctx / high) & (wavelen <= ctx / low)
+    return torch.where(is_medium, blended, scaled)
+
+
+def rope_tables(args: ModelArgs, device=None):
+    """cos and sin of position * frequency, (max_seq_len, head_dim/2) each, fp32. Computed on the CPU so
+    every device gets the same bits, then moved."""
+    freqs = rope_frequencies(args)
+    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), freqs)  # (max_seq_len, head_dim/2)
+    return torch.cos(angles).to(device), torch.sin(angles).to(device)
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (bsz, seqlen, n_heads, head_dim) by its positions' angles. Meta's layout pairs neighbouring
+    features (x[2i], x[2i+1]) as one complex number (Hugging Face's checkpoints instead pair x[i] with
+    x[i + head_dim/2]). cos/sin broadcast as (bsz or 1, seqlen, 1, head_dim/2). Computed in fp32."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # 2 x (bsz, seqlen, n_heads, head_dim/2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (bsz, seqlen, n_heads, head_dim/2, 2)
+    return out.flatten(-2).type_as(x)  # (bsz, seqlen, n_heads, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, start_pos=0, kv_len=None):
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)  # (bsz, seqlen, n_heads, head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)  # (bsz, seqlen, n_kv_heads, head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
+        xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (bsz, heads, seqlen, head_dim)
+        if cache is not None:
+            xk, xv = cache.update(start_pos, xk, xv, kv_len)  # (bsz, n_kv_heads, kv_len, head_dim)
+        # Grouped-query attention: query head h reads kv head h // (n_heads // n_kv_heads), Meta's repeat_kv.
+        # mask None with several queries means plain causal attention starting at position 0.
+        y = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=mask, is_causal=mask is None and seqlen > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        y = y.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, start_pos=0, kv_len=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start_pos, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache(nn.Module):
+    """Keys and values of the positions seen so far, for one layer and one generation. Preallocated at the
+    generation's exact size (batch, positions) and dropped after it, so training and plain forward passes
+    pay nothing for it (Meta's reference allocates max_batch_size x max_seq_len caches in every layer)."""
+
+    def __init__(self, bsz, max_len, n_kv_heads, head_dim, device=None, dtype=None):
+        super().__init__()
+        shape = (bsz, n_kv_heads, max_len, head_dim)  # heads before positions: the layout SDPA reads
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, start_pos, xk, xv, kv_len=None):
+        """Store xk/xv (bsz, n_kv_heads, seqlen, head_dim) and return the cache up to kv_len positions
+        (default: through the new ones). start_pos is an int shared by all rows, or a (bsz,) tensor of
+        per-row positions for one new token each (rows of a ragged batch sit at different positions)."""
+        bsz, _, seqlen, _ = xk.shape
+        if isinstance(start_pos, int):
+            self.k[:bsz, :, start_pos : start_pos + seqlen] = xk
+            self.v[:bsz, :, start_pos : start_pos + seqlen] = xv
+            kv_len = start_pos + seqlen if kv_len is None else kv_len
+        else:
+            assert seqlen == 1 and kv_len is not None, "per-row positions take one token and an explicit kv_len"
+            rows = torch.arange(bsz, device=xk.device)
+            self.k[rows, :, start_pos] = xk[:, :, 0]  # (bsz, n_kv_heads, head_dim) into each row's slot
+            self.v[rows, :, start_pos] = xv[:, :, 0]
+        return self.k[:bsz, :, :kv_len], self.v[:bsz, :, :kv_len]
+
+
+# -----------------------------------------------------------------------------
+# Transformer
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        self.params = params
+        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
+        self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        # RoPE tables: fp32 buffers that follow the module between devices but are not saved
+        cos, sin = rope_tables(params, device=self.tok_embeddings.weight.device)
+        self.register_buffer("freqs_cos", cos, persistent=False)
+        self.register_buffer("freqs_sin", sin, persistent=False)
+        self.kv_caches: Optional[List[KVCache]] = None  # installed by setup_caches() for a generation
+
+    def init_rope(self, device=None):
+        """(Re)compute the RoPE tables in fp32 on `device` (e.g. after loading on the meta device)."""
+        self.freqs_cos, self.freqs_sin = rope_tables(self.params, device=device)
+
+    def _apply(self, fn, *args, **kwargs):
+        # nn.Module.to(dtype), .half() and .bfloat16() cast every floating buffer, but RoPE must stay fp32
+        # as in Meta's reference: recompute the tables rather than keep rounded ones.
+        super()._apply(fn, *args, **kwargs)
+        if self.freqs_cos.dtype != torch.float32 and not self.freqs_cos.is_meta:
+            self.init_rope(self.freqs_cos.device)
+        return self
+
+    def setup_caches(self, bsz: int, max_len: int):
+        """Install per-layer KV caches for a generation of bsz rows and max_len positions."""
+        p, w = self.params, self.tok_embeddings.weight
+        self.kv_caches = [KVCache(bsz, max_len, p.n_kv_heads, p.head_dim, w.device, w.dtype) for _ in self.layers]
+
+    def clear_caches(self):
+        self.kv_caches = None
+
+    def hidden_states(self, tokens: torch.Tensor, start_pos=0, kv_len=None) -> torch.Tensor:
+        """Final normalised hidden states (bsz, seqlen, dim) for tokens (bsz, seqlen).
+
+        start_pos: int, the position of tokens[:, 0] in every row; with caches installed the keys and values
+        of earlier positions come from the cache. Or a (bsz,) long tensor of per-row positions for a single
+        new token per row (decoding a ragged batch), with kv_len the number of cache positions to attend
+        over; keys past a row's own position are masked."""
+        bsz, seqlen = tokens.shape
+        if isinstance(start_pos, int):
+            if start_pos < 0 or start_pos + seqlen > self.params.max_seq_len:
+                raise ValueError(f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len "
+                                 f"{self.params.max_seq_len}")
+            cos = self.freqs_cos[start_pos : start_pos + seqlen].view(1, seqlen, 1, -1)  # (1, seqlen, 1, head_dim/2)
+            sin = self.freqs_sin[start_pos : start_pos + seqlen].view(1, seqlen, 1, -1)
+            # None: causal over the given tokens, or a single query that sees every cached key
+            mask = None
+            if self.kv_caches is not None:
+                cache_len = self.kv_caches[0].k.shape[2]
+                if start_pos + seqlen > cache_len or bsz > self.kv_caches[0].k.shape[0]:
+                    raise ValueError(f"batch {bsz} x positions up to {start_pos + seqlen} do not fit the caches "
+                                     f"({self.kv_caches[0].k.shape[0]} x {cache_len})")
+            if seqlen > 1 and start_pos > 0 and self.kv_caches is not None:
+                # query i (at position start_pos + i) sees the cached keys 0..start_pos + i
+                mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
+                mask = mask.tril(diagonal=start_pos)  # (seqlen, start_pos + seqlen)
+        else:
+            assert seqlen == 1 and kv_len is not None and self.kv_caches is not None
+            cos = self.freqs_cos[start_pos].view(bsz, 1, 1, -1)  # (bsz, 1, 1, head_dim/2)
+            sin = self.freqs_sin[start_pos].view(bsz, 1, 1, -1)
+            key_pos = torch.arange(kv_len, device=tokens.device)
+            mask = (key_pos[None, :] <= start_pos[:, None]).view(bsz, 1, 1, kv_len)  # (bsz, 1, 1, kv_len)
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        caches = self.kv_caches or [None] * len(self.layers)
+        for layer, cache in zip(self.layers, caches):
+            h = layer(h, cos, sin, mask, cache, start_pos, kv_len)
+        return self.norm(h)
+
+    def forward_inference(self, tokens: torch.Tensor, start_pos=0, kv_len=None) -> torch.Tensor:
+        """fp32 logits (bsz, seqlen, vocab_size) for tokens (bsz, seqlen); see hidden_states for the args."""
+        return self.output(self.hidden_states(tokens, start_pos, kv_len)).float()
+
+    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy of targets (bsz, seqlen) given inputs (bsz, seqlen); target positions
+        equal to ignore_index do not count. Never uses the KV caches."""
+        caches, self.kv_caches = self.kv_caches, None
+        try:
+            logits = self.forward_inference(inputs)  # (bsz, seqlen, vocab_size)
+        finally:
+            self.kv_caches = caches
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+# tiktoken's encoder panics on inputs of a few hundred thousand characters and slows down badly on very
+# long runs of whitespace or of non-whitespace, so Meta encodes in pieces no longer than these (the split
+# can change ids at piece boundaries, so it must match Meta's exactly to give the same ids).
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000
+MAX_NO_WHITESPACES_CHARS = 25_000
+
+
+class Tokenizer:
+    """Llama 3's tiktoken BPE: 128000 merged byte sequences plus 256 special tokens (ids 128000-128255)."""
+
+    pat_str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
+    num_reserved_special_tokens = 256
+
+    def __init__(self, model_path):
+        model_path = Path(model_path).expanduser()
+        if not model_path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {model_path}")
+        try:
+            mergeable_ranks = load_tiktoken_bpe(str(model_path))
+        except ValueError as e:  # a bad line: binascii.Error or ValueError (both ValueErrors)
+            raise ValueError(f"{model_path} is not a tiktoken BPE file (base64 token and rank per line): {e}") from e
+        if not mergeable_ranks:
+            raise ValueError(f"tokenizer file {model_path} is empty")
+        num_base_tokens = len(mergeable_ranks)
+        names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                 "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                 "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+                 "<|image|>"]
+        names += [f"<|reserved_special_token_{2 + i}|>" for i in range(self.num_reserved_special_tokens - len(names))]
+        self.special_tokens: Dict[str, int] = {name: num_base_tokens + i for i, name in enumerate(names)}
+        self.model = tiktoken.Encoding(name=model_path.name, pat_str=self.pat_str,
+                                       mergeable_ranks=mergeable_ranks, special_tokens=self.special_tokens)
+        self.n_words: int = num_base_tokens + len(names)
+        self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id: int = self.special_tokens["<|end_of_text|>"]
+        self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.eom_id: int = self.special_tokens["<|eom_id|>"]  # end of message: the model awaits a tool result
+        self.eot_id: int = self.special_tokens["<|eot_id|>"]  # end of turn
+        self.python_tag_id: int = self.special_tokens["<|python_tag|>"]
+        self.stop_tokens = {self.eos_id, self.eom_id, self.eot_id}
+
+    def encode(self, s: str, *, bos: bool, eos: bool,
+               allowed_special: Optional[Union[Literal["all"], AbstractSet[str]]] = None,
+               disallowed_special: Union[Literal["all"], Collection[str]] = ()) -> List[int]:
+        """Token ids of s, with <|begin_of_text|> / <|end_of_text|> added as asked. By default text that
+        looks like a special token (e.g. "<|eot_id|>") is encoded as plain text; allowed_special="all"
+        encodes it as the special token, disallowed_special="all" raises on it."""
+        if not isinstance(s, str):
+            raise TypeError(f"encode takes a str, got {type(s).__name__}")
+        allowed_special = set() if allowed_special is None else allowed_special
+        t = [self.bos_id] if bos else []
+        for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
+            for piece in _split_whitespaces_or_nonwhitespaces(s[i : i + TIKTOKEN_MAX_ENCODE_CHARS],
+                                                              MAX_NO_WHITESPACES_CHARS):
+                t.extend(self.model.encode(piece, allowed_special=allowed_special,
+                                           disallowed_special=disallowed_special))
+        if eos:
+            t.append(self.eos_id)
+        return t
+
+    def decode(self, t: Sequence[int]) -> str:
+        """Text of token ids; bytes that do not form valid UTF-8 become U+FFFD."""
+        return self.model.decode(list(t))
+
+
+def _split_whitespaces_or_nonwhitespaces(s: str, max_len: int) -> Iterator[str]:
+    """Cut s so that no piece holds more than max_len consecutive whitespace, or consecutive
+    non-whitespace, characters. Meta's rule: a run is cut after exactly max_len characters."""
+    run_len, run_is_space, start = 0, s[:1].isspace(), 0
+    for i, ch in enumerate(s):
+        is_space = ch.isspace()
+        if is_space != run_is_space:
+            run_len, run_is_space = 1, is_space
+        else:
+            run_len += 1
+            if run_len > max_len:
+                yield s[start:i]
+                start, run_len = i, 1
+    yield s[start:]
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Nucleus sampling with Meta's rule: sort probabilities descending, drop every token whose preceding
+    cumulative mass already exceeds p, renormalise the rest and draw one. probs (bsz, vocab) -> (bsz, 1).
+    p = 0 keeps only the most likely token, p = 1 keeps them all. Pass a torch.Generator on probs' device
+    for reproducible draws whatever the global seed."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {p}")
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (bsz, vocab) each
+    mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
+    probs_sort = probs_sort.masked_fill(mass_before > p, 0.0)
+    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (bsz, 1) sorted index
+    return torch.gather(probs_idx, -1, next_token)  # (bsz, 1) token id
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token ids (bsz,) from fp32 logits (bsz, vocab): argmax at temperature 0, else nucleus sampling
+    from softmax(logits / temperature)."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return sample_top_p(probs, top_p, generator).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# Llama: loading and generation
+
+
+def default_device() -> torch.device:
+    """cuda, else Apple's mps, else cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the accelerator supports it (fp16 otherwise); fp32 on CPU, where bf16 matmuls are slow
+    on many processors and fp32 is exact against the reference."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        try:  # bf16 needs macOS 14 or newer
+            torch.ones(1, dtype=torch.bfloat16, device=device)
+            return torch.bfloat16
+        except (RuntimeError, TypeError):
+            return torch.float16
+    return torch.float32
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_device_dtype(device=None, dtype=None):
+    """The torch.device and torch.dtype to run on, from user values (None means autodetect)."""
+    if device is None:
+        device = default_device()
+    else:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"unknown device {device!r}: {e}") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r} requested but MPS is not available")
+    if dtype is None:
+        dtype = default_dtype(device)
+    elif isinstance(dtype, str):
+        if dtype.removeprefix("torch.") not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[dtype.removeprefix("torch.")]
+    elif dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return device, dtype
+
+
+def load_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
+    """The state dict in one consolidated.NN.pth, memory-mapped (weights are read from disk as they are
+    used, not copied into RAM first). weights_only=True unpickles tensors and plain containers only: a
+    checkpoint whose pickle would run code is refused, never run."""
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # UnpicklingError for unsafe pickles, RuntimeError for broken zip archives, ...
+        raise RuntimeError(f"cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise RuntimeError(f"checkpoint {path} does not hold a state dict of tensors")
+    return sd
+
+
+class Llama:
+    """A Transformer and its Tokenizer, with text generation. Build one with Llama.build(ckpt_dir)."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.seed = seed  # seeds the sampling generator when a call passes none
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    @property
+    def params(self) -> ModelArgs:
+        return self.model.params
+
+    @staticmethod
+    def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
+              device=None, dtype=None, seed: int = 1) -> "Llama":
+        """Load a Meta checkpoint folder (consolidated.00.pth, params.json, tokenizer.model).
+
+        tokenizer_path: defaults to ckpt_dir/tokenizer.model. device: "cuda", "mps", "cpu" or None for the
+        first available in that order. dtype: torch dtype or its name; None means bf16 on GPUs that support
+        it (else fp16), fp32 on CPU. seed: seeds sampling when generate() gets no generator.
+        """
+        t0 = time.time()
+        ckpt_dir = Path(ckpt_dir).expanduser()
+        if not ckpt_dir.is_dir():
+            raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
+        params_path = ckpt_dir / "params.json"
+        if not params_path.is_file():
+            raise FileNotFoundError(f"no params.json in {ckpt_dir}")
+        try:
+            params = json.loads(params_path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot parse {params_path}: {e}") from e
+        if not isinstance(params, dict):
+            raise ValueError(f"{params_path} must hold a JSON object, got {type(params).__name__}")
+        shards = sorted(ckpt_dir.glob("consolidated.*.pth"))
+        if not shards:
+            raise FileNotFoundError(f"no consolidated.*.pth checkpoint in {ckpt_dir}")
+        if len(shards) > 1:
+            raise ValueError(f"{ckpt_dir} holds {len(shards)} model-parallel shards; only single-file "
+                             f"checkpoints are supported")
+        if not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be an integer >= 1, got {max_seq_len!r}")
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        try:
+            args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        except TypeError as e:  # a value of the wrong type in params.json
+            raise ValueError(f"bad value in {params_path}: {e}") from e
+        tokenizer = Tokenizer(tokenizer_path if tokenizer_path is not None else ckpt_dir / "tokenizer.model")
+        if args.vocab_size != tokenizer.n_words:
+            raise ValueError(f"vocab_size {args.vocab_size} in {params_path} does not match the tokenizer's "
+                             f"{tokenizer.n_words} tokens")
+        device, dtype = resolve_device_dtype(device, dtype)
+
+        # Build the module on the meta device (no memory, no random init), then adopt the checkpoint's
+        # tensors as the parameters (assign=True): one copy of the weights, converted tensor by tensor.
+        with torch.device("meta"):
+            model = Transformer(args)
+        sd = load_checkpoint(shards[0])
+        sd.pop("rope.freqs", None)  # some Meta exports carry the unscaled RoPE table; we compute our own
+        sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+        try:
+            model.load_state_dict(sd, strict=True, assign=True)
+        except RuntimeError as e:
+            raise RuntimeError(f"{shards[0]} does not match {params_path}: {e}") from e
+        model.init_rope(device)
+        model.eval().requires_grad_(False)
+        print(f"loaded {ckpt_dir} on {device} in {dtype} in {time.time() - t0:.2f}s", file=sys.stderr)
+        return Llama(model, tokenizer, seed)
+
+    def _check_sampling(self, temperature, top_p, max_gen_len, sample_rng):
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if not isinstance(top_p, (int, float)) or not 0.0 <= top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
+        if max_gen_len is not None and (not isinstance(max_gen_len, int) or max_gen_len < 1):
+            raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
+        if sample_rng is not None:
+            if not isinstance(sample_rng, torch.Generator):
+                raise TypeError(f"sample_rng must be a torch.Generator, got {type(sample_rng).__name__}")
+            if sample_rng.device.type != self.device.type:
+                raise ValueError(f"sample_rng is on {sample_rng.device} but the model is on {self.device}; "
+                                 f"use torch.Generator(device=llama.device)")
+
+    @torch.inference_mode()
+    def generate(self, prompt_tokens: List[List[int]], sample_rng: Optional[torch.Generator] = None,
+                 max_gen_len: int = 64, temperature: float = 0.6, top_p: float = 0.9,
+                 echo: bool = False) -> List[List[int]]:
+        """Continue each prompt (a list of token ids). Returns per prompt the new tokens (prompt + new with
+        echo), at most max_gen_len of them, ending before the first stop token. Rows are independent: each
+        gives what it gives alone. sample_rng: a torch.Generator on self.device (None: seeded by build's
+        seed); temperature 0 is greedy."""
+        self._check_sampling(temperature, top_p, max_gen_len, sample_rng)
+        p, tok = self.params, self.tokenizer
+        if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
+            raise ValueError("prompt_tokens must be a non-empty list of token lists")
+        bsz = len(prompt_tokens)
+        if bsz > p.max_batch_size:
+            raise ValueError(f"batch of {bsz} prompts exceeds max_batch_size {p.max_batch_size}")
+        for i, t in enumerate(prompt_tokens):
+            if not isinstance(t, (list, tuple)) or not t:
+                raise ValueError(f"prompt {i} must be a non-empty list of token ids")
+            if not all(isinstance(x, int) and 0 <= x < p.vocab_size for x in t):
+                raise ValueError(f"prompt {i} holds a token id outside [0, {p.vocab_size})")
+            if len(t) > p.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(t)} tokens, more than max_seq_len {p.max_seq_len}")
+        if sample_rng is None:
+            sample_rng = torch.Generator(device=self.device).manual_seed(self.seed)
+        device = self.device
+        lens = [len(t) for t in prompt_tokens]
+        max_prompt_len = max(lens)
+        total_len = min(p.max_seq_len, max_prompt_len + max_gen_len)
+        # Each row may add this many tokens, as in Meta's reference: what is left of max_gen_len and of
+        # max_seq_len after its own prompt (a short prompt in a batch gets as far as it would alone).
+        budgets = [min(max_gen_len, p.max_seq_len - n) for n in lens]
+        max_budget = max(budgets)
+        stop_ids = torch.tensor(sorted(tok.stop_tokens), device=device)
+
+        # Prompts right-padded into one (bsz, max_prompt_len) batch: every token sits at its own position,
+        # exactly where it would be alone; pad positions are computed but never attended to.
+        tokens = torch.full((bsz, max_prompt_len), tok.pad_id, dtype=torch.long)
+        for i, t in enumerate(prompt_tokens):
+            tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        tokens = tokens.to(device)
+        pos = torch.tensor(lens, device=device)  # (bsz,) where each row's next token goes
+        budget_t = torch.tensor(budgets, device=device)
+        out = torch.full((bsz, max(max_budget, 1)), tok.pad_id, dtype=torch.long, device=device)
+        self.model.setup_caches(bsz, total_len)
+        try:
+            # 1. prefill: all prompts in one forward pass; logits only at each row's last prompt token
+            h = self.model.hidden_states(tokens, 0)  # (bsz, max_prompt_len, dim)
+            h_last = h[torch.arange(bsz, device=device), pos - 1]  # (bsz, dim)
+            next_tok = sample_next(self.model.output(h_last).float(), temperature, top_p, sample_rng)  # (bsz,)
+            # 2. decode: one token per row per step, each row at its own position; stops when every row hit
+            # a stop token or its budget (the one host sync per step)
+            done = torch.zeros(bsz, dtype=torch.bool, device=device)
+            for step in range(max_budget):
+                out[:, step] = next_tok
+                done |= torch.isin(next_tok, stop_ids) | (budget_t <= step + 1)
+                if step + 1 == max_budget or bool(done.all()):
+                    break
+                # rows past their budget idle at the last slot (their tokens are discarded)
+                cur = (pos + step).clamp(max=total_len - 1)  # (bsz,) position of next_tok in each row
+                kv_len = min(max_prompt_len + step, total_len - 1) + 1  # the furthest row's position + 1
+                logits = self.model.forward_inference(next_tok[:, None], cur, kv_len)  # (bsz, 1, vocab)
+                next_tok = sample_next(logits[:, -1], temperature, top_p, sample_rng)
+        finally:
+            self.model.clear_caches()
+        results = []
+        for i, row in enumerate(out.tolist()):
+            row = row[: budgets[i]]
+            for j, t in enumerate(row):
+                if t in tok.stop_tokens:
+                    row = row[:j]
+                    break
+            results.append(list(prompt_tokens[i]) + row if echo else row)
+        return results
+
+    def text_completion(self, prompts: List[str], sample_rng: Optional[torch.Generator] = None,
+                        temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
+                        echo: bool = False) -> List[dict]:
+        """Complete each prompt string: [{"generation": text}, ...]. max_gen_len None means up to
+        max_seq_len - 1 new tokens."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+        if not prompts:
+            raise ValueError("prompts is empty")
+        for i, s in enumerate(prompts):
+            if not isinstance(s, str):
+                raise TypeError(f"prompt {i} must be a str, got {type(s).__name__}")
+        if max_gen_len is None:
+            max_gen_len = self.params.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode(s, bos=True, eos=False) for s in prompts]
+        generated = self.generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, echo)
+        return [{"generation": self.tokenizer.decode(t)} for t in generated]
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+DEFAULT_PROMPTS = [
+    "Clearly, the meaning of life is",
+    "Simply put, the theory of relativity states that",
+    "The capital of France is Paris. The capital of Japan is",
+    "def fibonacci(n):\n",
+]
+
+
+def main(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts: Optional[List[str]] = None,
+         temperature: float = 0.6, top_p: float = 0.9, max_seq_len: int = 512, max_gen_len: int = 64,
+         max_batch_size: int = 4, seed: int = 1, device: Optional[str] = None, dtype: Optional[str] = None):
+    """Complete prompts with a Meta Llama 3.x checkpoint.
+
+    Args:
+        ckpt_dir: folder with consolidated.00.pth, params.json and (unless --tokenizer_path) tokenizer.model
+        tokenizer_path: tiktoken tokenizer.model file; defaults to the one in ckpt_dir
+        prompts: a JSON list of prompt strings, or one string; defaults to a few built-in prompts
+        temperature: sampling temperature; 0 means greedy (argmax)
+        top_p: nucleus sampling threshold in [0, 1]
+        max_seq_len: most positions (prompt + generated) per sequence
+        max_gen_len: most tokens generated per prompt
+        max_batch_size: most prompts run together (prompts are run in batches of this size)
+        seed: seed of the sampling generator
+        device: cuda, mps or cpu; autodetected in that order when not given
+        dtype: float32, bfloat16 or float16; bf16 on GPUs that support it, fp32 on CPU when not given
+    """
+    if prompts is None:
+        prompts = DEFAULT_PROMPTS
+    elif isinstance(prompts, str):
+        prompts = [prompts]
+    elif not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"--prompts must be a string or a JSON list of strings, got {prompts!r}")
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                        device=device, dtype=dtype, seed=seed)
+    rng = torch.Generator(device=llama.device).manual_seed(seed)
+    for i in range(0, len(prompts), max_batch_size):
+        batch = list(prompts[i : i + max_batch_size])
+        results = llama.text_completion(batch, sample_rng=rng, temperature=temperature, top_p=top_p,
+                                        max_gen_len=max_gen_len)
+        for prompt, result in zip(batch, results):
+            print(prompt, end="")
+            print(f"\033[92m{result['generation']}\033[0m" if sys.stdout.isatty() else result["generation"])
+            print("-" * 60)
+
+
+def cli(argv=None):
+    """Run main() through fire; a bad argument or input ends with one line on stderr and exit status 1."""
+    import fire
+
+    try:
+        fire.Fire(main, command=argv)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+        print(f"llama31: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()
