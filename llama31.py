@@ -44,6 +44,12 @@ from torch import nn
 # config
 
 
+# Hugging Face's names for Llama 3's RoPE scaling values (config.json "rope_scaling"), as ModelArgs fields
+ROPE_SCALING_KEYS = {"factor": "rope_scale_factor", "low_freq_factor": "rope_low_freq_factor",
+                     "high_freq_factor": "rope_high_freq_factor",
+                     "original_max_position_embeddings": "rope_original_context"}
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096  # width of the residual stream
@@ -53,14 +59,18 @@ class ModelArgs:
     vocab_size: int = 128256  # 128000 BPE tokens + 256 special tokens
     multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None  # scales the SwiGLU hidden size (1.3 for 8B, 1.5 for 3.2 1B)
+    ffn_hidden_dim: Optional[int] = None  # the SwiGLU hidden size as given (Hugging Face's intermediate_size);
+    # None: Meta's formula from dim, ffn_dim_multiplier and multiple_of
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 500000.0  # RoPE base
     use_scaled_rope: bool = False  # Llama 3.1's long-context RoPE frequency scaling
-    # Llama 3.1's RoPE scaling constants (Meta's reference hard-codes these values)
+    # Llama 3.1's RoPE scaling constants. Meta's reference hard-codes these values for 3.1 and 3.2 alike;
+    # a checkpoint that states its own (params.json "rope_scaling", Hugging Face's config.json) overrides them.
     rope_scale_factor: float = 8.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
+    tie_word_embeddings: bool = False  # the output layer reuses tok_embeddings.weight (Llama 3.2 1B/3B exports)
     # runtime limits, not part of the trained model
     max_batch_size: int = 4  # most sequences generate() takes at once
     max_seq_len: int = 2048  # most positions (prompt + generation) a sequence may use
@@ -82,13 +92,35 @@ class ModelArgs:
             raise ValueError(f"head_dim {self.dim // self.n_heads} must be even for rotary embeddings")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError(f"norm_eps and rope_theta must be positive, got {self.norm_eps}, {self.rope_theta}")
+        if self.ffn_hidden_dim is not None and (not isinstance(self.ffn_hidden_dim, int) or self.ffn_hidden_dim < 1):
+            raise ValueError(f"ffn_hidden_dim must be a positive integer or None, got {self.ffn_hidden_dim!r}")
+        if self.use_scaled_rope and not (self.rope_scale_factor >= 1 and 0 < self.rope_low_freq_factor
+                                         < self.rope_high_freq_factor and self.rope_original_context >= 1):
+            raise ValueError(f"RoPE scaling needs factor >= 1, 0 < low_freq_factor < high_freq_factor and "
+                             f"original context >= 1, got factor {self.rope_scale_factor}, low_freq_factor "
+                             f"{self.rope_low_freq_factor}, high_freq_factor {self.rope_high_freq_factor}, "
+                             f"original context {self.rope_original_context}")
 
     @classmethod
     def from_params(cls, params: dict, **overrides) -> "ModelArgs":
         """ModelArgs from a params.json dict. Keys this file does not use are ignored: newer Meta files
-        carry extra ones (e.g. "vision_chunk_size", "quantization_args")."""
+        carry extra ones (e.g. "vision_chunk_size", "quantization_args"). RoPE scaling values come as flat
+        keys (rope_scale_factor, ...) or as a "rope_scaling" dict with Hugging Face's names; a dict turns
+        use_scaled_rope on."""
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in params.items() if k in known}
+        if params.get("rope_scaling") is not None:
+            rope = params["rope_scaling"]
+            if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "llama3")) != "llama3":
+                raise ValueError(f"rope_scaling {rope!r} is not Llama 3's scaling (rope_type 'llama3')")
+            unknown = set(rope) - set(ROPE_SCALING_KEYS) - {"rope_type", "type"}
+            if unknown:
+                raise ValueError(f"rope_scaling has keys {sorted(unknown)} this file does not know; it reads "
+                                 f"{sorted(ROPE_SCALING_KEYS)}")
+            if kwargs.get("use_scaled_rope") is False:
+                raise ValueError("params set use_scaled_rope false but give rope_scaling values")
+            kwargs.update({ROPE_SCALING_KEYS[k]: v for k, v in rope.items() if k in ROPE_SCALING_KEYS})
+            kwargs["use_scaled_rope"] = True
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -98,6 +130,8 @@ class ModelArgs:
 
     @property
     def hidden_dim(self) -> int:
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
         # Meta's SwiGLU sizing: 2/3 of 4*dim (SwiGLU has three matrices instead of two, so this keeps the
         # parameter count of a 4*dim MLP), times ffn_dim_multiplier, rounded up to multiple_of.
         # e.g. Llama 3.1 8B: int(2 * 16384 / 3) = 10922 -> * 1.3 = 14198 -> rounded up to 1024s = 14336
@@ -254,6 +288,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        if params.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight  # one tensor under both names: (vocab_size, dim)
         # RoPE tables: fp32 buffers that follow the module between devices but are not saved
         cos, sin = rope_tables(params, device=self.tok_embeddings.weight.device)
         self.register_buffer("freqs_cos", cos, persistent=False)

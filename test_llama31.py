@@ -40,7 +40,9 @@ GQA = dict(dim=128, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=128256, mult
 
 
 def random_state_dict(params: dict, seed: int) -> dict:
-    """Meta-named random weights in bf16 (as Meta ships them), with non-unit norm weights."""
+    """Meta-named random weights in bf16 (as Meta ships them), with non-unit norm weights. With
+    tie_word_embeddings, no output.weight, and the embedding (then also the output layer) scaled by
+    1/sqrt(dim) as for the other matrices: logits of order 1, like the untied configs'."""
     args = llama31.ModelArgs.from_params(params)
     g = torch.Generator().manual_seed(seed)
     shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim), "norm.weight": (args.dim,),
@@ -60,11 +62,13 @@ def random_state_dict(params: dict, seed: int) -> dict:
     for name, shape in shapes.items():
         if name.endswith("norm.weight"):
             t = 1.0 + 0.3 * torch.randn(shape, generator=g)
-        elif name == "tok_embeddings.weight":
+        elif name == "tok_embeddings.weight" and not args.tie_word_embeddings:
             t = torch.randn(shape, generator=g)
         else:
             t = torch.randn(shape, generator=g) / math.sqrt(shape[1])
         sd[name] = t.to(torch.bfloat16)
+    if args.tie_word_embeddings:
+        del sd["output.weight"]
     return sd
 
 
@@ -202,12 +206,14 @@ def hf_model(params: dict, sd: dict):
     args = llama31.ModelArgs.from_params(params)
     rope = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.use_scaled_rope:
-        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scale_factor,
+                "low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
+                "original_max_position_embeddings": args.rope_original_context}
     cfg = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
                       num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
                       num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps, rope_parameters=rope,
-                      max_position_embeddings=131072, tie_word_embeddings=False, attn_implementation="eager")
+                      max_position_embeddings=131072, tie_word_embeddings=args.tie_word_embeddings,
+                      attn_implementation="eager")
     model = LlamaForCausalLM(cfg).float().eval()
 
     def permute(w, n_heads):
@@ -215,7 +221,7 @@ def hf_model(params: dict, sd: dict):
         return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
     hf = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
-          "lm_head.weight": sd["output.weight"]}
+          "lm_head.weight": sd["tok_embeddings.weight" if args.tie_word_embeddings else "output.weight"]}
     for i in range(args.n_layers):
         a, f, p = f"layers.{i}.attention.", f"layers.{i}.feed_forward.", f"model.layers.{i}."
         hf[p + "self_attn.q_proj.weight"] = permute(sd[a + "wq.weight"], args.n_heads)
@@ -260,6 +266,26 @@ def test_rope_scaling_changes_long_range_logits(ckpt_gqa):
     assert medium.any() and (scaled[medium] < plain[medium]).all() and (scaled[medium] > plain[medium] / 8).all()
 
 
+def test_rope_scaling_values_from_params():
+    scaling = {"factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+               "original_max_position_embeddings": 4096, "rope_type": "llama3"}
+    no_flag = {k: v for k, v in GQA.items() if k != "use_scaled_rope"}
+    args = llama31.ModelArgs.from_params(dict(no_flag, rope_scaling=scaling))  # the dict turns scaling on
+    assert (args.use_scaled_rope, args.rope_scale_factor, args.rope_low_freq_factor, args.rope_high_freq_factor,
+            args.rope_original_context) == (True, 32.0, 2.0, 8.0, 4096)
+    flat = llama31.ModelArgs.from_params(dict(GQA, rope_scale_factor=32.0))
+    assert flat.rope_scale_factor == 32.0 and flat.rope_low_freq_factor == 1.0
+    assert llama31.ModelArgs.from_params(GQA).rope_scale_factor == 8.0  # Meta's reference value
+    with pytest.raises(ValueError, match="use_scaled_rope false"):
+        llama31.ModelArgs.from_params(dict(MHA, rope_scaling=scaling))
+    with pytest.raises(ValueError, match="yarn"):
+        llama31.ModelArgs.from_params(dict(GQA, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(ValueError, match="beta_fast"):
+        llama31.ModelArgs.from_params(dict(GQA, rope_scaling={"factor": 4.0, "beta_fast": 32}))
+    with pytest.raises(ValueError, match="low_freq_factor"):
+        llama31.ModelArgs.from_params(dict(GQA, rope_low_freq_factor=4.0))  # not below high_freq_factor
+
+
 def test_rmsnorm_in_fp32():
     norm = llama31.RMSNorm(8, eps=1e-5)
     norm.weight.data = torch.linspace(0.5, 2.0, 8)
@@ -275,6 +301,7 @@ def test_hidden_dim_formula():
     assert llama31.ModelArgs(dim=8192, n_heads=64, multiple_of=4096, ffn_dim_multiplier=1.3).hidden_dim == 28672
     assert llama31.ModelArgs(dim=2048, n_heads=32, multiple_of=256, ffn_dim_multiplier=1.5).hidden_dim == 8192
     assert llama31.ModelArgs(dim=64, n_heads=4, multiple_of=32).hidden_dim == 192
+    assert llama31.ModelArgs(dim=64, n_heads=4, multiple_of=32, ffn_hidden_dim=100).hidden_dim == 100  # HF's value
 
 
 def test_modelargs_validation():
