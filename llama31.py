@@ -537,6 +537,62 @@ def resolve_device_dtype(device=None, dtype=None):
     return device, dtype
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object in path (params.json, config.json, an index), or ValueError naming the file."""
+    try:
+        obj = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot parse {path}: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def find_checkpoint(ckpt_dir: Path):
+    """The layout of a checkpoint folder and its weight files: ("meta", [consolidated.00.pth, ...]) for
+    Meta's download (params.json), ("hf", [*.safetensors]) for a Hugging Face folder (config.json)."""
+    meta = sorted(ckpt_dir.glob("consolidated.*.pth"))
+    hf = sorted(ckpt_dir.glob("*.safetensors"))
+    if meta and hf:
+        raise ValueError(f"{ckpt_dir} mixes Meta shards ({', '.join(p.name for p in meta)}) and Hugging Face "
+                         f"weights ({', '.join(p.name for p in hf)}); keep one format per folder")
+    has_params, has_config = (ckpt_dir / "params.json").is_file(), (ckpt_dir / "config.json").is_file()
+    if hf or (has_config and not has_params):
+        if not has_config:
+            raise FileNotFoundError(f"{ckpt_dir} holds *.safetensors weights but no config.json")
+        index = ckpt_dir / "model.safetensors.index.json"
+        if index.is_file():  # sharded: the index maps every tensor to its file
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index} has no weight_map of tensor names to files")
+            files = [ckpt_dir / name for name in sorted(set(weight_map.values()))]
+            missing = [p.name for p in files if not p.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} lists {', '.join(missing)}, missing from {ckpt_dir}")
+            return "hf", files
+        if len(hf) > 1:
+            raise ValueError(f"{ckpt_dir} holds {len(hf)} safetensors files but no model.safetensors.index.json")
+        if not hf:
+            raise FileNotFoundError(f"no *.safetensors weights next to {ckpt_dir / 'config.json'} (PyTorch .bin "
+                                    f"folders are not supported)")
+        return "hf", hf
+    if not has_params:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: neither params.json + consolidated.*.pth (Meta) "
+                                f"nor config.json + *.safetensors (Hugging Face)")
+    if not meta:
+        raise FileNotFoundError(f"no consolidated.*.pth checkpoint in {ckpt_dir}")
+    ranks = [p.name.split(".")[1] for p in meta]  # "00", "01", ...: the shard's model-parallel rank
+    if not all(r.isdigit() for r in ranks):
+        raise ValueError(f"{ckpt_dir}: cannot read a shard number in {', '.join(p.name for p in meta)}")
+    n = max(int(r) for r in ranks) + 1
+    expected = [f"consolidated.{i:02d}.pth" for i in range(n)]
+    if sorted(p.name for p in meta) != sorted(expected):
+        odd = sorted(set(expected) ^ {p.name for p in meta})
+        raise ValueError(f"{ckpt_dir}: a {n}-shard checkpoint is {expected[0]} .. {expected[-1]}, one file per "
+                         f"shard; missing or unexpected: {', '.join(odd)}")
+    return "meta", [ckpt_dir / name for name in expected]
+
+
 def load_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
     """The state dict in one consolidated.NN.pth, memory-mapped (weights are read from disk as they are
     used, not copied into RAM first). weights_only=True unpickles tensors and plain containers only: a
@@ -547,6 +603,163 @@ def load_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
         raise RuntimeError(f"cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise RuntimeError(f"checkpoint {path} does not hold a state dict of tensors")
+    sd.pop("rope.freqs", None)  # some Meta exports carry the unscaled RoPE table; we compute our own
+    return sd
+
+
+# How Meta's model-parallel training (fairscale) splits each weight across consolidated.NN.pth: column-parallel
+# layers split their output features (dim 0), and the embedding its vocabulary (also dim 0); row-parallel
+# layers split their input features (dim 1); norms (None) are whole in every shard. Names after "layers.{i}.".
+META_SHARD_DIMS = {"tok_embeddings.weight": 0, "output.weight": 0, "norm.weight": None,
+                   "attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
+                   "attention.wo.weight": 1, "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0,
+                   "feed_forward.w2.weight": 1, "attention_norm.weight": None, "ffn_norm.weight": None}
+
+
+def merge_meta_shards(paths: List[Path], n_kv_heads: int, head_dim: int, device, dtype) -> Dict[str, torch.Tensor]:
+    """One state dict, in dtype on device, from Meta's model-parallel shards consolidated.00.pth ..
+    consolidated.NN.pth. Shard by shard: each is memory-mapped, copied into the merged tensors and released
+    before the next, so memory peaks near one model copy plus one shard.
+
+    With more shards than kv heads (405B in 16 shards has 8), each shard holds one whole kv head, repeated
+    in n_shards / n_kv_heads consecutive shards: shard r holds head r // (n_shards / n_kv_heads). The merged
+    wk/wv keep one copy of each head; the others must be equal to it."""
+    n, t0 = len(paths), time.time()
+    merged: Dict[str, torch.Tensor] = {}
+    shapes = {}  # every shard's tensor shapes, as in shard 0
+    if n % n_kv_heads and n_kv_heads % n:
+        raise ValueError(f"{n} shards cannot split {n_kv_heads} kv heads (neither number divides the other)")
+    kv_copies = max(n // n_kv_heads, 1)  # consecutive shards holding the same kv head
+    for r, path in enumerate(paths):
+        print(f"loading {path.name} ({r + 1}/{n}), {time.time() - t0:.1f}s so far", file=sys.stderr)
+        shard = load_checkpoint(path)
+        if r == 0:
+            shapes = {k: v.shape for k, v in shard.items()}
+        elif shard.keys() != shapes.keys():
+            raise ValueError(f"{path} holds other tensors than {paths[0].name}: missing "
+                             f"{sorted(shapes.keys() - shard.keys())[:3]}, extra {sorted(shard.keys() - shapes.keys())[:3]}")
+        for name, t in shard.items():
+            dim = META_SHARD_DIMS.get(name.split(".", 2)[2] if name.startswith("layers.") else name, -1)
+            if dim == -1:
+                raise ValueError(f"{name} {tuple(t.shape)} in {path} is no Llama 3 weight: cannot tell how "
+                                 f"{n} shards split it")
+            if t.shape != shapes[name]:
+                raise ValueError(f"{name} is {tuple(t.shape)} in {path} but {tuple(shapes[name])} in "
+                                 f"{paths[0].name}: the shards of one checkpoint split every weight equally")
+            is_kv = name.endswith(("attention.wk.weight", "attention.wv.weight"))
+            if r == 0:
+                full = list(t.shape)
+                if is_kv and t.shape[0] * min(n, n_kv_heads) != n_kv_heads * head_dim:
+                    raise ValueError(f"{name} is {tuple(t.shape)} in each of {n} shards; {n_kv_heads} kv heads of "
+                                     f"head_dim {head_dim} split over {n} shards give "
+                                     f"{max(n_kv_heads // n, 1) * head_dim} rows per shard")
+                if is_kv and kv_copies > 1:
+                    full[0] = n_kv_heads * head_dim
+                elif dim is not None:
+                    full[dim] *= n
+                merged[name] = torch.empty(full, device=device, dtype=dtype)
+            # where this shard's piece goes; replicated pieces are copied once and compared after that
+            if dim is None:
+                dest, first = merged[name], r == 0
+            elif is_kv and kv_copies > 1:
+                dest, first = merged[name].narrow(0, r // kv_copies * head_dim, head_dim), r % kv_copies == 0
+            else:
+                dest, first = merged[name].narrow(dim, r * t.shape[dim], t.shape[dim]), True
+            if first:
+                dest.copy_(t)
+            elif not torch.equal(dest, t.to(device=dest.device, dtype=dest.dtype)):
+                raise ValueError(f"{name} in {path} differs from its copy in an earlier shard; replicated "
+                                 f"weights (norms, kv heads repeated over {kv_copies} shards) must be equal")
+        shard = t = None  # the last references into this shard's mapping: its pages can go now
+    return merged
+
+
+# Hugging Face LlamaForCausalLM names -> Meta names; per-layer ones after "model.layers.{i}." / "layers.{i}."
+HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+            "lm_head.weight": "output.weight"}
+HF_LAYER_NAMES = {"self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k_proj.weight": "attention.wk.weight",
+                  "self_attn.v_proj.weight": "attention.wv.weight", "self_attn.o_proj.weight": "attention.wo.weight",
+                  "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.down_proj.weight": "feed_forward.w2.weight",
+                  "mlp.up_proj.weight": "feed_forward.w3.weight", "input_layernorm.weight": "attention_norm.weight",
+                  "post_attention_layernorm.weight": "ffn_norm.weight"}
+
+
+def params_from_hf_config(config: dict, path: Path) -> dict:
+    """A params.json-style dict from a Hugging Face LlamaForCausalLM config.json; ValueError for what this
+    file cannot run (other architectures, biases, other RoPE variants)."""
+    if config.get("model_type") != "llama":
+        raise ValueError(f"{path}: model_type {config.get('model_type')!r}; only Llama models (model_type 'llama') load")
+    if config.get("attention_bias") or config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: biases or an activation other than silu are not Llama 3's architecture")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                           "vocab_size") if k not in config]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}")
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim") not in (None, dim // n_heads):
+        raise ValueError(f"{path}: head_dim {config['head_dim']} is not hidden_size / num_attention_heads = "
+                         f"{dim // n_heads}")
+    # transformers >= 5 writes "rope_parameters" (with rope_theta inside), older versions "rope_scaling"
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope_theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))  # 10000: LlamaConfig's default
+    params = dict(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
+                  n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
+                  ffn_hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
+                  rope_theta=rope_theta, tie_word_embeddings=bool(config.get("tie_word_embeddings", False)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "llama3":
+        params["rope_scaling"] = rope
+    elif rope_type != "default":
+        raise ValueError(f"{path}: rope_type {rope_type!r} is not supported (default or llama3)")
+    return params
+
+
+def load_hf_checkpoint(paths: List[Path], args: ModelArgs, device, dtype) -> Dict[str, torch.Tensor]:
+    """A Meta-named state dict, in dtype on device, from a Hugging Face folder's safetensors files (read
+    memory-mapped by safetensors' safe_open: a tensor already in dtype on the CPU is used in place)."""
+    try:
+        from safetensors import safe_open
+    except ImportError as e:
+        raise RuntimeError("loading a Hugging Face folder needs the safetensors package: pip install safetensors") from e
+    sd: Dict[str, torch.Tensor] = {}
+    t0 = time.time()
+    for i, path in enumerate(paths):
+        if len(paths) > 1:
+            print(f"loading {path.name} ({i + 1}/{len(paths)}), {time.time() - t0:.1f}s so far", file=sys.stderr)
+        try:
+            f = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as e:  # SafetensorError for a bad header or a truncated file, OSError, ...
+            raise RuntimeError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
+        with f:
+            for hf_name in f.keys():
+                if hf_name.endswith("rotary_emb.inv_freq"):
+                    continue  # old exports carry HF's RoPE table; we compute our own
+                layer, _, rest = hf_name.removeprefix("model.layers.").partition(".")
+                if hf_name in HF_NAMES:
+                    name = HF_NAMES[hf_name]
+                elif hf_name.startswith("model.layers.") and layer.isdigit() and rest in HF_LAYER_NAMES:
+                    name = f"layers.{layer}.{HF_LAYER_NAMES[rest]}"
+                else:
+                    raise ValueError(f"{path}: tensor {hf_name} is not part of a Llama model (LlamaForCausalLM)")
+                if name in sd:
+                    raise ValueError(f"{path}: tensor {hf_name} appears in more than one file")
+                t = f.get_tensor(hf_name)
+                if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+                    # HF's conversion reordered each head's rows from Meta's interleaved pairs (x[2i], x[2i+1])
+                    # to halves (x[i], x[i + head_dim/2]) for its rotate-half RoPE; put them back
+                    heads = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
+                    if t.shape != (heads * args.head_dim, args.dim):
+                        raise ValueError(f"{path}: {hf_name} is {tuple(t.shape)}, expected "
+                                         f"{(heads * args.head_dim, args.dim)} from config.json")
+                    t = t.view(heads, 2, args.head_dim // 2, args.dim)  # (heads, 2, head_dim/2, dim) halves
+                    t = t.transpose(1, 2).reshape(heads * args.head_dim, args.dim)  # (heads * head_dim, dim) pairs
+                sd[name] = t.to(device=device, dtype=dtype)
+    if args.tie_word_embeddings and "output.weight" in sd:
+        # a tied model needs no lm_head.weight; some exports still write it, and then it must be the embedding
+        output, embedding = sd.pop("output.weight"), sd.get("tok_embeddings.weight")
+        if embedding is not None and not torch.equal(output, embedding):
+            raise ValueError(f"config.json ties the output layer to the embedding, but lm_head.weight in "
+                             f"{paths[0].parent} differs from model.embed_tokens.weight")
     return sd
 
 
@@ -569,56 +782,65 @@ class Llama:
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, seed: int = 1) -> "Llama":
-        """Load a Meta checkpoint folder (consolidated.00.pth, params.json, tokenizer.model).
+        """Load a checkpoint folder, its layout detected: Meta's (params.json, consolidated.00.pth or
+        model-parallel shards consolidated.00.pth .. NN.pth, tokenizer.model) or Hugging Face's (config.json,
+        model.safetensors or shards listed in model.safetensors.index.json, original/tokenizer.model).
 
-        tokenizer_path: defaults to ckpt_dir/tokenizer.model. device: "cuda", "mps", "cpu" or None for the
-        first available in that order. dtype: torch dtype or its name; None means bf16 on GPUs that support
-        it (else fp16), fp32 on CPU. seed: seeds sampling when generate() gets no generator.
+        tokenizer_path: defaults to ckpt_dir/tokenizer.model (Meta) or ckpt_dir/original/tokenizer.model
+        (Hugging Face). device: "cuda", "mps", "cpu" or None for the first available in that order. dtype:
+        torch dtype or its name; None means bf16 on GPUs that support it (else fp16), fp32 on CPU. seed:
+        seeds sampling when generate() gets no generator.
         """
         t0 = time.time()
         ckpt_dir = Path(ckpt_dir).expanduser()
         if not ckpt_dir.is_dir():
             raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
-        params_path = ckpt_dir / "params.json"
-        if not params_path.is_file():
-            raise FileNotFoundError(f"no params.json in {ckpt_dir}")
-        try:
-            params = json.loads(params_path.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot parse {params_path}: {e}") from e
-        if not isinstance(params, dict):
-            raise ValueError(f"{params_path} must hold a JSON object, got {type(params).__name__}")
-        shards = sorted(ckpt_dir.glob("consolidated.*.pth"))
-        if not shards:
-            raise FileNotFoundError(f"no consolidated.*.pth checkpoint in {ckpt_dir}")
-        if len(shards) > 1:
-            raise ValueError(f"{ckpt_dir} holds {len(shards)} model-parallel shards; only single-file "
-                             f"checkpoints are supported")
+        layout, files = find_checkpoint(ckpt_dir)
         if not isinstance(max_seq_len, int) or max_seq_len < 1:
             raise ValueError(f"max_seq_len must be an integer >= 1, got {max_seq_len!r}")
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        config_path = ckpt_dir / ("params.json" if layout == "meta" else "config.json")
+        params = read_json_object(config_path)
         try:
+            if layout == "hf":
+                params = params_from_hf_config(params, config_path)
             args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        except TypeError as e:  # a value of the wrong type in params.json
-            raise ValueError(f"bad value in {params_path}: {e}") from e
-        tokenizer = Tokenizer(tokenizer_path if tokenizer_path is not None else ckpt_dir / "tokenizer.model")
+        except (TypeError, ValueError) as e:  # a missing value, or one of the wrong type
+            raise ValueError(f"bad value in {config_path}: {e}") from e
+        if tokenizer_path is None:
+            tokenizer_path = ckpt_dir / ("tokenizer.model" if layout == "meta" else "original/tokenizer.model")
+            if not tokenizer_path.is_file():
+                raise FileNotFoundError(f"no tokenizer for {ckpt_dir}: {tokenizer_path} not found; pass "
+                                        f"tokenizer_path (Llama 3's tiktoken tokenizer.model)")
+        tokenizer = Tokenizer(tokenizer_path)
         if args.vocab_size != tokenizer.n_words:
-            raise ValueError(f"vocab_size {args.vocab_size} in {params_path} does not match the tokenizer's "
+            raise ValueError(f"vocab_size {args.vocab_size} in {config_path} does not match the tokenizer's "
                              f"{tokenizer.n_words} tokens")
         device, dtype = resolve_device_dtype(device, dtype)
 
-        # Build the module on the meta device (no memory, no random init), then adopt the checkpoint's
-        # tensors as the parameters (assign=True): one copy of the weights, converted tensor by tensor.
+        # One copy of the weights: tensors are converted (a no-op when already in dtype on the CPU, where
+        # they stay memory-mapped) and adopted as the parameters (assign=True) of a module built on the
+        # meta device (no memory, no random init).
+        if layout == "hf":
+            sd = load_hf_checkpoint(files, args, device, dtype)
+        elif len(files) > 1:
+            sd = merge_meta_shards(files, args.n_kv_heads, args.head_dim, device, dtype)
+        else:
+            sd = {k: v.to(device=device, dtype=dtype) for k, v in load_checkpoint(files[0]).items()}
+        if layout == "meta":  # Meta's params.json does not say; a checkpoint without output.weight is tied
+            args.tie_word_embeddings = "output.weight" not in sd
         with torch.device("meta"):
             model = Transformer(args)
-        sd = load_checkpoint(shards[0])
-        sd.pop("rope.freqs", None)  # some Meta exports carry the unscaled RoPE table; we compute our own
-        sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+        if args.tie_word_embeddings and "tok_embeddings.weight" in sd:
+            sd["output.weight"] = sd["tok_embeddings.weight"]  # both names, one tensor: strict loading holds
+        source = files[0] if len(files) == 1 else f"the {len(files)} files in {ckpt_dir}"
         try:
             model.load_state_dict(sd, strict=True, assign=True)
         except RuntimeError as e:
-            raise RuntimeError(f"{shards[0]} does not match {params_path}: {e}") from e
+            raise RuntimeError(f"{source} does not match {config_path}: {e}") from e
+        if args.tie_word_embeddings:  # assign=True wrapped each name in its own Parameter; make them one
+            model.output.weight = model.tok_embeddings.weight
         model.init_rope(device)
         model.eval().requires_grad_(False)
         print(f"loaded {ckpt_dir} on {device} in {dtype} in {time.time() - t0:.2f}s", file=sys.stderr)

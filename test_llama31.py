@@ -475,6 +475,7 @@ def test_build_errors(tmp_path, ckpt_mha):
     bad_json = tmp_path / "badjson"
     bad_json.mkdir()
     (bad_json / "params.json").write_text("{not json")
+    (bad_json / "consolidated.00.pth").write_bytes(b"")  # never read: params.json fails first
     with pytest.raises(ValueError, match="params.json"):
         llama31.Llama.build(bad_json)
     with pytest.raises(FileNotFoundError, match="tok.model"):
@@ -553,6 +554,236 @@ def test_generate_errors(llama_mha):
         llama_mha.text_completion(["ok", 3])
     with pytest.raises(TypeError, match="Generator"):
         llama_mha.text_completion(["ok"], sample_rng=123)
+
+
+# -----------------------------------------------------------------------------
+# loading: model-parallel shards, tied embeddings, RoPE scaling values, long contexts, Hugging Face folders
+
+
+def split_like_meta(sd: dict, n: int, n_kv_heads: int, head_dim: int) -> list:
+    """The n state dicts of Meta's n-way model-parallel layout (fairscale): column-parallel weights and the
+    vocabulary-parallel embedding split along dim 0, row-parallel wo/w2 along dim 1, norms whole in every
+    shard. With more shards than kv heads, shard r holds the whole kv head r // (n / n_kv_heads)."""
+    shards = [{} for _ in range(n)]
+    for name, t in sd.items():
+        for r in range(n):
+            if name.endswith("norm.weight"):
+                piece = t
+            elif name.endswith(("wk.weight", "wv.weight")) and n > n_kv_heads:
+                head = r // (n // n_kv_heads)
+                piece = t[head * head_dim : (head + 1) * head_dim]
+            elif name.endswith(("wo.weight", "w2.weight")):
+                piece = t.chunk(n, dim=1)[r]
+            else:
+                piece = t.chunk(n, dim=0)[r]
+            shards[r][name] = piece.clone()  # torch.save writes a view's whole storage; save the piece only
+    return shards
+
+
+def write_sharded_checkpoint(folder: Path, params: dict, seed: int, n: int) -> Path:
+    """write_checkpoint's weights as n shards consolidated.00.pth .. NN.pth."""
+    write_checkpoint(folder, params, seed)
+    (folder / "consolidated.00.pth").unlink()
+    sd = random_state_dict(params, seed)
+    args = llama31.ModelArgs.from_params(params)
+    for r, shard in enumerate(split_like_meta(sd, n, args.n_kv_heads, args.head_dim)):
+        torch.save(shard, folder / f"consolidated.{r:02d}.pth")
+    return folder
+
+
+def max_logit_diff(a, b, tokens) -> float:
+    """Largest |logit difference| of two models (llama31 or Hugging Face) on tokens."""
+    with torch.no_grad():
+        la, lb = [m(tokens).logits if hasattr(m, "config") else m.forward_inference(tokens) for m in (a, b)]
+    return (la.float() - lb.float()).abs().max().item()
+
+
+TOKENS = torch.randint(0, 128000, (2, 48), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("config,n", [("mha", 2), ("mha", 4), ("gqa", 4)])  # gqa: 4 shards, 2 kv heads
+def test_sharded_checkpoint_equals_single_file(config, n, tmp_path, capsys, llama_mha, llama_gqa):
+    params, seed, single = (MHA, 1, llama_mha) if config == "mha" else (GQA, 2, llama_gqa)
+    folder = write_sharded_checkpoint(tmp_path, params, seed, n)
+    llama = llama31.Llama.build(folder, max_seq_len=64, device="cpu", dtype=torch.float32)
+    assert f"consolidated.{n - 1:02d}.pth ({n}/{n})" in capsys.readouterr().err  # progress per shard
+    ref = single.model.state_dict()
+    got = llama.model.state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    kv_rows = llama.params.n_kv_heads * llama.params.head_dim  # exactly n_kv_heads heads, copies dropped
+    assert llama.model.layers[0].attention.wk.weight.shape == (kv_rows, llama.params.dim)
+    diff = max_logit_diff(llama.model, single.model, TOKENS)
+    print(f"{config}, {n} shards: max |logit diff| vs 1 shard = {diff:.1e}")
+    assert diff <= 1e-5
+
+
+def test_sharded_checkpoint_errors(tmp_path):
+    params = dict(MHA, n_kv_heads=2)  # 4 shards > 2 kv heads: each kv head sits in 2 consecutive shards
+    good = write_sharded_checkpoint(tmp_path / "good", params, seed=3, n=4)
+
+    def variant(name, **shards):
+        """good's folder with the given shards replaced (a state dict, or bytes for a broken file)."""
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in good.iterdir():
+            os.link(f, folder / f.name)  # hard links: no copy of the unchanged shards
+        for shard, content in shards.items():
+            (folder / f"{shard}.pth").unlink()
+            if isinstance(content, bytes):
+                (folder / f"{shard}.pth").write_bytes(content)
+            else:
+                torch.save(content, folder / f"{shard}.pth")
+        return folder
+
+    def shard(r):
+        return torch.load(good / f"consolidated.{r:02d}.pth", weights_only=True)
+
+    data = (good / "consolidated.02.pth").read_bytes()
+    with pytest.raises(RuntimeError, match="consolidated.02.pth"):
+        llama31.Llama.build(variant("truncated", **{"consolidated.02": data[: len(data) // 2]}), device="cpu")
+    s1 = shard(1)
+    s1["layers.1.feed_forward.w1.weight"] = torch.cat([s1["layers.1.feed_forward.w1.weight"]] * 2)
+    with pytest.raises(ValueError, match=r"layers.1.feed_forward.w1.weight is \(96, 64\) in .*consolidated.01.pth"):
+        llama31.Llama.build(variant("shapes", **{"consolidated.01": s1}), device="cpu")
+    s3 = shard(3)
+    s3["layers.0.attention.wv.weight"] = s3["layers.0.attention.wv.weight"] + 1  # copy of kv head 1 in shard 2
+    with pytest.raises(ValueError, match="layers.0.attention.wv.weight in .*consolidated.03.pth differs"):
+        llama31.Llama.build(variant("copies", **{"consolidated.03": s3}), device="cpu")
+    s2 = shard(2)
+    del s2["norm.weight"]
+    with pytest.raises(ValueError, match="consolidated.02.pth holds other tensors.*norm.weight"):
+        llama31.Llama.build(variant("keys", **{"consolidated.02": s2}), device="cpu")
+    # kv rows split evenly (half a head per shard) instead of one whole head per shard: not Meta's layout
+    sd = random_state_dict(params, 3)
+    even = {f"consolidated.{r:02d}": {k: v.chunk(4, dim=1 if k.endswith(("wo.weight", "w2.weight")) else 0)[r].clone()
+                                      if not k.endswith("norm.weight") else v for k, v in sd.items()} for r in range(4)}
+    with pytest.raises(ValueError, match=r"layers.0.attention.wk.weight is \(8, 64\) in each of 4 shards"):
+        llama31.Llama.build(variant("layout", **even), device="cpu")
+    gap = variant("gap")
+    (gap / "consolidated.01.pth").unlink()
+    with pytest.raises(ValueError, match="consolidated.01.pth"):
+        llama31.Llama.build(gap, device="cpu")
+    mixed = variant("mixed")
+    (mixed / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="mixes.*consolidated.00.pth.*model.safetensors"):
+        llama31.Llama.build(mixed, device="cpu")
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_tied_embeddings(n, tmp_path):
+    # a checkpoint without output.weight (Llama 3.2 1B/3B exports) shares the embedding as the output layer
+    params = dict(MHA, tie_word_embeddings=True)
+    folder = write_sharded_checkpoint(tmp_path, params, seed=4, n=n)
+    (folder / "params.json").write_text(json.dumps(MHA))  # as Meta's: tying is told by the missing output.weight
+    llama = llama31.Llama.build(folder, max_seq_len=64, device="cpu", dtype=torch.float32)
+    model = llama.model
+    assert model.params.tie_word_embeddings and model.output.weight is model.tok_embeddings.weight
+    assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in model.state_dict().values()) - \
+        model.output.weight.numel()  # one tensor, counted once
+    ref = hf_model(params, random_state_dict(params, 4))
+    assert max_logit_diff(model, ref, TOKENS) < 1e-4
+
+
+def test_rope_scaling_factor_from_meta_params(tmp_path):
+    # factor 32 as Hugging Face's Llama 3.2 configs say; a short original context makes it matter at 48 tokens
+    params = dict(GQA, rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 16})
+    llama = llama31.Llama.build(write_checkpoint(tmp_path, params, seed=6), max_seq_len=64, device="cpu",
+                                dtype=torch.float32)
+    assert llama.params.rope_scale_factor == 32.0
+    ref = hf_model(params, random_state_dict(params, 6))
+    assert max_logit_diff(llama.model, ref, TOKENS) < 1e-4
+    ref_factor_8 = hf_model(dict(params, rope_scaling=dict(params["rope_scaling"], factor=8.0)),
+                            random_state_dict(params, 6))
+    assert max_logit_diff(llama.model, ref_factor_8, TOKENS) > 1e-2  # the factor is visible in these logits
+
+
+def test_long_max_seq_len_allocates_only_what_generation_needs(ckpt_mha):
+    # max_seq_len 131072 (Llama 3.1's context): the RoPE tables are 131072 x head_dim/2, but no tensor made
+    # while generating may scale with max_seq_len (a 131072^2 mask, a 131072-position cache)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    llama = llama31.Llama.build(ckpt_mha, max_seq_len=131072, max_batch_size=2, device="cpu")
+    assert llama.model.freqs_cos.shape == (131072, llama.params.head_dim // 2)
+    cache_shapes = []
+    setup = llama.model.setup_caches
+    llama.model.setup_caches = lambda bsz, max_len: (cache_shapes.append((bsz, max_len)), setup(bsz, max_len))[1]
+    prompts = [[128000, 791, 6864, 315], [128000, 9906]]
+    with LargestTensor() as mode:
+        out = llama.generate(prompts, max_gen_len=5, temperature=0)
+    assert [len(o) for o in out] == [5, 5]
+    assert cache_shapes == [(2, 4 + 5)]  # longest prompt + max_gen_len positions
+    assert mode.largest <= 2 * 128256  # the largest: one step's logits (bsz, vocab)
+
+
+HF_CASES = {
+    # one model.safetensors, untied, Llama 3.1's RoPE scaling; tokenizer from original/tokenizer.model
+    "single": (dict(GQA), {}),
+    # shards + index, tied embeddings, an intermediate_size off Meta's formula, factor 32 as in Llama 3.2's
+    # config.json (a short original context makes it matter at 48 tokens); tokenizer_path given
+    "sharded": (dict(GQA, ffn_hidden_dim=320, tie_word_embeddings=True,
+                     rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 16}), {"max_shard_size": "10MB"}),
+}
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_huggingface_folder(case, tmp_path, capsys):
+    params, save_kwargs = HF_CASES[case]
+    ref = hf_model(params, random_state_dict(params, 7))
+    ref.save_pretrained(tmp_path, **save_kwargs)
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    if case == "single":
+        assert files == ["model.safetensors"]
+        (tmp_path / "original").mkdir()
+        (tmp_path / "original" / "tokenizer.model").write_bytes(TOKENIZER_PATH.read_bytes())
+        llama = llama31.Llama.build(tmp_path, max_seq_len=64, device="cpu", dtype=torch.float32)
+    else:
+        assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+        llama = llama31.Llama.build(tmp_path, TOKENIZER_PATH, max_seq_len=64, device="cpu", dtype=torch.float32)
+        assert f"{files[-1]} ({len(files)}/{len(files)})" in capsys.readouterr().err
+        model = llama.model
+        assert model.output.weight is model.tok_embeddings.weight and model.params.hidden_dim == 320
+        assert llama.params.rope_scale_factor == 32.0
+    diff = max_logit_diff(llama.model, ref, TOKENS)
+    print(f"HF folder ({case}): max |logit diff| = {diff:.1e}")
+    assert diff < 1e-4
+    # the same weights in Meta's layout (HF's q/k permutation undone)
+    sd = llama.model.state_dict()
+    assert all(torch.equal(v, sd[k].to(torch.bfloat16)) for k, v in random_state_dict(params, 7).items())
+
+
+def test_huggingface_folder_errors(tmp_path, monkeypatch):
+    params = dict(MHA, tie_word_embeddings=True)
+    folder = tmp_path / "hf"
+    hf_model(params, random_state_dict(params, 8)).save_pretrained(folder, max_shard_size="10MB")
+    with pytest.raises(FileNotFoundError, match="original/tokenizer.model"):
+        llama31.Llama.build(folder, device="cpu")
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if not installed
+    with pytest.raises(RuntimeError, match="pip install safetensors"):
+        llama31.Llama.build(folder, TOKENIZER_PATH, device="cpu")
+    monkeypatch.undo()
+    last = sorted(folder.glob("*.safetensors"))[-1]
+    last.write_bytes(last.read_bytes()[:-100])
+    with pytest.raises(RuntimeError, match=last.name):
+        llama31.Llama.build(folder, TOKENIZER_PATH, device="cpu")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, model_type="mistral")))
+    with pytest.raises(ValueError, match="config.json.*mistral"):
+        llama31.Llama.build(folder, TOKENIZER_PATH, device="cpu")
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        llama31.Llama.build(folder, TOKENIZER_PATH, device="cpu")
 
 
 # -----------------------------------------------------------------------------
