@@ -25,8 +25,10 @@ The file reads top to bottom: config -> model blocks -> KV cache -> Transformer 
 Llama (loading and generation) -> command line.
 """
 
+import ctypes
 import json
 import math
+import mmap
 import os
 import sys
 import time
@@ -607,6 +609,32 @@ def load_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
     return sd
 
 
+def release_pages(t: torch.Tensor) -> None:
+    """Let the OS take back the memory-mapped checkpoint pages of a CPU tensor that has been copied and will
+    not be read again. A mapping keeps every page it has read resident until the whole file is unmapped,
+    so converting a checkpoint to another dtype, or merging shards, would otherwise peak at the file plus
+    its copy. madvise(MADV_DONTNEED) on clean file-backed pages loses nothing (read again, they come from
+    the file again); only pages wholly inside t's storage are released. Advice only: where madvise is
+    missing (Windows) or refuses, the pages just stay until the file is unmapped."""
+    if t.device.type != "cpu" or getattr(mmap, "MADV_DONTNEED", None) is None:
+        return
+    storage = t.untyped_storage()
+    start = -(-storage.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # first page boundary inside the storage
+    end = (storage.data_ptr() + storage.nbytes()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
+def adopt(t: torch.Tensor, device, dtype, source: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """t in dtype on device. When that is a copy, the memory-mapped pages of source (default: t; the tensor
+    t was computed from, when it is not) are released: the copy holds the weights now."""
+    source = t if source is None else source
+    out = t.to(device=device, dtype=dtype)
+    if out.untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
+        release_pages(source)
+    return out
+
+
 # How Meta's model-parallel training (fairscale) splits each weight across consolidated.NN.pth: column-parallel
 # layers split their output features (dim 0), and the embedding its vocabulary (also dim 0); row-parallel
 # layers split their input features (dim 1); norms (None) are whole in every shard. Names after "layers.{i}.".
@@ -670,6 +698,7 @@ def merge_meta_shards(paths: List[Path], n_kv_heads: int, head_dim: int, device,
             elif not torch.equal(dest, t.to(device=dest.device, dtype=dest.dtype)):
                 raise ValueError(f"{name} in {path} differs from its copy in an earlier shard; replicated "
                                  f"weights (norms, kv heads repeated over {kv_copies} shards) must be equal")
+            release_pages(t)  # merged holds it now
         shard = t = None  # the last references into this shard's mapping: its pages can go now
     return merged
 
@@ -743,7 +772,7 @@ def load_hf_checkpoint(paths: List[Path], args: ModelArgs, device, dtype) -> Dic
                     raise ValueError(f"{path}: tensor {hf_name} is not part of a Llama model (LlamaForCausalLM)")
                 if name in sd:
                     raise ValueError(f"{path}: tensor {hf_name} appears in more than one file")
-                t = f.get_tensor(hf_name)
+                t = src = f.get_tensor(hf_name)
                 if name.endswith(("attention.wq.weight", "attention.wk.weight")):
                     # HF's conversion reordered each head's rows from Meta's interleaved pairs (x[2i], x[2i+1])
                     # to halves (x[i], x[i + head_dim/2]) for its rotate-half RoPE; put them back
@@ -753,7 +782,7 @@ def load_hf_checkpoint(paths: List[Path], args: ModelArgs, device, dtype) -> Dic
                                          f"{(heads * args.head_dim, args.dim)} from config.json")
                     t = t.view(heads, 2, args.head_dim // 2, args.dim)  # (heads, 2, head_dim/2, dim) halves
                     t = t.transpose(1, 2).reshape(heads * args.head_dim, args.dim)  # (heads * head_dim, dim) pairs
-                sd[name] = t.to(device=device, dtype=dtype)
+                sd[name] = adopt(t, device, dtype, source=src)
     if args.tie_word_embeddings and "output.weight" in sd:
         # a tied model needs no lm_head.weight; some exports still write it, and then it must be the embedding
         output, embedding = sd.pop("output.weight"), sd.get("tok_embeddings.weight")
@@ -827,7 +856,7 @@ class Llama:
         elif len(files) > 1:
             sd = merge_meta_shards(files, args.n_kv_heads, args.head_dim, device, dtype)
         else:
-            sd = {k: v.to(device=device, dtype=dtype) for k, v in load_checkpoint(files[0]).items()}
+            sd = {k: adopt(v, device, dtype) for k, v in load_checkpoint(files[0]).items()}
         if layout == "meta":  # Meta's params.json does not say; a checkpoint without output.weight is tied
             args.tie_word_embeddings = "output.weight" not in sd
         with torch.device("meta"):

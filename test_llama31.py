@@ -669,6 +669,17 @@ def test_sharded_checkpoint_errors(tmp_path):
         llama31.Llama.build(mixed, device="cpu")
 
 
+def test_released_pages_read_back_from_the_file(ckpt_mha):
+    # release_pages only drops clean pages of the memory-mapped file: reading the tensor again still gives
+    # its values (the OS reads them from the file again)
+    sd = llama31.load_checkpoint(ckpt_mha / "consolidated.00.pth")
+    expected = random_state_dict(MHA, 1)
+    for name in ("tok_embeddings.weight", "layers.1.feed_forward.w2.weight", "norm.weight"):
+        sd[name].float().sum()  # read every page
+        llama31.release_pages(sd[name])
+        assert torch.equal(sd[name], expected[name]), name
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_tied_embeddings(n, tmp_path):
     # a checkpoint without output.weight (Llama 3.2 1B/3B exports) shares the embedding as the output layer
