@@ -1,7 +1,8 @@
 """
 llama31.py: Meta's Llama 3.x in one PyTorch file, exact against Meta's reference.
 
-Run a Meta-format checkpoint folder (consolidated.00.pth, params.json, tokenizer.model):
+Run a Meta checkpoint folder (params.json, consolidated.00.pth or model-parallel shards .00-.NN, tokenizer.model)
+or a Hugging Face folder (config.json, *.safetensors, original/tokenizer.model):
 
     pip install -r requirements.txt
     python llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-8B
@@ -664,8 +665,9 @@ def merge_meta_shards(paths: List[Path], n_kv_heads: int, head_dim: int, device,
         if r == 0:
             shapes = {k: v.shape for k, v in shard.items()}
         elif shard.keys() != shapes.keys():
-            raise ValueError(f"{path} holds other tensors than {paths[0].name}: missing "
-                             f"{sorted(shapes.keys() - shard.keys())[:3]}, extra {sorted(shard.keys() - shapes.keys())[:3]}")
+            missing, extra = sorted(shapes.keys() - shard.keys()), sorted(shard.keys() - shapes.keys())
+            raise ValueError(f"{path} holds other tensors than {paths[0].name}: missing {missing[:3]}, "
+                             f"extra {extra[:3]}")
         for name, t in shard.items():
             dim = META_SHARD_DIMS.get(name.split(".", 2)[2] if name.startswith("layers.") else name, -1)
             if dim == -1:
@@ -717,7 +719,8 @@ def params_from_hf_config(config: dict, path: Path) -> dict:
     """A params.json-style dict from a Hugging Face LlamaForCausalLM config.json; ValueError for what this
     file cannot run (other architectures, biases, other RoPE variants)."""
     if config.get("model_type") != "llama":
-        raise ValueError(f"{path}: model_type {config.get('model_type')!r}; only Llama models (model_type 'llama') load")
+        raise ValueError(f"{path}: model_type {config.get('model_type')!r}; only Llama models (model_type "
+                         f"'llama') load")
     if config.get("attention_bias") or config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: biases or an activation other than silu are not Llama 3's architecture")
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -749,7 +752,8 @@ def load_hf_checkpoint(paths: List[Path], args: ModelArgs, device, dtype) -> Dic
     try:
         from safetensors import safe_open
     except ImportError as e:
-        raise RuntimeError("loading a Hugging Face folder needs the safetensors package: pip install safetensors") from e
+        raise RuntimeError("loading a Hugging Face folder needs the safetensors package: "
+                           "pip install safetensors") from e
     sd: Dict[str, torch.Tensor] = {}
     t0 = time.time()
     for i, path in enumerate(paths):
@@ -999,7 +1003,8 @@ def main(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts: Optional[
     """Complete prompts with a Meta Llama 3.x checkpoint.
 
     Args:
-        ckpt_dir: folder with consolidated.00.pth, params.json and (unless --tokenizer_path) tokenizer.model
+        ckpt_dir: Meta folder (params.json, consolidated.*.pth, tokenizer.model) or Hugging Face folder
+            (config.json, *.safetensors, original/tokenizer.model); the layout is detected
         tokenizer_path: tiktoken tokenizer.model file; defaults to the one in ckpt_dir
         prompts: a JSON list of prompt strings, or one string; defaults to a few built-in prompts
         temperature: sampling temperature; 0 means greedy (argmax)
