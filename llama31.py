@@ -25,6 +25,8 @@ The file reads top to bottom: config -> model blocks -> KV cache -> Transformer 
 Llama (loading and generation) -> command line.
 """
 
+import codecs
+import itertools
 import json
 import math
 import os
@@ -399,6 +401,51 @@ class Tokenizer:
         """Text of token ids; bytes that do not form valid UTF-8 become U+FFFD."""
         return self.model.decode(list(t))
 
+    def token_bytes(self, t: int) -> bytes:
+        """The raw bytes of one token (a character may span several tokens: streaming decodes bytes)."""
+        return self.model.decode_single_token_bytes(t)
+
+    # Llama 3 chat format, as Meta's ChatFormat builds it: <|begin_of_text|>, then per message
+    # <|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|>, then an open assistant header.
+    def encode_header(self, role: str) -> List[int]:
+        return [self.special_tokens["<|start_header_id|>"], *self.encode(role, bos=False, eos=False),
+                self.special_tokens["<|end_header_id|>"], *self.encode("\n\n", bos=False, eos=False)]
+
+    def encode_message(self, message: dict) -> List[int]:
+        # content is plain text: a user typing "<|eot_id|>" gets those characters, not the special token
+        return [*self.encode_header(message["role"]), *self.encode(message["content"].strip(), bos=False, eos=False),
+                self.eot_id]
+
+    def encode_dialog_prompt(self, dialog: List[dict]) -> List[int]:
+        """Token ids of a dialog ending with a user (or system/ipython) message, followed by the assistant
+        header the model completes."""
+        check_dialog(dialog)
+        tokens = [self.bos_id]
+        for message in dialog:
+            tokens.extend(self.encode_message(message))
+        return tokens + self.encode_header("assistant")
+
+
+CHAT_ROLES = ("system", "user", "assistant", "ipython")
+
+
+def check_dialog(dialog, index: int = 0):
+    """Raise ValueError/TypeError naming the problem unless dialog is a non-empty list of
+    {"role": one of CHAT_ROLES, "content": str} that does not end with the assistant."""
+    where = f"dialog {index}"
+    if not isinstance(dialog, (list, tuple)) or not dialog:
+        raise ValueError(f"{where} must be a non-empty list of messages, got {dialog!r:.80}")
+    for j, m in enumerate(dialog):
+        if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
+            raise ValueError(f"{where}, message {j} must be a dict with keys 'role' and 'content', got {m!r:.80}")
+        if m["role"] not in CHAT_ROLES:
+            raise ValueError(f"{where}, message {j}: unknown role {m['role']!r}; roles are {', '.join(CHAT_ROLES)}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"{where}, message {j}: content must be a str, got {type(m['content']).__name__}")
+    if dialog[-1]["role"] == "assistant":
+        raise ValueError(f"{where} ends with an assistant message; the last message must be for the assistant "
+                         f"to answer (user, system or ipython)")
+
 
 def _split_whitespaces_or_nonwhitespaces(s: str, max_len: int) -> Iterator[str]:
     """Cut s so that no piece holds more than max_len consecutive whitespace, or consecutive
@@ -602,21 +649,12 @@ class Llama:
                 raise ValueError(f"sample_rng is on {sample_rng.device} but the model is on {self.device}; "
                                  f"use torch.Generator(device=llama.device)")
 
-    @torch.inference_mode()
-    def generate(self, prompt_tokens: List[List[int]], sample_rng: Optional[torch.Generator] = None,
-                 max_gen_len: int = 64, temperature: float = 0.6, top_p: float = 0.9,
-                 echo: bool = False) -> List[List[int]]:
-        """Continue each prompt (a list of token ids). Returns per prompt the new tokens (prompt + new with
-        echo), at most max_gen_len of them, ending before the first stop token. Rows are independent: each
-        gives what it gives alone. sample_rng: a torch.Generator on self.device (None: seeded by build's
-        seed); temperature 0 is greedy."""
-        self._check_sampling(temperature, top_p, max_gen_len, sample_rng)
-        p, tok = self.params, self.tokenizer
+    def _check_prompt_tokens(self, prompt_tokens):
+        p = self.params
         if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
             raise ValueError("prompt_tokens must be a non-empty list of token lists")
-        bsz = len(prompt_tokens)
-        if bsz > p.max_batch_size:
-            raise ValueError(f"batch of {bsz} prompts exceeds max_batch_size {p.max_batch_size}")
+        if len(prompt_tokens) > p.max_batch_size:
+            raise ValueError(f"batch of {len(prompt_tokens)} prompts exceeds max_batch_size {p.max_batch_size}")
         for i, t in enumerate(prompt_tokens):
             if not isinstance(t, (list, tuple)) or not t:
                 raise ValueError(f"prompt {i} must be a non-empty list of token ids")
@@ -624,63 +662,139 @@ class Llama:
                 raise ValueError(f"prompt {i} holds a token id outside [0, {p.vocab_size})")
             if len(t) > p.max_seq_len:
                 raise ValueError(f"prompt {i} has {len(t)} tokens, more than max_seq_len {p.max_seq_len}")
+
+    def _generate(self, prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs):
+        """The generation loop; every public generation method wraps it. Checks the arguments now, then
+        returns a generator that first yields the prompts' log-probabilities (per row, for each prompt
+        token after the first; None unless logprobs), then once per step a list with, per row, the
+        (token, logprob) of its new token (logprob None unless asked), or None once the row has finished:
+        it produced a stop token (not yielded) or used its budget."""
+        self._check_sampling(temperature, top_p, max_gen_len, sample_rng)
+        self._check_prompt_tokens(prompt_tokens)
         if sample_rng is None:
             sample_rng = torch.Generator(device=self.device).manual_seed(self.seed)
-        device = self.device
+        return self._steps(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs)
+
+    @torch.inference_mode()
+    def _steps(self, prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs):
+        p, tok, device = self.params, self.tokenizer, self.device
+        bsz = len(prompt_tokens)
         lens = [len(t) for t in prompt_tokens]
         max_prompt_len = max(lens)
         total_len = min(p.max_seq_len, max_prompt_len + max_gen_len)
         # Each row may add this many tokens, as in Meta's reference: what is left of max_gen_len and of
         # max_seq_len after its own prompt (a short prompt in a batch gets as far as it would alone).
         budgets = [min(max_gen_len, p.max_seq_len - n) for n in lens]
-        max_budget = max(budgets)
-        stop_ids = torch.tensor(sorted(tok.stop_tokens), device=device)
-
         # Prompts right-padded into one (bsz, max_prompt_len) batch: every token sits at its own position,
         # exactly where it would be alone; pad positions are computed but never attended to.
         tokens = torch.full((bsz, max_prompt_len), tok.pad_id, dtype=torch.long)
         for i, t in enumerate(prompt_tokens):
             tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         tokens = tokens.to(device)
-        pos = torch.tensor(lens, device=device)  # (bsz,) where each row's next token goes
-        budget_t = torch.tensor(budgets, device=device)
-        out = torch.full((bsz, max(max_budget, 1)), tok.pad_id, dtype=torch.long, device=device)
+        pos = torch.tensor(lens, device=device)  # (bsz,) the position of each row's first new token
         self.model.setup_caches(bsz, total_len)
         try:
-            # 1. prefill: all prompts in one forward pass; logits only at each row's last prompt token
+            # 1. prefill: all prompts in one forward pass; logits only where they are needed
             h = self.model.hidden_states(tokens, 0)  # (bsz, max_prompt_len, dim)
-            h_last = h[torch.arange(bsz, device=device), pos - 1]  # (bsz, dim)
-            next_tok = sample_next(self.model.output(h_last).float(), temperature, top_p, sample_rng)  # (bsz,)
-            # 2. decode: one token per row per step, each row at its own position; stops when every row hit
-            # a stop token or its budget (the one host sync per step)
-            done = torch.zeros(bsz, dtype=torch.bool, device=device)
-            for step in range(max_budget):
-                out[:, step] = next_tok
-                done |= torch.isin(next_tok, stop_ids) | (budget_t <= step + 1)
-                if step + 1 == max_budget or bool(done.all()):
+            yield self._prompt_logprobs(h, tokens, lens) if logprobs else None
+            h_last = h[torch.arange(bsz, device=device), pos - 1]  # (bsz, dim) each row's last prompt token
+            logits = self.model.output(h_last).float()  # (bsz, vocab)
+            del h
+            # 2. decode: one token per row per step, each row at its own position
+            generated = [0] * bsz
+            alive = [b > 0 for b in budgets]
+            for step in range(max(budgets)):
+                next_tok = sample_next(logits, temperature, top_p, sample_rng)  # (bsz,)
+                # token ids < 2^24 are exact in fp32, so tokens and logprobs cross to the host together:
+                # the one host sync of the step
+                host = [next_tok.float()]
+                if logprobs:
+                    host.append(torch.log_softmax(logits, dim=-1).gather(-1, next_tok[:, None])[:, 0])
+                host = torch.stack(host).tolist()  # (1 or 2, bsz)
+                out = []
+                for i in range(bsz):
+                    t = int(host[0][i])
+                    if not alive[i] or t in tok.stop_tokens:
+                        alive[i] = False
+                        out.append(None)
+                        continue
+                    generated[i] += 1
+                    alive[i] = generated[i] < budgets[i]
+                    out.append((t, host[1][i] if logprobs else None))
+                yield out
+                if not any(alive):
                     break
-                # rows past their budget idle at the last slot (their tokens are discarded)
+                # finished rows idle at the last slot; their tokens are never yielded
                 cur = (pos + step).clamp(max=total_len - 1)  # (bsz,) position of next_tok in each row
                 kv_len = min(max_prompt_len + step, total_len - 1) + 1  # the furthest row's position + 1
-                logits = self.model.forward_inference(next_tok[:, None], cur, kv_len)  # (bsz, 1, vocab)
-                next_tok = sample_next(logits[:, -1], temperature, top_p, sample_rng)
+                logits = self.model.forward_inference(next_tok[:, None], cur, kv_len)[:, -1]  # (bsz, vocab)
         finally:
             self.model.clear_caches()
-        results = []
-        for i, row in enumerate(out.tolist()):
-            row = row[: budgets[i]]
-            for j, t in enumerate(row):
-                if t in tok.stop_tokens:
-                    row = row[:j]
-                    break
-            results.append(list(prompt_tokens[i]) + row if echo else row)
-        return results
 
-    def text_completion(self, prompts: List[str], sample_rng: Optional[torch.Generator] = None,
-                        temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
-                        echo: bool = False) -> List[dict]:
-        """Complete each prompt string: [{"generation": text}, ...]. max_gen_len None means up to
-        max_seq_len - 1 new tokens."""
+    def _prompt_logprobs(self, h, tokens, lens, chunk: int = 256):
+        """Log-probability of each prompt token after the first under the model, from the prefill's hidden
+        states h (bsz, seqlen, dim); the output layer runs on `chunk` positions at a time to bound memory."""
+        result = []
+        for i, n in enumerate(lens):
+            lp = []
+            for s in range(0, n - 1, chunk):
+                e = min(s + chunk, n - 1)
+                logits = self.model.output(h[i, s:e]).float()  # (e - s, vocab): predictions of tokens s+1..e
+                lp += torch.log_softmax(logits, dim=-1).gather(-1, tokens[i, s + 1 : e + 1, None])[:, 0].tolist()
+            result.append(lp)
+        return result
+
+    def generate(self, prompt_tokens: List[List[int]], sample_rng: Optional[torch.Generator] = None,
+                 max_gen_len: int = 64, temperature: float = 0.6, top_p: float = 0.9, echo: bool = False,
+                 logprobs: bool = False):
+        """Continue each prompt (a list of token ids). Returns per prompt the new tokens (prompt + new with
+        echo), at most max_gen_len of them, ending before the first stop token. Rows are independent: each
+        gives what it gives alone. sample_rng: a torch.Generator on self.device (None: seeded by build's
+        seed); temperature 0 is greedy. With logprobs, returns (tokens, logprobs): each token's
+        log-probability under the model's temperature-1 distribution; with echo the prompt's first token
+        has none (None)."""
+        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs)
+        prompt_lp = next(steps)
+        out_tokens = [list(t) if echo else [] for t in prompt_tokens]
+        out_lp = [[None] + prompt_lp[i] if echo else [] for i in range(len(prompt_tokens))] if logprobs else None
+        for step in steps:
+            for i, item in enumerate(step):
+                if item is not None:
+                    out_tokens[i].append(item[0])
+                    if logprobs:
+                        out_lp[i].append(item[1])
+        return (out_tokens, out_lp) if logprobs else out_tokens
+
+    def _stream_text(self, steps, n_rows, single):
+        """Text pieces from _generate's steps as tokens come: a str per step for a single prompt, else a list per step with a str
+        per row (None once the row has finished). A character split across tokens (emoji, CJK) is held
+        back until complete, so no piece contains a U+FFFD that the final text would not, and the pieces
+        of a row join to exactly the non-streamed text."""
+        decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n_rows)]
+        next(steps)
+        live = [True] * n_rows
+        for step in steps:
+            pieces = []
+            for i, item in enumerate(step):
+                if item is not None:
+                    pieces.append(decoders[i].decode(self.tokenizer.token_bytes(item[0])))
+                elif live[i]:  # finished: flush bytes of an incomplete character (they decode as U+FFFD)
+                    live[i] = False
+                    pieces.append(decoders[i].decode(b"", final=True))
+                else:
+                    pieces.append(None)
+            if single:
+                if pieces[0]:
+                    yield pieces[0]
+            else:
+                yield pieces
+        tails = [d.decode(b"", final=True) if live[i] else None for i, d in enumerate(decoders)]
+        if single and tails[0]:
+            yield tails[0]
+        elif not single and any(tails):
+            yield tails
+
+    def _check_prompts(self, prompts):
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
             raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
         if not prompts:
@@ -688,11 +802,73 @@ class Llama:
         for i, s in enumerate(prompts):
             if not isinstance(s, str):
                 raise TypeError(f"prompt {i} must be a str, got {type(s).__name__}")
-        if max_gen_len is None:
-            max_gen_len = self.params.max_seq_len - 1
+
+    def text_completion(self, prompts: List[str], sample_rng: Optional[torch.Generator] = None,
+                        temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
+                        echo: bool = False, logprobs: bool = False) -> List[dict]:
+        """Complete each prompt string: [{"generation": text}, ...], with "tokens" (each token's text) and
+        "logprobs" when logprobs. max_gen_len None means up to max_seq_len - 1 new tokens."""
+        self._check_prompts(prompts)
+        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
         prompt_tokens = [self.tokenizer.encode(s, bos=True, eos=False) for s in prompts]
-        generated = self.generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, echo)
-        return [{"generation": self.tokenizer.decode(t)} for t in generated]
+        out = self.generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, echo, logprobs)
+        tokens, lps = out if logprobs else (out, None)
+        return [self._result(t, lps[i] if logprobs else None) for i, t in enumerate(tokens)]
+
+    def _result(self, tokens, logprobs, role=None):
+        text = self.tokenizer.decode(tokens)
+        r = {"generation": text if role is None else {"role": role, "content": text}}
+        if logprobs is not None:
+            r["tokens"] = [self.tokenizer.decode([t]) for t in tokens]
+            r["logprobs"] = logprobs
+        return r
+
+    def text_completion_stream(self, prompts, sample_rng: Optional[torch.Generator] = None,
+                               temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None):
+        """Stream completions as text pieces. Given one prompt string, yields str pieces; given a list of
+        prompts, yields per step a list with one piece per prompt ("" when a step adds no complete
+        character, None once that prompt has finished). Pieces join to text_completion's generation.
+
+            for piece in llama.text_completion_stream("Once upon a time", temperature=0):
+                print(piece, end="", flush=True)
+        """
+        single = isinstance(prompts, str)
+        prompts = [prompts] if single else prompts
+        self._check_prompts(prompts)
+        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        prompt_tokens = [self.tokenizer.encode(s, bos=True, eos=False) for s in prompts]
+        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, False)
+        return self._stream_text(steps, len(prompt_tokens), single)
+
+    def _encode_dialogs(self, dialogs):
+        if not isinstance(dialogs, (list, tuple)) or not dialogs:
+            raise ValueError("dialogs must be a non-empty list of dialogs (each a list of messages)")
+        for i, dialog in enumerate(dialogs):
+            check_dialog(dialog, i)
+        return [self.tokenizer.encode_dialog_prompt(d) for d in dialogs]
+
+    def chat_completion(self, dialogs: List[List[dict]], sample_rng: Optional[torch.Generator] = None,
+                        temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
+                        logprobs: bool = False) -> List[dict]:
+        """Answer each dialog (a list of {"role", "content"} messages, roles system/user/assistant/ipython)
+        in the Llama 3 chat format: [{"generation": {"role": "assistant", "content": text}}, ...], plus
+        "tokens" and "logprobs" when logprobs. The reply ends before <|eot_id|>, <|eom_id|> or
+        <|end_of_text|>."""
+        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        prompt_tokens = self._encode_dialogs(dialogs)
+        out = self.generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, False, logprobs)
+        tokens, lps = out if logprobs else (out, None)
+        return [self._result(t, lps[i] if logprobs else None, "assistant") for i, t in enumerate(tokens)]
+
+    def chat_completion_stream(self, dialogs, sample_rng: Optional[torch.Generator] = None,
+                               temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None):
+        """Stream assistant replies as text pieces: given one dialog (a list of message dicts) yields str
+        pieces; given a list of dialogs, yields per step a list of pieces as text_completion_stream does."""
+        single = isinstance(dialogs, (list, tuple)) and len(dialogs) > 0 and isinstance(dialogs[0], dict)
+        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        prompt_tokens = self._encode_dialogs([dialogs] if single else dialogs)
+        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, False)
+        return self._stream_text(steps, len(prompt_tokens), single)
 
 
 # -----------------------------------------------------------------------------
@@ -706,20 +882,95 @@ DEFAULT_PROMPTS = [
 ]
 
 
+def print_completions(prompts: List[str], stream, out=sys.stdout):
+    """Print each prompt followed by its completion as it streams in. The rows of a batch generate
+    together; the first unfinished row is shown live and the others catch up when their turn comes."""
+    texts, done, cur, shown = [""] * len(prompts), [False] * len(prompts), 0, 0
+    out.write(prompts[0])
+    for pieces in itertools.chain(stream, [[None] * len(prompts)]):  # the sentinel finishes every row
+        for i, piece in enumerate(pieces):
+            if piece is None:
+                done[i] = True
+            else:
+                texts[i] += piece
+        out.write(texts[cur][shown:])
+        shown = len(texts[cur])
+        while done[cur] and cur + 1 < len(prompts):
+            cur, shown = cur + 1, len(texts[cur + 1])
+            out.write("\n" + "-" * 60 + "\n" + prompts[cur] + texts[cur])
+        out.flush()
+    out.write("\n" + "-" * 60 + "\n")
+
+
+def chat_repl(llama: Llama, system: Optional[str], sample_rng, temperature: float, top_p: float,
+              max_gen_len: int, inp=sys.stdin, out=sys.stdout):
+    """Multi-turn chat on a terminal (or one user turn per line of piped input), replies streamed.
+    /reset starts over (keeping the system prompt), /exit or end of input quits. When the conversation
+    no longer leaves room for a reply of max_gen_len tokens, the oldest turns are dropped, with a notice."""
+    interactive = inp.isatty()
+    base = [{"role": "system", "content": system}] if system else []
+    dialog = list(base)
+    max_seq_len = llama.params.max_seq_len
+    if interactive:
+        print("chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ") if interactive else inp.readline()
+        except EOFError:
+            break
+        if not interactive and not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            break
+        if line == "/reset":
+            dialog = list(base)
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        dialog.append({"role": "user", "content": line})
+        n = len(llama.tokenizer.encode_dialog_prompt(dialog))
+        while n + max_gen_len > max_seq_len and len(dialog) > len(base) + 1:
+            # drop the oldest exchange (a user message and the reply to it), never the system prompt
+            dropped = 2 if dialog[len(base) + 1]["role"] == "assistant" else 1
+            del dialog[len(base) : len(base) + dropped]
+            n = len(llama.tokenizer.encode_dialog_prompt(dialog))
+            print(f"[dropped the oldest turn to stay within max_seq_len {max_seq_len}]", file=sys.stderr)
+        if n >= max_seq_len:
+            print(f"[message too long: the prompt takes {n} tokens of max_seq_len {max_seq_len}; not sent]",
+                  file=sys.stderr)
+            dialog.pop()
+            continue
+        reply = []
+        for piece in llama.chat_completion_stream(dialog, sample_rng, temperature, top_p, max_gen_len):
+            out.write(piece)
+            out.flush()
+            reply.append(piece)
+        out.write("\n")
+        out.flush()
+        dialog.append({"role": "assistant", "content": "".join(reply)})
+
+
 def main(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts: Optional[List[str]] = None,
-         temperature: float = 0.6, top_p: float = 0.9, max_seq_len: int = 512, max_gen_len: int = 64,
-         max_batch_size: int = 4, seed: int = 1, device: Optional[str] = None, dtype: Optional[str] = None):
-    """Complete prompts with a Meta Llama 3.x checkpoint.
+         chat: bool = False, system: Optional[str] = None, temperature: float = 0.6, top_p: float = 0.9,
+         max_seq_len: int = 2048, max_gen_len: Optional[int] = None, max_batch_size: int = 4, seed: int = 1,
+         device: Optional[str] = None, dtype: Optional[str] = None):
+    """Complete prompts with a Meta Llama 3.x checkpoint, or chat with an Instruct model (--chat).
 
     Args:
         ckpt_dir: folder with consolidated.00.pth, params.json and (unless --tokenizer_path) tokenizer.model
         tokenizer_path: tiktoken tokenizer.model file; defaults to the one in ckpt_dir
         prompts: a JSON list of prompt strings, or one string; defaults to a few built-in prompts
+        chat: interactive multi-turn chat (Instruct models): /reset clears, /exit or Ctrl-D quits; with piped
+            stdin each line is one user turn
+        system: system prompt for --chat
         temperature: sampling temperature; 0 means greedy (argmax)
         top_p: nucleus sampling threshold in [0, 1]
-        max_seq_len: most positions (prompt + generated) per sequence
-        max_gen_len: most tokens generated per prompt
-        max_batch_size: most prompts run together (prompts are run in batches of this size)
+        max_seq_len: most positions (prompt + generated) per sequence; in chat the oldest turns are dropped
+            to stay within it
+        max_gen_len: most tokens generated per prompt or reply; default 64 for completions, 512 in chat
+        max_batch_size: most prompts generated together (prompts are run in batches of this size)
         seed: seed of the sampling generator
         device: cuda, mps or cpu; autodetected in that order when not given
         dtype: float32, bfloat16 or float16; bf16 on GPUs that support it, fp32 on CPU when not given
@@ -728,19 +979,20 @@ def main(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts: Optional[
         prompts = DEFAULT_PROMPTS
     elif isinstance(prompts, str):
         prompts = [prompts]
-    elif not isinstance(prompts, (list, tuple)):
+    elif not isinstance(prompts, (list, tuple)) or not all(isinstance(s, str) for s in prompts):
         raise TypeError(f"--prompts must be a string or a JSON list of strings, got {prompts!r}")
+    if max_gen_len is None:
+        max_gen_len = 512 if chat else 64
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         device=device, dtype=dtype, seed=seed)
+    llama._check_sampling(temperature, top_p, max_gen_len, None)  # fail before the first prompt is typed
     rng = torch.Generator(device=llama.device).manual_seed(seed)
+    if chat:
+        chat_repl(llama, system, rng, temperature, top_p, min(max_gen_len, max_seq_len - 1))
+        return
     for i in range(0, len(prompts), max_batch_size):
         batch = list(prompts[i : i + max_batch_size])
-        results = llama.text_completion(batch, sample_rng=rng, temperature=temperature, top_p=top_p,
-                                        max_gen_len=max_gen_len)
-        for prompt, result in zip(batch, results):
-            print(prompt, end="")
-            print(f"\033[92m{result['generation']}\033[0m" if sys.stdout.isatty() else result["generation"])
-            print("-" * 60)
+        print_completions(batch, llama.text_completion_stream(batch, rng, temperature, top_p, max_gen_len))
 
 
 def cli(argv=None):
