@@ -162,6 +162,20 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return out.flatten(-2).type_as(x)  # (bsz, seqlen, n_heads, head_dim)
 
 
+def pack_linears(*linears: nn.Linear) -> torch.Tensor:
+    """Stack the weights of several nn.Linear layers that read the same input into one (sum of outs, in)
+    weight stored column-major, and make the layers' weights views into it (same values, no extra memory).
+    Why: for decoding (one token, matrix-vector products) one large multiplication beats several small
+    ones, and torch's CPU kernels read a column-major weight ~1.5x faster (measured with `bench`)."""
+    packed = torch.cat([l.weight.detach() for l in linears]).t().contiguous().t()  # (sum of outs, in)
+    start = 0
+    for l in linears:
+        n = l.weight.shape[0]
+        l.weight.data = packed[start : start + n]  # a view: loading or training still see Meta's weight
+        start += n
+    return packed
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -170,12 +184,18 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wqkv: Optional[torch.Tensor] = None  # wq, wk, wv packed for inference (Transformer.pack_weights)
 
     def forward(self, x, cos, sin, mask, cache=None, start_pos=0, kv_len=None):
         bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)  # (bsz, seqlen, n_heads, head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)  # (bsz, seqlen, n_kv_heads, head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        if self.wqkv is not None and not torch.is_grad_enabled():  # training must reach wq/wk/wv themselves
+            q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            xq, xk, xv = F.linear(x, self.wqkv).split([q, kv, kv], dim=-1)
+        else:
+            xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        xq = xq.view(bsz, seqlen, self.n_heads, self.head_dim)  # (bsz, seqlen, n_heads, head_dim)
+        xk = xk.view(bsz, seqlen, self.n_kv_heads, self.head_dim)  # (bsz, seqlen, n_kv_heads, head_dim)
+        xv = xv.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (bsz, heads, seqlen, head_dim)
         if cache is not None:
@@ -194,9 +214,14 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w13: Optional[torch.Tensor] = None  # w1, w3 packed for inference (Transformer.pack_weights)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+        if self.w13 is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)  # 2 x (bsz, seqlen, hidden_dim)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)  # SwiGLU
 
 
 class TransformerBlock(nn.Module):
@@ -261,6 +286,9 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
         self.kv_caches: Optional[List[KVCache]] = None  # installed by setup_caches() for a generation
+        self.packed = False  # weights laid out for inference by pack_weights()
+        # loading (copying into the weights or, with assign=True, replacing them) must refresh the packing
+        self.register_load_state_dict_post_hook(lambda module, keys: module.pack_weights() if module.packed else None)
 
     def init_rope(self, device=None):
         """(Re)compute the RoPE tables in fp32 on `device` (e.g. after loading on the meta device)."""
@@ -268,11 +296,26 @@ class Transformer(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # nn.Module.to(dtype), .half() and .bfloat16() cast every floating buffer, but RoPE must stay fp32
-        # as in Meta's reference: recompute the tables rather than keep rounded ones.
+        # as in Meta's reference: recompute the tables rather than keep rounded ones. Casting also gives
+        # every weight new storage, so packed weights are packed again from them.
         super()._apply(fn, *args, **kwargs)
         if self.freqs_cos.dtype != torch.float32 and not self.freqs_cos.is_meta:
             self.init_rope(self.freqs_cos.device)
+        if self.packed:
+            self.pack_weights()
         return self
+
+    def pack_weights(self):
+        """Lay the weights out for fast inference: wq/wk/wv and w1/w3 of each layer packed into one
+        column-major matrix each (see pack_linears), the output layer column-major. Values, parameter
+        names and memory use are unchanged, and training (grad enabled) still uses the parameters. Done
+        by Llama; again after .to() and load_state_dict(), which replace or rewrite the weights."""
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.attention.wqkv = pack_linears(layer.attention.wq, layer.attention.wk, layer.attention.wv)
+                layer.feed_forward.w13 = pack_linears(layer.feed_forward.w1, layer.feed_forward.w3)
+            self.output.weight.data = self.output.weight.detach().t().contiguous().t()  # (vocab, dim) column-major
+        self.packed = True
 
     def setup_caches(self, bsz: int, max_len: int):
         """Install per-layer KV caches for a generation of bsz rows and max_len positions."""
@@ -562,12 +605,39 @@ def load_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
 
 
 class Llama:
-    """A Transformer and its Tokenizer, with text generation. Build one with Llama.build(ckpt_dir)."""
+    """A Transformer and its Tokenizer, with text generation. Build one with Llama.build(ckpt_dir).
+    tokenizer may be None (e.g. a model with another vocabulary): generate() then maps token ids to token
+    ids with no stop tokens, and the text methods are unavailable."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):
+    def __init__(self, model: Transformer, tokenizer: Optional[Tokenizer], seed: int = 1, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.seed = seed  # seeds the sampling generator when a call passes none
+        model.pack_weights()
+        # compile=True: the decode step runs under torch.compile with static shapes (the whole cache is
+        # attended with a mask), so one compiled graph serves every step of a generation
+        self._compiled_decode = None
+        if compile:
+            try:
+                self._compiled_decode = torch.compile(self._decode_static, fullgraph=True, dynamic=False,
+                                                      options={"freezing": True})
+            except Exception as e:  # e.g. torch.compile unsupported on this Python or platform
+                print(f"llama31: torch.compile unavailable ({type(e).__name__}: {e}); decoding eagerly",
+                      file=sys.stderr)
+
+    def _decode_static(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (bsz, vocab) of one new token per row at per-row positions pos (bsz,), attending over the
+        whole cache: the same shapes at every step, as torch.compile wants."""
+        return self.model.forward_inference(tokens, pos, self.model.kv_caches[0].k.shape[2])[:, -1]
+
+    def _decode_compiled(self, tokens, pos):
+        try:
+            return self._compiled_decode(tokens, pos)
+        except Exception as e:  # compilation happens at the first call: no C++ compiler, unsupported op, ...
+            print(f"llama31: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''});"
+                  f" decoding eagerly", file=sys.stderr)
+            self._compiled_decode = None
+            return self._decode_static(tokens, pos)
 
     @property
     def device(self) -> torch.device:
@@ -579,12 +649,13 @@ class Llama:
 
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
-              device=None, dtype=None, seed: int = 1) -> "Llama":
+              device=None, dtype=None, seed: int = 1, compile: bool = False) -> "Llama":
         """Load a Meta checkpoint folder (consolidated.00.pth, params.json, tokenizer.model).
 
         tokenizer_path: defaults to ckpt_dir/tokenizer.model. device: "cuda", "mps", "cpu" or None for the
         first available in that order. dtype: torch dtype or its name; None means bf16 on GPUs that support
-        it (else fp16), fp32 on CPU. seed: seeds sampling when generate() gets no generator.
+        it (else fp16), fp32 on CPU. seed: seeds sampling when generate() gets no generator. compile: run
+        the decode step under torch.compile (falls back to eager, with a message, where it cannot).
         """
         t0 = time.time()
         ckpt_dir = Path(ckpt_dir).expanduser()
@@ -630,10 +701,11 @@ class Llama:
             model.load_state_dict(sd, strict=True, assign=True)
         except RuntimeError as e:
             raise RuntimeError(f"{shards[0]} does not match {params_path}: {e}") from e
+        del sd  # the parameters hold the only references now: packing (in Llama) then frees each original
         model.init_rope(device)
         model.eval().requires_grad_(False)
         print(f"loaded {ckpt_dir} on {device} in {dtype} in {time.time() - t0:.2f}s", file=sys.stderr)
-        return Llama(model, tokenizer, seed)
+        return Llama(model, tokenizer, seed, compile)
 
     def _check_sampling(self, temperature, top_p, max_gen_len, sample_rng):
         if not isinstance(temperature, (int, float)) or temperature < 0:
@@ -687,12 +759,17 @@ class Llama:
         budgets = [min(max_gen_len, p.max_seq_len - n) for n in lens]
         # Prompts right-padded into one (bsz, max_prompt_len) batch: every token sits at its own position,
         # exactly where it would be alone; pad positions are computed but never attended to.
-        tokens = torch.full((bsz, max_prompt_len), tok.pad_id, dtype=torch.long)
+        pad_id, stop_tokens = (tok.pad_id, tok.stop_tokens) if tok is not None else (0, set())
+        tokens = torch.full((bsz, max_prompt_len), pad_id, dtype=torch.long)
         for i, t in enumerate(prompt_tokens):
             tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         tokens = tokens.to(device)
         pos = torch.tensor(lens, device=device)  # (bsz,) the position of each row's first new token
-        self.model.setup_caches(bsz, total_len)
+        uniform = len(set(lens)) == 1  # every row at the same position: no mask, plain slices
+        cache_len = total_len
+        if self._compiled_decode is not None:  # round up: fewer distinct shapes, fewer recompilations
+            cache_len = min(p.max_seq_len, -(-total_len // 256) * 256)
+        self.model.setup_caches(bsz, cache_len)
         try:
             # 1. prefill: all prompts in one forward pass; logits only where they are needed
             h = self.model.hidden_states(tokens, 0)  # (bsz, max_prompt_len, dim)
@@ -714,7 +791,7 @@ class Llama:
                 out = []
                 for i in range(bsz):
                     t = int(host[0][i])
-                    if not alive[i] or t in tok.stop_tokens:
+                    if not alive[i] or t in stop_tokens:
                         alive[i] = False
                         out.append(None)
                         continue
@@ -726,8 +803,13 @@ class Llama:
                     break
                 # finished rows idle at the last slot; their tokens are never yielded
                 cur = (pos + step).clamp(max=total_len - 1)  # (bsz,) position of next_tok in each row
-                kv_len = min(max_prompt_len + step, total_len - 1) + 1  # the furthest row's position + 1
-                logits = self.model.forward_inference(next_tok[:, None], cur, kv_len)[:, -1]  # (bsz, vocab)
+                if self._compiled_decode is not None:
+                    logits = self._decode_compiled(next_tok[:, None], cur)  # (bsz, vocab)
+                elif uniform:
+                    logits = self.model.forward_inference(next_tok[:, None], lens[0] + step)[:, -1]
+                else:
+                    kv_len = min(max_prompt_len + step, total_len - 1) + 1  # the furthest row's position + 1
+                    logits = self.model.forward_inference(next_tok[:, None], cur, kv_len)[:, -1]
         finally:
             self.model.clear_caches()
 
@@ -995,12 +1077,211 @@ def main(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts: Optional[
         print_completions(batch, llama.text_completion_stream(batch, rng, temperature, top_p, max_gen_len))
 
 
+# shapes for `bench` with random weights: a SmolLM2-135M-like Llama, Llama 3.2 1B, Llama 3.1 8B
+BENCH_SHAPES = {
+    "135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, multiple_of=256,
+                 rope_theta=100000.0),
+    "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+               ffn_dim_multiplier=1.5, rope_theta=500000.0, use_scaled_rope=True),
+    "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+               ffn_dim_multiplier=1.3, rope_theta=500000.0, use_scaled_rope=True),
+}
+# nominal HBM/GDDR bandwidth in GB/s, for the roofline on GPUs (the first name found in the device name)
+GPU_BANDWIDTH = {"H200": 4800, "H100 SXM": 3350, "H100 PCIe": 2000, "H100": 3350, "A100-SXM4-80GB": 2039,
+                 "A100": 1555, "L40S": 864, "L4": 300, "A10G": 600, "A10": 600, "RTX 4090": 1008, "RTX 3090": 936,
+                 "T4": 320, "V100": 900}
+
+
+def random_model(args: ModelArgs, device, dtype, seed: int = 0) -> Transformer:
+    """A Transformer with random weights (normal, std 0.02; norms 1) built straight on device in dtype."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to(dtype).to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if name.endswith("norm.weight"):
+                w.fill_(1.0)
+            else:
+                w.normal_(0.0, 0.02, generator=g)
+    model.init_rope(device)
+    return model.eval().requires_grad_(False)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def measure_bandwidth(device, nbytes: int = 1 << 29, repeats: int = 7) -> float:
+    """Achievable read bandwidth in GB/s: the median time to sum a nbytes fp32 tensor."""
+    x = torch.ones(nbytes // 4, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        x.sum()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return nbytes / sorted(times[1:])[repeats // 2] / 1e9
+
+
+def hf_llama_from(model: Transformer):
+    """Hugging Face transformers' LlamaForCausalLM holding the same weights as model, for comparisons.
+    Hugging Face pairs each head's features as (x[i], x[i + head_dim/2]) for RoPE where Meta pairs
+    neighbours, so wq/wk rows are permuted accordingly."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as e:
+        raise RuntimeError("the Hugging Face comparison needs transformers: pip install transformers") from e
+    p, w = model.params, model.tok_embeddings.weight
+    rope = {"rope_type": "default", "rope_theta": p.rope_theta}
+    if p.use_scaled_rope:
+        rope = {"rope_type": "llama3", "rope_theta": p.rope_theta, "factor": p.rope_scale_factor,
+                "low_freq_factor": p.rope_low_freq_factor, "high_freq_factor": p.rope_high_freq_factor,
+                "original_max_position_embeddings": p.rope_original_context}
+    cfg = LlamaConfig(vocab_size=p.vocab_size, hidden_size=p.dim, intermediate_size=p.hidden_dim,
+                      num_hidden_layers=p.n_layers, num_attention_heads=p.n_heads, num_key_value_heads=p.n_kv_heads,
+                      rms_norm_eps=p.norm_eps, rope_parameters=rope, max_position_embeddings=max(p.max_seq_len, 8193),
+                      tie_word_embeddings=False)
+
+    def permute(x, n_heads):  # (n_heads * head_dim, dim): rows (h, i, pair) -> (h, pair, i)
+        return x.view(n_heads, -1, 2, x.shape[1]).transpose(1, 2).reshape(x.shape)
+
+    sd = {"model.embed_tokens.weight": w, "model.norm.weight": model.norm.weight, "lm_head.weight": model.output.weight}
+    for i, layer in enumerate(model.layers):
+        a, f, h = layer.attention, layer.feed_forward, f"model.layers.{i}."
+        sd.update({h + "self_attn.q_proj.weight": permute(a.wq.weight, p.n_heads),
+                   h + "self_attn.k_proj.weight": permute(a.wk.weight, p.n_kv_heads),
+                   h + "self_attn.v_proj.weight": a.wv.weight, h + "self_attn.o_proj.weight": a.wo.weight,
+                   h + "mlp.gate_proj.weight": f.w1.weight, h + "mlp.down_proj.weight": f.w2.weight,
+                   h + "mlp.up_proj.weight": f.w3.weight, h + "input_layernorm.weight": layer.attention_norm.weight,
+                   h + "post_attention_layernorm.weight": layer.ffn_norm.weight})
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(cfg)
+    # own row-major copies, as from_pretrained would give it (not views into llama31's packed layout)
+    hf.load_state_dict({k: v.detach().contiguous().clone() for k, v in sd.items()}, strict=True, assign=True)
+    # the rotary frequencies are computed, not loaded: build that module again off the meta device
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(cfg).to(w.device)
+    return hf.eval().requires_grad_(False)
+
+
+def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int = 128, gen_len: int = 64,
+          batch: int = 8, repeats: int = 5, device: Optional[str] = None, dtype: Optional[str] = None,
+          hf: bool = False, compile: bool = False, seed: int = 0):
+    """Measure prefill and decode speed; optionally against Hugging Face transformers on the same weights.
+
+    Args:
+        shape: random weights of a named shape: 135m (SmolLM2-135M-like), 1b (Llama 3.2 1B), 8b (Llama 3.1 8B)
+        ckpt_dir: a real checkpoint folder instead of random weights
+        prompt_len: prompt tokens per sequence
+        gen_len: tokens generated per sequence (greedy, no stop tokens)
+        batch: the second batch size measured (batch 1 is always measured)
+        repeats: timed runs per measurement after one warm-up; medians are reported
+        device: cuda, mps or cpu (autodetected)
+        dtype: float32, bfloat16 or float16 (bf16 on GPUs, fp32 on CPU by default)
+        hf: also time Hugging Face transformers' generate on the same weights, alternating runs
+        compile: use the compiled decode step (torch.compile)
+        seed: seed of the random weights and prompts
+    """
+    import resource
+
+    if ckpt_dir is not None:
+        llama = Llama.build(ckpt_dir, max_seq_len=prompt_len + gen_len, max_batch_size=max(batch, 1),
+                            device=device, dtype=dtype, compile=compile)
+        llama.tokenizer = None  # generate exactly gen_len tokens: no stop tokens
+        label = str(ckpt_dir)
+    else:
+        if shape not in BENCH_SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(BENCH_SHAPES)}")
+        dev, dt = resolve_device_dtype(device, dtype)
+        args = ModelArgs(**BENCH_SHAPES[shape], max_seq_len=prompt_len + gen_len, max_batch_size=max(batch, 1))
+        llama = Llama(random_model(args, dev, dt, seed), None, compile=compile)
+        label = f"random {shape}"
+    model, dev = llama.model, llama.device
+    dt = model.tok_embeddings.weight.dtype
+    p = model.params
+    if prompt_len < 1 or gen_len < 2 or batch < 1 or repeats < 1:
+        raise ValueError("bench needs prompt_len >= 1, gen_len >= 2, batch >= 1, repeats >= 1")
+    n_params = sum(w.numel() for w in model.parameters())
+    # bytes read per decode step: every weight matrix once (the embedding table only for its rows)
+    weight_bytes = sum(w.numel() * w.element_size() for n, w in model.named_parameters() if n != "tok_embeddings.weight")
+    kv_bytes_per_pos = 2 * p.n_layers * p.n_kv_heads * p.head_dim * dt.itemsize
+    bw_measured = measure_bandwidth(dev)
+    roofline = next((v for k, v in GPU_BANDWIDTH.items() if dev.type == "cuda" and k in torch.cuda.get_device_name(dev)),
+                    bw_measured)
+    print(f"{label}: {n_params / 1e6:.1f}M parameters, {dt}, {dev}, {torch.get_num_threads()} threads; "
+          f"roofline {roofline:.1f} GB/s ({'nominal' if roofline != bw_measured else 'measured'}), "
+          f"measured read bandwidth {bw_measured:.1f} GB/s")
+    g = torch.Generator().manual_seed(seed)
+    hf_model = hf_llama_from(model) if hf else None
+
+    def ours(bsz):
+        prompts = torch.randint(0, p.vocab_size, (bsz, prompt_len), generator=g).tolist()
+        _sync(dev)
+        t0 = time.perf_counter()
+        steps = llama._generate(prompts, None, gen_len, 0.0, 1.0, False)
+        next(steps)
+        next(steps)  # the first token: prefill done, and on the host
+        t1 = time.perf_counter()
+        n = 1 + sum(1 for _ in steps)
+        t2 = time.perf_counter()
+        assert n == gen_len
+        return t1 - t0, (t2 - t1) / (gen_len - 1)
+
+    def theirs(bsz):
+        ids = torch.randint(0, p.vocab_size, (bsz, prompt_len), generator=g).to(dev)
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
+        times = []
+        for n in (1, gen_len):
+            _sync(dev)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = hf_model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+            assert out.shape[1] == prompt_len + n
+        return times[0], (times[1] - times[0]) / (gen_len - 1)
+
+    rows = []
+    for bsz in sorted({1, batch}):
+        runners = [("llama31", ours)] + ([("hf", theirs)] if hf else [])
+        results = {name: [] for name, _ in runners}
+        for r in range(repeats + 1):  # run 0 warms up; implementations alternate so drift hits both
+            for name, fn in runners:
+                ttft, step = fn(bsz)
+                if r > 0:
+                    results[name].append((ttft, step))
+        for name, res in results.items():
+            ttft = sorted(t for t, _ in res)[len(res) // 2]
+            step = sorted(s for _, s in res)[len(res) // 2]
+            gbs = (weight_bytes + bsz * (prompt_len + gen_len / 2) * kv_bytes_per_pos) / step / 1e9
+            rows.append((name, bsz, bsz * prompt_len / ttft, ttft * 1e3, bsz / step, gbs, 100 * gbs / roofline))
+    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(f"weights read per decode step {weight_bytes / 1e6:.1f} MB; peak {'GPU' if dev.type == 'cuda' else 'RSS'} "
+          f"memory {peak / 1e9:.2f} GB; prompt {prompt_len}, generate {gen_len}, median of {repeats}")
+    print(f"{'impl':8} {'batch':>5} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode tok/s':>12} {'GB/s':>7} {'roofline':>8}")
+    for name, bsz, pre, ttft, dec, gbs, pct in rows:
+        print(f"{name:8} {bsz:5d} {pre:13.1f} {ttft:8.1f} {dec:12.1f} {gbs:7.1f} {pct:7.1f}%")
+    if hf:
+        for bsz in sorted({1, batch}):
+            a, b = [r for r in rows if r[1] == bsz]
+            print(f"batch {bsz}: llama31 / hf decode {a[4] / b[4]:.2f}x, prefill {a[2] / b[2]:.2f}x")
+
+
 def cli(argv=None):
     """Run main() through fire; a bad argument or input ends with one line on stderr and exit status 1."""
     import fire
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        fire.Fire(main, command=argv)
+        if argv[:1] == ["bench"]:
+            fire.Fire(bench, command=argv[1:], name="llama31.py bench")
+        else:
+            fire.Fire(main, command=argv, name="llama31.py")
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         print(f"llama31: error: {e}", file=sys.stderr)
         sys.exit(1)

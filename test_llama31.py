@@ -785,3 +785,111 @@ def test_print_completions_orders_rows():
     llama31.print_completions(["P0:", "P1:", "P2:"], iter(stream), out)
     sep = "\n" + "-" * 60 + "\n"
     assert out.getvalue() == "P0:ad" + sep + "P1:b" + sep + "P2:cef" + sep
+
+
+# -----------------------------------------------------------------------------
+# fast paths: packed weights, the static-shape (compiled) decode step, the benchmark
+
+
+def unpacked_copy(params: dict, seed: int, dtype=torch.float32):
+    model = llama31.Transformer(llama31.ModelArgs.from_params(params, max_seq_len=64))
+    model.load_state_dict(random_state_dict(params, seed), strict=True)
+    return model.to(dtype).eval()
+
+
+def test_packed_weights_equal_plain_layout():
+    plain, packed = unpacked_copy(GQA, 2), unpacked_copy(GQA, 2)
+    packed.pack_weights()
+    a = packed.layers[1].attention
+    assert a.wq.weight.data_ptr() == a.wqkv.data_ptr() and not a.wq.weight.is_contiguous()
+    assert torch.equal(a.wk.weight, plain.layers[1].attention.wk.weight)
+    assert set(packed.state_dict()) == set(plain.state_dict())  # Meta's names, nothing added
+    tokens = torch.randint(0, 128000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (packed.forward_inference(tokens) - plain.forward_inference(tokens)).abs().max()
+    assert diff < 1e-5
+    # bf16: .to() gives new storage; the packing follows it
+    packed.to(torch.bfloat16)
+    plain.to(torch.bfloat16)
+    a = packed.layers[0].attention
+    assert a.wqkv.dtype == torch.bfloat16 and a.wq.weight.data_ptr() == a.wqkv.data_ptr()
+    with torch.no_grad():
+        assert (packed.forward_inference(tokens) - plain.forward_inference(tokens)).abs().max() < 0.1
+
+
+def test_packed_model_trains_and_reloads():
+    plain, packed = unpacked_copy(MHA, 1), unpacked_copy(MHA, 1)
+    packed.pack_weights()
+    g = torch.Generator().manual_seed(1)
+    inputs, targets = torch.randint(0, 128000, (2, 10), generator=g), torch.randint(0, 128000, (2, 10), generator=g)
+    for m in (plain, packed):
+        m.requires_grad_(True)
+        m.forward_loss(inputs, targets).backward()
+    for name in ["layers.0.attention.wk.weight", "layers.1.feed_forward.w3.weight", "output.weight"]:
+        gp, gq = plain.get_parameter(name).grad, packed.get_parameter(name).grad
+        assert gq is not None and (gp - gq).abs().max() < 1e-5
+    # loading other weights (copying, or assigning new tensors) re-packs: inference sees the new weights
+    other = random_state_dict(MHA, 9)
+    for assign in (False, True):
+        packed.load_state_dict({k: v.float() for k, v in other.items()}, strict=True, assign=assign)
+        with torch.no_grad():
+            ref = unpacked_copy(MHA, 9).forward_inference(inputs)
+            assert (packed.forward_inference(inputs) - ref).abs().max() < 1e-5
+
+
+def test_static_decode_step_equals_dynamic(llama_gqa):
+    # the function torch.compile wraps (whole-cache attention with a mask), run eagerly: no compiler needed
+    tok = llama_gqa.tokenizer
+    prompts = [tok.encode(t, bos=True, eos=False) for t in ["Hi", "A somewhat longer prompt here", "x y"]]
+    expected = llama_gqa.generate(prompts, max_gen_len=9, temperature=0, logprobs=True)
+    llama_gqa._compiled_decode = llama_gqa._decode_static
+    try:
+        got = llama_gqa.generate(prompts, max_gen_len=9, temperature=0, logprobs=True)
+    finally:
+        llama_gqa._compiled_decode = None
+    assert got[0] == expected[0]
+    assert max(abs(a - b) for x, y in zip(got[1], expected[1]) for a, b in zip(x, y)) < 1e-4
+
+
+def test_compile_falls_back_with_message(llama_mha, capsys):
+    prompt = [[128000, 9906, 1070]]
+    expected = llama_mha.generate(prompt, max_gen_len=5, temperature=0)
+    llama = llama31.Llama(llama_mha.model, llama_mha.tokenizer)
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler found")
+
+    llama._compiled_decode = broken  # what a failed torch.compile does at its first call
+    assert llama.generate(prompt, max_gen_len=5, temperature=0) == expected
+    assert "torch.compile failed (RuntimeError: no C++ compiler found); decoding eagerly" in capsys.readouterr().err
+    assert llama._compiled_decode is None
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMA31_TEST_COMPILE"), reason="set LLAMA31_TEST_COMPILE=1 to run "
+                    "torch.compile for real (needs a C++ compiler, takes minutes on 2 cores)")
+def test_compiled_decode_matches_eager(ckpt_mha, llama_mha):
+    compiled = llama31.Llama.build(ckpt_mha, max_seq_len=256, max_batch_size=4, device="cpu", compile=True)
+    prompts = [[128000, 9906, 1070], [128000, 791]]
+    assert compiled.generate(prompts, max_gen_len=8, temperature=0) == llama_mha.generate(prompts, max_gen_len=8,
+                                                                                          temperature=0)
+    assert compiled._compiled_decode is not None  # it compiled rather than fell back
+
+
+def test_bench_command(ckpt_mha):
+    r = run_cli("bench", "--ckpt_dir", str(ckpt_mha), "--prompt_len", "8", "--gen_len", "4", "--batch", "2",
+                "--repeats", "1", "--device", "cpu", "--hf")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(l.split()[:2] == ["llama31", "1"] for l in lines) and any(l.split()[:2] == ["hf", "2"] for l in lines)
+    assert any(l.startswith("batch 2: llama31 / hf decode") for l in lines)
+    assert "roofline" in r.stdout and "weights read per decode step" in r.stdout
+    r = run_cli("bench", "--shape", "13b")
+    assert r.returncode == 1 and "unknown shape '13b'" in r.stderr
+
+
+def test_hf_llama_from_matches(llama_gqa):
+    # the Hugging Face copy the benchmark compares against computes the same function
+    ref = llama31.hf_llama_from(llama_gqa.model)
+    tokens = torch.randint(0, 128000, (1, 50), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ref(tokens).logits - llama_gqa.model.forward_inference(tokens)).abs().max() < 1e-4
