@@ -1218,8 +1218,11 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
     g = torch.Generator().manual_seed(seed)
     hf_model = hf_llama_from(model) if hf else None
 
-    def ours(bsz):
+    def ours(bsz, ragged=False):
         prompts = torch.randint(0, p.vocab_size, (bsz, prompt_len), generator=g).tolist()
+        if ragged:  # lengths spread evenly from 5 (or fewer) to prompt_len
+            prompts = [t[: round(min(5, prompt_len) + (prompt_len - min(5, prompt_len)) * i / max(bsz - 1, 1))]
+                       for i, t in enumerate(prompts)]
         _sync(dev)
         t0 = time.perf_counter()
         steps = llama._generate(prompts, None, gen_len, 0.0, 1.0, False)
@@ -1259,6 +1262,14 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
             step = sorted(s for _, s in res)[len(res) // 2]
             gbs = (weight_bytes + bsz * (prompt_len + gen_len / 2) * kv_bytes_per_pos) / step / 1e9
             rows.append((name, bsz, bsz * prompt_len / ttft, ttft * 1e3, bsz / step, gbs, 100 * gbs / roofline))
+    if batch > 1:  # a ragged batch is prefilled in one pass, padded to its longest prompt
+        times = {False: [], True: []}
+        for r in range(repeats + 1):
+            for ragged in (False, True):
+                ttft, step = ours(batch, ragged)
+                if r > 0:
+                    times[ragged].append(ttft + (gen_len - 1) * step)
+        ragged_ratio = sorted(times[True])[repeats // 2] / sorted(times[False])[repeats // 2]
     peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     print(f"weights read per decode step {weight_bytes / 1e6:.1f} MB; peak {'GPU' if dev.type == 'cuda' else 'RSS'} "
@@ -1270,6 +1281,9 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
         for bsz in sorted({1, batch}):
             a, b = [r for r in rows if r[1] == bsz]
             print(f"batch {bsz}: llama31 / hf decode {a[4] / b[4]:.2f}x, prefill {a[2] / b[2]:.2f}x")
+    if batch > 1:
+        print(f"ragged batch of {batch} (prompt lengths {min(5, prompt_len)}..{prompt_len}) / equal lengths "
+              f"{prompt_len}: total time {ragged_ratio:.2f}x")
 
 
 def cli(argv=None):

@@ -882,7 +882,7 @@ def test_bench_command(ckpt_mha):
     lines = r.stdout.splitlines()
     assert any(l.split()[:2] == ["llama31", "1"] for l in lines) and any(l.split()[:2] == ["hf", "2"] for l in lines)
     assert any(l.startswith("batch 2: llama31 / hf decode") for l in lines)
-    assert "roofline" in r.stdout and "weights read per decode step" in r.stdout
+    assert "roofline" in r.stdout and "weights read per decode step" in r.stdout and "ragged batch of 2" in r.stdout
     r = run_cli("bench", "--shape", "13b")
     assert r.returncode == 1 and "unknown shape '13b'" in r.stderr
 
