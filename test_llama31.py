@@ -856,3 +856,309 @@ def test_golden_real_checkpoint():
     assert (ours - theirs).abs().max() < (1e-3 if dtype in ("float32", "fp32") else 0.3)
     out = llama.text_completion(["The capital of France is"], temperature=0, max_gen_len=8)[0]["generation"]
     assert "Paris" in out, out
+
+
+# -----------------------------------------------------------------------------
+# chat format, chat completion, streaming, logprobs
+
+
+def test_chat_format_ids(tokenizer, meta_tokenizer):
+    msg = {"role": "user", "content": "This is a test sentence."}
+    assert tokenizer.encode_message(msg) == [128006, 882, 128007, 271, 2028, 374, 264, 1296, 11914, 13, 128009]
+    dialog = [{"role": "system", "content": "This is a test sentence."},
+              {"role": "user", "content": "This is a response."}]
+    assert tokenizer.encode_dialog_prompt(dialog) == [
+        128000, 128006, 9125, 128007, 271, 2028, 374, 264, 1296, 11914, 13, 128009, 128006, 882, 128007, 271,
+        2028, 374, 264, 2077, 13, 128009, 128006, 78191, 128007, 271]
+
+
+def meta_dialog_ids(meta_tokenizer, dialog):
+    """The chat layout built independently from Meta's tokenizer (special tokens by name)."""
+    sp = meta_tokenizer.special_tokens
+    ids = [sp["<|begin_of_text|>"]]
+    for m in dialog + [{"role": "assistant", "content": None}]:
+        ids += [sp["<|start_header_id|>"]] + meta_tokenizer.encode(m["role"], bos=False, eos=False)
+        ids += [sp["<|end_header_id|>"]] + meta_tokenizer.encode("\n\n", bos=False, eos=False)
+        if m["content"] is not None:
+            ids += meta_tokenizer.encode(m["content"].strip(), bos=False, eos=False) + [sp["<|eot_id|>"]]
+    return ids
+
+
+def test_chat_format_multi_turn(tokenizer, meta_tokenizer):
+    dialog = [{"role": "system", "content": "  You are terse.\n"},
+              {"role": "user", "content": "Say <|eot_id|> and <|start_header_id|> please"},
+              {"role": "assistant", "content": "<|eot_id|> <|start_header_id|>"},
+              {"role": "user", "content": "日本語で\n二行目\n\n😀 done"},
+              {"role": "ipython", "content": '{"result": 42}'}]
+    ids = tokenizer.encode_dialog_prompt(dialog)
+    assert ids == meta_dialog_ids(meta_tokenizer, dialog)
+    # typed special-token text stays plain text: only the structural tokens are special
+    assert ids.count(128009) == 5 and ids.count(128006) == 6
+    assert tokenizer.decode(ids).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+@pytest.mark.parametrize("dialog, match", [
+    ([], "non-empty"),
+    ([{"role": "robot", "content": "hi"}], "unknown role 'robot'"),
+    ([{"role": "user", "content": 3}], "content must be a str"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "ends with an assistant"),
+    ([{"role": "user"}], "keys 'role' and 'content'"),
+    (["hello"], "keys 'role' and 'content'"),
+])
+def test_bad_dialogs(llama_mha, dialog, match):
+    with pytest.raises(ValueError, match=match):
+        llama_mha.chat_completion([dialog])
+    with pytest.raises(ValueError):
+        llama_mha.chat_completion_stream([dialog])
+
+
+def write_chain_checkpoint(folder: Path, chain: dict, seed: int = 0) -> Path:
+    """A checkpoint rigged to continue token a with chain[a] (greedy): attention and feed-forward outputs
+    are zeroed, so the final hidden state is the normalised embedding of the current token, and the output
+    row of chain[a] is that embedding's direction (scaled), every other output row zero."""
+    sd = random_state_dict(MHA, seed)
+    for name in sd:
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            sd[name].zero_()
+        elif name.endswith("norm.weight"):
+            sd[name].fill_(1.0)
+    emb = sd["tok_embeddings.weight"].float()
+    out = torch.zeros_like(emb)
+    for a, b in chain.items():
+        out[b] += 4.0 * emb[a] / emb[a].norm()  # several tokens may lead to the same b
+    sd["output.weight"] = out.to(torch.bfloat16)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, folder / "consolidated.00.pth")
+    (folder / "params.json").write_text(json.dumps(MHA))
+    (folder / "tokenizer.model").write_bytes(TOKENIZER_PATH.read_bytes())
+    return folder
+
+
+def byte_token(tokenizer, b: bytes) -> int:
+    return tokenizer.model.encode_single_token(b)
+
+
+# A chain producing "Hello!" then <|eot_id|> after the assistant header ("\n\n" is token 271), and for
+# completions of "x" (token 87) the UTF-8 bytes of 😀, 日 and é one byte-token at a time, a lone lead byte,
+# then <|eot_id|>.
+EMOJI_BYTES = [b"\xf0", b"\x9f", b"\x98", b"\x80", b"\xe6", b"\x97", b"\xa5", b"\xc3", b"\xa9", b"\xe2"]
+
+
+@pytest.fixture(scope="session")
+def ckpt_chain(tmp_path_factory, tokenizer):
+    byte_ids = [byte_token(tokenizer, b) for b in EMOJI_BYTES]
+    seq = [87] + byte_ids + [128009]
+    chain = {271: 9906, 9906: 0, 0: 128009, 128009: 9906}  # after <|eot_id|> it would go on: "Hello"
+    chain.update({a: b for a, b in zip(seq, seq[1:])})
+    return write_chain_checkpoint(tmp_path_factory.mktemp("chain"), chain)
+
+
+@pytest.fixture(scope="session")
+def llama_chain(ckpt_chain):
+    return llama31.Llama.build(ckpt_chain, max_seq_len=128, max_batch_size=4, device="cpu")
+
+
+def test_chat_completion_stops_at_eot(llama_chain):
+    dialogs = [[{"role": "user", "content": "Hi there"}],
+               [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Greet me"}]]
+    out = llama_chain.chat_completion(dialogs, temperature=0, max_gen_len=20)
+    assert out == [{"generation": {"role": "assistant", "content": "Hello!"}}] * 2
+    # generate() on the same prompt shows the cut: the model emits <|eot_id|> and would go on after it
+    prompt = llama_chain.tokenizer.encode_dialog_prompt(dialogs[0])
+    assert llama_chain.generate([prompt], max_gen_len=20, temperature=0) == [[9906, 0]]
+    assert naive_greedy(llama_chain.model, prompt, 4) == [9906, 0, 128009, 9906]
+    pieces = list(llama_chain.chat_completion_stream(dialogs[0], temperature=0, max_gen_len=20))
+    assert "".join(pieces) == "Hello!" and len(pieces) == 2
+
+
+def test_stream_is_utf8_safe_and_equals_final_text(llama_chain):
+    final = llama_chain.text_completion(["x"], temperature=0, max_gen_len=30)[0]["generation"]
+    assert final == "😀日é\ufffd"  # the lone lead byte at the end decodes as U+FFFD, as tiktoken does
+    pieces = list(llama_chain.text_completion_stream("x", temperature=0, max_gen_len=30))
+    assert "".join(pieces) == final
+    assert pieces == ["😀", "日", "é", "\ufffd"]  # each character once complete, never a partial one
+    # a batch streams each row; rows join to their own final texts; finished rows yield None
+    prompts = ["x", "x y", "x"]
+    finals = [r["generation"] for r in llama_chain.text_completion(prompts, temperature=0, max_gen_len=7)]
+    steps = list(llama_chain.text_completion_stream(prompts, temperature=0, max_gen_len=7))
+    joined = ["".join(s[i] or "" for s in steps) for i in range(3)]
+    assert joined == finals and finals[0] == "😀日"
+    assert all("\ufffd" not in (s[0] or "") for s in steps)
+
+
+def test_stream_truncated_character(llama_chain):
+    # max_gen_len ends the row in the middle of 😀: the partial bytes are flushed as U+FFFD, like decode()
+    final = llama_chain.text_completion(["x"], temperature=0, max_gen_len=2)[0]["generation"]
+    assert final == "\ufffd"
+    assert "".join(llama_chain.text_completion_stream("x", temperature=0, max_gen_len=2)) == final
+
+
+def test_stream_equals_nonstream_sampled(llama_gqa):
+    rng = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    prompts = ["The weather", "日本の首都は"]
+    finals = [r["generation"] for r in llama_gqa.text_completion(prompts, rng(), temperature=1.0, max_gen_len=24)]
+    steps = list(llama_gqa.text_completion_stream(prompts, rng(), temperature=1.0, max_gen_len=24))
+    assert ["".join(s[i] or "" for s in steps) for i in range(2)] == finals
+
+
+def test_logprobs_match_log_softmax(llama_gqa):
+    tok = llama_gqa.tokenizer
+    prompts = [tok.encode("Logprobs are", bos=True, eos=False), tok.encode("A longer prompt for logprobs", bos=True, eos=False)]
+    rng = torch.Generator().manual_seed(11)
+    tokens, lps = llama_gqa.generate(prompts, rng, max_gen_len=8, temperature=0.8, echo=True, logprobs=True)
+    for p, t, lp in zip(prompts, tokens, lps):
+        assert t[: len(p)] == p and len(lp) == len(t) and lp[0] is None
+        logits = llama_gqa.model.forward_inference(torch.tensor([t]))[0]  # plain forward, no cache
+        expected = torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(t[1:])[:, None])[:, 0]
+        assert (torch.tensor(lp[1:]) - expected).abs().max() < 1e-4
+    # without echo: only the generated tokens; text_completion and chat_completion expose the same
+    toks, lp2 = llama_gqa.generate(prompts, torch.Generator().manual_seed(11), max_gen_len=8, temperature=0.8,
+                                   logprobs=True)
+    assert toks == [t[len(p):] for p, t in zip(prompts, tokens)]
+    assert lp2 == [lp[len(p):] for p, lp in zip(prompts, lps)]
+    r = llama_gqa.text_completion(["Logprobs are"], torch.Generator().manual_seed(11), temperature=0.8,
+                                  max_gen_len=8, logprobs=True)[0]
+    assert len(r["tokens"]) == len(r["logprobs"]) and "".join(r["tokens"]) == r["generation"]
+    c = llama_gqa.chat_completion([[{"role": "user", "content": "hi"}]], temperature=0, max_gen_len=4,
+                                  logprobs=True)[0]
+    assert c["generation"]["role"] == "assistant" and len(c["logprobs"]) == len(c["tokens"]) <= 4
+
+
+def test_chat_repl_piped(ckpt_chain):
+    stdin = "Hi there\nHow are you?\n/reset\nAgain\n/exit\nnever read\n"
+    r = subprocess.run([sys.executable, str(HERE / "llama31.py"), "--ckpt_dir", str(ckpt_chain), "--chat",
+                        "--system", "Be brief.", "--temperature", "0", "--device", "cpu", "--max_seq_len", "40",
+                        "--max_gen_len", "8"], input=stdin, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["Hello!", "Hello!", "Hello!"]
+    assert "[conversation reset]" in r.stderr
+    # the second turn no longer fits 40 positions with room for 8 new tokens: the first is dropped
+    assert "dropped the oldest turn" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_repl_end_of_input_and_long_message(ckpt_chain):
+    r = subprocess.run([sys.executable, str(HERE / "llama31.py"), "--ckpt_dir", str(ckpt_chain), "--chat",
+                        "--temperature", "0", "--device", "cpu", "--max_seq_len", "40", "--max_gen_len", "8"],
+                       input="word " * 60 + "\nHi\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "message too long" in r.stderr
+    assert r.stdout.splitlines() == ["Hello!"]  # the next line still gets its answer; end of input quits
+
+
+def test_print_completions_orders_rows():
+    import io
+
+    # row 1 finishes first, row 0 streams live, row 2 catches up when row 0 is done
+    stream = [["a", "b", "c"], ["d", None, "e"], [None, None, "f"], [None, None, None]]
+    out = io.StringIO()
+    llama31.print_completions(["P0:", "P1:", "P2:"], iter(stream), out)
+    sep = "\n" + "-" * 60 + "\n"
+    assert out.getvalue() == "P0:ad" + sep + "P1:b" + sep + "P2:cef" + sep
+
+
+# -----------------------------------------------------------------------------
+# fast paths: packed weights, the static-shape (compiled) decode step, the benchmark
+
+
+def unpacked_copy(params: dict, seed: int, dtype=torch.float32):
+    model = llama31.Transformer(llama31.ModelArgs.from_params(params, max_seq_len=64))
+    model.load_state_dict(random_state_dict(params, seed), strict=True)
+    return model.to(dtype).eval()
+
+
+def test_packed_weights_equal_plain_layout():
+    plain, packed = unpacked_copy(GQA, 2), unpacked_copy(GQA, 2)
+    packed.pack_weights()
+    a = packed.layers[1].attention
+    assert a.wq.weight.data_ptr() == a.wqkv.data_ptr() and not a.wq.weight.is_contiguous()
+    assert torch.equal(a.wk.weight, plain.layers[1].attention.wk.weight)
+    assert set(packed.state_dict()) == set(plain.state_dict())  # Meta's names, nothing added
+    tokens = torch.randint(0, 128000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (packed.forward_inference(tokens) - plain.forward_inference(tokens)).abs().max()
+    assert diff < 1e-5
+    # bf16: .to() gives new storage; the packing follows it
+    packed.to(torch.bfloat16)
+    plain.to(torch.bfloat16)
+    a = packed.layers[0].attention
+    assert a.wqkv.dtype == torch.bfloat16 and a.wq.weight.data_ptr() == a.wqkv.data_ptr()
+    with torch.no_grad():
+        assert (packed.forward_inference(tokens) - plain.forward_inference(tokens)).abs().max() < 0.1
+
+
+def test_packed_model_trains_and_reloads():
+    plain, packed = unpacked_copy(MHA, 1), unpacked_copy(MHA, 1)
+    packed.pack_weights()
+    g = torch.Generator().manual_seed(1)
+    inputs, targets = torch.randint(0, 128000, (2, 10), generator=g), torch.randint(0, 128000, (2, 10), generator=g)
+    for m in (plain, packed):
+        m.requires_grad_(True)
+        m.forward_loss(inputs, targets).backward()
+    for name in ["layers.0.attention.wk.weight", "layers.1.feed_forward.w3.weight", "output.weight"]:
+        gp, gq = plain.get_parameter(name).grad, packed.get_parameter(name).grad
+        assert gq is not None and (gp - gq).abs().max() < 1e-5
+    # loading other weights (copying, or assigning new tensors) re-packs: inference sees the new weights
+    other = random_state_dict(MHA, 9)
+    for assign in (False, True):
+        packed.load_state_dict({k: v.float() for k, v in other.items()}, strict=True, assign=assign)
+        with torch.no_grad():
+            ref = unpacked_copy(MHA, 9).forward_inference(inputs)
+            assert (packed.forward_inference(inputs) - ref).abs().max() < 1e-5
+
+
+def test_static_decode_step_equals_dynamic(llama_gqa):
+    # the function torch.compile wraps (whole-cache attention with a mask), run eagerly: no compiler needed
+    tok = llama_gqa.tokenizer
+    prompts = [tok.encode(t, bos=True, eos=False) for t in ["Hi", "A somewhat longer prompt here", "x y"]]
+    expected = llama_gqa.generate(prompts, max_gen_len=9, temperature=0, logprobs=True)
+    llama_gqa._compiled_decode = llama_gqa._decode_static
+    try:
+        got = llama_gqa.generate(prompts, max_gen_len=9, temperature=0, logprobs=True)
+    finally:
+        llama_gqa._compiled_decode = None
+    assert got[0] == expected[0]
+    assert max(abs(a - b) for x, y in zip(got[1], expected[1]) for a, b in zip(x, y)) < 1e-4
+
+
+def test_compile_falls_back_with_message(llama_mha, capsys):
+    prompt = [[128000, 9906, 1070]]
+    expected = llama_mha.generate(prompt, max_gen_len=5, temperature=0)
+    llama = llama31.Llama(llama_mha.model, llama_mha.tokenizer)
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler found")
+
+    llama._compiled_decode = broken  # what a failed torch.compile does at its first call
+    assert llama.generate(prompt, max_gen_len=5, temperature=0) == expected
+    assert "torch.compile failed (RuntimeError: no C++ compiler found); decoding eagerly" in capsys.readouterr().err
+    assert llama._compiled_decode is None
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMA31_TEST_COMPILE"), reason="set LLAMA31_TEST_COMPILE=1 to run "
+                    "torch.compile for real (needs a C++ compiler, takes minutes on 2 cores)")
+def test_compiled_decode_matches_eager(ckpt_mha, llama_mha):
+    compiled = llama31.Llama.build(ckpt_mha, max_seq_len=256, max_batch_size=4, device="cpu", compile=True)
+    prompts = [[128000, 9906, 1070], [128000, 791]]
+    assert compiled.generate(prompts, max_gen_len=8, temperature=0) == llama_mha.generate(prompts, max_gen_len=8,
+                                                                                          temperature=0)
+    assert compiled._compiled_decode is not None  # it compiled rather than fell back
+
+
+def test_bench_command(ckpt_mha):
+    r = run_cli("bench", "--ckpt_dir", str(ckpt_mha), "--prompt_len", "8", "--gen_len", "4", "--batch", "2",
+                "--repeats", "1", "--device", "cpu", "--hf")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(l.split()[:2] == ["llama31", "1"] for l in lines) and any(l.split()[:2] == ["hf", "2"] for l in lines)
+    assert any(l.startswith("batch 2: llama31 / hf decode") for l in lines)
+    assert "roofline" in r.stdout and "weights read per decode step" in r.stdout and "ragged batch of 2" in r.stdout
+    r = run_cli("bench", "--shape", "13b")
+    assert r.returncode == 1 and "unknown shape '13b'" in r.stderr
+
+
+def test_hf_llama_from_matches(llama_gqa):
+    # the Hugging Face copy the benchmark compares against computes the same function
+    ref = llama31.hf_llama_from(llama_gqa.model)
+    tokens = torch.randint(0, 128000, (1, 50), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ref(tokens).logits - llama_gqa.model.forward_inference(tokens)).abs().max() < 1e-4
