@@ -716,14 +716,30 @@ def release_pages(t: torch.Tensor) -> None:
         ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
-def adopt(t: torch.Tensor, device, dtype, source: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """t in dtype on device. When that is a copy, the memory-mapped pages of source (default: t; the tensor
-    t was computed from, when it is not) are released: the copy holds the weights now."""
+def adopt(t: torch.Tensor, device, dtype, source: Optional[torch.Tensor] = None,
+          column_major: bool = False) -> torch.Tensor:
+    """A copy of t in dtype on device, owning its memory; the memory-mapped pages of source (default: t; the
+    mapped tensor t was computed from, when it is not) are released after it. A copy even when t is already
+    in dtype on the CPU: Llama packs most weights into new tensors (Transformer.pack_weights), and a
+    mapping keeps its pages resident until the whole file is unmapped, so weights used in place from the
+    file would stay in memory next to their packed copies. column_major: lay the copy out as pack_weights
+    lays out the output layer, so that packing does not copy that largest matrix again."""
     source = t if source is None else source
-    out = t.to(device=device, dtype=dtype)
-    if out.untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
-        release_pages(source)
+    if column_major:
+        # (cols, rows) row-major is (rows, cols) column-major; copying the transpose into a contiguous tensor
+        # takes torch's fast transposing copy (~4x faster on CPU than writing through the strided view)
+        out = torch.empty(t.shape[::-1], device=device, dtype=dtype).copy_(t.t()).t()
+    else:
+        out = t.to(device=device, dtype=dtype)
+        if out.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+            out = out.clone()  # still the mapped memory
+    release_pages(source)
     return out
+
+
+def output_weight_name(names) -> str:
+    """The checkpoint tensor the output layer uses: output.weight, or the embedding where they are tied."""
+    return "output.weight" if "output.weight" in names else "tok_embeddings.weight"
 
 
 # How Meta's model-parallel training (fairscale) splits each weight across consolidated.NN.pth: column-parallel
@@ -777,7 +793,10 @@ def merge_meta_shards(paths: List[Path], n_kv_heads: int, head_dim: int, device,
                     full[0] = n_kv_heads * head_dim
                 elif dim is not None:
                     full[dim] *= n
-                merged[name] = torch.empty(full, device=device, dtype=dtype)
+                if name == output_weight_name(shapes):  # laid out as adopt(column_major=True) does
+                    merged[name] = torch.empty(full[::-1], device=device, dtype=dtype).t()
+                else:
+                    merged[name] = torch.empty(full, device=device, dtype=dtype)
             # where this shard's piece goes; replicated pieces are copied once and compared after that
             if dim is None:
                 dest, first = merged[name], r == 0
@@ -845,6 +864,7 @@ def load_hf_checkpoint(paths: List[Path], args: ModelArgs, device, dtype) -> Dic
         raise RuntimeError("loading a Hugging Face folder needs the safetensors package: "
                            "pip install safetensors") from e
     sd: Dict[str, torch.Tensor] = {}
+    output_name = "tok_embeddings.weight" if args.tie_word_embeddings else "output.weight"
     t0 = time.time()
     for i, path in enumerate(paths):
         if len(paths) > 1:
@@ -876,7 +896,7 @@ def load_hf_checkpoint(paths: List[Path], args: ModelArgs, device, dtype) -> Dic
                                          f"{(heads * args.head_dim, args.dim)} from config.json")
                     t = t.view(heads, 2, args.head_dim // 2, args.dim)  # (heads, 2, head_dim/2, dim) halves
                     t = t.transpose(1, 2).reshape(heads * args.head_dim, args.dim)  # (heads * head_dim, dim) pairs
-                sd[name] = adopt(t, device, dtype, source=src)
+                sd[name] = adopt(t, device, dtype, source=src, column_major=name == output_name)
     if args.tie_word_embeddings and "output.weight" in sd:
         # a tied model needs no lm_head.weight; some exports still write it, and then it must be the embedding
         output, embedding = sd.pop("output.weight"), sd.get("tok_embeddings.weight")
@@ -978,7 +998,8 @@ class Llama:
         elif len(files) > 1:
             sd = merge_meta_shards(files, args.n_kv_heads, args.head_dim, device, dtype)
         else:
-            sd = {k: adopt(v, device, dtype) for k, v in load_checkpoint(files[0]).items()}
+            sd = load_checkpoint(files[0])
+            sd = {k: adopt(v, device, dtype, column_major=k == output_weight_name(sd)) for k, v in sd.items()}
         if layout == "meta":  # Meta's params.json does not say; a checkpoint without output.weight is tied
             args.tie_word_embeddings = "output.weight" not in sd
         with torch.device("meta"):
