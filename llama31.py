@@ -705,8 +705,10 @@ def release_pages(t: torch.Tensor) -> None:
     not be read again. A mapping keeps every page it has read resident until the whole file is unmapped,
     so converting a checkpoint to another dtype, or merging shards, would otherwise peak at the file plus
     its copy. madvise(MADV_DONTNEED) on clean file-backed pages loses nothing (read again, they come from
-    the file again); only pages wholly inside t's storage are released. Advice only: where madvise is
-    missing (Windows) or refuses, the pages just stay until the file is unmapped."""
+    the file again); on ordinary memory it zeroes them, hence only for tensors read from a file
+    (torch.load(mmap=True), safe_open) that nothing reads from again. Only pages wholly inside t's storage
+    are released. Advice only: where madvise is missing (Windows) or refuses, the pages stay until the
+    file is unmapped."""
     if t.device.type != "cpu" or getattr(mmap, "MADV_DONTNEED", None) is None:
         return
     storage = t.untyped_storage()
