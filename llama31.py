@@ -338,6 +338,9 @@ class Transformer(nn.Module):
         # as in Meta's reference: recompute the tables rather than keep rounded ones. Casting also gives
         # every weight new storage, so packed weights are packed again from them.
         super()._apply(fn, *args, **kwargs)
+        if self.params.tie_word_embeddings and self.output.weight is not self.tok_embeddings.weight:
+            # moving between devices (.to("cuda"), to_empty) makes a new Parameter per module: tie them again
+            self.output.weight = self.tok_embeddings.weight
         if self.freqs_cos.dtype != torch.float32 and not self.freqs_cos.is_meta:
             self.init_rope(self.freqs_cos.device)
         if self.packed:
@@ -1395,9 +1398,9 @@ def main(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts: Optional[
 # shapes for `bench` with random weights: a SmolLM2-135M-like Llama, Llama 3.2 1B, Llama 3.1 8B
 BENCH_SHAPES = {
     "135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, multiple_of=256,
-                 rope_theta=100000.0),
+                 rope_theta=100000.0, tie_word_embeddings=True),
     "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
-               ffn_dim_multiplier=1.5, rope_theta=500000.0, use_scaled_rope=True),
+               ffn_dim_multiplier=1.5, rope_theta=500000.0, use_scaled_rope=True, tie_word_embeddings=True),
     "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
                ffn_dim_multiplier=1.3, rope_theta=500000.0, use_scaled_rope=True),
 }
@@ -1521,8 +1524,10 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
     if prompt_len < 1 or gen_len < 2 or batch < 1 or repeats < 1:
         raise ValueError("bench needs prompt_len >= 1, gen_len >= 2, batch >= 1, repeats >= 1")
     n_params = sum(w.numel() for w in model.parameters())
-    # bytes read per decode step: every weight matrix once (the embedding table only for its rows)
-    weight_bytes = sum(w.numel() * w.element_size() for n, w in model.named_parameters() if n != "tok_embeddings.weight")
+    # bytes read per decode step: every weight matrix once (the embedding table only for its rows, but in
+    # full as the output layer when the two are tied)
+    weight_bytes = sum(w.numel() * w.element_size() for n, w in model.named_parameters(remove_duplicate=False)
+                       if n != "tok_embeddings.weight")
     kv_bytes_per_pos = 2 * p.n_layers * p.n_kv_heads * p.head_dim * dt.itemsize
     bw_measured = measure_bandwidth(dev)
     roofline = next((v for k, v in GPU_BANDWIDTH.items() if dev.type == "cuda" and k in torch.cuda.get_device_name(dev)),

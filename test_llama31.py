@@ -1162,3 +1162,16 @@ def test_hf_llama_from_matches(llama_gqa):
     tokens = torch.randint(0, 128000, (1, 50), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (ref(tokens).logits - llama_gqa.model.forward_inference(tokens)).abs().max() < 1e-4
+
+
+def test_tied_embeddings_survive_device_moves():
+    # leaving the meta device (like any move between device types) gives every module its own Parameter
+    args = llama31.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=50, max_seq_len=16, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = llama31.Transformer(args)
+    model.to_empty(device="cpu")
+    assert model.output.weight is model.tok_embeddings.weight
+    model.pack_weights()
+    model.to(torch.bfloat16)
+    assert model.output.weight is model.tok_embeddings.weight and model.output.weight.dtype == torch.bfloat16
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in model.parameters(remove_duplicate=False)) - 50 * 32
