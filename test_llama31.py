@@ -1174,4 +1174,4 @@ def test_tied_embeddings_survive_device_moves():
     model.pack_weights()
     model.to(torch.bfloat16)
     assert model.output.weight is model.tok_embeddings.weight and model.output.weight.dtype == torch.bfloat16
-    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in model.parameters(remove_duplicate=False)) - 50 * 32
+    assert len(list(model.parameters())) == len(list(model.named_parameters(remove_duplicate=False))) - 1
