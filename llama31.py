@@ -1463,7 +1463,7 @@ def hf_llama_from(model: Transformer):
     cfg = LlamaConfig(vocab_size=p.vocab_size, hidden_size=p.dim, intermediate_size=p.hidden_dim,
                       num_hidden_layers=p.n_layers, num_attention_heads=p.n_heads, num_key_value_heads=p.n_kv_heads,
                       rms_norm_eps=p.norm_eps, rope_parameters=rope, max_position_embeddings=max(p.max_seq_len, 8193),
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=p.tie_word_embeddings)
 
     def permute(x, n_heads):  # (n_heads * head_dim, dim): rows (h, i, pair) -> (h, pair, i)
         return x.view(n_heads, -1, 2, x.shape[1]).transpose(1, 2).reshape(x.shape)
@@ -1481,6 +1481,8 @@ def hf_llama_from(model: Transformer):
         hf = LlamaForCausalLM(cfg)
     # own row-major copies, as from_pretrained would give it (not views into llama31's packed layout)
     hf.load_state_dict({k: v.detach().contiguous().clone() for k, v in sd.items()}, strict=True, assign=True)
+    if p.tie_word_embeddings:  # assign=True gave each name its own tensor
+        hf.lm_head.weight = hf.model.embed_tokens.weight
     # the rotary frequencies are computed, not loaded: build that module again off the meta device
     hf.model.rotary_emb = type(hf.model.rotary_emb)(cfg).to(w.device)
     return hf.eval().requires_grad_(False)

@@ -198,43 +198,14 @@ def test_tokenizer_bad_files(tmp_path):
 
 
 def hf_model(params: dict, sd: dict):
-    """LlamaForCausalLM holding the same weights (fp32). Hugging Face rotates the halves of each head
-    (x[i], x[i + head_dim/2]) where Meta rotates neighbours (x[2i], x[2i+1]): permute wq/wk rows so that
-    both compute the same function (the permutation of Meta's convert_llama_weights_to_hf)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    args = llama31.ModelArgs.from_params(params)
-    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.use_scaled_rope:
-        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scale_factor,
-                "low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
-                "original_max_position_embeddings": args.rope_original_context}
-    cfg = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
-                      num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                      num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps, rope_parameters=rope,
-                      max_position_embeddings=131072, tie_word_embeddings=args.tie_word_embeddings,
-                      attn_implementation="eager")
-    model = LlamaForCausalLM(cfg).float().eval()
-
-    def permute(w, n_heads):
-        rows, cols = w.shape
-        return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-    hf = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
-          "lm_head.weight": sd["tok_embeddings.weight" if args.tie_word_embeddings else "output.weight"]}
-    for i in range(args.n_layers):
-        a, f, p = f"layers.{i}.attention.", f"layers.{i}.feed_forward.", f"model.layers.{i}."
-        hf[p + "self_attn.q_proj.weight"] = permute(sd[a + "wq.weight"], args.n_heads)
-        hf[p + "self_attn.k_proj.weight"] = permute(sd[a + "wk.weight"], args.n_kv_heads)
-        hf[p + "self_attn.v_proj.weight"] = sd[a + "wv.weight"]
-        hf[p + "self_attn.o_proj.weight"] = sd[a + "wo.weight"]
-        hf[p + "mlp.gate_proj.weight"] = sd[f + "w1.weight"]
-        hf[p + "mlp.down_proj.weight"] = sd[f + "w2.weight"]
-        hf[p + "mlp.up_proj.weight"] = sd[f + "w3.weight"]
-        hf[p + "input_layernorm.weight"] = sd[f"layers.{i}.attention_norm.weight"]
-        hf[p + "post_attention_layernorm.weight"] = sd[f"layers.{i}.ffn_norm.weight"]
-    model.load_state_dict({k: v.float() for k, v in hf.items()}, strict=True)
-    return model
+    """Hugging Face's LlamaForCausalLM holding the same weights in fp32 (llama31.hf_llama_from permutes
+    wq/wk rows from Meta's interleaved RoPE pairs to Hugging Face's rotate-half layout)."""
+    model = llama31.Transformer(llama31.ModelArgs.from_params(params, max_seq_len=2048))
+    sd = {k: v.float() for k, v in sd.items()}
+    if model.params.tie_word_embeddings:
+        sd.setdefault("output.weight", sd["tok_embeddings.weight"])
+    model.load_state_dict(sd, strict=True)
+    return llama31.hf_llama_from(model)
 
 
 @pytest.mark.parametrize("config", ["mha", "gqa"])
@@ -841,14 +812,13 @@ def test_import_has_no_side_effects():
 
 @pytest.mark.skipif(not os.environ.get("LLAMA31_CKPT_DIR"), reason="set LLAMA31_CKPT_DIR to a Meta checkpoint folder")
 def test_golden_real_checkpoint():
-    """Real weights: next-token logits equal Hugging Face's on the same weights, and greedy text is
-    deterministic and sensible. Runs in bf16 on CPU unless LLAMA31_DTYPE says otherwise."""
+    """Real weights (any layout Llama.build reads): logits equal Hugging Face's on the same weights, and
+    greedy text is sensible. Runs in bf16 on CPU unless LLAMA31_DTYPE says otherwise; needs RAM for two
+    copies of the model (e.g. Llama 3.2 1B or 3B; 8B needs ~34 GB in bf16)."""
     folder = Path(os.environ["LLAMA31_CKPT_DIR"]).expanduser()
     dtype = os.environ.get("LLAMA31_DTYPE", "bfloat16")
     llama = llama31.Llama.build(folder, max_seq_len=128, max_batch_size=2, device="cpu", dtype=dtype)
-    params = json.loads((folder / "params.json").read_text())
-    sd = {k: v for k, v in llama.model.state_dict().items()}
-    ref = hf_model(params, sd)
+    ref = llama31.hf_llama_from(llama.model)
     prompt = llama.tokenizer.encode("The capital of France is", bos=True, eos=False)
     with torch.no_grad():
         ours = llama.model.forward_inference(torch.tensor([prompt])).float()
