@@ -969,6 +969,17 @@ HF_LAYER_NAMES = {"self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k
                   "post_attention_layernorm.weight": "ffn_norm.weight"}
 
 
+def meta_name(name: str, names: Dict[str, str], layer_names: Dict[str, str], layer_prefix: str, path) -> str:
+    """The Meta name of a tensor named by another convention: names maps whole names, layer_names the part
+    after layer_prefix + "{i}."; ValueError naming path for a tensor that is no part of a Llama model."""
+    layer, _, rest = name.removeprefix(layer_prefix).partition(".")
+    if name in names:
+        return names[name]
+    if name.startswith(layer_prefix) and layer.isdigit() and rest in layer_names:
+        return f"layers.{layer}.{layer_names[rest]}"
+    raise ValueError(f"{path}: tensor {name} is not part of a Llama model")
+
+
 def params_from_hf_config(config: dict, path: Path) -> dict:
     """A params.json-style dict from a Hugging Face LlamaForCausalLM config.json; ValueError for what this
     file cannot run (other architectures, biases, other RoPE variants)."""
@@ -1021,13 +1032,7 @@ def load_hf_checkpoint(paths: List[Path], args: ModelArgs, device, dtype) -> Dic
             for hf_name in f.keys():
                 if hf_name.endswith("rotary_emb.inv_freq"):
                     continue  # old exports carry HF's RoPE table; we compute our own
-                layer, _, rest = hf_name.removeprefix("model.layers.").partition(".")
-                if hf_name in HF_NAMES:
-                    name = HF_NAMES[hf_name]
-                elif hf_name.startswith("model.layers.") and layer.isdigit() and rest in HF_LAYER_NAMES:
-                    name = f"layers.{layer}.{HF_LAYER_NAMES[rest]}"
-                else:
-                    raise ValueError(f"{path}: tensor {hf_name} is not part of a Llama model (LlamaForCausalLM)")
+                name = meta_name(hf_name, HF_NAMES, HF_LAYER_NAMES, "model.layers.", path)
                 if name in sd:
                     raise ValueError(f"{path}: tensor {hf_name} appears in more than one file")
                 t = src = f.get_tensor(hf_name)
@@ -1163,14 +1168,7 @@ def load_gguf(path: Path, max_seq_len: int, max_batch_size: int, device, dtype):
     for name in tensors:
         if name == "rope_freqs.weight":
             continue  # read above; the tables are computed from args
-        layer, _, rest = name.removeprefix("blk.").partition(".")
-        if name in GGUF_NAMES:
-            meta_name = GGUF_NAMES[name]
-        elif name.startswith("blk.") and layer.isdigit() and rest in GGUF_LAYER_NAMES:
-            meta_name = f"layers.{layer}.{GGUF_LAYER_NAMES[rest]}"
-        else:
-            raise ValueError(f"{path}: tensor {name} is not part of a Llama model")
-        sd[meta_name] = weight(name).to(device=device, dtype=dtype)
+        sd[meta_name(name, GGUF_NAMES, GGUF_LAYER_NAMES, "blk.", path)] = weight(name).to(device=device, dtype=dtype)
     tokenizer = Tokenizer.from_gguf(meta, str(path)) if "tokenizer.ggml.model" in meta else None
     if tokenizer is not None and tokenizer.n_words != args.vocab_size:
         raise ValueError(f"{path}: {tokenizer.n_words} tokens in tokenizer.ggml.tokens but token_embd.weight has "
@@ -1178,9 +1176,10 @@ def load_gguf(path: Path, max_seq_len: int, max_batch_size: int, device, dtype):
     return args, sd, tokenizer
 
 
-def model_from_state_dict(args: ModelArgs, sd: Dict[str, torch.Tensor], device, source) -> Transformer:
+def model_from_state_dict(args: ModelArgs, sd: Dict[str, torch.Tensor], device, source, settings) -> Transformer:
     """A Transformer in eval mode whose parameters are sd's tensors (assign=True on a model built on the meta
-    device: no second copy, no random init). RuntimeError naming source when sd does not fit args."""
+    device: no second copy, no random init). RuntimeError naming source (the weights) and settings (where
+    args came from) when sd does not fit args."""
     with torch.device("meta"):
         model = Transformer(args)
     if args.tie_word_embeddings and "tok_embeddings.weight" in sd:
@@ -1188,7 +1187,7 @@ def model_from_state_dict(args: ModelArgs, sd: Dict[str, torch.Tensor], device, 
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
-        raise RuntimeError(f"{source} does not match its model's settings: {e}") from e
+        raise RuntimeError(f"{source} does not match {settings}: {e}") from e
     if args.tie_word_embeddings:  # assign=True wrapped each name in its own Parameter; make them one
         model.output.weight = model.tok_embeddings.weight
     model.init_rope(device)
@@ -1292,20 +1291,9 @@ class Llama:
             sd = {k: adopt(v, device, dtype) for k, v in load_checkpoint(files[0]).items()}
         if layout == "meta":  # Meta's params.json does not say; a checkpoint without output.weight is tied
             args.tie_word_embeddings = "output.weight" not in sd
-        with torch.device("meta"):
-            model = Transformer(args)
-        if args.tie_word_embeddings and "tok_embeddings.weight" in sd:
-            sd["output.weight"] = sd["tok_embeddings.weight"]  # both names, one tensor: strict loading holds
         source = files[0] if len(files) == 1 else f"the {len(files)} files in {ckpt_dir}"
-        try:
-            model.load_state_dict(sd, strict=True, assign=True)
-        except RuntimeError as e:
-            raise RuntimeError(f"{source} does not match {config_path}: {e}") from e
-        if args.tie_word_embeddings:  # assign=True wrapped each name in its own Parameter; make them one
-            model.output.weight = model.tok_embeddings.weight
+        model = model_from_state_dict(args, sd, device, source, config_path)
         del sd  # the parameters hold the only references now: packing (in Llama) then frees each original
-        model.init_rope(device)
-        model.eval().requires_grad_(False)
         print(f"loaded {ckpt_dir} on {device} in {dtype} in {time.time() - t0:.2f}s", file=sys.stderr)
         return Llama(model, tokenizer, seed, compile)
 
@@ -1327,8 +1315,8 @@ class Llama:
             raise ValueError(f"{path} holds no tokenizer (tokenizer.ggml.*); pass tokenizer_path")
         if tokenizer.n_words != args.vocab_size:
             raise ValueError(f"{path} has {args.vocab_size} embedding rows but the tokenizer {tokenizer.n_words} tokens")
-        model = model_from_state_dict(args, sd, device, path)
-        del sd
+        model = model_from_state_dict(args, sd, device, path, "its metadata")
+        del sd  # the parameters hold the only references now: packing (in Llama) then frees each original
         print(f"loaded {path} on {device} in {dtype} in {time.time() - t0:.2f}s", file=sys.stderr)
         return Llama(model, tokenizer, seed, compile)
 
