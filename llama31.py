@@ -484,11 +484,11 @@ class Tokenizer:
         special_tokens = {name: num_base_tokens + i for i, name in enumerate(names)}
         self._setup(model_path.name, self.pat_str, mergeable_ranks, special_tokens,
                     bos_id=special_tokens["<|begin_of_text|>"], eos_id=special_tokens["<|end_of_text|>"],
-                    pad_id=special_tokens["<|finetune_right_pad_id|>"], add_bos=True)
+                    pad_id=special_tokens["<|finetune_right_pad_id|>"], add_bos=True, n_words=num_base_tokens + len(names))
         self.python_tag_id: int = self.special_tokens["<|python_tag|>"]
 
     def _setup(self, name: str, pat_str: str, mergeable_ranks: Dict[bytes, int], special_tokens: Dict[str, int],
-               bos_id: Optional[int], eos_id: Optional[int], pad_id: int, add_bos: bool,
+               bos_id: Optional[int], eos_id: Optional[int], pad_id: int, add_bos: bool, n_words: int,
                extra_stop_ids: Collection[int] = (), rank_to_id: Optional[List[int]] = None,
                dropped_ranks: AbstractSet[int] = frozenset(), default_system: Optional[str] = None):
         """The state both constructors share. mergeable_ranks and special_tokens give tiktoken ranks, which
@@ -502,7 +502,7 @@ class Tokenizer:
         # special tokens by their token ids (with rank_to_id, special_tokens above holds their ranks)
         self.special_tokens: Dict[str, int] = (special_tokens if rank_to_id is None else
                                                {s: rank_to_id[r] for s, r in special_tokens.items()})
-        self.n_words: int = len(mergeable_ranks) - len(dropped_ranks) + len(special_tokens)
+        self.n_words = n_words  # token ids are 0 .. n_words - 1
         self.bos_id, self.eos_id, self.pad_id, self.add_bos = bos_id, eos_id, pad_id, add_bos
         sp = self.special_tokens
         # the chat format follows the vocabulary: Llama 3's header tokens, or ChatML's <|im_start|>/<|im_end|>
@@ -597,10 +597,9 @@ class Tokenizer:
         tok = cls.__new__(cls)
         tok._setup(source, GGUF_PRETOKENIZERS[pre], {**ranks, **dropped}, specials, bos_id=bos_id, eos_id=eos_id,
                    pad_id=pad_id if pad_id is not None else 0,  # prompt padding is never attended: any id
-                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", bos_id is not None)),
+                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", bos_id is not None)), n_words=len(tokens),
                    extra_stop_ids=[t for t in extra if t is not None], rank_to_id=rank_to_id,
                    dropped_ranks=set(dropped.values()), default_system=default_system)
-        tok.n_words = len(tokens)  # token ids run 0 .. len(tokens) - 1, whatever the duplicates and gaps
         return tok
 
     def encode(self, s: str, *, bos: bool, eos: bool,
@@ -1240,7 +1239,7 @@ class Llama:
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, seed: int = 1, compile: bool = False) -> "Llama":
-        """Load a checkpoint folder, its layout detected: Meta's (params.json, consolidated.00.pth or
+        """Load a checkpoint folder, its layout detected, or a .gguf file (see build_gguf): Meta's (params.json, consolidated.00.pth or
         model-parallel shards consolidated.00.pth .. NN.pth, tokenizer.model) or Hugging Face's (config.json,
         model.safetensors or shards listed in model.safetensors.index.json, original/tokenizer.model).
 

