@@ -1136,9 +1136,9 @@ def load_gguf(path: Path, max_seq_len: int, max_batch_size: int, device, dtype):
     llama.cpp stores attn_q/attn_k of the llama architecture in Meta's interleaved RoPE layout (its converter
     undoes Hugging Face's permutation), so they load as they are: checked against transformers' own GGUF
     loading of SmolLM2 (test_smollm2_greedy_equals_transformers)."""
+    reader = read_gguf(path)  # says how to install gguf when it is missing
     import gguf
 
-    reader = read_gguf(path)
     meta = {name: field.contents() for name, field in reader.fields.items()}
     tensors = {t.name: t for t in reader.tensors}
     shapes = {name: tuple(reversed([int(n) for n in t.shape])) for name, t in tensors.items()}  # (out, in) order

