@@ -1694,7 +1694,7 @@ def demo_checkpoint() -> Path:
 def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, prompts: Optional[List[str]] = None,
          chat: bool = False, system: Optional[str] = None, temperature: float = 0.6, top_p: float = 0.9,
          max_seq_len: int = 2048, max_gen_len: Optional[int] = None, max_batch_size: int = 4, seed: int = 1,
-         device: Optional[str] = None, dtype: Optional[str] = None):
+         device: Optional[str] = None, dtype: Optional[str] = None, compile: bool = False):
     """Complete prompts with a Meta Llama 3.x checkpoint, or chat with an Instruct model (--chat).
 
     Args:
@@ -1715,6 +1715,8 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, p
         seed: seed of the sampling generator
         device: cuda, mps or cpu; autodetected in that order when not given
         dtype: float32, bfloat16 or float16; bf16 on GPUs that support it, fp32 on CPU when not given
+        compile: run the decode step under torch.compile (static shapes; compiles on the first prompt, falls
+            back to eager with a message where it cannot)
     """
     if prompts is None:
         prompts = DEFAULT_PROMPTS
@@ -1727,7 +1729,7 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, p
     if ckpt_dir is None:
         ckpt_dir = demo_checkpoint()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                        device=device, dtype=dtype, seed=seed)
+                        device=device, dtype=dtype, seed=seed, compile=compile)
     llama._check_sampling(temperature, top_p, max_gen_len, None)  # fail before the first prompt is typed
     rng = torch.Generator(device=llama.device).manual_seed(seed)
     if chat:

@@ -795,7 +795,7 @@ def test_cli_errors(tmp_path, ckpt_mha):
     assert r.returncode == 1 and "top_p" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("--help")
     assert r.returncode == 0
-    for flag in ["ckpt_dir", "tokenizer_path", "prompts", "temperature", "top_p", "max_seq_len", "max_gen_len",
+    for flag in ["ckpt_dir", "tokenizer_path", "prompts", "temperature", "top_p", "max_seq_len", "max_gen_len", "compile",
                  "max_batch_size", "seed", "device", "dtype"]:
         assert flag in r.stdout + r.stderr
 
