@@ -334,8 +334,8 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_sin", sin, persistent=False)
         self.kv_caches: Optional[List[KVCache]] = None  # installed by setup_caches() for a generation
         self.packed = False  # weights laid out for inference by pack_weights()
-        # loading (copying into the weights or, with assign=True, replacing them) must refresh the packing
-        self.register_load_state_dict_post_hook(lambda module, keys: module.pack_weights() if module.packed else None)
+        # loading (copying into the weights or, with assign=True, replacing them) must refresh tying and packing
+        self.register_load_state_dict_post_hook(lambda module, keys: module._weights_replaced())
 
     def init_rope(self, device=None):
         """(Re)compute the RoPE tables in fp32 on `device` (e.g. after loading on the meta device)."""
@@ -346,14 +346,19 @@ class Transformer(nn.Module):
         # as in Meta's reference: recompute the tables rather than keep rounded ones. Casting also gives
         # every weight new storage, so packed weights are packed again from them.
         super()._apply(fn, *args, **kwargs)
-        if self.params.tie_word_embeddings and self.output.weight is not self.tok_embeddings.weight:
-            # moving between devices (.to("cuda"), to_empty) makes a new Parameter per module: tie them again
-            self.output.weight = self.tok_embeddings.weight
         if self.freqs_cos.dtype != torch.float32 and not self.freqs_cos.is_meta:
             self.init_rope(self.freqs_cos.device)
+        self._weights_replaced()
+        return self
+
+    def _weights_replaced(self):
+        """After the parameters got new tensors (a move between devices, to_empty, or load_state_dict with
+        assign=True, each of which gives every module its own Parameter): tie the output layer to the
+        embedding again, and pack again."""
+        if self.params.tie_word_embeddings and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight
         if self.packed:
             self.pack_weights()
-        return self
 
     def pack_weights(self):
         """Lay the weights out for fast inference: wq/wk/wv and w1/w3 of each layer packed into one
@@ -1210,8 +1215,6 @@ def model_from_state_dict(args: ModelArgs, sd: Dict[str, torch.Tensor], device, 
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         raise RuntimeError(f"{source} does not match {settings}: {e}") from e
-    if args.tie_word_embeddings:  # assign=True wrapped each name in its own Parameter; make them one
-        model.output.weight = model.tok_embeddings.weight
     model.init_rope(device)
     return model.eval().requires_grad_(False)
 

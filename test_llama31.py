@@ -1145,6 +1145,10 @@ def test_tied_embeddings_survive_device_moves():
     model.to(torch.bfloat16)
     assert model.output.weight is model.tok_embeddings.weight and model.output.weight.dtype == torch.bfloat16
     assert len(list(model.parameters())) == len(list(model.named_parameters(remove_duplicate=False))) - 1
+    # load_state_dict(assign=True) also gives each name its own Parameter: the model ties them again
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    assert model.output.weight is model.tok_embeddings.weight
 
 # -----------------------------------------------------------------------------
 # GGUF files (llama.cpp, Ollama) and the SmolLM2 demo
