@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import llama31
 
@@ -1040,7 +1041,8 @@ def test_packed_weights_equal_plain_layout():
     plain, packed = unpacked_copy(GQA, 2), unpacked_copy(GQA, 2)
     packed.pack_weights()
     a = packed.layers[1].attention
-    assert a.wq.weight.data_ptr() == a.wqkv.data_ptr() and not a.wq.weight.is_contiguous()
+    assert a.wq.weight.data_ptr() == a.wqkv.data_ptr()  # views into the packed matrix
+    assert a.wk.weight.data_ptr() == a.wqkv[a.wq.weight.shape[0]:].data_ptr()
     assert torch.equal(a.wk.weight, plain.layers[1].attention.wk.weight)
     assert set(packed.state_dict()) == set(plain.state_dict())  # Meta's names, nothing added
     tokens = torch.randint(0, 128000, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -1054,6 +1056,35 @@ def test_packed_weights_equal_plain_layout():
     assert a.wqkv.dtype == torch.bfloat16 and a.wq.weight.data_ptr() == a.wqkv.data_ptr()
     with torch.no_grad():
         assert (packed.forward_inference(tokens) - plain.forward_inference(tokens)).abs().max() < 0.1
+
+
+def test_linear_equals_f_linear():
+    # the inference matmul (oneDNN on CPU in fp32) against F.linear, on row-major weights and on views
+    # into a packed matrix, for prefill-shaped and decode-shaped inputs, contiguous or not
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 96, generator=g)
+    for x in (torch.randn(2, 7, 96, generator=g), torch.randn(3, 1, 96, generator=g),
+              torch.randn(2, 5, 192, generator=g)[..., ::2]):
+        for weight in (w, w[100:250]):
+            ref = F.linear(x.double(), weight.double())
+            out = llama31.linear(x, weight)
+            assert out.shape == ref.shape and out.dtype == torch.float32
+            assert (out.double() - ref).abs().max() < 1e-4
+    x16 = torch.randn(2, 3, 96, generator=g, dtype=torch.bfloat16)
+    assert torch.equal(llama31.linear(x16, w.bfloat16()), F.linear(x16, w.bfloat16()))  # bf16: F.linear itself
+
+
+def test_decode_attention_equals_sdpa():
+    # the single-query attention of decode steps against torch's SDPA, grouped-query, with and without a mask
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(3, 8, 1, 16, generator=g), torch.randn(3, 2, 11, 16, generator=g), torch.randn(3, 2, 11, 16,
+                                                                                                         generator=g)
+    mask = (torch.arange(11)[None, :] <= torch.tensor([10, 4, 0])[:, None]).view(3, 1, 1, 11)
+    for m in (None, mask):
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+        assert (llama31.decode_attention(q, k, v, m) - ref).abs().max() < 1e-5
+    # row 2 sees only key 0: its output is that key's value
+    assert torch.allclose(llama31.decode_attention(q, k, v, mask)[2], v[2, :, :1].repeat_interleave(4, 0))
 
 
 def test_packed_model_trains_and_reloads():
@@ -1112,6 +1143,12 @@ def test_compiled_decode_matches_eager(ckpt_mha, llama_mha):
     assert compiled.generate(prompts, max_gen_len=8, temperature=0) == llama_mha.generate(prompts, max_gen_len=8,
                                                                                           temperature=0)
     assert compiled._compiled_decode is not None  # it compiled rather than fell back
+    # the weights are frozen into the compiled step: loading others re-packs them, which recompiles it
+    compiled.model.load_state_dict(random_state_dict(MHA, 9), strict=True)
+    reference = llama31.Llama(unpacked_copy(MHA, 9), llama_mha.tokenizer)
+    assert compiled.generate(prompts, max_gen_len=8, temperature=0) == reference.generate(prompts, max_gen_len=8,
+                                                                                          temperature=0)
+    assert compiled._compiled_decode is not None
 
 
 def test_bench_command(ckpt_mha):
