@@ -266,14 +266,18 @@ class Attention(nn.Module):
         bsz, seqlen, _ = x.shape
         inference = self.wqkv is not None and not torch.is_grad_enabled()  # training must use the modules
         if inference:
-            q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            xq, xk, xv = linear(x, self.wqkv).split([q, kv, kv], dim=-1)
+            # queries and keys are neighbours in the packed output: one RoPE call rotates both (fewer ops
+            # per decode step, where each op's fixed cost counts)
+            qk, xv = linear(x, self.wqkv).split([(self.n_heads + self.n_kv_heads) * self.head_dim,
+                                                 self.n_kv_heads * self.head_dim], dim=-1)
+            qk = qk.view(bsz, seqlen, -1, self.head_dim)  # (bsz, seqlen, n_heads + n_kv_heads, head_dim)
+            qk = apply_rotary_emb(qk, cos, sin)
+            xq, xk = qk.split([self.n_heads, self.n_kv_heads], dim=2)
         else:
-            xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
-        xq = xq.view(bsz, seqlen, self.n_heads, self.head_dim)  # (bsz, seqlen, n_heads, head_dim)
-        xk = xk.view(bsz, seqlen, self.n_kv_heads, self.head_dim)  # (bsz, seqlen, n_kv_heads, head_dim)
-        xv = xv.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
+            xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)  # (bsz, seqlen, n_heads, head_dim)
+            xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)  # (bsz, seqlen, n_kv_heads, head_dim)
+            xq, xk, xv = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin), self.wv(x)
+        xv = xv.view(bsz, seqlen, self.n_kv_heads, self.head_dim)  # (bsz, seqlen, n_kv_heads, head_dim)
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (bsz, heads, seqlen, head_dim)
         if cache is not None:
             xk, xv = cache.update(start_pos, xk, xv, kv_len)  # (bsz, n_kv_heads, kv_len, head_dim)
@@ -330,10 +334,12 @@ class KVCache:
         shape = (bsz, n_kv_heads, max_len, head_dim)  # heads before positions: the layout SDPA reads
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        # for decoding rows at different positions: key positions, and the mask Transformer.hidden_states
-        # writes in place at each step (no allocation per step); small next to k and v
+        # Scratch for decoding rows at different positions: Transformer.hidden_states writes each step's
+        # mask and RoPE rows into the first layer's, in place (no allocation per step); small next to k, v
         self.key_positions = torch.arange(max_len, device=device)  # (max_len,)
         self.mask = torch.zeros(bsz, max_len, dtype=torch.bool, device=device)  # (bsz, max_len)
+        self.cos = torch.zeros(bsz, head_dim // 2, device=device)  # (bsz, head_dim/2), fp32 as the RoPE tables
+        self.sin = torch.zeros(bsz, head_dim // 2, device=device)
 
     def update(self, start_pos, xk, xv, kv_len=None):
         """Store xk/xv (bsz, n_kv_heads, seqlen, head_dim) and return the cache up to kv_len positions
@@ -446,10 +452,12 @@ class Transformer(nn.Module):
                 mask = mask.tril(diagonal=start_pos)  # (seqlen, start_pos + seqlen)
         else:
             assert seqlen == 1 and kv_len is not None and caches is not None
-            cos = self.freqs_cos[start_pos].view(bsz, 1, 1, -1)  # (bsz, 1, 1, head_dim/2)
-            sin = self.freqs_sin[start_pos].view(bsz, 1, 1, -1)
+            c = caches[0]  # its scratch tensors serve every layer
+            cos = torch.index_select(self.freqs_cos, 0, start_pos, out=c.cos[:bsz])  # (bsz, head_dim/2)
+            sin = torch.index_select(self.freqs_sin, 0, start_pos, out=c.sin[:bsz])
+            cos, sin = cos.view(bsz, 1, 1, -1), sin.view(bsz, 1, 1, -1)  # (bsz, 1, 1, head_dim/2)
             # row b sees the keys at positions <= start_pos[b]
-            mask = torch.le(caches[0].key_positions[:kv_len], start_pos[:, None], out=caches[0].mask[:bsz, :kv_len])
+            mask = torch.le(c.key_positions[:kv_len], start_pos[:, None], out=c.mask[:bsz, :kv_len])
             mask = mask.view(bsz, 1, 1, kv_len)  # (bsz, 1, 1, kv_len)
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         for layer, cache in zip(self.layers, caches or [None] * len(self.layers)):
