@@ -16,6 +16,10 @@ consolidated.00.pth or model-parallel shards .00-.NN, tokenizer.model) or a Hugg
     python llama31.py --ckpt_dir D --prompts '["Clearly, the meaning of life is"]' --temperature 0 --max_gen_len 32
     python llama31.py --help
 
+Measure speed (tokens/s, bandwidth, against Hugging Face transformers on the same weights):
+
+    python llama31.py bench --shape 135m --hf --dtype bfloat16 --compile
+
 From Python:
 
     import llama31, torch
@@ -40,6 +44,7 @@ import json
 import math
 import mmap
 import os
+import platform
 import re
 import sys
 import time
@@ -207,8 +212,10 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return out.flatten(-2).type_as(x)  # (bsz, seqlen, n_heads, head_dim)
 
 
-# oneDNN's matmul, which torch.compile's CPU backend calls for linear layers; absent from some builds
-ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's matmul, which torch.compile's CPU backend calls for linear layers; absent from some builds, and
+# only measured (see linear) on x86-64
+ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
