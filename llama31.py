@@ -223,8 +223,8 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     which reads a weight at ~10-14 GB/s when decoding (a matrix-vector product) on a 2-core AMD EPYC with
     ~32 GB/s of read bandwidth; oneDNN's matmul reads the same row-major weight at ~15-28 GB/s and
     multiplies prefill's matrices up to 2x faster (fp32 decode +15%, measured with `bench`). Results agree
-    to fp32 rounding. In bf16 the two run even, so F.linear stays; torch.compile gets F.linear too, to
-    apply its own weight packing."""
+    to fp32 rounding; the compiled decode step calls it too. In bf16 the two run even, so F.linear stays,
+    and torch.compile (with freezing) repacks those weights for oneDNN itself."""
     if ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu":
         return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
     return F.linear(x, w)
@@ -248,7 +248,7 @@ def decode_attention(xq, xk, xv, mask=None):
     n_kv_heads, kv_len, head_dim), in Meta's reference arithmetic: scores in the model's dtype, softmax in
     fp32. mask: None (every key) or bool (bsz, 1, 1, kv_len), True where a key may be attended. Why not
     SDPA: for a single query these few small ops compile into a faster step (bf16 decode +15% compiled on
-    CPU, measured with `bench`; even in eager)."""
+    CPU, measured with `bench`); in eager the two run even."""
     bsz, n_heads, _, head_dim = xq.shape
     n_kv_heads, kv_len = xk.shape[1], xk.shape[2]
     q = xq.view(bsz, n_kv_heads, n_heads // n_kv_heads, head_dim)  # (bsz, n_kv_heads, group, head_dim)
