@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -1070,6 +1071,8 @@ def test_linear_equals_f_linear():
             out = llama31.linear(x, weight)
             assert out.shape == ref.shape and out.dtype == torch.float32
             assert (out.double() - ref).abs().max() < 1e-4
+    if platform.machine() == "x86_64":  # CI's machines: the fast path is the one these checks exercised
+        assert llama31.ONEDNN_LINEAR
     x16 = torch.randn(2, 3, 96, generator=g, dtype=torch.bfloat16)
     assert torch.equal(llama31.linear(x16, w.bfloat16()), F.linear(x16, w.bfloat16()))  # bf16: F.linear itself
 
@@ -1119,6 +1122,43 @@ def test_static_decode_step_equals_dynamic(llama_gqa):
         llama_gqa._compiled_decode = None
     assert got[0] == expected[0]
     assert max(abs(a - b) for x, y in zip(got[1], expected[1]) for a, b in zip(x, y)) < 1e-4
+
+
+def test_ragged_decode_reuses_its_mask_and_rope_buffers(llama_gqa, monkeypatch):
+    # each decode step of a ragged batch writes its mask and RoPE rows into the buffers made with the KV
+    # cache (no per-step allocation); a uniform batch needs no mask at all
+    seen = []
+    real_attention, real_rope = llama31.decode_attention, llama31.apply_rotary_emb
+
+    def attention(xq, xk, xv, mask=None):
+        seen.append(("mask", mask))
+        return real_attention(xq, xk, xv, mask)
+
+    def rope(x, cos, sin):
+        if x.shape[1] == 1:  # decode steps only
+            seen.append(("cos", cos))
+        return real_rope(x, cos, sin)
+
+    monkeypatch.setattr(llama31, "decode_attention", attention)
+    monkeypatch.setattr(llama31, "apply_rotary_emb", rope)
+    caches = []
+    real_setup = llama_gqa.model.setup_caches
+
+    def setup(bsz, max_len):
+        real_setup(bsz, max_len)
+        caches.append(llama_gqa.model.kv_caches[0])
+
+    monkeypatch.setattr(llama_gqa.model, "setup_caches", setup)
+    llama_gqa.generate([[128000, 9906, 1070, 11], [128000, 791]], max_gen_len=6, temperature=0)
+    c = caches[0]
+    masks = [t for kind, t in seen if kind == "mask"]
+    coses = [t for kind, t in seen if kind == "cos"]
+    assert len(masks) == 5 * llama_gqa.params.n_layers and len(coses) == 5 * llama_gqa.params.n_layers
+    assert all(m.untyped_storage().data_ptr() == c.mask.untyped_storage().data_ptr() for m in masks)
+    assert all(t.untyped_storage().data_ptr() == c.cos.untyped_storage().data_ptr() for t in coses)
+    seen.clear()
+    llama_gqa.generate([[128000, 9906], [128000, 791]], max_gen_len=3, temperature=0)
+    assert [m for kind, m in seen if kind == "mask"] == [None] * 2 * llama_gqa.params.n_layers
 
 
 def test_compile_falls_back_with_message(llama_mha, capsys):
