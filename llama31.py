@@ -337,16 +337,17 @@ class KVCache:
     A plain object, not an nn.Module: the tensors are data, not model state, so torch.compile takes them
     as inputs of the decode step instead of freezing them into it as constants."""
 
-    def __init__(self, bsz, max_len, n_kv_heads, head_dim, device=None, dtype=None):
+    def __init__(self, bsz, max_len, n_kv_heads, head_dim, device=None, dtype=None, scratch: bool = False):
         shape = (bsz, n_kv_heads, max_len, head_dim)  # heads before positions: the layout SDPA reads
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        # Scratch for decoding rows at different positions: Transformer.hidden_states writes each step's
-        # mask and RoPE rows into the first layer's, in place (no allocation per step); small next to k, v
-        self.key_positions = torch.arange(max_len, device=device)  # (max_len,)
-        self.mask = torch.zeros(bsz, max_len, dtype=torch.bool, device=device)  # (bsz, max_len)
-        self.cos = torch.zeros(bsz, head_dim // 2, device=device)  # (bsz, head_dim/2), fp32 as the RoPE tables
-        self.sin = torch.zeros(bsz, head_dim // 2, device=device)
+        if scratch:  # the first layer's cache only: serves every layer
+            # for decoding rows at different positions: Transformer.hidden_states writes each step's mask and
+            # RoPE rows into these in place (no allocation per step); small next to k and v
+            self.key_positions = torch.arange(max_len, device=device)  # (max_len,)
+            self.mask = torch.zeros(bsz, max_len, dtype=torch.bool, device=device)  # (bsz, max_len)
+            self.cos = torch.zeros(bsz, head_dim // 2, device=device)  # (bsz, head_dim/2), fp32 as RoPE's tables
+            self.sin = torch.zeros(bsz, head_dim // 2, device=device)
 
     def update(self, start_pos, xk, xv, kv_len=None):
         """Store xk/xv (bsz, n_kv_heads, seqlen, head_dim) and return the cache up to kv_len positions
@@ -425,7 +426,8 @@ class Transformer(nn.Module):
     def setup_caches(self, bsz: int, max_len: int):
         """Install per-layer KV caches for a generation of bsz rows and max_len positions."""
         p, w = self.params, self.tok_embeddings.weight
-        self.kv_caches = [KVCache(bsz, max_len, p.n_kv_heads, p.head_dim, w.device, w.dtype) for _ in self.layers]
+        self.kv_caches = [KVCache(bsz, max_len, p.n_kv_heads, p.head_dim, w.device, w.dtype, scratch=i == 0)
+                          for i in range(len(self.layers))]
 
     def clear_caches(self):
         self.kv_caches = None
@@ -459,7 +461,7 @@ class Transformer(nn.Module):
                 mask = mask.tril(diagonal=start_pos)  # (seqlen, start_pos + seqlen)
         else:
             assert seqlen == 1 and kv_len is not None and caches is not None
-            c = caches[0]  # its scratch tensors serve every layer
+            c = caches[0]  # holds the scratch for the mask and RoPE rows
             cos = torch.index_select(self.freqs_cos, 0, start_pos, out=c.cos[:bsz])  # (bsz, head_dim/2)
             sin = torch.index_select(self.freqs_sin, 0, start_pos, out=c.sin[:bsz])
             cos, sin = cos.view(bsz, 1, 1, -1), sin.view(bsz, 1, 1, -1)  # (bsz, 1, 1, head_dim/2)
