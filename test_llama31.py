@@ -6,7 +6,9 @@ tokenizer code (llama-models), Hugging Face transformers' LlamaForCausalLM, and 
 Set LLAMA31_CKPT_DIR to a real checkpoint folder to also run the golden test on real weights.
 """
 
+import gc
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -14,6 +16,7 @@ import pickle
 import platform
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -203,10 +206,7 @@ def hf_model(params: dict, sd: dict):
     """Hugging Face's LlamaForCausalLM holding the same weights in fp32 (llama31.hf_llama_from permutes
     wq/wk rows from Meta's interleaved RoPE pairs to Hugging Face's rotate-half layout)."""
     model = llama31.Transformer(llama31.ModelArgs.from_params(params, max_seq_len=2048))
-    sd = {k: v.float() for k, v in sd.items()}
-    if model.params.tie_word_embeddings:
-        sd.setdefault("output.weight", sd["tok_embeddings.weight"])
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     return llama31.hf_llama_from(model)
 
 
@@ -302,14 +302,16 @@ def test_cached_decoding_equals_full_forward(llama_gqa):
     model = llama_gqa.model
     tokens = torch.randint(0, 128000, (3, 40), generator=torch.Generator().manual_seed(3))
     full = model.forward_inference(tokens)
-    model.setup_caches(3, 40)
-    try:
-        parts = [model.forward_inference(tokens[:, :17], 0), model.forward_inference(tokens[:, 17:30], 17)]
-        parts += [model.forward_inference(tokens[:, i : i + 1], i) for i in range(30, 40)]
-    finally:
-        model.clear_caches()
+    cache = llama31.KVCache(model.params, 3, 40)
+    parts = [model.forward_inference(tokens[:, :17], 0, cache), model.forward_inference(tokens[:, 17:30], 17, cache)]
+    parts += [model.forward_inference(tokens[:, i : i + 1], i, cache) for i in range(30, 40)]
     assert (torch.cat(parts, dim=1) - full).abs().max() < 1e-4
-    assert model.kv_caches is None
+    # per-row positions: rows decode at their own positions (here 35..37) over the cache filled above
+    pos = torch.tensor([35, 36, 37])
+    step = model.forward_inference(tokens[torch.arange(3), pos][:, None], pos, cache)[:, 0]
+    assert (step - full[torch.arange(3), pos]).abs().max() < 1e-4
+    # model(tokens) is forward_inference with autograd
+    assert torch.equal(model(tokens), full)
 
 
 def test_forward_loss(llama_mha):
@@ -584,7 +586,7 @@ def test_sharded_checkpoint_equals_single_file(config, n, tmp_path, capsys, llam
     got = llama.model.state_dict()
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     kv_rows = llama.params.n_kv_heads * llama.params.head_dim  # exactly n_kv_heads heads, copies dropped
-    assert llama.model.layers[0].attention.wk.weight.shape == (kv_rows, llama.params.dim)
+    assert got["layers.0.attention.wk.weight"].shape == (kv_rows, llama.params.dim)
     diff = max_logit_diff(llama.model, single.model, TOKENS)
     print(f"{config}, {n} shards: max |logit diff| vs 1 shard = {diff:.1e}")
     assert diff <= 1e-5
@@ -661,9 +663,9 @@ def test_tied_embeddings(n, tmp_path):
     (folder / "params.json").write_text(json.dumps(MHA))  # as Meta's: tying is told by the missing output.weight
     llama = llama31.Llama.build(folder, max_seq_len=64, device="cpu", dtype=torch.float32)
     model = llama.model
-    assert model.params.tie_word_embeddings and model.output.weight is model.tok_embeddings.weight
-    assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in model.state_dict().values()) - \
-        model.output.weight.numel()  # one tensor, counted once
+    assert model.params.tie_word_embeddings and model.output is None  # the embedding is the output layer
+    assert "output.weight" not in model.state_dict()  # as in Meta's tied checkpoints
+    assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in model.state_dict().values())
     ref = hf_model(params, random_state_dict(params, 4))
     assert max_logit_diff(model, ref, TOKENS) < 1e-4
 
@@ -699,12 +701,18 @@ def test_long_max_seq_len_allocates_only_what_generation_needs(ckpt_mha):
 
     llama = llama31.Llama.build(ckpt_mha, max_seq_len=131072, max_batch_size=2, device="cpu")
     assert llama.model.freqs_cos.shape == (131072, llama.params.head_dim // 2)
-    cache_shapes = []
-    setup = llama.model.setup_caches
-    llama.model.setup_caches = lambda bsz, max_len: (cache_shapes.append((bsz, max_len)), setup(bsz, max_len))[1]
+    caches = []
+    real_cache = llama31.KVCache
+
+    def cache(*args, **kwargs):
+        caches.append(real_cache(*args, **kwargs))
+        return caches[-1]
+
     prompts = [[128000, 791, 6864, 315], [128000, 9906]]
-    with LargestTensor() as mode:
+    with pytest.MonkeyPatch.context() as m, LargestTensor() as mode:
+        m.setattr(llama31, "KVCache", cache)
         out = llama.generate(prompts, max_gen_len=5, temperature=0)
+    cache_shapes = [(c.bsz, c.max_len) for c in caches]
     assert [len(o) for o in out] == [5, 5]
     assert cache_shapes == [(2, 4 + 5)]  # longest prompt + max_gen_len positions
     assert mode.largest <= 2 * 128256  # the largest: one step's logits (bsz, vocab)
@@ -737,7 +745,7 @@ def test_huggingface_folder(case, tmp_path, capsys):
         llama = llama31.Llama.build(tmp_path, TOKENIZER_PATH, max_seq_len=64, device="cpu", dtype=torch.float32)
         assert f"{files[-1]} ({len(files)}/{len(files)})" in capsys.readouterr().err
         model = llama.model
-        assert model.output.weight is model.tok_embeddings.weight and model.params.hidden_dim == 320
+        assert model.output is None and model.params.hidden_dim == 320
         assert llama.params.rope_scale_factor == 32.0
     diff = max_logit_diff(llama.model, ref, TOKENS)
     print(f"HF folder ({case}): max |logit diff| = {diff:.1e}")
@@ -973,6 +981,48 @@ def test_stream_equals_nonstream_sampled(llama_gqa):
     assert ["".join(s[i] or "" for s in steps) for i in range(2)] == finals
 
 
+def test_generations_in_flight_are_independent(llama_gqa, monkeypatch):
+    # each generation owns its KV cache: two streams consumed in turn, a generate() while a stream is half
+    # consumed, and a stream dropped half way each give exactly what they give alone (sampled, seeded)
+    two, one = ["The weather", "日本の首都は"], "A much longer prompt than the other ones, with many tokens"
+    rng = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    kw = dict(temperature=0.8, max_gen_len=10)
+    alone_two = list(llama_gqa.text_completion_stream(two, rng(1), **kw))
+    alone_one = list(llama_gqa.text_completion_stream(one, rng(2), **kw))
+    alone_ids = llama_gqa.generate([[128000, 791, 6864]], rng(3), **kw)
+    a, b = llama_gqa.text_completion_stream(two, rng(1), **kw), llama_gqa.text_completion_stream(one, rng(2), **kw)
+    got_two, got_one = [], []
+    for x, y in itertools.zip_longest(a, b, fillvalue=StopIteration):  # one step of each in turn
+        got_two += [] if x is StopIteration else [x]
+        got_one += [] if y is StopIteration else [y]
+    assert got_two == alone_two and got_one == alone_one and len(alone_one) > 3
+    # generate() while a stream is half consumed
+    a = llama_gqa.text_completion_stream(two, rng(1), **kw)
+    head = [next(a), next(a)]
+    assert llama_gqa.generate([[128000, 791, 6864]], rng(3), **kw) == alone_ids
+    assert head + list(a) == alone_two
+    # a stream dropped half way frees its cache; the others are untouched by it
+    caches, real_cache = [], llama31.KVCache
+
+    def cache(*args, **kwargs):
+        c = real_cache(*args, **kwargs)
+        caches.append(weakref.ref(c))
+        return c
+
+    monkeypatch.setattr(llama31, "KVCache", cache)
+    b = llama_gqa.text_completion_stream(one, rng(2), **kw)
+    next(b)
+    a = llama_gqa.text_completion_stream(two, rng(1), **kw)
+    head = [next(a)]
+    assert caches[0]() is not None
+    del b
+    gc.collect()
+    assert caches[0]() is None and caches[1]() is not None
+    assert head + list(a) == alone_two
+    with pytest.raises(ValueError, match="per-row positions"):  # they need a cache
+        llama_gqa.model.forward_inference(torch.tensor([[1], [2]]), torch.tensor([3, 4]))
+
+
 def test_logprobs_match_log_softmax(llama_gqa):
     tok = llama_gqa.tokenizer
     prompts = [tok.encode("Logprobs are", bos=True, eos=False), tok.encode("A longer prompt for logprobs", bos=True, eos=False)]
@@ -1029,39 +1079,46 @@ def test_print_completions_orders_rows():
 
 
 # -----------------------------------------------------------------------------
-# fast paths: packed weights, the static-shape (compiled) decode step, the benchmark
+# stacked weights, the static-shape (compiled) decode step, the benchmark
 
 
-def unpacked_copy(params: dict, seed: int, dtype=torch.float32):
+def model_of(params: dict, seed: int, dtype=torch.float32):
+    """A Transformer holding random_state_dict(params, seed), loaded by name as a user would."""
     model = llama31.Transformer(llama31.ModelArgs.from_params(params, max_seq_len=64))
     model.load_state_dict(random_state_dict(params, seed), strict=True)
     return model.to(dtype).eval()
 
 
-def test_packed_weights_equal_plain_layout():
-    plain, packed = unpacked_copy(GQA, 2), unpacked_copy(GQA, 2)
-    packed.pack_weights()
-    a = packed.layers[1].attention
-    assert a.wq.weight.data_ptr() == a.wqkv.data_ptr()  # views into the packed matrix
-    assert a.wk.weight.data_ptr() == a.wqkv[a.wq.weight.shape[0]:].data_ptr()
-    assert torch.equal(a.wk.weight, plain.layers[1].attention.wk.weight)
-    assert set(packed.state_dict()) == set(plain.state_dict())  # Meta's names, nothing added
+def test_stacked_weights_keep_meta_names(tmp_path):
+    sd = random_state_dict(GQA, 2)
+    model = model_of(GQA, 2)
+    a, p = model.layers[1].attention, model.params
+    kv = p.n_kv_heads * p.head_dim
+    assert torch.equal(a.wqkv.weight, torch.cat([sd[f"layers.1.attention.{w}.weight"] for w in ("wq", "wk", "wv")]))
+    assert a.wqkv.weight.shape == (p.dim + 2 * kv, p.dim)
+    # state_dict() gives Meta's names (views into the stacked weights) and the loaded values
+    got = model.state_dict()
+    assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k].float()) for k in sd)
+    # a checkpoint saved from it is Meta's layout again, and loads back
+    torch.save(got, tmp_path / "consolidated.00.pth")
+    again = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    assert again.keys() == sd.keys()
+    other = llama31.Transformer(llama31.ModelArgs.from_params(GQA, max_seq_len=64))
+    other.load_state_dict(again, strict=True)
     tokens = torch.randint(0, 128000, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        diff = (packed.forward_inference(tokens) - plain.forward_inference(tokens)).abs().max()
-    assert diff < 1e-5
-    # bf16: .to() gives new storage; the packing follows it
-    packed.to(torch.bfloat16)
-    plain.to(torch.bfloat16)
-    a = packed.layers[0].attention
-    assert a.wqkv.dtype == torch.bfloat16 and a.wq.weight.data_ptr() == a.wqkv.data_ptr()
-    with torch.no_grad():
-        assert (packed.forward_inference(tokens) - plain.forward_inference(tokens)).abs().max() < 0.1
+    assert torch.equal(other.forward_inference(tokens), model.forward_inference(tokens))
+    # one stacked matmul gives each part's own product
+    x = torch.randn(3, 5, p.dim, generator=torch.Generator().manual_seed(1))
+    q, k, v = llama31.linear(x, a.wqkv.weight).split([p.dim, kv, kv], dim=-1)
+    for part, name in zip((q, k, v), ("wq", "wk", "wv")):
+        assert (part - llama31.linear(x, sd[f"layers.1.attention.{name}.weight"].float())).abs().max() < 1e-5
+    with pytest.raises(RuntimeError, match="layers.0.attention.wq.weight"):  # strict: an incomplete stack
+        other.load_state_dict({k: v for k, v in sd.items() if k != "layers.0.attention.wk.weight"}, strict=True)
 
 
 def test_linear_equals_f_linear():
     # the inference matmul (oneDNN on CPU in fp32) against F.linear, on row-major weights and on views
-    # into a packed matrix, for prefill-shaped and decode-shaped inputs, contiguous or not
+    # into a stacked matrix, for prefill-shaped and decode-shaped inputs, contiguous or not
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 96, generator=g)
     for x in (torch.randn(2, 7, 96, generator=g), torch.randn(3, 1, 96, generator=g),
@@ -1075,6 +1132,10 @@ def test_linear_equals_f_linear():
         assert llama31.ONEDNN_LINEAR
     x16 = torch.randn(2, 3, 96, generator=g, dtype=torch.bfloat16)
     assert torch.equal(llama31.linear(x16, w.bfloat16()), F.linear(x16, w.bfloat16()))  # bf16: F.linear itself
+    # training: the gradient reaches the weight (oneDNN's op has none)
+    wg = w.clone().requires_grad_(True)
+    llama31.linear(x, wg).sum().backward()
+    assert wg.grad is not None and (wg.grad - x.reshape(-1, 96).sum(0)).abs().max() < 1e-3
 
 
 def test_decode_attention_equals_sdpa():
@@ -1090,36 +1151,42 @@ def test_decode_attention_equals_sdpa():
     assert torch.allclose(llama31.decode_attention(q, k, v, mask)[2], v[2, :, :1].repeat_interleave(4, 0))
 
 
-def test_packed_model_trains_and_reloads():
-    plain, packed = unpacked_copy(MHA, 1), unpacked_copy(MHA, 1)
-    packed.pack_weights()
+def test_model_trains_and_reloads():
+    # gradients of forward_loss equal Hugging Face's on the same weights (its q/k rows permuted)
+    model = model_of(MHA, 1)
+    ref = llama31.hf_llama_from(model)
     g = torch.Generator().manual_seed(1)
     inputs, targets = torch.randint(0, 128000, (2, 10), generator=g), torch.randint(0, 128000, (2, 10), generator=g)
-    for m in (plain, packed):
-        m.requires_grad_(True)
-        m.forward_loss(inputs, targets).backward()
-    for name in ["layers.0.attention.wk.weight", "layers.1.feed_forward.w3.weight", "output.weight"]:
-        gp, gq = plain.get_parameter(name).grad, packed.get_parameter(name).grad
-        assert gq is not None and (gp - gq).abs().max() < 1e-5
-    # loading other weights (copying, or assigning new tensors) re-packs: inference sees the new weights
+    model.requires_grad_(True).forward_loss(inputs, targets).backward()
+    ref.requires_grad_(True)
+    F.cross_entropy(ref(inputs).logits.flatten(0, 1), targets.flatten()).backward()
+    p = model.params
+    gq, gk, gv = model.layers[0].attention.wqkv.weight.grad.split([p.dim, p.dim, p.dim])
+    hf = ref.model.layers
+    pairs = [(llama31.rope_permute(gk, p.n_kv_heads, to_hf=True), hf[0].self_attn.k_proj.weight.grad),
+             (gv, hf[0].self_attn.v_proj.weight.grad),
+             (model.layers[1].feed_forward.w13.weight.grad.chunk(2)[1], hf[1].mlp.up_proj.weight.grad),
+             (model.output.weight.grad, ref.lm_head.weight.grad)]
+    for ours, theirs in pairs:
+        assert theirs.abs().max() > 0 and (ours - theirs).abs().max() < 1e-5
+    # loading other weights (copying, or assigning new tensors): inference sees the new weights
     other = random_state_dict(MHA, 9)
+    inputs = inputs[:, :6]
     for assign in (False, True):
-        packed.load_state_dict({k: v.float() for k, v in other.items()}, strict=True, assign=assign)
-        with torch.no_grad():
-            ref = unpacked_copy(MHA, 9).forward_inference(inputs)
-            assert (packed.forward_inference(inputs) - ref).abs().max() < 1e-5
+        model.load_state_dict({k: v.float() for k, v in other.items()}, strict=True, assign=assign)
+        assert torch.equal(model.forward_inference(inputs), model_of(MHA, 9).forward_inference(inputs))
 
 
 def test_static_decode_step_equals_dynamic(llama_gqa):
-    # the function torch.compile wraps (whole-cache attention with a mask), run eagerly: no compiler needed
+    # the step torch.compile wraps (per-row positions, whole-cache attention with a mask), run eagerly:
+    # no compiler needed
     tok = llama_gqa.tokenizer
     prompts = [tok.encode(t, bos=True, eos=False) for t in ["Hi", "A somewhat longer prompt here", "x y"]]
     expected = llama_gqa.generate(prompts, max_gen_len=9, temperature=0, logprobs=True)
-    llama_gqa._compiled_decode = llama_gqa._decode_static
-    try:
-        got = llama_gqa.generate(prompts, max_gen_len=9, temperature=0, logprobs=True)
-    finally:
-        llama_gqa._compiled_decode = None
+    static = llama31.Llama(llama_gqa.model, tok)
+    static.compiled_decode = llama31.CompiledDecode(llama_gqa.model)
+    static.compiled_decode.compiled = None  # as after a failed compilation: the same step, eagerly
+    got = static.generate(prompts, max_gen_len=9, temperature=0, logprobs=True)
     assert got[0] == expected[0]
     assert max(abs(a - b) for x, y in zip(got[1], expected[1]) for a, b in zip(x, y)) < 1e-4
 
@@ -1127,8 +1194,8 @@ def test_static_decode_step_equals_dynamic(llama_gqa):
 def test_ragged_decode_reuses_its_mask_and_rope_buffers(llama_gqa, monkeypatch):
     # each decode step of a ragged batch writes its mask and RoPE rows into the buffers made with the KV
     # cache (no per-step allocation); a uniform batch needs no mask at all
-    seen = []
-    real_attention, real_rope = llama31.decode_attention, llama31.apply_rotary_emb
+    seen, caches = [], []
+    real_attention, real_rope, real_cache = llama31.decode_attention, llama31.apply_rotary_emb, llama31.KVCache
 
     def attention(xq, xk, xv, mask=None):
         seen.append(("mask", mask))
@@ -1139,16 +1206,13 @@ def test_ragged_decode_reuses_its_mask_and_rope_buffers(llama_gqa, monkeypatch):
             seen.append(("cos", cos))
         return real_rope(x, cos, sin)
 
+    def cache(*args, **kwargs):
+        caches.append(real_cache(*args, **kwargs))
+        return caches[-1]
+
     monkeypatch.setattr(llama31, "decode_attention", attention)
     monkeypatch.setattr(llama31, "apply_rotary_emb", rope)
-    caches = []
-    real_setup = llama_gqa.model.setup_caches
-
-    def setup(bsz, max_len):
-        real_setup(bsz, max_len)
-        caches.append(llama_gqa.model.kv_caches[0])
-
-    monkeypatch.setattr(llama_gqa.model, "setup_caches", setup)
+    monkeypatch.setattr(llama31, "KVCache", cache)
     llama_gqa.generate([[128000, 9906, 1070, 11], [128000, 791]], max_gen_len=6, temperature=0)
     c = caches[0]
     masks = [t for kind, t in seen if kind == "mask"]
@@ -1165,30 +1229,34 @@ def test_compile_falls_back_with_message(llama_mha, capsys):
     prompt = [[128000, 9906, 1070]]
     expected = llama_mha.generate(prompt, max_gen_len=5, temperature=0)
     llama = llama31.Llama(llama_mha.model, llama_mha.tokenizer)
+    llama.compiled_decode = llama31.CompiledDecode(llama_mha.model)
 
     def broken(*args):
         raise RuntimeError("no C++ compiler found")
 
-    llama._compiled_decode = broken  # what a failed torch.compile does at its first call
+    llama.compiled_decode.compiled = broken  # what a failed torch.compile does at its first call
     assert llama.generate(prompt, max_gen_len=5, temperature=0) == expected
     assert "torch.compile failed (RuntimeError: no C++ compiler found); decoding eagerly" in capsys.readouterr().err
-    assert llama._compiled_decode is None
+    assert llama.compiled_decode.compiled is None
 
 
 @pytest.mark.skipif(not os.environ.get("LLAMA31_TEST_COMPILE"), reason="set LLAMA31_TEST_COMPILE=1 to run "
                     "torch.compile for real (needs a C++ compiler, takes minutes on 2 cores)")
 def test_compiled_decode_matches_eager(ckpt_mha, llama_mha):
-    compiled = llama31.Llama.build(ckpt_mha, max_seq_len=256, max_batch_size=4, device="cpu", compile=True)
+    # bf16: frozen weights are repacked (copied) for oneDNN, so a stale compiled step would show
+    compiled = llama31.Llama.build(ckpt_mha, max_seq_len=256, max_batch_size=4, device="cpu", dtype="bfloat16",
+                                   compile=True)
+    eager = llama31.Llama.build(ckpt_mha, max_seq_len=256, max_batch_size=4, device="cpu", dtype="bfloat16")
     prompts = [[128000, 9906, 1070], [128000, 791]]
-    assert compiled.generate(prompts, max_gen_len=8, temperature=0) == llama_mha.generate(prompts, max_gen_len=8,
-                                                                                          temperature=0)
-    assert compiled._compiled_decode is not None  # it compiled rather than fell back
-    # the weights are frozen into the compiled step: loading others re-packs them, which recompiles it
+    assert compiled.generate(prompts, max_gen_len=8, temperature=0) == eager.generate(prompts, max_gen_len=8,
+                                                                                      temperature=0)
+    assert compiled.compiled_decode.compiled is not None  # it compiled rather than fell back
+    # the weights are frozen into the compiled step: loading others compiles it again
     compiled.model.load_state_dict(random_state_dict(MHA, 9), strict=True)
-    reference = llama31.Llama(unpacked_copy(MHA, 9), llama_mha.tokenizer)
+    reference = llama31.Llama(model_of(MHA, 9, torch.bfloat16), llama_mha.tokenizer)
     assert compiled.generate(prompts, max_gen_len=8, temperature=0) == reference.generate(prompts, max_gen_len=8,
                                                                                           temperature=0)
-    assert compiled._compiled_decode is not None
+    assert compiled.compiled_decode.compiled is not None
 
 
 def test_bench_command(ckpt_mha):
@@ -1211,21 +1279,25 @@ def test_hf_llama_from_matches(llama_gqa):
         assert (ref(tokens).logits - llama_gqa.model.forward_inference(tokens)).abs().max() < 1e-4
 
 
-def test_tied_embeddings_survive_device_moves():
-    # leaving the meta device (like any move between device types) gives every module its own Parameter
+def test_tied_model_has_one_embedding():
+    # a tied model has no output layer of its own, whatever it goes through: leaving the meta device, a
+    # dtype change, load_state_dict(assign=True)
     args = llama31.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=50, max_seq_len=16, tie_word_embeddings=True)
     with torch.device("meta"):
         model = llama31.Transformer(args)
     model.to_empty(device="cpu")
-    assert model.output.weight is model.tok_embeddings.weight
-    model.pack_weights()
-    model.to(torch.bfloat16)
-    assert model.output.weight is model.tok_embeddings.weight and model.output.weight.dtype == torch.bfloat16
-    assert len(list(model.parameters())) == len(list(model.named_parameters(remove_duplicate=False))) - 1
-    # load_state_dict(assign=True) also gives each name its own Parameter: the model ties them again
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    model.init_rope("cpu")
+    sd = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(0)) for k, v in model.state_dict().items()}
+    assert "output.weight" not in sd
     model.load_state_dict(sd, strict=True, assign=True)
-    assert model.output.weight is model.tok_embeddings.weight
+    model.to(torch.bfloat16)
+    assert model.output is None
+    assert len(list(model.parameters())) == len(sd) - 3  # wq, wk, wv and w1, w3: two stacked weights
+    h = torch.randn(3, 32, generator=torch.Generator().manual_seed(1)).bfloat16()
+    expected = h.float() @ model.tok_embeddings.weight.float().T
+    assert model.logits(h).dtype == torch.float32 and torch.allclose(model.logits(h), expected, rtol=1e-2, atol=1e-2)
+    with pytest.raises(RuntimeError, match="output.weight"):  # an untied checkpoint does not fit
+        model.load_state_dict(dict(sd, **{"output.weight": sd["tok_embeddings.weight"]}), strict=True)
 
 # -----------------------------------------------------------------------------
 # GGUF files (llama.cpp, Ollama) and the SmolLM2 demo
@@ -1293,9 +1365,9 @@ def write_gguf(path: Path, params: dict, sd: dict, qtype: str = "F32", vocab: di
         unscaled = llama31.ModelArgs(**{**args.__dict__, "use_scaled_rope": False})
         factors = llama31.rope_frequencies(unscaled) / llama31.rope_frequencies(args)
         w.add_tensor("rope_freqs.weight", factors.numpy().astype(np.float32))
-    names = {v: k for k, v in llama31.GGUF_NAMES.items()}
-    names.update({f"layers.{i}.{v}": f"blk.{i}.{k}" for i in range(args.n_layers)
-                  for k, v in llama31.GGUF_LAYER_NAMES.items()})
+    names = {k: v[llama31.GGUF] for k, v in llama31.WEIGHT_NAMES.items()}
+    names.update({f"layers.{i}.{k}": f"blk.{i}.{v[llama31.GGUF]}" for i in range(args.n_layers)
+                  for k, v in llama31.LAYER_WEIGHT_NAMES.items()})
     for name, t in sd.items():
         x = t.float().numpy()
         if x.ndim == 2 and qtype != "F32":
@@ -1319,8 +1391,7 @@ def dequantized(sd: dict, qtype: str) -> dict:
 
 def reference_model(params: dict, sd: dict, tied: bool = False) -> llama31.Transformer:
     args = llama31.ModelArgs.from_params(params, max_seq_len=64, tie_word_embeddings=tied)
-    return llama31.model_from_state_dict(args, {k: v.float().clone() for k, v in sd.items()}, "cpu", "weights",
-                                         "params")
+    return llama31.model_from_weights(args, sd.items(), "cpu", torch.float32, "weights", "params")
 
 
 @needs_gguf
@@ -1337,7 +1408,7 @@ def test_gguf_logits_equal_meta_path(config, qtype, tied, tmp_path, capsys):
                  "use_scaled_rope", "rope_scale_factor", "tie_word_embeddings"):
         assert getattr(llama.params, name) == pytest.approx(getattr(expected, name), rel=1e-7), name
     if tied:
-        assert llama.model.output.weight is llama.model.tok_embeddings.weight
+        assert llama.model.output is None
     tokens = TOKENS[:, :40]
     ref = reference_model(params, dequantized(sd, qtype) if qtype != "F32" else sd, tied)
     assert max_logit_diff(llama.model, ref, tokens) <= 1e-4
