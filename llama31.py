@@ -628,11 +628,6 @@ class Tokenizer:
             tokens.extend(self.encode_message(message))
         return tokens + self.encode_header("assistant")
 
-    @classmethod
-    def from_gguf(cls, meta: dict, source: str = "GGUF") -> "Tokenizer":
-        """The tokenizer of a GGUF file's metadata: GGUFTokenizer(meta, source), in the loading section."""
-        return GGUFTokenizer(meta, source)
-
 
 # -----------------------------------------------------------------------------
 # sampling
@@ -690,12 +685,6 @@ class Llama:
         decode step under torch.compile (eager, with a message, where it cannot). The loaders are in the
         loading section, after the reference reading (load_llama)."""
         return load_llama(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed, compile)
-
-    @staticmethod
-    def build_gguf(path, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4, device=None,
-                   dtype=None, seed: int = 1, compile: bool = False) -> "Llama":
-        """Llama.build for a GGUF file (kept as an alias; build detects GGUF files)."""
-        return load_llama(path, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed, compile)
 
     @property
     def device(self) -> torch.device:
@@ -1603,40 +1592,42 @@ class GGUFTokenizer(Tokenizer):
 
 
 def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tensor]], device, dtype, source,
-                       settings) -> Transformer:
-    """A Transformer in eval mode holding weights, (Meta name, tensor) pairs in any dtype, each copied into
+                       settings, mapped: bool = False) -> Transformer:
+    """A Transformer in eval mode holding weights, (Meta name, tensor) pairs in any dtype, each converted to
     dtype on device as it comes (so a loader may release its file pages, or drop a dequantized copy, before
-    the next): memory peaks near the model plus one layer. wq/wk/wv and w1/w3 are stacked as the model
-    holds them. The model is built on the meta device (no memory, no random init) and adopts the copies
-    (assign=True). RuntimeError naming source (the weights) and settings (where args came from) when the
-    weights do not fit args."""
+    the next): memory peaks near the model plus one tensor. mapped: the tensors are memory-mapped from a
+    file, so each is copied even when it is already in dtype on device. wq/wk/wv and w1/w3 are copied into
+    their rows of the stacked weights the model holds. The model is built on the meta device (no memory, no
+    random init) and adopts the tensors (assign=True). RuntimeError naming source (the weights) and settings
+    (where args came from) when the weights do not fit args."""
     with torch.device("meta"):
         model = Transformer(args)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # Meta's names
-    groups = {f"layers.{i}.{stacked}": [f"layers.{i}.{p}" for p in parts] for i in range(args.n_layers)
-              for stacked, parts in STACKED_WEIGHTS.items()}  # stacked weight -> Meta's names of its parts
-    stacked_of = {part: stacked for stacked, parts in groups.items() for part in parts}
-    sd, pending, seen, tied_output = {}, {}, set(), None
+    stacked_rows = {}  # Meta's name of a stacked weight's part -> (the stacked weight, the part's first row)
+    for i, (stacked, parts) in itertools.product(range(args.n_layers), STACKED_WEIGHTS.items()):
+        starts = itertools.accumulate([expected[f"layers.{i}.{part}"][0] for part in parts], initial=0)
+        stacked_rows.update({f"layers.{i}.{part}": (f"layers.{i}.{stacked}", r) for part, r in zip(parts, starts)})
+    stacked_shapes = {name: tuple(t.shape) for name, t in model.named_parameters()}
+    sd, seen, tied_output = {}, set(), None
     for name, t in weights:
         if name in seen:
             raise ValueError(f"{source}: tensor {name} appears more than once")
         seen.add(name)
         if name == "output.weight" and args.tie_word_embeddings:
             # a tied model needs no output weight; some exports still carry it, and then it must be the embedding
-            tied_output = t.to(device=device, dtype=dtype, copy=True)
+            tied_output = t.to(device=device, dtype=dtype)
         elif name not in expected:
             raise RuntimeError(f"{source} does not match {settings}: unexpected tensor {name} {tuple(t.shape)}")
         elif tuple(t.shape) != expected[name]:
             raise RuntimeError(f"{source} does not match {settings}: {name} is {tuple(t.shape)}, expected "
                                f"{expected[name]}")
-        elif name in stacked_of:  # kept as it is until the other parts of its stacked weight are there
-            stacked = stacked_of[name]
-            pending.setdefault(stacked, {})[name] = t
-            if len(pending[stacked]) == len(groups[stacked]):
-                got = pending.pop(stacked)
-                sd[stacked] = torch.cat([got[n].to(device=device, dtype=dtype) for n in groups[stacked]])
+        elif name in stacked_rows:  # copied into its rows of the stacked weight
+            stacked, start = stacked_rows[name]
+            if stacked not in sd:
+                sd[stacked] = torch.empty(stacked_shapes[stacked], device=device, dtype=dtype)
+            sd[stacked][start : start + t.shape[0]].copy_(t)
         else:
-            sd[name] = t.to(device=device, dtype=dtype, copy=True)
+            sd[name] = t.to(device=device, dtype=dtype, copy=mapped)
         t = None  # the loader's next tensor may reuse this one's memory
     missing = sorted(expected.keys() - seen)
     if missing:
@@ -1702,9 +1693,15 @@ def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch
             args = replace(args, tie_word_embeddings="output.weight" not in sd)
             weights = mapped_weights(sd) if len(files) == 1 else ((name, sd.pop(name)) for name in list(sd))
         source = files[0] if len(files) == 1 else f"the {len(files)} files in {path}"
-        model = model_from_weights(args, weights, device, dtype, source, config_path)
+        mapped = layout == "hf" or len(files) == 1  # merged shards are copies already
+        model = model_from_weights(args, weights, device, dtype, source, config_path, mapped)
     print(f"loaded {path} on {device} in {dtype} in {time.time() - t0:.2f}s", file=sys.stderr)
     return Llama(model, tokenizer, seed, compile)
+
+
+# names kept from earlier versions: Llama.build reads GGUF files too; Tokenizer.from_gguf(metadata) is GGUFTokenizer
+Llama.build_gguf = staticmethod(load_llama)
+Tokenizer.from_gguf = staticmethod(GGUFTokenizer)
 # -----------------------------------------------------------------------------
 # command line
 
