@@ -1203,9 +1203,24 @@ def read_json_object(path: Path) -> dict:
     return obj
 
 
+def check_inside(file: Path, folder: Path, named_by=None) -> Path:
+    """file, or ValueError unless it lies inside folder once symlinks are followed: a checkpoint (its index,
+    a symlink in it) never makes us read a file from elsewhere. The one exception is the layout of Hugging
+    Face's cache, whose snapshots/<revision>/ folders link their files to the repository's blobs/ folder.
+    named_by: the file (an index) that named this one, for the error."""
+    root, real = folder.resolve(), file.resolve()
+    allowed = [root] + [a.parent.parent / "blobs" for a in [root, *root.parents] if a.parent.name == "snapshots"][:1]
+    if not any(real.is_relative_to(a) for a in allowed):
+        raise ValueError(f"{named_by or folder}: {file.relative_to(folder) if file.is_relative_to(folder) else file} "
+                         f"resolves to {real}, outside the checkpoint folder {folder}; a checkpoint's files must "
+                         f"lie inside it")
+    return file
+
+
 def find_checkpoint(ckpt_dir: Path):
     """The layout of a checkpoint folder and its weight files: ("meta", [consolidated.00.pth, ...]) for
-    Meta's download (params.json), ("hf", [*.safetensors]) for a Hugging Face folder (config.json)."""
+    Meta's download (params.json), ("hf", [*.safetensors]) for a Hugging Face folder (config.json). Every
+    file lies inside the folder (check_inside)."""
     meta = sorted(ckpt_dir.glob("consolidated.*.pth"))
     hf = sorted(ckpt_dir.glob("*.safetensors"))
     if meta and hf:
@@ -1217,11 +1232,13 @@ def find_checkpoint(ckpt_dir: Path):
             raise FileNotFoundError(f"{ckpt_dir} holds *.safetensors weights but no config.json")
         index = ckpt_dir / "model.safetensors.index.json"
         if index.is_file():  # sharded: the index maps every tensor to its file
-            weight_map = read_json_object(index).get("weight_map")
+            weight_map = read_json_object(check_inside(index, ckpt_dir)).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{index} has no weight_map of tensor names to files")
-            files = [ckpt_dir / name for name in sorted(set(weight_map.values()))]
-            missing = [p.name for p in files if not p.is_file()]
+            if not all(isinstance(name, str) and name for name in weight_map.values()):
+                raise ValueError(f"{index}: the weight_map's values must be file names")
+            files = [check_inside(ckpt_dir / name, ckpt_dir, index) for name in sorted(set(weight_map.values()))]
+            missing = [str(p.relative_to(ckpt_dir)) for p in files if not p.is_file()]
             if missing:
                 raise FileNotFoundError(f"{index} lists {', '.join(missing)}, missing from {ckpt_dir}")
             return "hf", files
@@ -1230,7 +1247,7 @@ def find_checkpoint(ckpt_dir: Path):
         if not hf:
             raise FileNotFoundError(f"no *.safetensors weights next to {ckpt_dir / 'config.json'} (PyTorch .bin "
                                     f"folders are not supported)")
-        return "hf", hf
+        return "hf", [check_inside(f, ckpt_dir) for f in hf]
     if not has_params:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: neither params.json + consolidated.*.pth (Meta) "
                                 f"nor config.json + *.safetensors (Hugging Face)")
@@ -1245,7 +1262,7 @@ def find_checkpoint(ckpt_dir: Path):
         odd = sorted(set(expected) ^ {p.name for p in meta})
         raise ValueError(f"{ckpt_dir}: a {n}-shard checkpoint is {expected[0]} .. {expected[-1]}, one file per "
                          f"shard; missing or unexpected: {', '.join(odd)}")
-    return "meta", [ckpt_dir / name for name in expected]
+    return "meta", [check_inside(ckpt_dir / name, ckpt_dir) for name in expected]
 
 
 def load_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
@@ -1259,6 +1276,8 @@ def load_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise RuntimeError(f"checkpoint {path} does not hold a state dict of tensors")
     sd.pop("rope.freqs", None)  # some Meta exports carry the unscaled RoPE table; we compute our own
+    for name, t in sd.items():  # before shards are merged (and cast) or anything is copied
+        check_weight_tensor(name, t, path)
     return sd
 
 
@@ -1289,54 +1308,58 @@ def mapped_weights(sd: Dict[str, torch.Tensor]) -> Iterator[Tuple[str, torch.Ten
         release_pages(t)
 
 
-def merge_meta_shards(paths: List[Path], n_kv_heads: int, head_dim: int, device, dtype) -> Dict[str, torch.Tensor]:
+def merge_meta_shards(paths: List[Path], args: ModelArgs, device, dtype, source, settings) -> Dict[str, torch.Tensor]:
     """One state dict, in dtype on device, from Meta's model-parallel shards consolidated.00.pth ..
     consolidated.NN.pth. Shard by shard: each is memory-mapped, copied into the merged tensors and released
-    before the next, so memory peaks near one model copy plus one shard.
+    before the next, so memory peaks near one model copy plus one shard. The merged shapes (from shard 0)
+    are checked against args before anything is allocated (check_weight_shapes; source and settings name
+    the files and the config in its errors).
 
     With more shards than kv heads (405B in 16 shards has 8), each shard holds one whole kv head, repeated
     in n_shards / n_kv_heads consecutive shards: shard r holds head r // (n_shards / n_kv_heads). The merged
     wk/wv keep one copy of each head; the others must be equal to it."""
-    n, t0 = len(paths), time.time()
+    n, t0, n_kv_heads, head_dim = len(paths), time.time(), args.n_kv_heads, args.head_dim
     merged: Dict[str, torch.Tensor] = {}
-    shapes = {}  # every shard's tensor shapes, as in shard 0
+    shapes, dims = {}, {}  # every shard's tensor shapes, as in shard 0; the dim each is split along
     if n % n_kv_heads and n_kv_heads % n:
         raise ValueError(f"{n} shards cannot split {n_kv_heads} kv heads (neither number divides the other)")
     kv_copies = max(n // n_kv_heads, 1)  # consecutive shards holding the same kv head
     for r, path in enumerate(paths):
         print(f"loading {path.name} ({r + 1}/{n}), {time.time() - t0:.1f}s so far", file=sys.stderr)
         shard = load_checkpoint(path)
-        if r == 0:
-            shapes = {k: v.shape for k, v in shard.items()}
+        if r == 0:  # the merged shapes, checked, then allocated
+            shapes, full_shapes = {k: v.shape for k, v in shard.items()}, {}
+            for name, shape in shapes.items():
+                try:
+                    dims[name] = shard_dim(name)
+                except KeyError:
+                    raise ValueError(f"{name} {tuple(shape)} in {path} is no Llama 3 weight: cannot tell how "
+                                     f"{n} shards split it") from None
+                full = list(shape)
+                if name.endswith(("attention.wk.weight", "attention.wv.weight")):
+                    if shape[0] * min(n, n_kv_heads) != n_kv_heads * head_dim:
+                        raise ValueError(f"{name} is {tuple(shape)} in each of {n} shards; {n_kv_heads} kv heads "
+                                         f"of head_dim {head_dim} split over {n} shards give "
+                                         f"{max(n_kv_heads // n, 1) * head_dim} rows per shard")
+                    full[0] = n_kv_heads * head_dim
+                elif dims[name] is not None:
+                    full[dims[name]] *= n
+                full_shapes[name] = tuple(full)
+            check_weight_shapes(args, full_shapes, source, settings)
+            merged = {name: torch.empty(full, device=device, dtype=dtype) for name, full in full_shapes.items()}
         elif shard.keys() != shapes.keys():
             missing, extra = sorted(shapes.keys() - shard.keys()), sorted(shard.keys() - shapes.keys())
             raise ValueError(f"{path} holds other tensors than {paths[0].name}: missing {missing[:3]}, "
                              f"extra {extra[:3]}")
         for name, t in shard.items():
-            try:
-                dim = shard_dim(name)
-            except KeyError:
-                raise ValueError(f"{name} {tuple(t.shape)} in {path} is no Llama 3 weight: cannot tell how "
-                                 f"{n} shards split it") from None
             if t.shape != shapes[name]:
                 raise ValueError(f"{name} is {tuple(t.shape)} in {path} but {tuple(shapes[name])} in "
                                  f"{paths[0].name}: the shards of one checkpoint split every weight equally")
-            is_kv = name.endswith(("attention.wk.weight", "attention.wv.weight"))
-            if r == 0:
-                full = list(t.shape)
-                if is_kv and t.shape[0] * min(n, n_kv_heads) != n_kv_heads * head_dim:
-                    raise ValueError(f"{name} is {tuple(t.shape)} in each of {n} shards; {n_kv_heads} kv heads of "
-                                     f"head_dim {head_dim} split over {n} shards give "
-                                     f"{max(n_kv_heads // n, 1) * head_dim} rows per shard")
-                if is_kv and kv_copies > 1:
-                    full[0] = n_kv_heads * head_dim
-                elif dim is not None:
-                    full[dim] *= n
-                merged[name] = torch.empty(full, device=device, dtype=dtype)
             # where this shard's piece goes; replicated pieces are copied once and compared after that
+            dim = dims[name]
             if dim is None:
                 dest, first = merged[name], r == 0
-            elif is_kv and kv_copies > 1:
+            elif name.endswith(("attention.wk.weight", "attention.wv.weight")) and kv_copies > 1:
                 dest, first = merged[name].narrow(0, r // kv_copies * head_dim, head_dim), r % kv_copies == 0
             else:
                 dest, first = merged[name].narrow(dim, r * t.shape[dim], t.shape[dim]), True
@@ -1350,54 +1373,81 @@ def merge_meta_shards(paths: List[Path], n_kv_heads: int, head_dim: int, device,
     return merged
 
 
-def params_from_hf_config(config: dict, path: Path) -> dict:
-    """A params.json-style dict from a Hugging Face LlamaForCausalLM config.json; ValueError for what this
-    file cannot run (other architectures, biases, other RoPE variants)."""
+# the config.json keys read, as check_value checks them (ModelArgs checks its fields again, by its own names)
+HF_CONFIG_KEYS = {"hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int, "intermediate_size": int,
+                  "vocab_size": int, "num_key_value_heads": int, "head_dim": int, "rms_norm_eps": float,
+                  "rope_theta": float, "tie_word_embeddings": bool}
+
+
+def params_from_hf_config(config: dict) -> dict:
+    """A params.json-style dict from a Hugging Face LlamaForCausalLM config.json; ValueError naming the key
+    for a value of the wrong type and for what this file cannot run (other architectures, biases, other RoPE
+    variants). The caller names the file."""
     if config.get("model_type") != "llama":
-        raise ValueError(f"{path}: model_type {config.get('model_type')!r}; only Llama models (model_type "
-                         f"'llama') load")
+        raise ValueError(f"model_type {config.get('model_type')!r}; only Llama models (model_type 'llama') load")
     if config.get("attention_bias") or config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{path}: biases or an activation other than silu are not Llama 3's architecture")
+        raise ValueError("biases or an activation other than silu are not Llama 3's architecture")
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                            "vocab_size") if k not in config]
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}")
+        raise ValueError(f"missing {', '.join(missing)}")
+    # transformers >= 5 writes "rope_parameters" (with rope_theta inside), older versions "rope_scaling"
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"rope_parameters / rope_scaling must be an object, got {rope!r}")
+    rope = dict(rope)
+    values = dict(config, rope_theta=rope.pop("rope_theta", config.get("rope_theta", 10000.0)))  # LlamaConfig's default
+    for key, kind in HF_CONFIG_KEYS.items():
+        if key in values and not (values[key] is None and key in ("num_key_value_heads", "head_dim")):  # None: implied
+            check_value(key, values[key], kind)
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
     if config.get("head_dim") not in (None, dim // n_heads):
-        raise ValueError(f"{path}: head_dim {config['head_dim']} is not hidden_size / num_attention_heads = "
-                         f"{dim // n_heads}")
-    # transformers >= 5 writes "rope_parameters" (with rope_theta inside), older versions "rope_scaling"
-    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    rope_theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))  # 10000: LlamaConfig's default
+        raise ValueError(f"head_dim {config['head_dim']} is not hidden_size / num_attention_heads = {dim // n_heads}")
     params = dict(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
                   n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
                   ffn_hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
-                  rope_theta=rope_theta, tie_word_embeddings=bool(config.get("tie_word_embeddings", False)))
+                  rope_theta=values["rope_theta"], tie_word_embeddings=config.get("tie_word_embeddings", False))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "llama3":
         params["rope_scaling"] = rope
     elif rope_type != "default":
-        raise ValueError(f"{path}: rope_type {rope_type!r} is not supported (default or llama3)")
+        raise ValueError(f"rope_type {rope_type!r} is not supported (default or llama3)")
     return params
 
 
-def hf_weights(paths: List[Path], args: ModelArgs) -> Iterator[Tuple[str, torch.Tensor]]:
-    """The Meta-named tensors of a Hugging Face folder's safetensors files, read memory-mapped by safetensors'
-    safe_open, with wq/wk put back in Meta's RoPE layout."""
+def open_safetensors(path: Path):
+    """safetensors' safe_open on path (memory-mapped), or RuntimeError naming the file."""
     try:
         from safetensors import safe_open
     except ImportError as e:
         raise RuntimeError("loading a Hugging Face folder needs the safetensors package: "
                            "pip install safetensors") from e
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError for a bad header or a truncated file, OSError, ...
+        raise RuntimeError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+def hf_shapes(paths: List[Path]) -> Dict[str, tuple]:
+    """The shapes of the tensors in a Hugging Face folder's safetensors files by Meta name, from their headers:
+    nothing is read or allocated."""
+    shapes = {}
+    for path in paths:
+        with open_safetensors(path) as f:
+            for hf_name in f.keys():
+                if not hf_name.endswith("rotary_emb.inv_freq"):
+                    shapes[meta_name(hf_name, HF, path)] = tuple(f.get_slice(hf_name).get_shape())
+    return shapes
+
+
+def hf_weights(paths: List[Path], args: ModelArgs) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The Meta-named tensors of a Hugging Face folder's safetensors files, read memory-mapped by safetensors'
+    safe_open, with wq/wk put back in Meta's RoPE layout."""
     t0 = time.time()
     for i, path in enumerate(paths):
         if len(paths) > 1:
             print(f"loading {path.name} ({i + 1}/{len(paths)}), {time.time() - t0:.1f}s so far", file=sys.stderr)
-        try:
-            f = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as e:  # SafetensorError for a bad header or a truncated file, OSError, ...
-            raise RuntimeError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
-        with f:
+        with open_safetensors(path) as f:
             for hf_name in f.keys():
                 if hf_name.endswith("rotary_emb.inv_freq"):
                     continue  # old exports carry HF's RoPE table; we compute our own
@@ -1416,12 +1466,17 @@ def hf_weights(paths: List[Path], args: ModelArgs) -> Iterator[Tuple[str, torch.
 def read_gguf(path: Path):
     """A gguf.GGUFReader on path (memory-mapped), or ValueError naming the file when it is no GGUF file or is
     cut short. The gguf package (llama.cpp's own reader) is needed for GGUF files only."""
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":  # every GGUF file starts so: anything else is no checkpoint at all
+            raise ValueError(f"{path} is neither a checkpoint folder nor a GGUF file (a GGUF file starts with the "
+                             f"bytes 'GGUF'); a Meta or Hugging Face checkpoint is the folder that holds its files"
+                             + (f": {path.parent}" if path.suffix in (".json", ".pth", ".safetensors") else ""))
     try:
         import gguf
     except ImportError as e:
         raise RuntimeError(f"reading {path} needs the gguf package: pip install gguf") from e
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # ValueError for a bad magic or version, IndexError/struct errors when cut short, ...
@@ -1433,25 +1488,36 @@ def read_gguf(path: Path):
     return reader
 
 
-def params_from_gguf(meta: dict, shapes: Dict[str, tuple], path: Path) -> dict:
+# the GGUF metadata keys read (after "llama."), as check_value checks them
+GGUF_KEYS = {"embedding_length": int, "block_count": int, "attention.head_count": int, "attention.head_count_kv": int,
+             "feed_forward_length": int, "context_length": int, "vocab_size": int, "rope.dimension_count": int,
+             "attention.key_length": int, "attention.value_length": int, "attention.layer_norm_rms_epsilon": float,
+             "rope.freq_base": float, "rope.scaling.factor": float, "rope.scaling.original_context_length": int}
+
+
+def params_from_gguf(meta: dict, shapes: Dict[str, tuple]) -> dict:
     """A params.json-style dict from GGUF metadata (architecture "llama") and the tensor shapes; ValueError
-    for what this file cannot run (other architectures, RoPE variants other than Llama 3's)."""
+    naming the key for a value of the wrong type and for what this file cannot run (other architectures,
+    RoPE variants other than Llama 3's). The caller names the file."""
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: architecture {arch!r}; only Llama models (general.architecture 'llama') load")
+        raise ValueError(f"architecture {arch!r}; only Llama models (general.architecture 'llama') load")
     missing = [k for k in ("embedding_length", "block_count", "attention.head_count", "feed_forward_length")
                if f"llama.{k}" not in meta]
     if missing or "token_embd.weight" not in shapes:
-        raise ValueError(f"{path} lacks {', '.join(['llama.' + k for k in missing] or ['token_embd.weight'])}")
+        raise ValueError(f"missing {', '.join(['llama.' + k for k in missing] or ['token_embd.weight'])}")
+    for key, kind in GGUF_KEYS.items():
+        if f"llama.{key}" in meta:
+            check_value(f"llama.{key}", meta[f"llama.{key}"], kind)
     dim, n_heads = meta["llama.embedding_length"], meta["llama.attention.head_count"]
     n_kv_heads = meta.get("llama.attention.head_count_kv", n_heads)
     for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
         if meta.get(f"llama.{key}", dim // n_heads) != dim // n_heads:
-            raise ValueError(f"{path}: llama.{key} {meta[f'llama.{key}']} is not embedding_length / head_count = "
+            raise ValueError(f"llama.{key} {meta[f'llama.{key}']} is not embedding_length / head_count = "
                              f"{dim // n_heads}")
     if meta.get("llama.rope.scaling.type", "none") not in ("none", "linear") or \
             meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
-        raise ValueError(f"{path}: RoPE scaling {meta.get('llama.rope.scaling.type')!r} (factor "
+        raise ValueError(f"RoPE scaling {meta.get('llama.rope.scaling.type')!r} (factor "
                          f"{meta.get('llama.rope.scaling.factor')}) is not supported; Llama 3's comes as rope_freqs")
     params = dict(dim=dim, n_layers=meta["llama.block_count"], n_heads=n_heads, n_kv_heads=n_kv_heads,
                   vocab_size=shapes["token_embd.weight"][0], ffn_hidden_dim=meta["llama.feed_forward_length"],
@@ -1459,7 +1525,7 @@ def params_from_gguf(meta: dict, shapes: Dict[str, tuple], path: Path) -> dict:
                   rope_theta=meta.get("llama.rope.freq_base", 10000.0),  # 10000: llama.cpp's default
                   tie_word_embeddings="output.weight" not in shapes)
     if meta.get("llama.vocab_size", params["vocab_size"]) != params["vocab_size"]:
-        raise ValueError(f"{path}: llama.vocab_size {meta['llama.vocab_size']} but token_embd.weight has "
+        raise ValueError(f"llama.vocab_size {meta['llama.vocab_size']} but token_embd.weight has "
                          f"{params['vocab_size']} rows")
     return params
 
@@ -1468,6 +1534,8 @@ def gguf_rope_scaling(freq_factors: torch.Tensor, args: ModelArgs, meta: dict, p
     """Llama 3.1's RoPE scaling from llama.cpp's rope_freqs tensor (what each frequency is divided by).
     Llama 3.1 and 3.2 use low_freq_factor 1, high_freq_factor 4 and an 8192-position original context;
     the factor is the largest divisor. Those values must reproduce every divisor, else ValueError."""
+    if not (torch.isfinite(freq_factors).all() and (freq_factors > 0).all()):
+        raise ValueError(f"{path}: rope_freqs.weight holds values that are not finite and positive")
     scaling = dict(rope_scale_factor=freq_factors.max().item(), rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                    rope_original_context=meta.get("llama.rope.scaling.original_context_length", 8192))
     scaled = replace(args, **scaling, use_scaled_rope=True)
@@ -1481,9 +1549,8 @@ def gguf_rope_scaling(freq_factors: torch.Tensor, args: ModelArgs, meta: dict, p
 
 def load_gguf(path: Path, limits: dict):
     """(ModelArgs with the runtime limits (max_seq_len, max_batch_size), its Meta-named weights, GGUFTokenizer
-    or None) of a GGUF file. Tensors are dequantized
-    by the gguf package (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...) one at a time as
-    the weights are consumed. llama.cpp stores attn_q/attn_k of the llama architecture in Meta's interleaved
+    or None, the weights' shapes by Meta name) of a GGUF file. Tensors are dequantized by the gguf package
+    (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...) one at a time as the weights are consumed. llama.cpp stores attn_q/attn_k of the llama architecture in Meta's interleaved
     RoPE layout (its converter undoes Hugging Face's permutation), so they load as they are: checked
     against transformers' own GGUF loading of SmolLM2 (test_smollm2_greedy_equals_transformers)."""
     reader = read_gguf(path)  # says how to install gguf when it is missing
@@ -1492,7 +1559,11 @@ def load_gguf(path: Path, limits: dict):
     meta = {name: field.contents() for name, field in reader.fields.items()}
     tensors = {t.name: t for t in reader.tensors}
     shapes = {name: tuple(reversed([int(n) for n in t.shape])) for name, t in tensors.items()}  # (out, in) order
-    args = replace(ModelArgs.from_params(params_from_gguf(meta, shapes, path)), **limits)
+    try:
+        args = ModelArgs.from_params(params_from_gguf(meta, shapes))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    args = replace(args, **limits)
     context = meta.get("llama.context_length")
     if context is not None and args.max_seq_len > context:
         raise ValueError(f"max_seq_len {args.max_seq_len} exceeds the {context} positions {path.name} was trained "
@@ -1511,9 +1582,10 @@ def load_gguf(path: Path, limits: dict):
 
     if "rope_freqs.weight" in tensors:
         args = replace(args, **gguf_rope_scaling(weight("rope_freqs.weight").float(), args, meta, path))
-    weights = ((meta_name(name, GGUF, path), weight(name)) for name in tensors if name != "rope_freqs.weight")
+    names = {name: meta_name(name, GGUF, path) for name in tensors if name != "rope_freqs.weight"}
+    weights = ((names[name], weight(name)) for name in names)
     tokenizer = GGUFTokenizer(meta, str(path)) if "tokenizer.ggml.model" in meta else None
-    return args, weights, tokenizer
+    return args, weights, tokenizer, {names[name]: shapes[name] for name in names}
 
 
 # Pre-tokenizer regexes (tiktoken syntax) of GGUF vocabularies, by llama.cpp's tokenizer.ggml.pre name.
@@ -1550,25 +1622,33 @@ class GGUFTokenizer(Tokenizer):
         .bos_token_id, ...; tokenizer.chat_template); source names the file in errors."""
         kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
         if kind != "gpt2":
-            raise ValueError(f"{source}: tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2')")
+            raise ValueError(f"{source}: tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2': "
+                             f"Llama 3, SmolLM2, ...), not SentencePiece ('llama': Llama 2, TinyLlama, Mistral)")
         if pre not in GGUF_PRETOKENIZERS:
             raise ValueError(f"{source}: unknown pre-tokenizer {pre!r}; supported: {', '.join(GGUF_PRETOKENIZERS)}")
         tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
-        if not tokens or not merges:
-            raise ValueError(f"{source}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing or empty")
-        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens or [])
+        for key, value, kind in (("tokens", tokens, str), ("merges", merges, str), ("token_type", types, int)):
+            if not isinstance(value, list) or not value or not all(type(x) is kind for x in value):
+                raise ValueError(f"{source}: tokenizer.ggml.{key} must be a non-empty list of {kind.__name__}s, got "
+                                 f"{type(value).__name__} {value!r:.60}")
         if len(types) != len(tokens):
             raise ValueError(f"{source}: {len(types)} token types for {len(tokens)} tokens")
         byte_of = gpt2_byte_chars()
         special: Dict[str, int] = {}  # text -> id
-        token_bytes: Dict[bytes, int] = {}  # bytes -> id; the first of repeated byte strings (never produced)
+        token_bytes: Dict[bytes, int] = {}  # bytes -> id
         for i, (text, kind) in enumerate(zip(tokens, types)):
             if kind in GGUF_SPECIAL_TYPES:
+                if text in special:  # tiktoken keeps one id per text: the other could not be decoded
+                    raise ValueError(f"{source}: tokens {special[text]} and {i} are both the special token {text!r}")
                 special[text] = i
             elif kind in GGUF_NORMAL_TYPES:
                 if any(c not in byte_of for c in text):
                     raise ValueError(f"{source}: token {i} {text!r} is not in GPT-2's byte-level alphabet")
-                token_bytes.setdefault(bytes(byte_of[c] for c in text), i)
+                b = bytes(byte_of[c] for c in text)
+                if b in token_bytes:  # as above
+                    raise ValueError(f"{source}: tokens {token_bytes[b]} and {i} are both {text!r}")
+                token_bytes[b] = i
             else:
                 raise ValueError(f"{source}: token {i} has unknown token type {kind}")
         # tiktoken merges the adjacent pair whose merged token has the lowest rank; Hugging Face and llama.cpp
@@ -1650,10 +1730,10 @@ class GGUFTokenizer(Tokenizer):
         return list(t) if self._id_to_rank is None else [self._id_to_rank[i] for i in t]
 
     def decode(self, t: Sequence[int]) -> str:
-        return self.model.decode(self._ranks(t))
+        return self.model.decode(self._ranks(self.check_ids(t)))
 
     def token_bytes(self, t: int) -> bytes:
-        return self.model.decode_single_token_bytes(self._ranks([t])[0])
+        return self.model.decode_single_token_bytes(self._ranks(self.check_ids([t]))[0])
 
     # ChatML, as its chat template renders it: per message <|im_start|>role\ncontent<|im_end|>\n, then
     # <|im_start|>assistant\n; no <|begin_of_text|>; content kept as it is (role and content are one text)
@@ -1684,18 +1764,92 @@ class GGUFTokenizer(Tokenizer):
         return tokens + self.encode_header("assistant")
 
 
+def weight_shapes(args: ModelArgs) -> Dict[str, tuple]:
+    """The shape of every weight a checkpoint of a model of args holds, by Meta's name (wq/wk/wv and w1/w3
+    apart; no output.weight when tied): Transformer's parameters, as state_dict() names them."""
+    d, hd, f, kv = args.dim, args.head_dim, args.hidden_dim, args.n_kv_heads * args.head_dim
+    layer = {"attention.wq.weight": (args.n_heads * hd, d), "attention.wk.weight": (kv, d),
+             "attention.wv.weight": (kv, d), "attention.wo.weight": (d, args.n_heads * hd),
+             "feed_forward.w1.weight": (f, d), "feed_forward.w2.weight": (d, f), "feed_forward.w3.weight": (f, d),
+             "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}
+    shapes = {"tok_embeddings.weight": (args.vocab_size, d), "norm.weight": (d,)}
+    if not args.tie_word_embeddings:
+        shapes["output.weight"] = (args.vocab_size, d)
+    for i in range(args.n_layers):
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
+    return shapes
+
+
+def check_weight_shape(name: str, shape, args: ModelArgs, expected: Dict[str, tuple], source, settings) -> None:
+    """RuntimeError naming source and settings unless tensor `name` of this shape belongs in a model of args
+    (expected: weight_shapes(args)). A tied model's output.weight, which some exports carry, is the embedding's."""
+    want = (args.vocab_size, args.dim) if name == "output.weight" and args.tie_word_embeddings else expected.get(name)
+    if want is None:
+        raise RuntimeError(f"{source} does not match {settings}: unexpected tensor {name} {tuple(shape)}")
+    if tuple(shape) != want:
+        raise RuntimeError(f"{source} does not match {settings}: {name} is {tuple(shape)}, expected {want} (dim "
+                           f"{args.dim}, n_heads {args.n_heads}, n_kv_heads {args.n_kv_heads}, hidden_dim "
+                           f"{args.hidden_dim}, vocab_size {args.vocab_size})")
+
+
+def check_weight_shapes(args: ModelArgs, shapes: Dict[str, tuple], source, settings) -> None:
+    """check_weight_shape for every tensor of a checkpoint (shapes: Meta name -> shape, read from the file's
+    header before any tensor) and none missing: a wrong n_layers or dim fails before anything is allocated.
+    The layer count first, from the names: the shape table of a huge n_layers would itself take long."""
+    layers = {int(n.split(".")[1]) for n in shapes if re.fullmatch(r"layers\.\d+\..+", n)}
+    n_file = max(layers, default=-1) + 1
+    if n_file != args.n_layers:
+        raise RuntimeError(f"{source} does not match {settings}: n_layers is {args.n_layers} but the weights hold "
+                           f"{n_file} layers" + (f": missing layers.{n_file} .. layers.{args.n_layers - 1}"
+                                                 if n_file < args.n_layers else ""))
+    expected = weight_shapes(args)
+    for name, shape in shapes.items():
+        check_weight_shape(name, shape, args, expected, source, settings)
+    missing = sorted(expected.keys() - shapes.keys())
+    if missing:
+        raise RuntimeError(f"{source} does not match {settings}: missing {', '.join(missing[:4])}"
+                           f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}")
+
+
+def check_weight_tensor(name: str, t: torch.Tensor, source) -> None:
+    """ValueError naming the tensor unless it is a dense floating-point tensor with data: an integer, bool
+    or complex tensor would be cast to float silently, a sparse or meta one fail in a copy naming nothing."""
+    if t.is_meta or t.layout != torch.strided:
+        raise ValueError(f"{source}: tensor {name} is a {'meta' if t.is_meta else t.layout} tensor, not a dense "
+                         f"tensor with data")
+    if not t.is_floating_point():
+        raise ValueError(f"{source}: tensor {name} has dtype {t.dtype}; weights are floating-point tensors")
+
+
+def check_finite(name: str, placed: torch.Tensor, t: torch.Tensor, source) -> None:
+    """ValueError naming the tensor when placed (t converted to the model's dtype) holds NaN or inf: a NaN in
+    any weight makes every logit NaN and generation emit token 0 for ever. aminmax propagates NaN and sees
+    inf in one pass, without a temporary the size of the tensor."""
+    lo, hi = torch.aminmax(placed)
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        return
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{source}: tensor {name} holds NaN or infinite values")
+    raise ValueError(f"{source}: tensor {name} has values beyond {placed.dtype}'s range (largest magnitude "
+                     f"{t.abs().max().item():.4g}); load the model in bfloat16 or float32")
+
+
 def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tensor]], device, dtype, source,
-                       settings, mapped: bool = False) -> Transformer:
-    """A Transformer in eval mode holding weights, (Meta name, tensor) pairs in any dtype, each converted to
-    dtype on device as it comes (so a loader may release its file pages, or drop a dequantized copy, before
-    the next): memory peaks near the model plus one tensor. mapped: the tensors are memory-mapped from a
-    file, so each is copied even when it is already in dtype on device. wq/wk/wv and w1/w3 are copied into
-    their rows of the stacked weights the model holds. The model is built on the meta device (no memory, no
-    random init) and adopts the tensors (assign=True). RuntimeError naming source (the weights) and settings
-    (where args came from) when the weights do not fit args."""
+                       settings, mapped: bool = False, shapes: Optional[Dict[str, tuple]] = None) -> Transformer:
+    """A Transformer in eval mode holding weights, (Meta name, tensor) pairs in any floating dtype, each
+    converted to dtype on device as it comes (so a loader may release its file pages, or drop a dequantized
+    copy, before the next): memory peaks near the model plus one tensor. mapped: the tensors are memory-mapped
+    from a file, so each is copied even when it is already in dtype on device. wq/wk/wv and w1/w3 are copied
+    into their rows of the stacked weights the model holds. The model is built on the meta device (no memory,
+    no random init) and adopts the tensors (assign=True). shapes: every tensor's shape, as the file's header
+    gives them, checked against args before anything is built. RuntimeError naming source (the weights) and
+    settings (where args came from) when the weights do not fit args; ValueError naming a tensor that is not
+    floating point or holds NaN/inf (checked once each, here, for every format)."""
+    if shapes is not None:
+        check_weight_shapes(args, shapes, source, settings)
+    expected = weight_shapes(args)
     with torch.device("meta"):
         model = Transformer(args)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # Meta's names
     stacked_rows = {}  # Meta's name of a stacked weight's part -> (the stacked weight, the part's first row)
     for i, (stacked, parts) in itertools.product(range(args.n_layers), STACKED_WEIGHTS.items()):
         starts = itertools.accumulate([expected[f"layers.{i}.{part}"][0] for part in parts], initial=0)
@@ -1706,22 +1860,21 @@ def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tenso
         if name in seen:
             raise ValueError(f"{source}: tensor {name} appears more than once")
         seen.add(name)
+        check_weight_shape(name, t.shape, args, expected, source, settings)
+        check_weight_tensor(name, t, source)
         if name == "output.weight" and args.tie_word_embeddings:
             # a tied model needs no output weight; some exports still carry it, and then it must be the embedding
-            tied_output = t.to(device=device, dtype=dtype)
-        elif name not in expected:
-            raise RuntimeError(f"{source} does not match {settings}: unexpected tensor {name} {tuple(t.shape)}")
-        elif tuple(t.shape) != expected[name]:
-            raise RuntimeError(f"{source} does not match {settings}: {name} is {tuple(t.shape)}, expected "
-                               f"{expected[name]}")
+            tied_output = placed = t.to(device=device, dtype=dtype)
         elif name in stacked_rows:  # copied into its rows of the stacked weight
             stacked, start = stacked_rows[name]
             if stacked not in sd:
                 sd[stacked] = torch.empty(stacked_shapes[stacked], device=device, dtype=dtype)
-            sd[stacked][start : start + t.shape[0]].copy_(t)
+            placed = sd[stacked][start : start + t.shape[0]]
+            placed.copy_(t)
         else:
-            sd[name] = t.to(device=device, dtype=dtype, copy=mapped)
-        t = None  # the loader's next tensor may reuse this one's memory
+            sd[name] = placed = t.to(device=device, dtype=dtype, copy=mapped)
+        check_finite(name, placed, t, source)
+        t = placed = None  # the loader's next tensor may reuse this one's memory
     missing = sorted(expected.keys() - seen)
     if missing:
         raise RuntimeError(f"{source} does not match {settings}: missing {', '.join(missing[:4])}"
@@ -1730,7 +1883,11 @@ def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tenso
         raise ValueError(f"{settings} ties the output layer to the embedding, but {source} holds an output "
                          f"weight that differs from the embedding")
     model.load_state_dict(sd, strict=True, assign=True)
-    model.init_rope(device)
+    try:
+        model.init_rope(device)
+    except RuntimeError as e:  # out of memory: say which setting asked for it
+        raise RuntimeError(f"cannot allocate the RoPE tables for max_seq_len {args.max_seq_len} (2 x "
+                           f"{args.max_seq_len} x {args.head_dim // 2} fp32 on {device}): {e}") from e
     return model.eval().requires_grad_(False)
 
 
@@ -1739,13 +1896,15 @@ def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch
     """Llama.build: a Meta folder (params.json, consolidated.00.pth or model-parallel shards consolidated.00.pth
     .. NN.pth, tokenizer.model), a Hugging Face folder (config.json, model.safetensors or shards listed in
     model.safetensors.index.json, original/tokenizer.model) or a .gguf file with its own tokenizer (or
-    tokenizer_path, a Llama 3 tokenizer.model, when it has none)."""
+    tokenizer_path, a Llama 3 tokenizer.model, when it has none). Every file of a folder lies inside it
+    (check_inside); the weights' shapes are checked against the config before anything is allocated."""
     t0 = time.time()
+    Llama._check_seed(seed)  # bad arguments fail before anything is read
     path = Path(ckpt_dir).expanduser()
     limits = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     if path.suffix == ".gguf" or path.is_file():
         device, dtype = resolve_device_dtype(device, dtype)
-        args, weights, tokenizer = load_gguf(path, limits)
+        args, weights, tokenizer, shapes = load_gguf(path, limits)
         if tokenizer_path is not None:
             tokenizer = Tokenizer(tokenizer_path)
         if tokenizer is None:
@@ -1753,41 +1912,45 @@ def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch
         if tokenizer.n_words != args.vocab_size:
             raise ValueError(f"{path} has {args.vocab_size} embedding rows but the tokenizer "
                              f"{tokenizer.n_words} tokens")
-        model = model_from_weights(args, weights, device, dtype, path, "its metadata")
+        model = model_from_weights(args, weights, device, dtype, path, "its metadata", shapes=shapes)
     else:
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint folder not found: {path}")
         layout, files = find_checkpoint(path)
-        config_path = path / ("params.json" if layout == "meta" else "config.json")
+        config_path = check_inside(path / ("params.json" if layout == "meta" else "config.json"), path)
         params = read_json_object(config_path)
         try:
             if layout == "hf":
-                params = params_from_hf_config(params, config_path)
+                params = params_from_hf_config(params)
             args = ModelArgs.from_params(params)
         except (TypeError, ValueError) as e:  # a missing value, or one of the wrong type
-            raise ValueError(f"bad value in {config_path}: {e}") from e
+            raise ValueError(f"{config_path}: {e}") from e
         args = replace(args, **limits)
         if tokenizer_path is None:
             tokenizer_path = path / ("tokenizer.model" if layout == "meta" else "original/tokenizer.model")
             if not tokenizer_path.is_file():
                 raise FileNotFoundError(f"no tokenizer for {path}: {tokenizer_path} not found; pass "
                                         f"tokenizer_path (Llama 3's tiktoken tokenizer.model)")
+            check_inside(tokenizer_path, path)
         tokenizer = Tokenizer(tokenizer_path)
         if args.vocab_size != tokenizer.n_words:
             raise ValueError(f"vocab_size {args.vocab_size} in {config_path} does not match the tokenizer's "
                              f"{tokenizer.n_words} tokens")
         device, dtype = resolve_device_dtype(device, dtype)
+        source = files[0] if len(files) == 1 else f"the {len(files)} files in {path}"
         if layout == "hf":
-            weights = hf_weights(files, args)
+            shapes, weights = hf_shapes(files), hf_weights(files, args)
         else:
-            sd = load_checkpoint(files[0]) if len(files) == 1 else \
-                merge_meta_shards(files, args.n_kv_heads, args.head_dim, device, dtype)
+            sd = load_checkpoint(files[0])  # memory-mapped: only the header is read
             # Meta's params.json does not say: a checkpoint without output.weight is tied
             args = replace(args, tie_word_embeddings="output.weight" not in sd)
+            if len(files) > 1:
+                del sd  # merged shard by shard, checked against args before anything is allocated
+                sd = merge_meta_shards(files, args, device, dtype, source, config_path)
+            shapes = {name: tuple(t.shape) for name, t in sd.items()}
             weights = mapped_weights(sd) if len(files) == 1 else ((name, sd.pop(name)) for name in list(sd))
-        source = files[0] if len(files) == 1 else f"the {len(files)} files in {path}"
         mapped = layout == "hf" or len(files) == 1  # merged shards are copies already
-        model = model_from_weights(args, weights, device, dtype, source, config_path, mapped)
+        model = model_from_weights(args, weights, device, dtype, source, config_path, mapped, shapes)
     print(f"loaded {path} on {device} in {dtype} in {time.time() - t0:.2f}s", file=sys.stderr)
     return Llama(model, tokenizer, seed, compile)
 

@@ -1338,20 +1338,18 @@ def llama3_gguf_vocab() -> dict:
 
 
 def write_gguf(path: Path, params: dict, sd: dict, qtype: str = "F32", vocab: dict = None, arch: str = "llama",
-               context: int = 4096) -> Path:
+               context: int = 4096, metadata: dict = None) -> Path:
     """A GGUF file as llama.cpp writes one, from Meta-named weights: attn_q/attn_k rows as they are (Meta's
-    interleaved RoPE layout), 2-D weights in qtype, norms in F32, rope_freqs for Llama 3.1's RoPE scaling."""
+    interleaved RoPE layout), 2-D weights in qtype, norms in F32, rope_freqs for Llama 3.1's RoPE scaling.
+    metadata: values that replace the hyper-parameters' (keys after "llama.", floats as float32, ints as uint32)."""
     args = llama31.ModelArgs.from_params(params)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(args.n_layers)
-    w.add_context_length(context)
-    w.add_embedding_length(args.dim)
-    w.add_feed_forward_length(args.hidden_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.n_kv_heads)
-    w.add_rope_freq_base(args.rope_theta)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_rope_dimension_count(args.head_dim)
+    kv = {"block_count": args.n_layers, "context_length": context, "embedding_length": args.dim,
+          "feed_forward_length": args.hidden_dim, "attention.head_count": args.n_heads,
+          "attention.head_count_kv": args.n_kv_heads, "rope.freq_base": float(args.rope_theta),
+          "attention.layer_norm_rms_epsilon": float(args.norm_eps), "rope.dimension_count": args.head_dim}
+    for key, value in {**kv, **(metadata or {})}.items():  # the types gguf's add_block_count, ... write
+        (w.add_float32 if isinstance(value, float) else w.add_uint32)(f"{arch}.{key}", value)
     if vocab:
         w.add_tokenizer_model(vocab["tokenizer.ggml.model"])
         w.add_tokenizer_pre(vocab["tokenizer.ggml.pre"])
@@ -1624,6 +1622,267 @@ def mha_sd():
     return random_state_dict(MHA, 1)
 
 
+def write_meta_folder(folder: Path, sd: dict, params: dict = MHA) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, folder / "consolidated.00.pth")
+    (folder / "params.json").write_text(json.dumps(params))
+    (folder / "tokenizer.model").write_bytes(TOKENIZER_PATH.read_bytes())
+    return folder
+
+
+def hf_tensors(params: dict, sd: dict) -> dict:
+    """sd under Hugging Face's names, wq/wk rows in its rotate-half RoPE layout (as save_pretrained writes)."""
+    args = llama31.ModelArgs.from_params(params)
+    out = {}
+    for name, t in sd.items():
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            hf_name = f"{llama31.LAYER_PREFIXES[llama31.HF]}{i}.{llama31.LAYER_WEIGHT_NAMES[rest][llama31.HF]}"
+        else:
+            hf_name = llama31.WEIGHT_NAMES[name][llama31.HF]
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")) and t.is_floating_point():
+            t = llama31.rope_permute(t, args.n_heads if "wq" in name else args.n_kv_heads, to_hf=True)
+        out[hf_name] = t.contiguous()
+    return out
+
+
+def hf_config(params: dict, **overrides) -> dict:
+    args = llama31.ModelArgs.from_params(params)
+    return dict(dict(model_type="llama", hidden_size=args.dim, num_hidden_layers=args.n_layers,
+                     num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
+                     intermediate_size=args.hidden_dim, vocab_size=args.vocab_size, rms_norm_eps=args.norm_eps,
+                     rope_theta=args.rope_theta, tie_word_embeddings=args.tie_word_embeddings), **overrides)
+
+
+def write_hf_folder(folder: Path, sd: dict, params: dict = MHA, **config) -> Path:
+    from safetensors.torch import save_file
+
+    (folder / "original").mkdir(parents=True, exist_ok=True)
+    save_file(hf_tensors(params, sd), folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(hf_config(params, **config)))
+    (folder / "original" / "tokenizer.model").write_bytes(TOKENIZER_PATH.read_bytes())
+    return folder
+
+
+def test_nonfinite_weights_name_file_and_tensor(tmp_path, mha_sd):
+    # a NaN in one element of one tensor makes every logit NaN and greedy decoding emit token 0 for ever
+    sd = dict(mha_sd, **{"norm.weight": mha_sd["norm.weight"].clone()})
+    sd["norm.weight"][3] = float("nan")
+    folder = write_meta_folder(tmp_path / "meta", sd)
+    with pytest.raises(ValueError, match=r"meta/consolidated.00.pth: tensor norm.weight holds NaN or infinite"):
+        llama31.Llama.build(folder, device="cpu")
+    sd = dict(mha_sd, **{"layers.1.attention.wk.weight": mha_sd["layers.1.attention.wk.weight"].clone()})
+    sd["layers.1.attention.wk.weight"][5, 7] = float("-inf")  # a part of a stacked weight
+    folder = write_hf_folder(tmp_path / "hf", sd)
+    with pytest.raises(ValueError, match=r"hf/model.safetensors: tensor layers.1.attention.wk.weight holds NaN"):
+        llama31.Llama.build(folder, device="cpu")
+    # finite in the file, beyond float16's range once converted: the same silent NaNs, a clearer cause
+    sd = dict(mha_sd, **{"output.weight": mha_sd["output.weight"].clone()})
+    sd["output.weight"][0, 0] = 2.0**17
+    folder = write_meta_folder(tmp_path / "big", sd)
+    with pytest.raises(ValueError, match=r"output.weight has values beyond torch.float16's range .*1.311e\+05"):
+        llama31.Llama.build(folder, device="cpu", dtype=torch.float16)
+    assert llama31.Llama.build(folder, device="cpu", dtype=torch.bfloat16).model.output.weight[0, 0] == 2.0**17
+
+
+@needs_gguf
+def test_nonfinite_gguf_weight(tmp_path):
+    params = dict(dim=16, n_layers=1, n_heads=2, vocab_size=300, multiple_of=32)
+    sd = random_state_dict(params, seed=4)
+    sd["layers.0.feed_forward.w2.weight"][1, 2] = float("nan")
+    path = write_gguf(tmp_path / "nan.gguf", params, sd)
+    args, weights, _, shapes = llama31.load_gguf(path, {"max_seq_len": 64})
+    with pytest.raises(ValueError, match=r"nan.gguf: tensor layers.0.feed_forward.w2.weight holds NaN"):
+        llama31.model_from_weights(args, weights, "cpu", torch.float32, path, "its metadata", shapes=shapes)
+
+
+def test_weights_must_be_dense_floating_point(tmp_path, mha_sd):
+    norm = mha_sd["norm.weight"]
+    cases = {"int": (norm.to(torch.int64), r"norm.weight has dtype torch.int64"),
+             "bool": (norm > 1, r"norm.weight has dtype torch.bool"),
+             "complex": (norm.to(torch.complex64), r"norm.weight has dtype torch.complex64"),
+             "sparse": (norm.float().to_sparse(), r"norm.weight is a torch.sparse_coo tensor"),
+             "meta": (torch.empty(norm.shape, device="meta"), r"norm.weight is a meta tensor")}
+    for case, (t, match) in cases.items():
+        folder = write_meta_folder(tmp_path / case, dict(mha_sd, **{"norm.weight": t}))
+        with pytest.raises(ValueError, match=f"{case}/consolidated.00.pth: tensor {match}"):
+            llama31.Llama.build(folder, device="cpu")
+    folder = write_hf_folder(tmp_path / "hf", dict(mha_sd, **{"layers.0.attention.wq.weight": torch.ones(
+        mha_sd["layers.0.attention.wq.weight"].shape, dtype=torch.int32)}))
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor layers.0.attention.wq.weight has dtype torch.int32"):
+        llama31.Llama.build(folder, device="cpu")
+
+
+class BuildsNothing:
+    """Stands in for llama31.Transformer: a test fails at once if a model is built (allocated, or for a
+    billion layers, built for hours) before the weights' shapes were checked against the config."""
+
+    def __init__(self, args):
+        raise AssertionError(f"a Transformer of {args.n_layers} layers was built before the shapes were checked")
+
+
+PARAMS_CASES = [  # params.json value -> the error naming it
+    (dict(norm_eps=float("nan")), ValueError, r"params.json: norm_eps must be a finite number > 0, got nan"),
+    (dict(rope_theta=float("inf")), ValueError, r"rope_theta must be a finite number > 0, got inf"),
+    (dict(use_scaled_rope="false"), ValueError, r"use_scaled_rope must be true or false, got 'false' \(a str\)"),
+    (dict(dim="64"), ValueError, r"dim must be an integer >= 1, got '64'"),
+    (dict(ffn_dim_multiplier="1.3"), ValueError, r"ffn_dim_multiplier must be a finite number > 0, got '1.3'"),
+    (dict(ffn_dim_multiplier=-1.3), ValueError, r"ffn_dim_multiplier must be a finite number > 0, got -1.3"),
+    (dict(n_heads=0), ValueError, r"n_heads must be an integer >= 1, got 0"),
+    (dict(n_layers=True), ValueError, r"n_layers must be an integer >= 1, got True"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}), ValueError,
+     r"rope_scaling of type llama3 lacks high_freq_factor, original_max_position_embeddings"),
+    (dict(use_scaled_rope=True, rope_scaling={"factor": "8", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}), ValueError, r"rope_scaling factor must be"),
+    # values the file's tensors contradict, caught before anything is built
+    (dict(n_layers=10**9), RuntimeError, r"n_layers is 1000000000 but the weights hold 2 layers"),
+    (dict(n_layers=3), RuntimeError, r"n_layers is 3 but the weights hold 2 layers: missing layers.2"),
+    (dict(dim=2**40), RuntimeError, r"tok_embeddings.weight is \(128256, 64\), expected \(128256, 1099511627776\)"),
+    (dict(ffn_dim_multiplier=1e30), RuntimeError, r"feed_forward.w1.weight is \(192, 64\), expected"),
+]
+
+
+@pytest.mark.parametrize("change,error,match", PARAMS_CASES)
+def test_params_json_values_checked(change, error, match, ckpt_mha, tmp_path, monkeypatch):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for f in ckpt_mha.iterdir():
+        if f.name != "params.json":
+            os.link(f, folder / f.name)  # the same files, inside this folder (a symlink would lead outside)
+    (folder / "params.json").write_text(json.dumps(dict(MHA, **change)))
+    monkeypatch.setattr(llama31, "Transformer", BuildsNothing)
+    with pytest.raises(error, match=match):
+        llama31.Llama.build(folder, device="cpu")
+
+
+HF_CONFIG_CASES = [  # config.json value -> the error naming it
+    (dict(rms_norm_eps=float("nan")), ValueError, r"config.json: rms_norm_eps must be a finite number > 0, got nan"),
+    (dict(tie_word_embeddings="false"), ValueError, r"tie_word_embeddings must be true or false, got 'false'"),
+    (dict(num_attention_heads=0), ValueError, r"num_attention_heads must be an integer >= 1, got 0"),
+    (dict(num_key_value_heads=0), ValueError, r"num_key_value_heads must be an integer >= 1, got 0"),
+    (dict(hidden_size=64.0), ValueError, r"hidden_size must be an integer >= 1, got 64.0"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), ValueError,
+     r"rope_scaling of type llama3 lacks high_freq_factor, low_freq_factor, original_max_position_embeddings"),
+    (dict(num_hidden_layers=10**9), RuntimeError, r"model.safetensors does not match .*config.json: n_layers is "
+                                                  r"1000000000 but the weights hold 2 layers"),
+]
+
+
+@pytest.mark.parametrize("change,error,match", HF_CONFIG_CASES)
+def test_hf_config_values_checked(change, error, match, mha_sd, tmp_path_factory, monkeypatch):
+    folder = tmp_path_factory.getbasetemp() / "hf-config-cases"
+    if not folder.is_dir():
+        write_hf_folder(folder, mha_sd)
+    (folder / "config.json").write_text(json.dumps(hf_config(MHA, **change)))
+    monkeypatch.setattr(llama31, "Transformer", BuildsNothing)
+    with pytest.raises(error, match=match):
+        llama31.Llama.build(folder, device="cpu")
+
+
+@needs_gguf
+@pytest.mark.parametrize("change,error,match", [
+    ({"rope.freq_base": float("nan")}, ValueError, r"x.gguf: llama.rope.freq_base must be a finite number > 0, got nan"),
+    ({"attention.layer_norm_rms_epsilon": float("nan")}, ValueError, r"llama.attention.layer_norm_rms_epsilon must"),
+    ({"attention.head_count": 0}, ValueError, r"llama.attention.head_count must be an integer >= 1, got 0"),
+    ({"block_count": 10**9}, RuntimeError, r"x.gguf does not match its metadata: n_layers is 1000000000 but the "
+                                          r"weights hold 1 layers"),
+])
+def test_gguf_metadata_values_checked(change, error, match, tmp_path, monkeypatch):
+    params = dict(dim=16, n_layers=1, n_heads=2, vocab_size=300, multiple_of=32)
+    path = write_gguf(tmp_path / "x.gguf", params, random_state_dict(params, seed=4), metadata=change)
+    monkeypatch.setattr(llama31, "Transformer", BuildsNothing)
+    with pytest.raises(error, match=match):
+        args, weights, _, shapes = llama31.load_gguf(path, {"max_seq_len": 64})
+        llama31.model_from_weights(args, weights, "cpu", torch.float32, path, "its metadata", shapes=shapes)
+
+
+def test_weight_shapes_are_the_models(tmp_path):
+    # the table the loaders check files against before building is the shapes of the model they then build
+    for params in (MHA, GQA, dict(GQA, tie_word_embeddings=True, ffn_hidden_dim=200)):
+        args = llama31.ModelArgs.from_params(params)
+        with torch.device("meta"):
+            model = llama31.Transformer(args)
+        assert llama31.weight_shapes(args) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_limits_and_seed_checked_before_loading(ckpt_mha, llama_mha, monkeypatch):
+    monkeypatch.setattr(llama31, "Transformer", BuildsNothing)
+    # fp32 holds integers exactly only up to 2^24: RoPE positions and token ids beyond it would be rounded
+    with pytest.raises(ValueError, match=r"max_seq_len 2147483648 exceeds 2\*\*24 = 16777216"):
+        llama31.Llama.build(ckpt_mha, max_seq_len=2**31, device="cpu")
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\), got 18446744073709551616"):
+        llama31.Llama.build(ckpt_mha, seed=2**64, device="cpu")
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\), got -1"):
+        llama31.Llama(llama_mha.model, llama_mha.tokenizer, seed=-1)
+    monkeypatch.undo()
+
+    def no_memory(self, device=None):
+        raise torch.OutOfMemoryError("CPU out of memory")
+
+    monkeypatch.setattr(llama31.Transformer, "init_rope", no_memory)
+    with pytest.raises(RuntimeError, match=r"RoPE tables for max_seq_len 4096 .*CPU out of memory"):
+        llama31.Llama.build(ckpt_mha, max_seq_len=4096, device="cpu")
+
+
+def test_not_a_checkpoint_file(ckpt_mha, monkeypatch):
+    for name in ("params.json", "consolidated.00.pth", "tokenizer.model"):
+        with pytest.raises(ValueError, match=f"{name} is neither a checkpoint folder nor a GGUF file"):
+            llama31.Llama.build(ckpt_mha / name, device="cpu")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # without gguf: still not "needs the gguf package"
+    with pytest.raises(ValueError, match=f"params.json is neither .* the folder that holds its files: {ckpt_mha}$"):
+        llama31.Llama.build(ckpt_mha / "params.json", device="cpu")
+
+
+def write_hf_shards(folder: Path, sd: dict) -> Path:
+    """A Hugging Face folder with the weights in two safetensors shards and their index."""
+    from safetensors.torch import save_file
+
+    tensors = hf_tensors(MHA, sd)
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for file, shard_names in shards.items():
+        save_file({n: tensors[n] for n in shard_names}, folder / file)
+        weight_map.update({n: file for n in shard_names})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(hf_config(MHA)))
+    return folder
+
+
+def test_nothing_read_from_outside_the_checkpoint(tmp_path, mha_sd):
+    second = "model-00002-of-00002.safetensors"
+    other = write_hf_shards(tmp_path / "other", mha_sd)  # a real shard, outside the folder below
+    folder = write_hf_shards(tmp_path / "ckpt", mha_sd)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    for entry in ["../other/" + second, str(other / second), "/etc/passwd", "../../etc/passwd"]:
+        weight_map = {k: entry if v == second else v for k, v in index["weight_map"].items()}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(ValueError, match=r"model.safetensors.index.json: .* outside the checkpoint folder"):
+            llama31.Llama.build(folder, TOKENIZER_PATH, device="cpu")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / second).unlink()
+    (folder / second).symlink_to(other / second)  # a symlink in the folder: followed only inside it
+    with pytest.raises(ValueError, match=f"{second} resolves to {(other / second).resolve()}, outside the checkpoint"):
+        llama31.Llama.build(folder, TOKENIZER_PATH, device="cpu")
+    meta = write_meta_folder(tmp_path / "meta", mha_sd)
+    (meta / "consolidated.00.pth").rename(tmp_path / "elsewhere.pth")
+    (meta / "consolidated.00.pth").symlink_to(tmp_path / "elsewhere.pth")
+    with pytest.raises(ValueError, match="consolidated.00.pth resolves to .*elsewhere.pth, outside"):
+        llama31.Llama.build(meta, device="cpu")
+    # Hugging Face's cache: snapshots/<revision>/ holds links into the repository's blobs/, and loads
+    repo = tmp_path / "models--meta-llama--tiny"
+    snapshot = write_hf_shards(repo / "snapshots" / "abc123", mha_sd)
+    (repo / "blobs").mkdir()
+    for f in snapshot.iterdir():
+        (repo / "blobs" / f"sha-{f.name}").write_bytes(f.read_bytes())
+        f.unlink()
+        f.symlink_to(Path("../../blobs") / f"sha-{f.name}")
+    llama = llama31.Llama.build(snapshot, TOKENIZER_PATH, device="cpu", dtype=torch.bfloat16)
+    assert all(torch.equal(v, llama.model.state_dict()[k]) for k, v in mha_sd.items())
+
+
 def write_tiktoken_file(path: Path, ranks: list) -> Path:
     """A tokenizer.model (base64 token, rank per line) from (bytes, rank) pairs."""
     import base64
@@ -1645,6 +1904,35 @@ def test_bad_tokenizer_model_refused_at_load(tmp_path):
             llama31.Tokenizer(write_tiktoken_file(tmp_path / name, ranks))
     tok = llama31.Tokenizer(write_tiktoken_file(tmp_path / "ok.model", single + [(b"ab", 256)]))
     assert tok.encode("ab\x07", bos=False, eos=False) == [256, 7]
+
+
+def tiny_gguf_vocab() -> dict:
+    """A byte-level BPE vocabulary as GGUF stores it: the 256 bytes, "ab" from the merge "a b", two controls."""
+    tokens = [BYTE_CHARS[b] for b in range(256)] + ["ab", "<|im_start|>", "<|im_end|>"]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [1] * 257 + [3, 3], "tokenizer.ggml.merges": ["a b"],
+            "tokenizer.ggml.eos_token_id": 258}
+
+
+def test_gguf_vocabulary_checked_at_load():
+    tok = llama31.Tokenizer.from_gguf(tiny_gguf_vocab(), "tiny.gguf")
+    assert tok.encode("cab", bos=False, eos=False) == [ord("c"), 256] and tok.decode([256, 99]) == "abc"
+    tokens = tiny_gguf_vocab()["tokenizer.ggml.tokens"][:257]
+    bad = {"tokenizer.ggml.tokens": tokens + ["ab", "<|im_end|>"], "tokenizer.ggml.token_type": [1] * 258 + [3]}
+    with pytest.raises(ValueError, match=r"tiny.gguf: tokens 256 and 257 are both 'ab'"):  # was a KeyError mid-generation
+        llama31.Tokenizer.from_gguf(dict(tiny_gguf_vocab(), **bad), "tiny.gguf")
+    bad = {"tokenizer.ggml.tokens": tokens + ["<|im_end|>"] * 2}
+    with pytest.raises(ValueError, match=r"tiny.gguf: tokens 257 and 258 are both the special token '<\|im_end\|>'"):
+        llama31.Tokenizer.from_gguf(dict(tiny_gguf_vocab(), **bad), "tiny.gguf")
+    for key, value in [("merges", [1, 2]), ("merges", "a b"), ("tokens", None), ("token_type", ["1"] * 259)]:
+        with pytest.raises(ValueError, match=rf"tiny.gguf: tokenizer.ggml.{key} must be a non-empty list of"):
+            llama31.Tokenizer.from_gguf(dict(tiny_gguf_vocab(), **{f"tokenizer.ggml.{key}": value}), "tiny.gguf")
+    # SentencePiece vocabularies (Llama 2, TinyLlama) are refused as such: the README says so too
+    with pytest.raises(ValueError, match=r"tokenizer model 'llama' .* not SentencePiece \('llama': Llama 2, TinyLlama"):
+        llama31.Tokenizer.from_gguf(dict(tiny_gguf_vocab(), **{"tokenizer.ggml.model": "llama"}), "tiny.gguf")
+    assert "SentencePiece" in (HERE / "README.md").read_text().split("## GGUF files")[1].split("\n## ")[0]
+    with pytest.raises(ValueError, match=r"token id 259 at position 1 is not in the vocabulary \[0, 259\)"):
+        tok.decode([97, 259])
 
 
 def test_token_ids_checked_and_named(llama_mha, tokenizer, monkeypatch):
