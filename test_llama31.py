@@ -1707,6 +1707,11 @@ def test_weights_must_be_dense_floating_point(tmp_path, mha_sd):
         folder = write_meta_folder(tmp_path / case, dict(mha_sd, **{"norm.weight": t}))
         with pytest.raises(ValueError, match=f"{case}/consolidated.00.pth: tensor {match}"):
             llama31.Llama.build(folder, device="cpu")
+    # shards are merged (and cast) before the weights reach model_from_weights: checked as they are read
+    for r, shard in enumerate(split_like_meta(dict(mha_sd, **{"norm.weight": cases["int"][0]}), 2, 4, 16)):
+        torch.save(shard, tmp_path / "int" / f"consolidated.{r:02d}.pth")
+    with pytest.raises(ValueError, match=r"int/consolidated.00.pth: tensor norm.weight has dtype torch.int64"):
+        llama31.Llama.build(tmp_path / "int", device="cpu")
     folder = write_hf_folder(tmp_path / "hf", dict(mha_sd, **{"layers.0.attention.wq.weight": torch.ones(
         mha_sd["layers.0.attention.wq.weight"].shape, dtype=torch.int32)}))
     with pytest.raises(ValueError, match=r"model.safetensors: tensor layers.0.attention.wq.weight has dtype torch.int32"):
