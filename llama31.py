@@ -1553,9 +1553,10 @@ def gguf_rope_scaling(freq_factors: torch.Tensor, args: ModelArgs, meta: dict, p
 def load_gguf(path: Path, limits: dict):
     """(ModelArgs with the runtime limits (max_seq_len, max_batch_size), its Meta-named weights, GGUFTokenizer
     or None, the weights' shapes by Meta name) of a GGUF file. Tensors are dequantized by the gguf package
-    (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...) one at a time as the weights are consumed. llama.cpp stores attn_q/attn_k of the llama architecture in Meta's interleaved
-    RoPE layout (its converter undoes Hugging Face's permutation), so they load as they are: checked
-    against transformers' own GGUF loading of SmolLM2 (test_smollm2_greedy_equals_transformers)."""
+    (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...) one at a time as the weights are
+    consumed. llama.cpp stores attn_q/attn_k of the llama architecture in Meta's interleaved RoPE layout (its
+    converter undoes Hugging Face's permutation), so they load as they are: checked against transformers' own
+    GGUF loading of SmolLM2 (test_smollm2_greedy_equals_transformers)."""
     reader = read_gguf(path)  # says how to install gguf when it is missing
     import gguf
 
