@@ -54,7 +54,9 @@ Where llama31 departs from Meta's reference code, on purpose and with the same r
 - One host sync per decode step: the new tokens (and logprobs) cross to the host together.
 """
 
+import bisect
 import codecs
+import copy
 import ctypes
 import itertools
 import json
@@ -64,10 +66,11 @@ import os
 import platform
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import AbstractSet, Collection, Dict, Iterable, Iterator, List, Literal, NamedTuple, Optional, \
+from typing import AbstractSet, Callable, Collection, Dict, Iterable, Iterator, List, Literal, NamedTuple, Optional, \
     Sequence, Tuple, Union
 
 import tiktoken
@@ -365,6 +368,17 @@ class KVCache:
             v[self.rows[:bsz], :, step.pos] = xv[:, :, 0]
         return k[:bsz, :, : step.kv_len], v[:bsz, :, : step.kv_len]
 
+    def view(self, rows: slice, max_len: int) -> "KVCache":
+        """This cache seen as only some of its rows and its first max_len positions: the same storage, so what
+        the model writes lands here. The server prefills each request into its own row of one shared cache
+        and decodes its rows over only the positions in use."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, rows, :, :max_len], self.v[:, rows, :, :max_len]  # (n_layers, rows, ..., max_len, hd)
+        view.bsz, view.max_len = view.k.shape[1], max_len
+        view.rows, view.key_positions = self.rows[: view.bsz], self.key_positions[:max_len]
+        view.mask, view.cos, view.sin = self.mask[rows, :max_len], self.cos[rows], self.sin[rows]
+        return view
+
 
 # Meta's checkpoint names for the weights llama31 stacks (names after "layers.{i}."), in stacking order
 STACKED_WEIGHTS = {"attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
@@ -649,30 +663,236 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     return torch.gather(probs_idx, -1, next_token)  # (bsz, 1) token id
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next token ids (bsz,) from fp32 logits (bsz, vocab): argmax at temperature 0, else nucleus sampling
-    from softmax(logits / temperature)."""
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator] = None,
+                top_k: int = 0, min_p: float = 0.0) -> torch.Tensor:
+    """Next token ids (bsz,) from fp32 logits (bsz, vocab): argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k most likely tokens (0: all), then by Meta's top_p
+    rule over what top_k kept (its mass renormalised, as Hugging Face and llama.cpp do), then to the tokens at
+    least min_p times as likely as the most likely one. With top_k 0 and min_p 0 this is Meta's sampling."""
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    return sample_top_p(probs, top_p, generator).squeeze(-1)
+    if top_k == 0 and min_p == 0:
+        return sample_top_p(probs, top_p, generator).squeeze(-1)
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (bsz, vocab) each
+    if 0 < top_k < probs.shape[-1]:
+        probs_sort[:, top_k:] = 0.0
+        # Meta's rule on the renormalised top k: mass_before / kept > top_p, without dividing
+        top_p = top_p * probs_sort[:, :top_k].sum(dim=-1, keepdim=True)  # (bsz, 1)
+    mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
+    drop = (mass_before > top_p) | (probs_sort < min_p * probs_sort[:, :1])
+    probs_sort = probs_sort.masked_fill(drop, 0.0)
+    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (bsz, 1) sorted index
+    return torch.gather(probs_idx, -1, next_token).squeeze(-1)  # (bsz,) token ids
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a row picks its next token: its logits are adjusted (Penalties: repetition, presence and frequency
+    penalties, logit_bias; then logits_processor), then sample_next draws (temperature, top_k, top_p, min_p).
+    The defaults are Meta's sampling with every other control off."""
+    temperature: float = 0.6  # 0: greedy (argmax)
+    top_p: float = 0.9  # nucleus sampling, Meta's rule; 1 keeps every token
+    top_k: int = 0  # keep only the k most likely tokens; 0: all
+    min_p: float = 0.0  # keep only tokens at least min_p times as likely as the most likely one; 0: all
+    repetition_penalty: float = 1.0  # CTRL's, as Hugging Face's: a token already in the prompt or generated has
+    # its logit divided by this where positive, multiplied where negative; 1: off
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token has been generated
+    logit_bias: Optional[Dict[int, float]] = None  # token id -> added to its logit (-100 bans it in practice)
+    # processor(tokens, logits) -> logits, applied last, for users' own constraints: tokens holds each row's
+    # token ids so far (prompt and generated, lists), logits the (bsz, vocab) fp32 logits after the above
+    logits_processor: Optional[Callable] = None
+
+    def check(self, vocab_size: int):
+        """Raise ValueError (TypeError for a bad logits_processor) naming the bad setting."""
+        def number(name, lo=-math.inf, hi=math.inf, lo_open=False):
+            x = getattr(self, name)
+            if (not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or x > hi
+                    or x < lo or (lo_open and x == lo)):
+                raise ValueError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {x!r}")
+
+        number("temperature", 0.0)
+        number("top_p", 0.0, 1.0)
+        number("min_p", 0.0, 1.0)
+        number("repetition_penalty", 0.0, lo_open=True)
+        number("presence_penalty")
+        number("frequency_penalty")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
+            for t, b in self.logit_bias.items():
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
+                    raise ValueError(f"logit_bias token {t!r} is not a token id in [0, {vocab_size})")
+                if not isinstance(b, (int, float)) or isinstance(b, bool) or not math.isfinite(b):
+                    raise ValueError(f"logit_bias of token {t} must be a finite number, got {b!r}")
+        if self.logits_processor is not None and not callable(self.logits_processor):
+            raise TypeError(f"logits_processor must be callable, got {type(self.logits_processor).__name__}")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether Penalties changes this row's logits (else they go to sample_next as the model gave them)."""
+        return (self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+                or bool(self.logit_bias))
+
+
+class Penalties:
+    """Sampling's penalties and logit biases for the rows of a batch, each row its own settings, vectorised:
+    per-row settings are (rows, 1) tensors and the counts they need a (rows, vocab) tensor on the device, so
+    adjusting and counting add no host sync to a step. A row at the defaults keeps its logits bit for bit."""
+
+    def __init__(self, n_rows: int, vocab_size: int, device=None):
+        self.repetition = torch.ones(n_rows, 1, device=device)  # (rows, 1) each
+        self.presence = torch.zeros(n_rows, 1, device=device)
+        self.frequency = torch.zeros(n_rows, 1, device=device)
+        self.counts = torch.zeros(n_rows, vocab_size, device=device)  # times each row generated each token
+        self.in_prompt = torch.zeros(n_rows, vocab_size, dtype=torch.bool, device=device)
+        self.bias = None  # (rows, vocab) once a row has a logit_bias
+
+    def set_row(self, i: int, sampling: Sampling, prompt: Sequence[int]):
+        """Start row i: its settings, the tokens of its prompt, nothing generated yet."""
+        self.repetition[i], self.presence[i] = sampling.repetition_penalty, sampling.presence_penalty
+        self.frequency[i] = sampling.frequency_penalty
+        self.counts[i] = 0
+        self.in_prompt[i] = False
+        self.in_prompt[i, torch.tensor(list(prompt), device=self.counts.device)] = True
+        if sampling.logit_bias and self.bias is None:
+            self.bias = torch.zeros_like(self.counts)
+        if self.bias is not None:
+            self.bias[i] = 0
+            if sampling.logit_bias:
+                ids, values = zip(*sampling.logit_bias.items())
+                self.bias[i, torch.tensor(ids, device=self.bias.device)] = torch.tensor(values, device=self.bias.device)
+
+    def move_row(self, src: int, dst: int):
+        """Row src's state becomes row dst's (the server keeps its rows contiguous)."""
+        for t in (self.repetition, self.presence, self.frequency, self.counts, self.in_prompt, self.bias):
+            if t is not None:
+                t[dst] = t[src]
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Adjusted logits (bsz, vocab) of rows 0 .. bsz - 1: repetition penalty on tokens in the prompt or
+        generated, then presence and frequency penalties on generated tokens, then the biases."""
+        n = logits.shape[0]
+        counts, r = self.counts[:n], self.repetition[:n]
+        seen = self.in_prompt[:n] | (counts > 0)
+        logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+        logits = logits - self.presence[:n] * (counts > 0) - self.frequency[:n] * counts
+        return logits if self.bias is None else logits + self.bias[:n]
+
+    def count(self, next_tok: torch.Tensor):
+        """Count the tokens (bsz,) just generated by rows 0 .. bsz - 1."""
+        n = next_tok.shape[0]
+        self.counts[:n].scatter_add_(1, next_tok[:, None], torch.ones(n, 1, device=next_tok.device))
 
 
 # -----------------------------------------------------------------------------
 # generation
 
 
+class TextRow:
+    """The text of one generated row as its tokens come: whole UTF-8 characters only (a character split across
+    tokens waits until it is complete), ending before the first of the stop strings (`stopped`: the row ends
+    there, the string itself not part of the text), and holding back a tail that could still be the beginning
+    of a stop string. Also keeps the row's tokens and logprobs, and why it finished."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""  # the text so far; once stopped, the text before the stop string
+        self.shown = 0  # characters of text given out so far
+        self.tokens, self.logprobs, self.offsets = [], [], []  # offsets: where each token's text begins
+        self.stopped = False
+        self.finish_reason = None  # "stop" (a stop token or string) or "length" (max_gen_len or the context)
+        self.prompt_logprobs = None
+
+    def add(self, token: int, logprob: Optional[float] = None) -> str:
+        """Append a token; return the text that can now be shown ("" when none)."""
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        self.offsets.append(len(self.text))
+        return self._extend(self.decoder.decode(self.tokenizer.token_bytes(token)), final=False)
+
+    def end(self, reason: str) -> str:
+        """The row has finished (reason "stop" or "length"): return the rest of its text, an incomplete
+        character flushed as U+FFFD (as decode() gives it) and the held-back tail released."""
+        piece = "" if self.stopped else self._extend(self.decoder.decode(b"", final=True), final=True)
+        self.finish_reason = "stop" if self.stopped else reason
+        return piece
+
+    def _extend(self, new: str, final: bool) -> str:
+        old = len(self.text)
+        self.text += new
+        # a stop string that ends in the new text begins at most len(s) - 1 characters before it
+        found = [i for i in (self.text.find(s, max(0, old - len(s) + 1)) for s in self.stop) if i >= 0]
+        if found:
+            self.text, self.stopped = self.text[: min(found)], True
+            end = len(self.text)
+        elif final:
+            end = len(self.text)
+        else:  # hold back the longest tail that begins a stop string
+            tail = self.text[self.shown :]
+            held = max((k for s in self.stop for k in range(1, min(len(s), len(tail) + 1)) if tail.endswith(s[:k])),
+                       default=0)
+            end = len(self.text) - held
+        piece, self.shown = self.text[self.shown : end], max(self.shown, end)
+        return piece
+
+    def kept(self) -> int:
+        """How many of the tokens the text comes from: all of them, or after a stop string those whose text
+        begins before it."""
+        return bisect.bisect_left(self.offsets, len(self.text)) if self.stopped else len(self.tokens)
+
+
+class TextStream:
+    """A generation's text as it comes (text_completion_stream, chat_completion_stream): iterating yields a str
+    per step for one prompt, else per step a list with a piece per row ("" when a step adds no complete
+    character, None once the row has finished). Once it has ended, finish_reason says why: "stop" (a stop token
+    or string) or "length" (max_gen_len or the context); a list for several rows. close() (or dropping the
+    stream) ends the generation and frees its cache."""
+
+    def __init__(self, pieces: Iterator, rows: List[TextRow], single: bool):
+        self.pieces, self.rows, self.single = pieces, rows, single
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            pieces = next(self.pieces)
+            if not self.single:
+                return pieces
+            if pieces[0]:
+                return pieces[0]
+
+    def close(self):
+        self.pieces.close()
+
+    @property
+    def finish_reason(self):
+        reasons = [r.finish_reason for r in self.rows]
+        return reasons[0] if self.single else reasons
+
+
 class Llama:
     """A Transformer and its Tokenizer, with text generation. Build one with Llama.build(ckpt_dir).
     tokenizer may be None (e.g. a model with another vocabulary): generate() then maps token ids to token
     ids with no stop tokens, and the text methods are unavailable. Each generation owns its KV cache, so
-    any number of them (streams consumed in turn, a generate() while a stream is open) may be in flight."""
+    any number of them (streams consumed in turn, a generate() while a stream is open) may be in flight.
+
+    The generation methods take Meta's arguments (temperature, top_p, max_gen_len, ...) and, as keywords, the
+    other controls: Sampling's fields (top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty,
+    logit_bias, logits_processor), stop strings (text methods) and prompt_cache (a PromptCache whose keys and
+    values a prompt that begins like an earlier generation starts from)."""
 
     def __init__(self, model: Transformer, tokenizer: Optional[Tokenizer], seed: int = 1, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
-        self.seed = seed  # seeds the sampling generator when a call passes none
+        self.seed = seed  # seeds the sampling generator of calls that pass none, once
+        self.rng = None  # that generator, created at first use on the model's device; it advances across calls
         # compile=True: decode steps run under torch.compile (CompiledDecode, after the reference reading)
         self.compiled_decode = CompiledDecode(model) if compile else None
 
@@ -682,9 +902,10 @@ class Llama:
         """Load a checkpoint: a Meta folder, a Hugging Face folder or a .gguf file, the layout detected.
         tokenizer_path: defaults to the checkpoint's own. device: "cuda", "mps", "cpu" or None for the first
         available in that order. dtype: torch dtype or its name; None means bf16 on GPUs that support it
-        (else fp16), fp32 on CPU. seed: seeds sampling when a call passes no generator. compile: run the
-        decode step under torch.compile (eager, with a message, where it cannot). The loaders are in the
-        loading section, after the reference reading (load_llama)."""
+        (else fp16), fp32 on CPU. seed: seeds the generator that calls without one draw from (once: it then
+        advances, so two calls give different samples). compile: run the decode step under torch.compile
+        (eager, with a message, where it cannot). The loaders are in the loading section, after the
+        reference reading (load_llama)."""
         return load_llama(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed, compile)
 
     @property
@@ -695,7 +916,14 @@ class Llama:
     def params(self) -> ModelArgs:
         return self.model.params
 
-    def _check_sampling(self, temperature, top_p, max_gen_len, sample_rng):
+    def default_rng(self) -> torch.Generator:
+        """The generator calls without sample_rng draw from: seeded with build's seed at first use, then
+        advancing from call to call (made anew only if the model has moved to another device)."""
+        if self.rng is None or self.rng.device.type != self.device.type:
+            self.rng = torch.Generator(device=self.device).manual_seed(self.seed)
+        return self.rng
+
+    def _check_sampling(self, temperature, top_p, max_gen_len, sample_rng, **controls) -> Sampling:
         if not isinstance(temperature, (int, float)) or temperature < 0:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
         if not isinstance(top_p, (int, float)) or not 0.0 <= top_p <= 1.0:
@@ -708,6 +936,13 @@ class Llama:
             if sample_rng.device.type != self.device.type:
                 raise ValueError(f"sample_rng is on {sample_rng.device} but the model is on {self.device}; "
                                  f"use torch.Generator(device=llama.device)")
+        unknown = set(controls) - {f.name for f in fields(Sampling)}
+        if unknown:
+            raise TypeError(f"unknown generation argument(s) {sorted(unknown)}; the sampling controls are "
+                            f"{[f.name for f in fields(Sampling)][2:]}")
+        sampling = Sampling(temperature, top_p, **controls)
+        sampling.check(self.params.vocab_size)
+        return sampling
 
     def _check_prompt_tokens(self, prompt_tokens):
         p = self.params
@@ -723,21 +958,25 @@ class Llama:
             if len(t) > p.max_seq_len:
                 raise ValueError(f"prompt {i} has {len(t)} tokens, more than max_seq_len {p.max_seq_len}")
 
-    def _generate(self, prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs):
+    def _generate(self, prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs, prompt_cache=None,
+                  **controls):
         """The generation loop; every public generation method wraps it. Checks the arguments now, then
         returns a generator that first yields the prompts' log-probabilities (per row, for each prompt
         token after the first; None unless logprobs), then once per step a list with, per row, the
-        (token, logprob) of its new token (logprob None unless asked), or None once the row has finished:
-        it produced a stop token (not yielded) or used its budget."""
-        self._check_sampling(temperature, top_p, max_gen_len, sample_rng)
+        (token, logprob, last) of its new token (logprob None unless asked; last: the row's budget,
+        max_gen_len or the context, ends with this token), or None once the row has finished (None after a
+        token without last: it produced a stop token, not yielded)."""
+        sampling = self._check_sampling(temperature, top_p, max_gen_len, sample_rng, **controls)
         self._check_prompt_tokens(prompt_tokens)
+        if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
+            raise TypeError(f"prompt_cache must be a PromptCache, got {type(prompt_cache).__name__}")
         if sample_rng is None:
-            sample_rng = torch.Generator(device=self.device).manual_seed(self.seed)
-        return self._steps(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs)
+            sample_rng = self.default_rng()
+        return self._steps(prompt_tokens, sample_rng, max_gen_len, sampling, logprobs, prompt_cache)
 
     @torch.inference_mode()
-    def _steps(self, prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs):
-        p, tok, device = self.params, self.tokenizer, self.device
+    def _steps(self, prompt_tokens, sample_rng, max_gen_len, sampling, logprobs, prompt_cache):
+        p, tok, device, s = self.params, self.tokenizer, self.device, sampling
         bsz = len(prompt_tokens)
         lens = [len(t) for t in prompt_tokens]
         max_prompt_len = max(lens)
@@ -758,45 +997,73 @@ class Llama:
         # positions, so that fewer distinct shapes compile.
         cache_len = min(p.max_seq_len, -(-total_len // 256) * 256) if compiled else total_len
         cache = KVCache(p, bsz, cache_len, device, self.model.tok_embeddings.weight.dtype)
+        # Prompt-cache reuse: the keys and values of the prompts' first `start` tokens are copied from an
+        # earlier generation's (not with logprobs, which need every prompt position's logits)
+        start = prompt_cache.fill(cache, prompt_tokens) if prompt_cache is not None and not logprobs else 0
+        fed = None  # per row, the tokens whose keys and values the cache holds, once prefilled
+        try:
+            # 1. prefill: all prompts in one forward pass; logits only where they are needed
+            h = self.model.hidden_states(tokens[:, start:], start, cache)  # (bsz, max_prompt_len - start, dim)
+            fed = [list(t) for t in prompt_tokens]
+            yield self._prompt_logprobs(h, tokens, lens) if logprobs else None
+            logits = self.model.logits(h[torch.arange(bsz, device=device), pos - 1 - start])  # (bsz, vocab)
+            del h
 
-        # 1. prefill: all prompts in one forward pass; logits only where they are needed
-        h = self.model.hidden_states(tokens, 0, cache)  # (bsz, max_prompt_len, dim)
-        yield self._prompt_logprobs(h, tokens, lens) if logprobs else None
-        logits = self.model.logits(h[torch.arange(bsz, device=device), pos - 1])  # (bsz, vocab) last prompt tokens
-        del h
+            # 2. decode: one token per row per step. Rows at the same position share an int position (a cache
+            # slice, no mask); a ragged batch, and the compiled step, pass each row's own position.
+            uniform = len(set(lens)) == 1 and not compiled
+            penalties = Penalties(bsz, p.vocab_size, device) if s.adjusts_logits else None
+            for i in range(bsz if penalties is not None else 0):
+                penalties.set_row(i, s, prompt_tokens[i])
+            generated = [0] * bsz
+            alive = [b > 0 for b in budgets]
+            for step in range(max(budgets)):
+                if penalties is not None:
+                    logits = penalties(logits)
+                if s.logits_processor is not None:
+                    logits = self._process(s.logits_processor, fed, logits)
+                next_tok = sample_next(logits, s.temperature, s.top_p, sample_rng, s.top_k, s.min_p)  # (bsz,)
+                if penalties is not None:
+                    penalties.count(next_tok)
+                # token ids < 2^24 are exact in fp32, so tokens and logprobs cross to the host together:
+                # the one host sync of the step
+                host = [next_tok.float()]
+                if logprobs:
+                    host.append(torch.log_softmax(logits, dim=-1).gather(-1, next_tok[:, None])[:, 0])
+                host = torch.stack(host).tolist()  # (1 or 2, bsz)
+                out = []
+                for i in range(bsz):
+                    t = int(host[0][i])
+                    if not alive[i] or t in stop_tokens:
+                        alive[i] = False
+                        out.append(None)
+                        continue
+                    generated[i] += 1
+                    alive[i] = generated[i] < budgets[i]
+                    out.append((t, host[1][i] if logprobs else None, not alive[i]))
+                yield out
+                if not any(alive):
+                    break
+                # the position of next_tok in each row; finished rows idle at the last slot, never yielded
+                cur = lens[0] + step if uniform else (pos + step).clamp(max=total_len - 1)
+                if compiled:
+                    logits = self.compiled_decode(next_tok[:, None], cur, cache)  # (bsz, vocab)
+                else:
+                    logits = self.model(next_tok[:, None], cur, cache)[:, -1]  # (bsz, vocab)
+                for i, item in enumerate(out):
+                    if item is not None:
+                        fed[i].append(item[0])
+        finally:  # also when the generation is closed half way: what the cache holds so far is valid
+            if prompt_cache is not None and fed is not None:
+                prompt_cache.add(fed, cache)
 
-        # 2. decode: one token per row per step. Rows at the same position share an int position (a cache
-        # slice, no mask); a ragged batch, and the compiled step, pass each row's own position.
-        uniform = len(set(lens)) == 1 and not compiled
-        generated = [0] * bsz
-        alive = [b > 0 for b in budgets]
-        for step in range(max(budgets)):
-            next_tok = sample_next(logits, temperature, top_p, sample_rng)  # (bsz,)
-            # token ids < 2^24 are exact in fp32, so tokens and logprobs cross to the host together:
-            # the one host sync of the step
-            host = [next_tok.float()]
-            if logprobs:
-                host.append(torch.log_softmax(logits, dim=-1).gather(-1, next_tok[:, None])[:, 0])
-            host = torch.stack(host).tolist()  # (1 or 2, bsz)
-            out = []
-            for i in range(bsz):
-                t = int(host[0][i])
-                if not alive[i] or t in stop_tokens:
-                    alive[i] = False
-                    out.append(None)
-                    continue
-                generated[i] += 1
-                alive[i] = generated[i] < budgets[i]
-                out.append((t, host[1][i] if logprobs else None))
-            yield out
-            if not any(alive):
-                break
-            # the position of next_tok in each row; finished rows idle at the last slot, never yielded
-            cur = lens[0] + step if uniform else (pos + step).clamp(max=total_len - 1)
-            if compiled:
-                logits = self.compiled_decode(next_tok[:, None], cur, cache)  # (bsz, vocab)
-            else:
-                logits = self.model(next_tok[:, None], cur, cache)[:, -1]  # (bsz, vocab)
+    @staticmethod
+    def _process(processor, tokens, logits):
+        out = processor(tokens, logits)
+        if not isinstance(out, torch.Tensor) or out.shape != logits.shape:
+            raise TypeError(f"logits_processor must return a tensor of shape {tuple(logits.shape)}, got "
+                            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        return out
 
     def _prompt_logprobs(self, h, tokens, lens, chunk: int = 256):
         """Log-probability of each prompt token after the first under the model, from the prefill's hidden
@@ -813,14 +1080,16 @@ class Llama:
 
     def generate(self, prompt_tokens: List[List[int]], sample_rng: Optional[torch.Generator] = None,
                  max_gen_len: int = 64, temperature: float = 0.6, top_p: float = 0.9, echo: bool = False,
-                 logprobs: bool = False):
+                 logprobs: bool = False, prompt_cache: Optional["PromptCache"] = None, **controls):
         """Continue each prompt (a list of token ids). Returns per prompt the new tokens (prompt + new with
         echo), at most max_gen_len of them, ending before the first stop token. Rows are independent: each
-        gives what it gives alone. sample_rng: a torch.Generator on self.device (None: seeded by build's
-        seed); temperature 0 is greedy. With logprobs, returns (tokens, logprobs): each token's
-        log-probability under the model's temperature-1 distribution; with echo the prompt's first token
-        has none (None)."""
-        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs)
+        gives what it gives alone. sample_rng: a torch.Generator on self.device (None: the Llama's own,
+        seeded once by build's seed); temperature 0 is greedy. With logprobs, returns (tokens, logprobs): each
+        token's log-probability under the model's temperature-1 distribution; with echo the prompt's first
+        token has none (None). controls: Sampling's other fields (top_k, min_p, penalties, logit_bias,
+        logits_processor)."""
+        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs, prompt_cache,
+                               **controls)
         prompt_lp = next(steps)
         out_tokens = [list(t) if echo else [] for t in prompt_tokens]
         out_lp = [[None] + prompt_lp[i] if echo else [] for i in range(len(prompt_tokens))] if logprobs else None
@@ -832,34 +1101,32 @@ class Llama:
                         out_lp[i].append(item[1])
         return (out_tokens, out_lp) if logprobs else out_tokens
 
-    def _stream_text(self, steps, n_rows, single):
-        """Text pieces from _generate's steps as tokens come: a str per step for a single prompt, else a
-        list per step with a str per row (None once the row has finished). A character split across tokens
-        (emoji, CJK) is held back until complete, so no piece contains a U+FFFD that the final text would
-        not, and the pieces of a row join to exactly the non-streamed text."""
-        decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n_rows)]
-        next(steps)
-        live = [True] * n_rows
-        for step in steps:
-            pieces = []
-            for i, item in enumerate(step):
-                if item is not None:
-                    pieces.append(decoders[i].decode(self.tokenizer.token_bytes(item[0])))
-                elif live[i]:  # finished: flush bytes of an incomplete character (they decode as U+FFFD)
-                    live[i] = False
-                    pieces.append(decoders[i].decode(b"", final=True))
-                else:
-                    pieces.append(None)
-            if single:
-                if pieces[0]:
-                    yield pieces[0]
-            else:
+    def _text_steps(self, steps, rows: List[TextRow]):
+        """Text pieces from _generate's steps as tokens come: per step a list with, per row, its new text
+        ("" when the step adds no complete character) or None once it has finished; the rows record their
+        tokens and why they finished. A character split across tokens (emoji, CJK) is held back until complete,
+        so the pieces of a row join to exactly its final text. Ends the token loop (freeing its cache) as soon
+        as every row has finished, e.g. at a stop string."""
+        try:
+            for row, lp in zip(rows, next(steps) or [None] * len(rows)):
+                row.prompt_logprobs = lp
+            for step in steps:
+                pieces = []
+                for row, item in zip(rows, step):
+                    if row.finish_reason is not None:
+                        pieces.append(None)
+                    elif item is None:  # a stop token
+                        pieces.append(row.end("stop"))
+                    else:
+                        piece = row.add(item[0], item[1])
+                        if row.stopped or item[2]:  # a stop string, or the last token of its budget
+                            piece += row.end("length")
+                        pieces.append(piece)
                 yield pieces
-        tails = [d.decode(b"", final=True) if live[i] else None for i, d in enumerate(decoders)]
-        if single and tails[0]:
-            yield tails[0]
-        elif not single and any(tails):
-            yield tails
+                if all(row.finish_reason is not None for row in rows):
+                    break
+        finally:
+            steps.close()
 
     def _encode_prompts(self, prompts) -> List[List[int]]:
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
@@ -878,61 +1145,88 @@ class Llama:
             check_dialog(dialog, i)
         return [self.tokenizer.dialog_tokens(d) for d in dialogs]
 
-    def _result(self, tokens, logprobs, role=None):
-        text = self.tokenizer.decode(tokens)
-        r = {"generation": text if role is None else {"role": role, "content": text}}
-        if logprobs is not None:
-            r["tokens"] = [self.tokenizer.decode([t]) for t in tokens]
-            r["logprobs"] = logprobs
-        return r
+    @staticmethod
+    def _check_stop(stop) -> Tuple[str, ...]:
+        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {stop!r}")
+        return stop
+
+    def _stream(self, prompt_tokens, single, sample_rng, temperature, top_p, max_gen_len, logprobs, stop,
+                prompt_cache, controls) -> TextStream:
+        rows = [TextRow(self.tokenizer, self._check_stop(stop)) for _ in prompt_tokens]
+        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs, prompt_cache,
+                               **controls)
+        return TextStream(self._text_steps(steps, rows), rows, single)
+
+    def _results(self, stream: TextStream, prompt_tokens, echo: bool, logprobs: bool, role=None) -> List[dict]:
+        for _ in stream.pieces:
+            pass
+        results = []
+        for prompt, row in zip(prompt_tokens, stream.rows):
+            n = row.kept()
+            text = row.text
+            if echo:  # decoded together, as a character may span the prompt's end and the generation's start
+                text = self.tokenizer.decode(prompt) + text if row.stopped else \
+                    self.tokenizer.decode(prompt + row.tokens)
+            r = {"generation": text if role is None else {"role": role, "content": text},
+                 "finish_reason": row.finish_reason}
+            if logprobs:
+                r["tokens"] = [self.tokenizer.decode([t]) for t in (prompt if echo else []) + row.tokens[:n]]
+                r["logprobs"] = ([None] + row.prompt_logprobs if echo else []) + row.logprobs[:n]
+            results.append(r)
+        return results
 
     def text_completion(self, prompts: List[str], sample_rng: Optional[torch.Generator] = None,
                         temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
-                        echo: bool = False, logprobs: bool = False) -> List[dict]:
-        """Complete each prompt string: [{"generation": text}, ...], with "tokens" (each token's text) and
-        "logprobs" when logprobs. max_gen_len None means up to max_seq_len - 1 new tokens."""
-        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        out = self.generate(self._encode_prompts(prompts), sample_rng, max_gen_len, temperature, top_p, echo,
-                            logprobs)
-        tokens, lps = out if logprobs else (out, None)
-        return [self._result(t, lps[i] if logprobs else None) for i, t in enumerate(tokens)]
+                        echo: bool = False, logprobs: bool = False, stop=None,
+                        prompt_cache: Optional["PromptCache"] = None, **controls) -> List[dict]:
+        """Complete each prompt string: [{"generation": text, "finish_reason": "stop" | "length"}, ...], with
+        "tokens" (each token's text) and "logprobs" when logprobs. max_gen_len None means up to max_seq_len - 1
+        new tokens. stop: a string or list of strings; the text ends before the first one found (finish_reason
+        "stop"), and tokens and logprobs keep the tokens whose text begins before it."""
+        prompt_tokens = self._encode_prompts(prompts)
+        stream = self._stream(prompt_tokens, False, sample_rng, temperature, top_p, max_gen_len, logprobs, stop,
+                              prompt_cache, controls)
+        return self._results(stream, prompt_tokens, echo, logprobs)
 
     def text_completion_stream(self, prompts, sample_rng: Optional[torch.Generator] = None,
-                               temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None):
-        """Stream completions as text pieces. Given one prompt string, yields str pieces; given a list of
-        prompts, yields per step a list with one piece per prompt ("" when a step adds no complete
-        character, None once that prompt has finished). Pieces join to text_completion's generation.
+                               temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
+                               stop=None, prompt_cache: Optional["PromptCache"] = None, **controls) -> TextStream:
+        """Stream completions as text pieces (a TextStream). Given one prompt string, yields str pieces; given
+        a list of prompts, yields per step a list with one piece per prompt ("" when a step adds no complete
+        character, None once that prompt has finished). Pieces join to text_completion's generation; only
+        text that could still begin a stop string is held back. Afterwards, .finish_reason says why it ended.
 
             for piece in llama.text_completion_stream("Once upon a time", temperature=0):
                 print(piece, end="", flush=True)
         """
         single = isinstance(prompts, str)
-        prompt_tokens = self._encode_prompts([prompts] if single else prompts)
-        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, False)
-        return self._stream_text(steps, len(prompt_tokens), single)
+        return self._stream(self._encode_prompts([prompts] if single else prompts), single, sample_rng, temperature,
+                            top_p, max_gen_len, False, stop, prompt_cache, controls)
 
     def chat_completion(self, dialogs: List[List[dict]], sample_rng: Optional[torch.Generator] = None,
                         temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
-                        logprobs: bool = False) -> List[dict]:
+                        logprobs: bool = False, stop=None, prompt_cache: Optional["PromptCache"] = None,
+                        **controls) -> List[dict]:
         """Answer each dialog (a list of {"role", "content"} messages, roles system/user/assistant/ipython)
-        in the model's chat format: [{"generation": {"role": "assistant", "content": text}}, ...], plus
-        "tokens" and "logprobs" when logprobs. The reply ends before a stop token (<|eot_id|>, ...)."""
-        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        out = self.generate(self._encode_dialogs(dialogs), sample_rng, max_gen_len, temperature, top_p, False,
-                            logprobs)
-        tokens, lps = out if logprobs else (out, None)
-        return [self._result(t, lps[i] if logprobs else None, "assistant") for i, t in enumerate(tokens)]
+        in the model's chat format: [{"generation": {"role": "assistant", "content": text}, "finish_reason":
+        ...}, ...], plus "tokens" and "logprobs" when logprobs. The reply ends before a stop token
+        (<|eot_id|>, ...) or stop string."""
+        prompt_tokens = self._encode_dialogs(dialogs)
+        stream = self._stream(prompt_tokens, False, sample_rng, temperature, top_p, max_gen_len, logprobs, stop,
+                              prompt_cache, controls)
+        return self._results(stream, prompt_tokens, False, logprobs, "assistant")
 
     def chat_completion_stream(self, dialogs, sample_rng: Optional[torch.Generator] = None,
-                               temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None):
+                               temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
+                               stop=None, prompt_cache: Optional["PromptCache"] = None, **controls) -> TextStream:
         """Stream assistant replies as text pieces: given one dialog (a list of message dicts) yields str
         pieces; given a list of dialogs, yields per step a list of pieces as text_completion_stream does."""
         single = isinstance(dialogs, (list, tuple)) and len(dialogs) > 0 and isinstance(dialogs[0], dict)
-        prompt_tokens = self._encode_dialogs([dialogs] if single else dialogs)
-        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, False)
-        return self._stream_text(steps, len(prompt_tokens), single)
+        return self._stream(self._encode_dialogs([dialogs] if single else dialogs), single, sample_rng, temperature,
+                            top_p, max_gen_len, False, stop, prompt_cache, controls)
 
 
 # =============================================================================
@@ -988,6 +1282,70 @@ class CompiledDecode:
                   f" decoding eagerly", file=sys.stderr)
             self.compiled = None
             return self.step(tokens, pos, cache)
+
+# -----------------------------------------------------------------------------
+# prompt cache: a prompt that begins like an earlier generation starts from that generation's keys and values
+
+
+class PromptCache:
+    """Keys and values that finished generations leave behind, so that a later prompt beginning with the same
+    tokens (a chat's next turn, a conversation's next message to the server) computes only its new tokens.
+    Pass one as prompt_cache= to the generation methods: each row starts from a copy of the longest cached
+    beginning of its prompt and, when it ends (or is closed), leaves its own keys and values. Entries are
+    copies, so no cache is ever used by two generations at once; the `size` most recently used are kept.
+    Thread-safe. Reuse matches token ids, so it is exact whatever the chat format: a reply re-encoded
+    differently from how it was generated is computed again from where the ids differ."""
+
+    def __init__(self, size: int = 1):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"PromptCache size must be an integer >= 1, got {size!r}")
+        self.size = size
+        # (tokens, k, v), least recently used first; k, v: (n_layers, n_kv_heads, len(tokens), head_dim)
+        self.entries: List[Tuple[Tuple[int, ...], torch.Tensor, torch.Tensor]] = []
+        self.lock = threading.Lock()
+        self.reused = 0  # prompt positions copied rather than computed, over all generations
+
+    def fill(self, cache: KVCache, prompts: Sequence[Sequence[int]]) -> int:
+        """Copy into each row of cache the keys and values of the longest cached beginning of its prompt; return
+        the position every row's prefill starts from. At least each prompt's last token is computed: its
+        logits give the first new token."""
+        with self.lock:
+            starts, sources = [], []
+            for prompt in prompts:
+                prompt = tuple(prompt)
+                lengths = [len(os.path.commonprefix([e[0], prompt])) for e in self.entries]
+                best = max(range(len(lengths)), key=lengths.__getitem__, default=None)
+                starts.append(min(lengths[best] if best is not None else 0, len(prompt) - 1))
+                sources.append(self.entries[best] if best is not None else None)
+            start = min(starts)
+            if start == 0:
+                return 0
+            for i, (tokens, k, v) in enumerate(sources):
+                if (k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device) != \
+                        (cache.k.shape[0], cache.k.shape[2], cache.k.shape[4], cache.k.dtype, cache.k.device):
+                    raise ValueError(f"prompt_cache holds keys of shape {tuple(k.shape)} {k.dtype} on {k.device}, "
+                                     f"not this model's ({tuple(cache.k.shape)} {cache.k.dtype} on {cache.k.device})")
+                cache.k[:, i, :, :start] = k[:, :, :start]
+                cache.v[:, i, :, :start] = v[:, :, :start]
+            used = {id(e) for e in sources}  # most recently used now
+            self.entries = [e for e in self.entries if id(e) not in used] + \
+                [e for e in self.entries if id(e) in used]
+            self.reused += start * len(prompts)
+            return start
+
+    def add(self, rows_tokens: Sequence[Sequence[int]], cache: KVCache):
+        """Keep a copy of the keys and values of each row of cache, whose positions hold rows_tokens[row]."""
+        with self.lock:
+            for i, tokens in enumerate(rows_tokens):
+                tokens = tuple(tokens)
+                n = len(tokens)
+                if any(e[0][:n] == tokens for e in self.entries):  # a longer entry holds these already
+                    continue
+                # entries this one extends (the conversation's earlier turns) are of no more use
+                self.entries = [e for e in self.entries if tokens[: len(e[0])] != e[0]]
+                self.entries.append((tokens, cache.k[:, i, :, :n].clone(), cache.v[:, i, :, :n].clone()))
+                del self.entries[: -self.size]
+
 
 # -----------------------------------------------------------------------------
 # loading: device and dtype, Meta / Hugging Face / GGUF checkpoints, the GGUF tokenizer

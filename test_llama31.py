@@ -405,9 +405,19 @@ def test_same_seed_same_samples(llama_mha):
     torch.manual_seed(123)  # the global seed must not matter
     assert run(7) == a
     assert run(8) != a
-    # without a generator, build's seed makes calls reproducible too
-    assert llama_mha.text_completion(["A"], temperature=1.0, max_gen_len=8) == \
-        llama_mha.text_completion(["A"], temperature=1.0, max_gen_len=8)
+
+    # without a generator, calls draw from the Llama's own: seeded once by build's seed, then advancing, so two
+    # calls differ and a Llama built with the same seed repeats the same sequence of calls
+    def calls(llama):
+        return [llama.text_completion(["A"], temperature=1.0, max_gen_len=8)[0]["generation"] for _ in range(2)]
+
+    first = calls(llama31.Llama(llama_mha.model, llama_mha.tokenizer, seed=3))
+    assert first[0] != first[1]
+    assert calls(llama31.Llama(llama_mha.model, llama_mha.tokenizer, seed=3)) == first
+    assert calls(llama31.Llama(llama_mha.model, llama_mha.tokenizer, seed=4)) != first
+    # the first call of a fresh Llama equals an explicit generator seeded with its seed
+    rng = torch.Generator().manual_seed(3)
+    assert llama_mha.text_completion(["A"], rng, temperature=1.0, max_gen_len=8)[0]["generation"] == first[0]
 
 
 def test_top_p_stays_in_nucleus_and_matches_distribution():
@@ -942,7 +952,7 @@ def test_chat_completion_stops_at_eot(llama_chain):
     dialogs = [[{"role": "user", "content": "Hi there"}],
                [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Greet me"}]]
     out = llama_chain.chat_completion(dialogs, temperature=0, max_gen_len=20)
-    assert out == [{"generation": {"role": "assistant", "content": "Hello!"}}] * 2
+    assert out == [{"generation": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}] * 2
     # generate() on the same prompt shows the cut: the model emits <|eot_id|> and would go on after it
     prompt = llama_chain.tokenizer.encode_dialog_prompt(dialogs[0])
     assert llama_chain.generate([prompt], max_gen_len=20, temperature=0) == [[9906, 0]]
