@@ -56,19 +56,24 @@ Where llama31 departs from Meta's reference code, on purpose and with the same r
 
 import bisect
 import codecs
+import collections
 import copy
 import ctypes
+import hmac
 import itertools
 import json
 import math
 import mmap
 import os
 import platform
+import queue
 import re
 import sys
 import threading
 import time
-from dataclasses import dataclass, fields, replace
+import uuid
+from dataclasses import dataclass, field, fields, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import AbstractSet, Callable, Collection, Dict, Iterable, Iterator, List, Literal, NamedTuple, Optional, \
     Sequence, Tuple, Union
@@ -1018,11 +1023,10 @@ class Llama:
             generated = [0] * bsz
             alive = [b > 0 for b in budgets]
             for step in range(max(budgets)):
-                if penalties is not None:
-                    logits = penalties(logits)
+                adjusted = logits if penalties is None else penalties(logits)
                 if s.logits_processor is not None:
-                    logits = self._process(s.logits_processor, fed, logits)
-                next_tok = sample_next(logits, s.temperature, s.top_p, sample_rng, s.top_k, s.min_p)  # (bsz,)
+                    adjusted = self._process(s.logits_processor, fed, adjusted)
+                next_tok = sample_next(adjusted, s.temperature, s.top_p, sample_rng, s.top_k, s.min_p)  # (bsz,)
                 if penalties is not None:
                     penalties.count(next_tok)
                 # token ids < 2^24 are exact in fp32, so tokens and logprobs cross to the host together:
@@ -2062,6 +2066,574 @@ def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch
 Llama.build_gguf = staticmethod(load_llama)
 Tokenizer.from_gguf = staticmethod(GGUFTokenizer)
 # -----------------------------------------------------------------------------
+# server: the OpenAI HTTP API (chat and text completions, streamed or not) with continuous batching.
+# Standard library only: http.server's ThreadingHTTPServer runs a thread per connection, which parses and
+# checks the request, tokenizes it and hands its generation (a Job) to the one engine thread that runs the model.
+
+
+class APIError(Exception):
+    """A request the server refuses: HTTP status and OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation the engine runs: a prompt's tokens and how to continue them. The engine reports to
+    `events` (a queue the request's HTTP thread reads): ("piece", index, text, token infos) as text comes,
+    then ("end", index, finish_reason, completion_tokens), or ("error", index, APIError). Setting `cancelled`
+    (the client went away) ends it at the next step."""
+    prompt: List[int]
+    budget: int  # most tokens it may add: max_tokens, within the context
+    sampling: Sampling
+    stop: Tuple[str, ...]
+    seed: Optional[int]  # seeds its own sampling generator; None: one drawn from the server's seed
+    top_logprobs: Optional[int]  # None: no logprobs; else how many alternatives per token (0-20)
+    events: queue.Queue
+    index: int = 0  # its choice in the response
+    cancelled: bool = False
+    # the engine's state of the job while it runs
+    text: Optional[TextRow] = None
+    fed: List[int] = field(default_factory=list)  # tokens whose keys and values its cache row holds
+    infos: list = field(default_factory=list)  # per generated token (token, logprob, [(alternative, logprob)])
+    sent_infos: int = 0
+    rng: Optional[torch.Generator] = None
+    next_token: int = 0
+
+
+class BatchEngine:
+    """Continuous batching: the server's generations decode together, one thread running the model.
+
+    Design (exact and simple): one KVCache with a row per running generation, max_batch_size rows of
+    max_seq_len positions, allocated once; running generations hold rows 0 .. n-1. Each iteration is a step
+    boundary:
+      1. waiting jobs join while rows are free, each prefilled alone into its own row (KVCache.view), starting
+         from the longest cached beginning of its prompt (PromptCache); its last logits join the batch's;
+      2. each row samples from its logits with its own Sampling: penalties and biases vectorised over rows
+         (Penalties), greedy rows by one argmax, sampled rows each with its own generator (so a seeded
+         request draws what it draws alone);
+      3. one host sync brings the tokens (and logprobs); each job's text advances (UTF-8, stop strings) and
+         goes to its HTTP thread;
+      4. finished and cancelled rows leave: their keys and values go to the prompt cache and the last row
+         moves into the hole (a copy of its used positions), so running rows stay 0 .. n-1;
+      5. one decode step of all rows, each at its own position (a tensor start_pos), attending over only the
+         positions in use (a view of the cache).
+    A row is computed as it would be alone: its prefill is its own, and in a decode step rows are independent
+    (per-row positions and masks), so a greedy response equals the request's response alone. A long prompt's
+    prefill delays the running rows' next step (prompts are not split into chunks)."""
+
+    def __init__(self, llama: Llama, max_batch_size: int = 8, prompt_cache: int = 8, seed: int = 1):
+        if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        if not isinstance(prompt_cache, int) or isinstance(prompt_cache, bool) or prompt_cache < 0:
+            raise ValueError(f"prompt_cache must be an integer >= 0 (entries kept; 0: off), got {prompt_cache!r}")
+        p, device = llama.params, llama.device
+        self.llama, self.model, self.device, self.capacity = llama, llama.model, device, max_batch_size
+        self.stop_tokens = llama.tokenizer.stop_tokens
+        self.cache = KVCache(p, max_batch_size, p.max_seq_len, device, llama.model.tok_embeddings.weight.dtype)
+        self.pos = torch.zeros(max_batch_size, dtype=torch.long, device=device)  # (rows,) position of the next token
+        self.tok = torch.zeros(max_batch_size, dtype=torch.long, device=device)  # (rows,) the next token to feed
+        self.penalties = Penalties(max_batch_size, p.vocab_size, device)
+        self.prompt_cache = PromptCache(prompt_cache) if prompt_cache else None
+        self.seeds = torch.Generator().manual_seed(seed)  # seeds of the jobs that give none
+        self.rows: List[Job] = []  # the running jobs, row i of the cache holding rows[i]
+        self.logits = None  # (len(rows), vocab): each running row's next-token logits
+        self.waiting = collections.deque()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.stats = {"iterations": 0, "peak_rows": 0, "joined_running": 0, "cancelled": 0, "finished": 0}
+        self.thread = threading.Thread(target=self.run, name="llama31-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job):
+        with self.cond:
+            if self.stopping:
+                raise APIError(503, "the server is shutting down", kind="server_error")
+            self.waiting.append(job)
+            self.cond.notify()
+
+    def stop(self, timeout: float = 30.0):
+        """Stop after the current step; jobs not finished get a 503 error."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout)
+
+    def run(self):
+        while True:
+            with self.cond:
+                while not self.stopping and not self.rows and not self.waiting:
+                    self.cond.wait()
+                if self.stopping:
+                    break
+            try:
+                with torch.inference_mode():
+                    self.iteration()
+            except Exception as e:  # a failed step fails the jobs in it, not the server
+                error = APIError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
+                for job in self.rows:
+                    job.events.put(("error", job.index, error))
+                self.rows, self.logits = [], None
+        with self.cond:
+            jobs, self.rows = self.rows + list(self.waiting), []
+            self.waiting.clear()
+        for job in jobs:
+            job.events.put(("error", job.index, APIError(503, "the server is shutting down", kind="server_error")))
+
+    def iteration(self):
+        # 1. join: waiting jobs take free rows, each prefilled alone
+        new_logits = []
+        while len(self.rows) < self.capacity:
+            with self.cond:
+                job = self.waiting.popleft() if self.waiting else None
+            if job is None:
+                break
+            if not job.cancelled:
+                self.stats["joined_running"] += len(self.rows) > len(new_logits)
+                new_logits.append(self.prefill(job))
+        if not self.rows:
+            return
+        self.stats["iterations"] += 1
+        self.stats["peak_rows"] = max(self.stats["peak_rows"], len(self.rows))
+        logits = torch.cat(([self.logits] if self.logits is not None else []) + new_logits)  # (rows, vocab)
+        # 2. sample, each row with its own settings
+        next_tok = self.sample(logits)  # (rows,)
+        n = len(self.rows)
+        self.tok[:n] = next_tok
+        # 3. the one host sync of the step: tokens, and logprobs where asked
+        host = [next_tok.float()[:, None]]
+        asked = [job.top_logprobs for job in self.rows if job.top_logprobs is not None]
+        if asked:
+            lp = torch.log_softmax(logits, dim=-1)  # the model's distribution, as Llama's logprobs
+            host.append(lp.gather(-1, next_tok[:, None]))
+            if max(asked) > 0:
+                top = lp.topk(max(asked), dim=-1)
+                host += [top.values, top.indices.float()]  # token ids < 2^24 are exact in fp32
+        host = torch.cat(host, dim=1).tolist()  # (rows, 1 [+ 1 + 2k])
+        finished = [i for i, (job, values) in enumerate(zip(self.rows, host)) if self.advance(job, values)]
+        # 4. finished rows leave; the last row moves into each hole
+        for i in reversed(finished):
+            self.remove(i)
+        # 5. decode: one token per row, at each row's own position, over the positions in use
+        n = len(self.rows)
+        if n == 0:
+            self.logits = None
+            return
+        used = max(len(job.fed) for job in self.rows) + 1
+        self.logits = self.model(self.tok[:n, None], self.pos[:n], self.cache.view(slice(0, n), used))[:, -1]
+        self.pos[:n] += 1
+        for job in self.rows:
+            job.fed.append(job.next_token)
+
+    def prefill(self, job: Job) -> torch.Tensor:
+        """Start job in the next free row; return its next-token logits (1, vocab)."""
+        i = len(self.rows)
+        row = self.cache.view(slice(i, i + 1), self.cache.max_len)
+        start = self.prompt_cache.fill(row, [job.prompt]) if self.prompt_cache is not None else 0
+        tokens = torch.tensor([job.prompt[start:]], device=self.device)  # (1, len(prompt) - start)
+        logits = self.model.logits(self.model.hidden_states(tokens, start, row)[:, -1])  # (1, vocab)
+        self.pos[i] = len(job.prompt)
+        if job.sampling.adjusts_logits:
+            self.penalties.set_row(i, job.sampling, job.prompt)
+        if job.sampling.temperature > 0:
+            seed = job.seed if job.seed is not None else int(torch.randint(2**62, (1,), generator=self.seeds))
+            job.rng = torch.Generator(device=self.device).manual_seed(seed)
+        job.text, job.fed = TextRow(self.llama.tokenizer, job.stop), list(job.prompt)
+        self.rows.append(job)
+        return logits
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        adjust = any(job.sampling.adjusts_logits for job in self.rows)
+        adjusted = self.penalties(logits) if adjust else logits
+        next_tok = torch.argmax(adjusted, dim=-1)  # (rows,) greedy rows
+        for i, job in enumerate(self.rows):
+            s = job.sampling
+            if s.temperature > 0:
+                next_tok[i : i + 1] = sample_next(adjusted[i : i + 1], s.temperature, s.top_p, job.rng, s.top_k,
+                                                  s.min_p)
+        if adjust:
+            self.penalties.count(next_tok)
+        return next_tok
+
+    def advance(self, job: Job, values: List[float]) -> bool:
+        """Take job's new token (values: token, then logprob and alternatives when asked); report its text.
+        Return whether the job has finished."""
+        if job.cancelled:
+            self.stats["cancelled"] += 1
+            return True
+        t = int(values[0])
+        if t in self.stop_tokens:
+            piece = job.text.end("stop")
+        else:
+            job.next_token = t
+            lp, alternatives = None, []
+            if job.top_logprobs is not None:
+                k = (len(values) - 2) // 2
+                lp = values[1]
+                alternatives = [(int(values[2 + k + j]), values[2 + j]) for j in range(job.top_logprobs)]
+            job.infos.append((t, lp, alternatives))
+            piece = job.text.add(t, lp)
+            if job.text.stopped or len(job.text.tokens) >= job.budget:
+                piece += job.text.end("length")
+        text = job.text
+        shown = text.kept() if text.finish_reason else bisect.bisect_left(text.offsets, text.shown)
+        infos, job.sent_infos = job.infos[job.sent_infos : shown], max(job.sent_infos, shown)
+        if piece or (infos and job.top_logprobs is not None):
+            job.events.put(("piece", job.index, piece, infos if job.top_logprobs is not None else []))
+        if text.finish_reason is None:
+            return False
+        self.stats["finished"] += 1
+        job.events.put(("end", job.index, text.finish_reason, len(text.tokens)))
+        return True
+
+    def remove(self, i: int):
+        job, last = self.rows[i], len(self.rows) - 1
+        if self.prompt_cache is not None:
+            self.prompt_cache.add([job.fed], self.cache.view(slice(i, i + 1), len(job.fed)))
+        if i != last:
+            used = len(self.rows[last].fed)
+            self.cache.k[:, i, :, :used] = self.cache.k[:, last, :, :used]
+            self.cache.v[:, i, :, :used] = self.cache.v[:, last, :, :used]
+            self.pos[i], self.tok[i] = self.pos[last], self.tok[last]
+            self.penalties.move_row(last, i)
+            self.rows[i] = self.rows[last]
+        self.rows.pop()
+
+
+# fields a request may carry, beyond the prompt (messages or prompt); "user" is accepted and ignored
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                   "frequency_penalty", "logit_bias")
+REQUEST_FIELDS = {"model", "max_tokens", "max_completion_tokens", "stop", "stream", "stream_options", "seed",
+                  "logprobs", "n", "user", *SAMPLING_FIELDS}
+MAX_BODY_BYTES = 16 << 20
+
+
+def _field(body: dict, name: str, kinds, default=None, check=None, what: str = ""):
+    """body[name] if of one of kinds (bool is never a number) and passing check, else APIError naming it."""
+    value, kinds = body.get(name), kinds if isinstance(kinds, tuple) else (kinds,)
+    if value is None:
+        return default
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok or (check is not None and not check(value)):
+        raise APIError(400, f"'{name}' must be {what}, got {json.dumps(value)[:80]}", param=name)
+    return value
+
+
+def parse_request(body, chat: bool, llama: Llama) -> Tuple[List[List[int]], dict]:
+    """Check an OpenAI chat or text completion request; return the prompts' tokens and the settings."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    allowed = REQUEST_FIELDS | ({"messages", "top_logprobs"} if chat else {"prompt"})
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise APIError(400, f"unsupported field(s) {unknown}; this server reads {sorted(allowed)}", param=unknown[0])
+    tok, max_seq_len = llama.tokenizer, llama.params.max_seq_len
+    number = (int, float)
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "'messages' must be a non-empty list of messages", param="messages")
+        dialog = []
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or set(m) - {"role", "content", "name"}:
+                raise APIError(400, f"message {j} must be an object with 'role' and 'content'", param="messages")
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: only text parts are read
+                if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                           for c in content):
+                    raise APIError(400, f"message {j}: only text content parts are supported", param="messages")
+                content = "".join(c["text"] for c in content)
+            role = "system" if m.get("role") == "developer" else m.get("role")  # OpenAI's newer name for system
+            dialog.append({"role": role, "content": content})
+        try:
+            check_dialog(dialog)
+        except ValueError as e:
+            raise APIError(400, f"messages: {str(e).replace('dialog 0, ', '')}", param="messages") from None
+        prompts = [tok.dialog_tokens(dialog)]
+    else:
+        prompt = body.get("prompt")
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(texts, list) or not texts or not all(isinstance(s, str) for s in texts):
+            raise APIError(400, "'prompt' must be a string or a non-empty list of strings", param="prompt")
+        prompts = [tok.encode(s, bos=tok.add_bos, eos=False) for s in texts]
+    where = "messages" if chat else "prompt"
+    for t in prompts:
+        if not t:
+            raise APIError(400, "the prompt is empty (it encodes to no tokens)", param=where)
+        if len(t) >= max_seq_len:
+            raise APIError(400, f"the prompt has {len(t)} tokens; the context is {max_seq_len} tokens "
+                                f"(max_seq_len), leaving no room for a reply", param=where,
+                           code="context_length_exceeded")
+    _field(body, "model", str, what="a string")
+    positive = "an integer >= 1"
+    max_tokens = _field(body, "max_completion_tokens", int, None, lambda x: x >= 1, positive)
+    max_tokens = _field(body, "max_tokens", int, max_tokens, lambda x: x >= 1, positive)
+    if max_tokens is None:  # OpenAI's defaults: a reply may fill the context; a completion is 16 tokens
+        max_tokens = max_seq_len if chat else 16
+    _field(body, "n", int, 1, lambda x: x == 1, "1 (one choice per prompt)")
+    stop = _field(body, "stop", (str, list), (), lambda x: isinstance(x, str) and x or isinstance(x, list) and all(
+        isinstance(s, str) and s for s in x), "a non-empty string or a list of them")
+    stream = _field(body, "stream", bool, False, what="true or false")
+    options = _field(body, "stream_options", dict, {}, lambda x: set(x) <= {"include_usage"} and isinstance(
+        x.get("include_usage", False), bool), "{\"include_usage\": true or false}")
+    seed = _field(body, "seed", int, None, what="an integer")
+    if chat:
+        logprobs = _field(body, "logprobs", bool, False, what="true or false")
+        top = _field(body, "top_logprobs", int, None, lambda x: 0 <= x <= 20, "an integer in [0, 20]")
+        if top is not None and not logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        top_logprobs = (top or 0) if logprobs else None
+    else:
+        top_logprobs = _field(body, "logprobs", int, None, lambda x: 0 <= x <= 20, "an integer in [0, 20]")
+    controls = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
+    controls.setdefault("temperature", 1.0)  # OpenAI's defaults, not Meta's 0.6 / 0.9
+    controls.setdefault("top_p", 1.0)
+    if "logit_bias" in controls:
+        bias = controls["logit_bias"]
+        if not isinstance(bias, dict) or not all(re.fullmatch(r"\d+", k) for k in bias):
+            raise APIError(400, "'logit_bias' must map token ids (as strings) to numbers", param="logit_bias")
+        controls["logit_bias"] = {int(k): v for k, v in bias.items()}
+    try:
+        sampling = Sampling(**controls)
+        sampling.check(llama.params.vocab_size)
+    except (TypeError, ValueError) as e:
+        param = next((name for name in SAMPLING_FIELDS if str(e).startswith(name)), None)
+        raise APIError(400, str(e), param=param) from None
+    settings = dict(max_tokens=max_tokens, sampling=sampling, stop=(stop,) if isinstance(stop, str) else tuple(stop),
+                    stream=stream, include_usage=options.get("include_usage", False), seed=seed,
+                    top_logprobs=top_logprobs)
+    return prompts, settings
+
+
+class APIHandler(BaseHTTPRequestHandler):
+    """One HTTP connection: routes, the API key, errors as OpenAI's error JSON, server-sent events."""
+    protocol_version = "HTTP/1.1"  # keep-alive; streams use chunked transfer encoding
+
+    def log_message(self, format, *args):
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+    def do_GET(self):
+        self.route("GET")
+
+    def do_POST(self):
+        self.route("POST")
+
+    def do_PUT(self):
+        self.route("PUT")
+
+    def do_DELETE(self):
+        self.route("DELETE")
+
+    def route(self, method: str):
+        try:
+            path = self.path.split("?", 1)[0].rstrip("/") or "/"
+            routes = {"/health": ("GET", self.health), "/v1/models": ("GET", self.models),
+                      "/v1/chat/completions": ("POST", lambda: self.complete(chat=True)),
+                      "/v1/completions": ("POST", lambda: self.complete(chat=False))}
+            if path not in routes:
+                raise APIError(404, f"no such path: {method} {path}; the API has {', '.join(routes)}",
+                               code="not_found")
+            if routes[path][0] != method:
+                raise APIError(405, f"{path} takes {routes[path][0]}, not {method}", code="method_not_allowed")
+            if path != "/health":
+                self.check_key()
+            routes[path][1]()
+        except APIError as e:
+            self.close_connection = True  # a refused request's body may be unread
+            self.send_json(e.status, e.body())
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as e:  # a bug: report it as OpenAI's server error
+            self.close_connection = True
+            self.send_json(500, APIError(500, f"{type(e).__name__}: {e}", kind="server_error").body())
+
+    def check_key(self):
+        key = self.server.api_key
+        if key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].strip().encode(), key.encode()):
+            raise APIError(401, "missing API key (Authorization: Bearer KEY)" if not given else "incorrect API key",
+                           code="invalid_api_key")
+
+    def send_json(self, status: int, obj: dict):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if status == 401:
+            self.send_header("WWW-Authenticate", "Bearer")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def health(self):
+        engine = self.server.engine
+        self.send_json(200, {"status": "ok", "running": len(engine.rows), "waiting": len(engine.waiting)})
+
+    def models(self):
+        self.send_json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
+                                                         "created": self.server.created, "owned_by": "llama31"}]})
+
+    def read_body(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise APIError(411, "send the body with a Content-Length, not chunked")
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise APIError(411, "a Content-Length header is required") from None
+        if not 0 <= length <= MAX_BODY_BYTES:
+            raise APIError(413, f"the body has {length} bytes; the most accepted is {MAX_BODY_BYTES}")
+        try:
+            return json.loads(self.rfile.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise APIError(400, f"malformed JSON body: {e}") from None
+
+    def complete(self, chat: bool):
+        llama, engine = self.server.llama, self.server.engine
+        prompts, s = parse_request(self.read_body(), chat, llama)
+        events = queue.Queue()
+        jobs = [Job(t, min(s["max_tokens"], llama.params.max_seq_len - len(t)), s["sampling"], s["stop"], s["seed"],
+                    s["top_logprobs"], events, index=i) for i, t in enumerate(prompts)]
+        for job in jobs:
+            engine.submit(job)
+        head = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()),
+                    model=self.server.model_name)
+        try:
+            if s["stream"]:
+                self.stream(chat, jobs, events, head, s["include_usage"])
+            else:
+                self.respond(chat, jobs, events, head)
+        finally:  # a client gone, or an error: its generations stop at the next step
+            for job in jobs:
+                job.cancelled = True
+
+    def usage(self, jobs, completion_tokens):
+        prompt_tokens = sum(len(job.prompt) for job in jobs)
+        n = sum(completion_tokens)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+
+    def logprobs(self, chat: bool, infos: list) -> dict:
+        tok = self.server.llama.tokenizer
+
+        def entry(t, lp):
+            return {"token": tok.decode([t]), "logprob": lp, "bytes": list(tok.token_bytes(t))}
+
+        if chat:
+            return {"content": [dict(entry(t, lp), top_logprobs=[entry(a, alp) for a, alp in alt])
+                                for t, lp, alt in infos]}
+        return {"tokens": [tok.decode([t]) for t, _, _ in infos], "token_logprobs": [lp for _, lp, _ in infos],
+                "top_logprobs": [{tok.decode([a]): alp for a, alp in alt} for _, _, alt in infos]}
+
+    def respond(self, chat, jobs, events, head):
+        texts, infos, reasons, counts = [[""] * len(jobs), [[] for _ in jobs], [None] * len(jobs), [0] * len(jobs)]
+        done = 0
+        while done < len(jobs):
+            kind, i, *rest = events.get()
+            if kind == "error":
+                raise rest[0]
+            if kind == "piece":
+                texts[i] += rest[0]
+                infos[i] += rest[1]
+            else:
+                reasons[i], counts[i] = rest
+                done += 1
+        choices = []
+        for i, job in enumerate(jobs):
+            c = {"index": i, "message": {"role": "assistant", "content": texts[i]}} if chat else \
+                {"index": i, "text": texts[i]}
+            c.update(logprobs=self.logprobs(chat, infos[i]) if job.top_logprobs is not None else None,
+                     finish_reason=reasons[i])
+            choices.append(c)
+        self.send_json(200, dict(head, object="chat.completion" if chat else "text_completion", choices=choices,
+                                 usage=self.usage(jobs, counts)))
+
+    def send_event(self, obj):
+        data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))  # one HTTP chunk per event
+        self.wfile.flush()
+
+    def stream(self, chat, jobs, events, head, include_usage):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = dict(head, object="chat.completion.chunk" if chat else "text_completion")
+
+        def choice(i, text, infos=None, reason=None):
+            c = {"index": i, "delta": {"content": text}} if chat else {"index": i, "text": text}
+            c.update(logprobs=self.logprobs(chat, infos) if infos else None, finish_reason=reason)
+            return dict(chunk, choices=[c])
+
+        if chat:
+            for i in range(len(jobs)):
+                self.send_event(dict(chunk, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}]))
+        counts, done = [0] * len(jobs), 0
+        while done < len(jobs):
+            kind, i, *rest = events.get()
+            if kind == "error":
+                self.send_event(rest[0].body())
+                break
+            if kind == "piece":
+                self.send_event(choice(i, rest[0], rest[1]))
+            else:
+                counts[i] = rest[1]
+                done += 1
+                end = choice(i, None, reason=rest[0])
+                if chat:
+                    end["choices"][0]["delta"] = {}
+                self.send_event(end)
+        if done == len(jobs) and include_usage:
+            self.send_event(dict(chunk, choices=[], usage=self.usage(jobs, counts)))
+        self.send_event(b"[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+class APIServer(ThreadingHTTPServer):
+    """The OpenAI-compatible HTTP server of a Llama: POST /v1/chat/completions, POST /v1/completions,
+    GET /v1/models, GET /health. Binds host:port (port 0: a free one, then in server_address); serve_forever()
+    answers until shutdown(); close() stops the engine and closes the socket."""
+    daemon_threads = True
+
+    def __init__(self, llama: Llama, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
+                 max_batch_size: int = 8, model_name: str = "llama31", prompt_cache: int = 8, seed: int = 1,
+                 quiet: bool = False):
+        if llama.tokenizer is None:
+            raise ValueError("the server needs a Llama with a tokenizer")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key):
+            raise ValueError("api_key must be a non-empty string or None")
+        self.llama, self.api_key, self.model_name, self.quiet = llama, api_key, model_name, quiet
+        self.created = int(time.time())
+        self.engine = BatchEngine(llama, max_batch_size, prompt_cache, seed)
+        try:
+            super().__init__((host, port), APIHandler)
+        except OSError:
+            self.engine.stop()
+            raise
+
+    def close(self):
+        self.engine.stop()
+        self.server_close()
+
+
+def start_server(llama: Llama, **kwargs) -> APIServer:
+    """An APIServer (arguments as its) answering in a background thread: stop it with shutdown() then close().
+    The tests and the serving benchmark use it; `serve` runs one in the foreground."""
+    server = APIServer(llama, **kwargs)
+    threading.Thread(target=server.serve_forever, name="llama31-http", daemon=True).start()
+    return server
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 DEFAULT_PROMPTS = [
@@ -2208,6 +2780,49 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, p
     for i in range(0, len(prompts), max_batch_size):
         batch = list(prompts[i : i + max_batch_size])
         print_completions(batch, llama.text_completion_stream(batch, rng, temperature, top_p, max_gen_len))
+
+
+def serve(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, host: str = "127.0.0.1",
+          port: int = 8000, api_key: Optional[str] = None, max_batch_size: int = 8, max_seq_len: int = 2048,
+          prompt_cache: int = 8, model_name: Optional[str] = None, seed: int = 1, device: Optional[str] = None,
+          dtype: Optional[str] = None, quiet: bool = False):
+    """Serve a checkpoint over OpenAI's HTTP API: POST /v1/chat/completions and /v1/completions (streamed with
+    "stream": true), GET /v1/models, GET /health. Requests that arrive while others run are batched.
+
+    Args:
+        ckpt_dir: checkpoint folder or .gguf file, as for completion; not given: the SmolLM2 demo
+        tokenizer_path: tiktoken tokenizer.model file; defaults to the one in ckpt_dir
+        host: address to bind; 127.0.0.1 (this machine only) unless you mean to expose it
+        port: TCP port
+        api_key: clients must send "Authorization: Bearer KEY" (the openai client's api_key); default: the
+            LLAMA31_API_KEY environment variable, else no key
+        max_batch_size: most requests decoding together; more wait for a free row
+        max_seq_len: the context: most positions (prompt + reply) per request; the server's KV cache holds
+            max_batch_size x max_seq_len positions
+        prompt_cache: finished requests whose keys and values are kept for prompts beginning with the same
+            tokens (a conversation's next message); 0: off
+        model_name: the model id in responses and /v1/models; default: the checkpoint's name
+        seed: seeds the sampling of requests that give no seed
+        device: cuda, mps or cpu; autodetected in that order when not given
+        dtype: float32, bfloat16 or float16; bf16 on GPUs that support it, fp32 on CPU when not given
+        quiet: do not log each request on stderr
+    """
+    if ckpt_dir is None:
+        ckpt_dir = demo_checkpoint()
+    api_key = api_key if api_key is not None else os.environ.get("LLAMA31_API_KEY") or None
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                        device=device, dtype=dtype, seed=seed)
+    name = model_name or Path(ckpt_dir).name.removesuffix(".gguf")
+    server = APIServer(llama, host, port, api_key, max_batch_size, name, prompt_cache, seed, quiet)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"llama31: serving on {host} without an API key: anyone who can reach it can use it", file=sys.stderr)
+    print(f"llama31: serving {name} at http://{host}:{server.server_address[1]}/v1 (Ctrl-C stops)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
 
 
 # shapes for `bench` with random weights: a SmolLM2-135M-like Llama, Llama 3.2 1B, Llama 3.1 8B
@@ -2429,6 +3044,8 @@ def cli(argv=None):
     try:
         if argv[:1] == ["bench"]:
             fire.Fire(bench, command=argv[1:], name="llama31.py bench")
+        elif argv[:1] == ["serve"]:
+            fire.Fire(serve, command=argv[1:], name="llama31.py serve")
         else:
             fire.Fire(main, command=argv, name="llama31.py")
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
