@@ -2645,9 +2645,15 @@ DEFAULT_PROMPTS = [
 
 
 def print_completions(prompts: List[str], stream, out=sys.stdout):
-    """Print each prompt followed by its completion as it streams in. The rows of a batch generate
-    together; the first unfinished row is shown live and the others catch up when their turn comes."""
+    """Print each prompt followed by its completion as it streams in, and a line with its finish_reason (when
+    stream is a TextStream). The rows of a batch generate together; the first unfinished row is shown live and
+    the others catch up when their turn comes."""
     texts, done, cur, shown = [""] * len(prompts), [False] * len(prompts), 0, 0
+
+    def separator(i):
+        reason = stream.rows[i].finish_reason if isinstance(stream, TextStream) else None
+        return "\n" + "-" * 60 + (f" finish_reason: {reason}" if reason else "") + "\n"
+
     out.write(prompts[0])
     for pieces in itertools.chain(stream, [[None] * len(prompts)]):  # the sentinel finishes every row
         for i, piece in enumerate(pieces):
@@ -2659,17 +2665,20 @@ def print_completions(prompts: List[str], stream, out=sys.stdout):
         shown = len(texts[cur])
         while done[cur] and cur + 1 < len(prompts):
             cur, shown = cur + 1, len(texts[cur + 1])
-            out.write("\n" + "-" * 60 + "\n" + prompts[cur] + texts[cur])
+            out.write(separator(cur - 1) + prompts[cur] + texts[cur])
         out.flush()
-    out.write("\n" + "-" * 60 + "\n")
+    out.write(separator(cur))
 
 
 def chat_repl(llama: Llama, system: Optional[str], sample_rng, temperature: float, top_p: float,
-              max_gen_len: int, inp=sys.stdin, out=sys.stdout):
+              max_gen_len: int, inp=sys.stdin, out=sys.stdout, stop=None, prompt_cache: bool = True, **controls):
     """Multi-turn chat on a terminal (or one user turn per line of piped input), replies streamed.
     /reset starts over (keeping the system prompt), /exit or end of input quits. When the conversation
-    no longer leaves room for a reply of max_gen_len tokens, the oldest turns are dropped, with a notice."""
+    no longer leaves room for a reply of max_gen_len tokens, the oldest turns are dropped, with a notice.
+    Each turn starts from the keys and values the previous one left (a PromptCache), so only the new
+    message is computed; controls: Sampling's other fields."""
     interactive = inp.isatty()
+    cache = PromptCache(1) if prompt_cache else None
     base = [{"role": "system", "content": system}] if system else []
     dialog = list(base)
     max_seq_len = llama.params.max_seq_len
@@ -2705,12 +2714,16 @@ def chat_repl(llama: Llama, system: Optional[str], sample_rng, temperature: floa
             dialog.pop()
             continue
         reply = []
-        for piece in llama.chat_completion_stream(dialog, sample_rng, temperature, top_p, max_gen_len):
+        stream = llama.chat_completion_stream(dialog, sample_rng, temperature, top_p, max_gen_len, stop=stop,
+                                              prompt_cache=cache, **controls)
+        for piece in stream:
             out.write(piece)
             out.flush()
             reply.append(piece)
         out.write("\n")
         out.flush()
+        if stream.finish_reason == "length":
+            print(f"[reply cut at {max_gen_len} tokens (--max_gen_len) or the context]", file=sys.stderr)
         dialog.append({"role": "assistant", "content": "".join(reply)})
 
 
@@ -2736,7 +2749,9 @@ def demo_checkpoint() -> Path:
 def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, prompts: Optional[List[str]] = None,
          chat: bool = False, system: Optional[str] = None, temperature: float = 0.6, top_p: float = 0.9,
          max_seq_len: int = 2048, max_gen_len: Optional[int] = None, max_batch_size: int = 4, seed: int = 1,
-         device: Optional[str] = None, dtype: Optional[str] = None, compile: bool = False):
+         device: Optional[str] = None, dtype: Optional[str] = None, compile: bool = False, top_k: int = 0,
+         min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+         frequency_penalty: float = 0.0, logit_bias: Optional[dict] = None, stop=None):
     """Complete prompts with a Meta Llama 3.x checkpoint, or chat with an Instruct model (--chat).
 
     Args:
@@ -2759,6 +2774,13 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, p
         dtype: float32, bfloat16 or float16; bf16 on GPUs that support it, fp32 on CPU when not given
         compile: run the decode step under torch.compile (static shapes; compiles on the first prompt, falls
             back to eager with a message where it cannot)
+        top_k: sample only from the k most likely tokens; 0: all
+        min_p: sample only from tokens at least min_p times as likely as the most likely one; 0: all
+        repetition_penalty: divide (multiply, if negative) the logits of tokens already in the prompt or reply
+        presence_penalty: subtract from the logits of tokens already generated
+        frequency_penalty: subtract, per time generated, from the logits of tokens already generated
+        logit_bias: a dict of token id -> value added to its logit, e.g. '{128009: -100}'
+        stop: a string or JSON list of strings; the text ends before the first one found
     """
     if prompts is None:
         prompts = DEFAULT_PROMPTS
@@ -2772,14 +2794,19 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, p
         ckpt_dir = demo_checkpoint()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         device=device, dtype=dtype, seed=seed, compile=compile)
-    llama._check_sampling(temperature, top_p, max_gen_len, None)  # fail before the first prompt is typed
+    controls = dict(top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
+                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias)
+    # fail before the first prompt is typed
+    llama._check_sampling(temperature, top_p, max_gen_len, None, **controls)
+    stop = Llama._check_stop(stop)
     rng = torch.Generator(device=llama.device).manual_seed(seed)
     if chat:
-        chat_repl(llama, system, rng, temperature, top_p, min(max_gen_len, max_seq_len - 1))
+        chat_repl(llama, system, rng, temperature, top_p, min(max_gen_len, max_seq_len - 1), stop=stop, **controls)
         return
     for i in range(0, len(prompts), max_batch_size):
         batch = list(prompts[i : i + max_batch_size])
-        print_completions(batch, llama.text_completion_stream(batch, rng, temperature, top_p, max_gen_len))
+        print_completions(batch, llama.text_completion_stream(batch, rng, temperature, top_p, max_gen_len,
+                                                              stop=stop, **controls))
 
 
 def serve(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, host: str = "127.0.0.1",

