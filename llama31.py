@@ -770,7 +770,8 @@ class Penalties:
             self.bias[i] = 0
             if sampling.logit_bias:
                 ids, values = zip(*sampling.logit_bias.items())
-                self.bias[i, torch.tensor(ids, device=self.bias.device)] = torch.tensor(values, device=self.bias.device)
+                self.bias[i, torch.tensor(ids, device=self.bias.device)] = torch.tensor(values, dtype=self.bias.dtype,
+                                                                                         device=self.bias.device)
 
     def move_row(self, src: int, dst: int):
         """Row src's state becomes row dst's (the server keeps its rows contiguous)."""
@@ -2116,8 +2117,8 @@ class BatchEngine:
       1. waiting jobs join while rows are free, each prefilled alone into its own row (KVCache.view), starting
          from the longest cached beginning of its prompt (PromptCache); its last logits join the batch's;
       2. each row samples from its logits with its own Sampling: penalties and biases vectorised over rows
-         (Penalties), greedy rows by one argmax, sampled rows each with its own generator (so a seeded
-         request draws what it draws alone);
+         (Penalties), greedy rows by one argmax, sampled rows each with its own generator (a seeded request's
+         draws do not depend on the other requests' draws);
       3. one host sync brings the tokens (and logprobs); each job's text advances (UTF-8, stop strings) and
          goes to its HTTP thread;
       4. finished and cancelled rows leave: their keys and values go to the prompt cache and the last row
@@ -2194,9 +2195,14 @@ class BatchEngine:
                 job = self.waiting.popleft() if self.waiting else None
             if job is None:
                 break
-            if not job.cancelled:
-                self.stats["joined_running"] += len(self.rows) > len(new_logits)
+            if job.cancelled:
+                continue
+            self.stats["joined_running"] += len(self.rows) > len(new_logits)
+            try:
                 new_logits.append(self.prefill(job))
+            except Exception as e:  # fails this job only: it has not taken its row yet
+                job.events.put(("error", job.index, APIError(500, f"prefill failed: {type(e).__name__}: {e}",
+                                                             kind="server_error")))
         if not self.rows:
             return
         self.stats["iterations"] += 1

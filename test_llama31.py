@@ -13,9 +13,11 @@ import json
 import math
 import os
 import pickle
+import queue
 import platform
 import subprocess
 import sys
+import time
 import weakref
 from pathlib import Path
 
@@ -1879,3 +1881,325 @@ def test_chat_repl_reuses_the_conversation(ckpt_chain, llama_chain, monkeypatch)
         outs[reuse] = out.getvalue()
     assert outs[True] == outs[False] == "Hello!\n" * 5
     assert reused["cache"].reused > 100  # turns 2-5 start from the previous turns' keys and values
+
+
+# -----------------------------------------------------------------------------
+# the OpenAI-compatible server, driven by the real openai client on 127.0.0.1
+
+openai = pytest.importorskip("openai", reason="the server tests need the openai client: pip install openai")
+
+
+@pytest.fixture
+def serve_llama():
+    """start_server on a free loopback port; every server started is shut down at the end of the test."""
+    servers = []
+
+    def start(llama, **kwargs):
+        server = llama31.start_server(llama, host="127.0.0.1", port=0, quiet=True, **kwargs)
+        servers.append(server)
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        client = openai.OpenAI(base_url=url + "/v1", api_key=kwargs.get("api_key") or "none", max_retries=0,
+                               timeout=120)
+        return server, client, url
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.close()
+        assert not server.engine.thread.is_alive()
+
+
+def http_json(url, method="GET", body=None, headers=None, timeout=60):
+    """(status, parsed JSON) of a raw request: what any HTTP client gets, for the statuses the openai client
+    hides behind exceptions."""
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {},
+                                                                             **{"Content-Type": "application/json"}))
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+HI = [{"role": "user", "content": "Hi there"}]
+
+
+def test_server_chat_completion_models_health(serve_llama, llama_chain):
+    server, client, url = serve_llama(llama_chain, model_name="chain")
+    r = client.chat.completions.create(model="anything", messages=HI, temperature=0)
+    assert r.choices[0].message.content == "Hello!" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "stop" and r.model == "chain" and r.object == "chat.completion"
+    prompt_tokens = len(llama_chain.tokenizer.encode_dialog_prompt(HI))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (prompt_tokens, 2,
+                                                                                         prompt_tokens + 2)
+    r = client.chat.completions.create(model="m", messages=HI, temperature=0, max_tokens=1)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("Hello", "length")
+    r = client.chat.completions.create(model="m", messages=HI, temperature=0, stop=["lo!", "l"])
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("He", "stop")
+    # completions: one prompt and a list of them, each a choice; OpenAI's default of 16 tokens
+    r = client.completions.create(model="m", prompt="x", temperature=0)
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.object) == ("😀日é\ufffd", "stop", "text_completion")
+    r = client.completions.create(model="m", prompt=["x", "x"], temperature=0, max_tokens=5, stop="日")
+    assert [(c.index, c.text, c.finish_reason) for c in r.choices] == [(0, "😀\ufffd", "length")] * 1 + \
+        [(1, "😀\ufffd", "length")]
+    assert r.usage.completion_tokens == 10 and r.usage.prompt_tokens == 2 * len(llama_chain.tokenizer.encode(
+        "x", bos=True, eos=False))
+    assert [m.id for m in client.models.list().data] == ["chain"]
+    assert http_json(url + "/health") == (200, {"status": "ok", "running": 0, "waiting": 0})
+
+
+def test_server_logprobs(serve_llama, llama_gqa):
+    server, client, url = serve_llama(llama_gqa)
+    r = client.chat.completions.create(model="m", messages=HI, temperature=0, max_tokens=4, logprobs=True,
+                                       top_logprobs=3)
+    ref = llama_gqa.chat_completion([HI], temperature=0, max_gen_len=4, logprobs=True)[0]
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == ref["tokens"]
+    assert max(abs(c.logprob - lp) for c, lp in zip(content, ref["logprobs"])) < 1e-4
+    for c in content:  # greedy: the chosen token is the most likely alternative
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token
+        assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob >= c.top_logprobs[2].logprob
+        assert bytes(c.bytes) == c.token.encode() or "\ufffd" in c.token
+    r = client.completions.create(model="m", prompt="The weather", temperature=0, max_tokens=3, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.token_logprobs) == 3
+    assert all(len(t) == 2 and max(t.values()) == p for t, p in zip(lp.top_logprobs, lp.token_logprobs))
+
+
+def test_server_streaming_joins_to_the_response(serve_llama, llama_chain, llama_gqa):
+    server, client, url = serve_llama(llama_chain)
+    chunks = list(client.chat.completions.create(model="m", messages=HI, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello!"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2
+    # whole characters only; a stop string's possible beginning is held back, never sent
+    pieces = [c.choices[0].text for c in client.completions.create(model="m", prompt="x", temperature=0, stream=True,
+                                                                    stop="日é!") if c.choices[0].text]
+    assert pieces == ["😀", "日é\ufffd"]
+    server, client, url = serve_llama(llama_gqa)
+    for kw in [dict(temperature=0, max_tokens=20), dict(temperature=0.9, seed=5, max_tokens=20, extra_body={"top_k": 50}),
+               dict(temperature=0, max_tokens=30, stop=[" the", "."], frequency_penalty=0.5)]:
+        full = client.chat.completions.create(model="m", messages=HI, **kw)
+        chunks = list(client.chat.completions.create(model="m", messages=HI, stream=True, **kw))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_server_errors(serve_llama, llama_mha):
+    server, client, url = serve_llama(llama_mha)
+    chat = url + "/v1/chat/completions"
+    long_prompt = "word " * 300  # more tokens than max_seq_len 256
+    for body, param in [({"messages": HI, "temperature": "hot"}, "temperature"),
+                        ({"messages": HI, "max_tokens": 0}, "max_tokens"),
+                        ({"messages": HI, "max_completion_tokens": 1.5}, "max_completion_tokens"),
+                        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+                        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]},
+                         "messages"),
+                        ({"messages": []}, "messages"), ({}, "messages"),
+                        ({"messages": HI, "n": 2}, "n"), ({"messages": HI, "stop": [""]}, "stop"),
+                        ({"messages": HI, "top_p": 1.5}, "top_p"), ({"messages": HI, "top_k": -1}, "top_k"),
+                        ({"messages": HI, "stream": "yes"}, "stream"),
+                        ({"messages": HI, "top_logprobs": 2}, "top_logprobs"),
+                        ({"messages": HI, "logit_bias": {"abc": 1}}, "logit_bias"),
+                        ({"messages": HI, "logit_bias": {"999999": 1}}, "logit_bias"),
+                        ({"messages": HI, "tools": []}, "tools"),
+                        ({"messages": [{"role": "user", "content": long_prompt}]}, "messages")]:
+        status, err = http_json(chat, "POST", body)
+        assert status == 400 and err["error"]["param"] == param and err["error"]["type"] == "invalid_request_error", \
+            (body, err)
+        assert param in err["error"]["message"] or param == "messages"
+    status, err = http_json(chat, "POST", {"messages": [{"role": "user", "content": long_prompt}]})
+    assert "256" in err["error"]["message"] and err["error"]["code"] == "context_length_exceeded"
+    assert http_json(url + "/v1/completions", "POST", {"prompt": 3})[0] == 400
+    assert http_json(chat, "POST", b"{not json")[0] == 400
+    assert http_json(chat, "POST", b"[1, 2]")[0] == 400
+    assert http_json(url + "/v1/nothing")[0] == 404 and http_json(url + "/v2/chat/completions", "POST", {})[0] == 404
+    assert http_json(chat)[0] == 405 and http_json(url + "/v1/models", "DELETE")[0] == 405
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="m", messages=HI, max_tokens=-1)
+    with pytest.raises(openai.NotFoundError):
+        client.get("/nowhere", cast_to=object)
+    # the server kept serving through all of it
+    assert client.chat.completions.create(model="m", messages=HI, max_tokens=2).choices[0].finish_reason
+
+
+def test_server_api_key(serve_llama, llama_chain):
+    server, client, url = serve_llama(llama_chain, api_key="s3cret")
+    assert client.chat.completions.create(model="m", messages=HI, temperature=0).choices[0].message.content == \
+        "Hello!"
+    wrong = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError, match="incorrect API key"):
+        wrong.chat.completions.create(model="m", messages=HI)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    status, err = http_json(url + "/v1/completions", "POST", {"prompt": "x"})
+    assert status == 401 and err["error"]["code"] == "invalid_api_key"
+    assert http_json(url + "/health")[0] == 200  # health needs no key
+
+
+@pytest.fixture(scope="module")
+def llama_loop(tmp_path_factory, tokenizer):
+    """Continues "x" with "yxyxy..." forever (no stop token), with room for 4000 tokens."""
+    x, y = tokenizer.encode("x", bos=False, eos=False)[0], tokenizer.encode("y", bos=False, eos=False)[0]
+    folder = write_chain_checkpoint(tmp_path_factory.mktemp("loop"), {x: y, y: x})
+    return llama31.Llama.build(folder, max_seq_len=4096, max_batch_size=4, device="cpu")
+
+
+def test_server_client_disconnect_stops_its_generation(serve_llama, llama_loop):
+    import http.client
+
+    server, client, url = serve_llama(llama_loop, max_batch_size=2)
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 4000, "temperature": 0,
+                                                        "stream": True}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert b"data: " in resp.fp.readline() + resp.fp.readline() + resp.fp.readline()  # the stream has begun
+    resp.close()
+    conn.close()  # the client goes away mid-stream
+    for _ in range(600):  # the engine notices at the next token it sends
+        if server.engine.stats["cancelled"] == 1 and not server.engine.rows:
+            break
+        time.sleep(0.05)
+    assert server.engine.stats["cancelled"] == 1 and server.engine.stats["finished"] == 0
+    assert http_json(url + "/health")[1]["running"] == 0
+    r = client.completions.create(model="m", prompt="x", max_tokens=6, temperature=0)  # still serving
+    assert (r.choices[0].text, r.choices[0].finish_reason) == ("yxyxyx", "length")
+
+
+CONCURRENT = [("chat", "What is the capital of France?", 24), ("text", "The capital of France is", 12),
+              ("chat", "Tell me a story about a dragon.", 40), ("text", "def fibonacci(n):", 30),
+              ("chat", "Hi", 5), ("text", "Once upon a time", 33), ("chat", "Name three colours.", 17),
+              ("text", "1, 2, 3,", 26)]
+
+
+def ask(client, kind, prompt, max_tokens, **kw):
+    if kind == "chat":
+        r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=max_tokens, **kw)
+        return r.choices[0].message.content, r.choices[0].finish_reason
+    r = client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, **kw)
+    return r.choices[0].text, r.choices[0].finish_reason
+
+
+def check_concurrent_equals_sequential(llama, client, server, requests, **kw):
+    from concurrent.futures import ThreadPoolExecutor
+
+    sequential = [ask(client, *r, **kw) for r in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        concurrent = list(pool.map(lambda r: ask(client, *r, **kw), requests))
+    assert concurrent == sequential
+    assert server.engine.stats["peak_rows"] > 1  # they did run together
+    return sequential
+
+
+def test_server_concurrent_greedy_equals_sequential(serve_llama, llama_gqa):
+    server, client, url = serve_llama(llama_gqa, max_batch_size=4)  # 8 requests: half of them wait, then join
+    sequential = check_concurrent_equals_sequential(llama_gqa, client, server, CONCURRENT, temperature=0)
+    for (kind, prompt, n), (text, reason) in zip(CONCURRENT, sequential):  # and each is the Python API's answer
+        ref = llama_gqa.chat_completion([[{"role": "user", "content": prompt}]], temperature=0, max_gen_len=n) \
+            if kind == "chat" else llama_gqa.text_completion([prompt], temperature=0, max_gen_len=n)
+        expected = ref[0]["generation"]["content"] if kind == "chat" else ref[0]["generation"]
+        assert (text, reason) == (expected, ref[0]["finish_reason"])
+    # per-request settings in one batch (penalties, biases, stop strings): each greedy answer equals its own alone,
+    # while seeded sampled requests run beside them (top_k, min_p and repetition_penalty are not OpenAI's
+    # fields: the openai client sends them in extra_body)
+    mixed = [dict(temperature=0, presence_penalty=0.3 * i, logit_bias={"1820": i}, stop=[" the"] if i % 2 else None,
+                  extra_body={"repetition_penalty": 1 + 0.1 * i}) if i % 3 else
+             dict(temperature=0.8, seed=i, extra_body={"top_k": 20 + i, "min_p": 0.01}) for i in range(8)]
+    alone = [ask(client, *r, **m) for r, m in zip(CONCURRENT, mixed)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda rm: ask(client, *rm[0], **rm[1]), zip(CONCURRENT, mixed)))
+    assert [t for t, m in zip(together, mixed) if m["temperature"] == 0] == \
+        [a for a, m in zip(alone, mixed) if m["temperature"] == 0]
+    assert all(reason in ("stop", "length") for _, reason in together)
+    # a seeded request is reproducible, and alone it draws what the Python API draws with that seed
+    assert [ask(client, *CONCURRENT[i], **mixed[i]) for i in (0, 3)] == [alone[0], alone[3]]
+    ref = llama_gqa.text_completion([CONCURRENT[3][1]], torch.Generator().manual_seed(3), temperature=0.8, top_p=1.0,
+                                    max_gen_len=CONCURRENT[3][2], top_k=23, min_p=0.01)[0]
+    assert alone[3] == (ref["generation"], ref["finish_reason"])
+
+
+def test_engine_joins_rows_at_step_boundaries(llama_gqa):
+    # all jobs queued before the engine takes any: 3 run at once, the others join as rows finish
+    prompts = [llama_gqa.tokenizer.encode(t, bos=True, eos=False) for t in ("One", "Two words", "Three more words",
+                                                                           "Four", "Five five", "Six six six")]
+    budgets = [3, 9, 5, 7, 4, 6]
+    engine = llama31.BatchEngine(llama_gqa, max_batch_size=3, prompt_cache=0)
+    try:
+        events = queue.Queue()
+        jobs = [llama31.Job(p, b, llama31.Sampling(temperature=0), (), None, None, events, index=i)
+                for i, (p, b) in enumerate(zip(prompts, budgets))]
+        with engine.cond:  # the engine waits for this lock to take jobs
+            for job in jobs:
+                engine.submit(job)
+        texts, done = [""] * len(jobs), 0
+        while done < len(jobs):
+            kind, i, *rest = events.get(timeout=120)
+            assert kind != "error", rest
+            texts[i] += rest[0] if kind == "piece" else ""
+            done += kind == "end"
+    finally:
+        engine.stop()
+    assert engine.stats["peak_rows"] == 3 and engine.stats["joined_running"] == 3
+    alone = [llama_gqa.tokenizer.decode(llama_gqa.generate([p], max_gen_len=b, temperature=0)[0])
+             for p, b in zip(prompts, budgets)]
+    assert texts == alone
+
+
+def test_server_prompt_cache_reuses_a_conversation(serve_llama, llama_gqa):
+    server, client, url = serve_llama(llama_gqa, prompt_cache=4)
+    dialog = [{"role": "user", "content": "Tell me about cats"}]
+    for turn in range(3):
+        r = client.chat.completions.create(model="m", messages=dialog, temperature=0, max_tokens=10)
+        ref = llama_gqa.chat_completion([dialog], temperature=0, max_gen_len=10)[0]["generation"]["content"]
+        assert r.choices[0].message.content == ref
+        dialog += [{"role": "assistant", "content": ref}, {"role": "user", "content": f"And then {turn}?"}]
+    assert server.engine.prompt_cache.reused > 40  # the later turns started from the earlier ones
+
+
+@needs_smollm2
+def test_server_smollm2(serve_llama, smollm2):
+    server, client, url = serve_llama(smollm2, max_batch_size=2)
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "What is the capital of "
+                                                             "France?"}], temperature=0, max_tokens=16)
+    assert r.choices[0].message.content == "The capital of France is Paris." and r.choices[0].finish_reason == "stop"
+    check_concurrent_equals_sequential(smollm2, client, server, CONCURRENT[:4], temperature=0)
+
+
+def test_serve_command(ckpt_chain):
+    import signal
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:  # a free port (released for the server to take)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, str(HERE / "llama31.py"), "serve", "--ckpt_dir", str(ckpt_chain), "--port",
+                          str(port), "--device", "cpu", "--max_seq_len", "128", "--quiet"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    assert json.loads(r.read())["status"] == "ok"
+                break
+            except OSError:
+                assert p.poll() is None, p.communicate()
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="m", messages=HI, temperature=0)
+        assert r.choices[0].message.content == "Hello!" and r.model == ckpt_chain.name
+    finally:
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert f"http://127.0.0.1:{port}/v1" in err and "Traceback" not in err
