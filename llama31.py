@@ -3069,6 +3069,120 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
               f"{prompt_len}: total time {ragged_ratio:.2f}x")
 
 
+CHAT_TURNS = ["Hi! Can you help me plan a trip to Paris?", "What should I see on the first day?",
+              "And where could I eat nearby?", "How do I get from there to the Eiffel Tower?",
+              "Summarise the plan in three short points.", "Thanks! Any tip for the evening?"]
+
+
+def bench_chat(ckpt_dir: Optional[str] = None, turns: int = 5, max_gen_len: int = 64, repeats: int = 3,
+               device: Optional[str] = None, dtype: Optional[str] = None):
+    """Time to first token of each turn of a scripted chat, with and without prompt-cache reuse (each turn
+    starting from the keys and values the previous one left, as the chat REPL does). Greedy replies.
+
+    Args:
+        ckpt_dir: checkpoint (default: the SmolLM2 demo)
+        turns: user turns (at most 6)
+        max_gen_len: most tokens per reply
+        repeats: chats per mode after one warm-up; medians are reported
+        device: cuda, mps or cpu (autodetected)
+        dtype: float32, bfloat16 or float16 (bf16 on GPUs, fp32 on CPU by default)
+    """
+    if not 1 <= turns <= len(CHAT_TURNS) or repeats < 1:
+        raise ValueError(f"bench_chat needs 1 <= turns <= {len(CHAT_TURNS)} and repeats >= 1")
+    llama = Llama.build(ckpt_dir or demo_checkpoint(), max_seq_len=2048, max_batch_size=1, device=device, dtype=dtype)
+
+    def chat(reuse: bool):
+        cache, dialog, ttft, lens = PromptCache(1) if reuse else None, [], [], []
+        for message in CHAT_TURNS[:turns]:
+            dialog.append({"role": "user", "content": message})
+            lens.append(len(llama.tokenizer.encode_dialog_prompt(dialog)))
+            _sync(llama.device)
+            t0 = time.perf_counter()
+            stream = llama.chat_completion_stream([dialog], None, 0.0, 1.0, max_gen_len, prompt_cache=cache)
+            pieces = [next(stream)]  # the first step: the prefill and the first token, on the host
+            ttft.append(time.perf_counter() - t0)
+            pieces += list(stream)
+            dialog.append({"role": "assistant", "content": "".join(p[0] or "" for p in pieces)})
+        return ttft, lens, dialog
+
+    runs = {False: [], True: []}
+    for r in range(repeats + 1):  # run 0 warms up; the two modes alternate
+        for reuse in (False, True):
+            ttft, lens, dialog = chat(reuse)
+            if r > 0:
+                runs[reuse].append(ttft)
+    if chat(True)[2] != chat(False)[2]:
+        print("note: the replies with and without reuse differ (last-bit differences changed a greedy token)")
+    print(f"{Path(ckpt_dir or demo_checkpoint()).name} on {llama.device}, greedy replies of at most {max_gen_len} "
+          f"tokens, median of {repeats}")
+    print(f"{'turn':>4} {'prompt tokens':>13} {'TTFT ms, full prefill':>22} {'TTFT ms, reuse':>15} {'speed-up':>8}")
+    for t in range(turns):
+        full = sorted(run[t] for run in runs[False])[repeats // 2] * 1e3
+        reused = sorted(run[t] for run in runs[True])[repeats // 2] * 1e3
+        print(f"{t + 1:4d} {lens[t]:13d} {full:22.1f} {reused:15.1f} {full / reused:7.2f}x")
+
+
+def bench_serve(ckpt_dir: Optional[str] = None, clients: str = "1,4,8", requests: int = 16, max_tokens: int = 64,
+                max_batch_size: int = 8, device: Optional[str] = None, dtype: Optional[str] = None):
+    """Throughput and latency of the HTTP server under concurrent clients, batched (up to max_batch_size
+    requests decode together) against sequential serving (max_batch_size 1), on 127.0.0.1. Each request is a
+    streamed chat completion of exactly max_tokens tokens (stop tokens banned by logit_bias), greedy.
+
+    Args:
+        ckpt_dir: checkpoint (default: the SmolLM2 demo)
+        clients: comma-separated numbers of concurrent clients
+        requests: requests per measurement, spread over the clients
+        max_tokens: tokens per reply
+        max_batch_size: the batched server's most requests decoding together
+        device: cuda, mps or cpu (autodetected)
+        dtype: float32, bfloat16 or float16 (bf16 on GPUs, fp32 on CPU by default)
+    """
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    counts = [int(c) for c in str(clients).split(",")] if not isinstance(clients, (list, tuple)) else list(clients)
+    if not counts or min(counts) < 1 or requests < 1 or max_tokens < 1:
+        raise ValueError("bench_serve needs clients >= 1, requests >= 1 and max_tokens >= 1")
+    llama = Llama.build(ckpt_dir or demo_checkpoint(), max_seq_len=512, max_batch_size=max_batch_size, device=device,
+                        dtype=dtype)
+    ban = {str(t): -100 for t in llama.tokenizer.stop_tokens}
+
+    def one(url, i):
+        body = {"messages": [{"role": "user", "content": CHAT_TURNS[i % len(CHAT_TURNS)]}], "max_tokens": max_tokens,
+                "temperature": 0, "stream": True, "logit_bias": ban, "stream_options": {"include_usage": True}}
+        req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        t0, ttft, n = time.perf_counter(), None, 0
+        with urllib.request.urlopen(req, timeout=600) as r:
+            for line in r:
+                if line.startswith(b"data: {"):
+                    chunk = json.loads(line[6:])
+                    if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        ttft = time.perf_counter() - t0
+                    n = chunk["usage"]["completion_tokens"] if chunk.get("usage") else n
+        return time.perf_counter() - t0, ttft or 0.0, n
+
+    print(f"{Path(ckpt_dir or demo_checkpoint()).name} on {llama.device}: {requests} streamed chat requests of "
+          f"{max_tokens} tokens per row, greedy")
+    print(f"{'server':>22} {'clients':>7} {'total tok/s':>11} {'latency s':>9} {'TTFT ms':>8}")
+    for label, bsz in [("sequential (batch 1)", 1), (f"batched (up to {max_batch_size})", max_batch_size)]:
+        server = start_server(llama, port=0, max_batch_size=bsz, prompt_cache=0, quiet=True)
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+        try:
+            one(url, 0)  # warm-up
+            for c in counts:
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(c) as pool:
+                    results = list(pool.map(lambda i: one(url, i), range(requests)))
+                wall = time.perf_counter() - t0
+                tokens = sum(n for _, _, n in results)
+                latency = sorted(t for t, _, _ in results)[requests // 2]
+                ttft = sorted(t for _, t, _ in results)[requests // 2]
+                print(f"{label:>22} {c:7d} {tokens / wall:11.1f} {latency:9.2f} {ttft * 1e3:8.1f}")
+        finally:
+            server.shutdown()
+            server.close()
+
+
 def cli(argv=None):
     """Run main() through fire; a bad argument or input ends with one line on stderr and exit status 1."""
     import fire
@@ -3079,6 +3193,9 @@ def cli(argv=None):
             fire.Fire(bench, command=argv[1:], name="llama31.py bench")
         elif argv[:1] == ["serve"]:
             fire.Fire(serve, command=argv[1:], name="llama31.py serve")
+        elif argv[:1] in (["bench_serve"], ["bench_chat"]):
+            fire.Fire({"bench_serve": bench_serve, "bench_chat": bench_chat}[argv[0]], command=argv[1:],
+                      name=f"llama31.py {argv[0]}")
         else:
             fire.Fire(main, command=argv, name="llama31.py")
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:

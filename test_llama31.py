@@ -2203,3 +2203,29 @@ def test_serve_command(ckpt_chain):
         out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     assert f"http://127.0.0.1:{port}/v1" in err and "Traceback" not in err
+
+
+def test_cli_generation_controls(ckpt_chain):
+    r = run_cli("--ckpt_dir", str(ckpt_chain), "--prompts", '["x", "Hi"]', "--temperature", "0", "--stop", "日",
+                "--max_gen_len", "8", "--top_k", "5", "--repetition_penalty", "1.0", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    sep = "-" * 60
+    assert r.stdout.startswith(f"x😀\n{sep} finish_reason: stop\nHi") and r.stdout.count("finish_reason: ") == 2
+    r = run_cli("--ckpt_dir", str(ckpt_chain), "--prompts", "x", "--temperature", "0", "--max_gen_len", "2",
+                "--device", "cpu")
+    assert r.stdout == f"x\ufffd\n{sep} finish_reason: length\n"
+    r = run_cli("--ckpt_dir", str(ckpt_chain), "--min_p", "2", "--device", "cpu")
+    assert r.returncode == 1 and "min_p" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_serve_and_chat_commands(ckpt_chain):
+    r = run_cli("bench_serve", "--ckpt_dir", str(ckpt_chain), "--clients", "1,2", "--requests", "2", "--max_tokens",
+                "3", "--max_batch_size", "2", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.strip().startswith(("sequential", "batched"))]
+    assert [(row[0], row[-4]) for row in rows] == [("sequential", "1"), ("sequential", "2"), ("batched", "1"),
+                                                   ("batched", "2")]
+    r = run_cli("bench_chat", "--ckpt_dir", str(ckpt_chain), "--turns", "2", "--repeats", "1", "--max_gen_len", "4",
+                "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert [line.split()[0] for line in r.stdout.splitlines()[-2:]] == ["1", "2"]
