@@ -383,7 +383,8 @@ class KVCache:
         the model writes lands here. The server prefills each request into its own row of one shared cache
         and decodes its rows over only the positions in use."""
         view = copy.copy(self)
-        view.k, view.v = self.k[:, rows, :, :max_len], self.v[:, rows, :, :max_len]  # (n_layers, rows, ..., max_len, hd)
+        # (n_layers, rows, n_kv_heads, max_len, head_dim) each
+        view.k, view.v = self.k[:, rows, :, :max_len], self.v[:, rows, :, :max_len]
         view.bsz, view.max_len = view.k.shape[1], max_len
         view.rows, view.key_positions = self.rows[: view.bsz], self.key_positions[:max_len]
         view.mask, view.cos, view.sin = self.mask[rows, :max_len], self.cos[rows], self.sin[rows]
@@ -2345,7 +2346,6 @@ def parse_request(body, chat: bool, llama: Llama) -> Tuple[List[List[int]], dict
     if unknown:
         raise APIError(400, f"unsupported field(s) {unknown}; this server reads {sorted(allowed)}", param=unknown[0])
     tok, max_seq_len = llama.tokenizer, llama.params.max_seq_len
-    number = (int, float)
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
