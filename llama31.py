@@ -2108,7 +2108,8 @@ class Job:
     # the engine's state of the job while it runs
     text: Optional[TextRow] = None
     fed: List[int] = field(default_factory=list)  # tokens whose keys and values its cache row holds
-    infos: list = field(default_factory=list)  # per generated token (token, logprob, [(alternative, logprob)])
+    # per generated token: (token, logprob, [(alternative, logprob), ...], where its text begins)
+    infos: list = field(default_factory=list)
     sent_infos: int = 0
     rng: Optional[torch.Generator] = None
     next_token: int = 0
@@ -2289,7 +2290,7 @@ class BatchEngine:
                 k = (len(values) - 2) // 2
                 lp = values[1]
                 alternatives = [(int(values[2 + k + j]), values[2 + j]) for j in range(job.top_logprobs)]
-            job.infos.append((t, lp, alternatives))
+            job.infos.append((t, lp, alternatives, len(job.text.text)))  # the token's text begins there
             piece = job.text.add(t, lp)
             if job.text.stopped or len(job.text.tokens) >= job.budget:
                 piece += job.text.end("length")
@@ -2538,9 +2539,10 @@ class APIHandler(BaseHTTPRequestHandler):
 
         if chat:
             return {"content": [dict(entry(t, lp), top_logprobs=[entry(a, alp) for a, alp in alt])
-                                for t, lp, alt in infos]}
-        return {"tokens": [tok.decode([t]) for t, _, _ in infos], "token_logprobs": [lp for _, lp, _ in infos],
-                "top_logprobs": [{tok.decode([a]): alp for a, alp in alt} for _, _, alt in infos]}
+                                for t, lp, alt, _ in infos]}
+        return {"tokens": [tok.decode([t]) for t, *_ in infos], "token_logprobs": [info[1] for info in infos],
+                "top_logprobs": [{tok.decode([a]): alp for a, alp in info[2]} for info in infos],
+                "text_offset": [info[3] for info in infos]}
 
     def respond(self, chat, jobs, events, head):
         texts, infos, reasons, counts = [[""] * len(jobs), [[] for _ in jobs], [None] * len(jobs), [0] * len(jobs)]

@@ -1974,6 +1974,7 @@ def test_server_logprobs(serve_llama, llama_gqa):
     lp = r.choices[0].logprobs
     assert "".join(lp.tokens) == r.choices[0].text and len(lp.token_logprobs) == 3
     assert all(len(t) == 2 and max(t.values()) == p for t, p in zip(lp.top_logprobs, lp.token_logprobs))
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(3)]
 
 
 def test_server_streaming_joins_to_the_response(serve_llama, llama_chain, llama_gqa):
