@@ -21,6 +21,10 @@ Measure speed (tokens/s, bandwidth, against Hugging Face transformers on the sam
 
     python llama31.py bench --shape 135m --hf --dtype bfloat16 --compile
 
+Serve it over OpenAI's HTTP API (chat and text completions, streaming, concurrent requests batched):
+
+    python llama31.py serve --ckpt_dir D --port 8000
+
 From Python:
 
     import llama31, torch
@@ -36,10 +40,11 @@ Test it (tiny random checkpoints, the real Llama 3 tokenizer, Hugging Face trans
 
 How to read it. Up to the bar "end of the reference reading" (line 1030) the file is the reference, in the
 order it runs: config -> model (RMSNorm, RoPE, Attention, FeedForward, TransformerBlock, KV cache,
-Transformer) -> tokenizer (Llama 3's, with its chat format) -> sampling -> generation (Llama: generate, text
-and chat completion, streams, logprobs). After it come the extensions, each in its own section: the compiled
-decode step, loading (device and dtype, Meta/Hugging Face/GGUF checkpoints, the GGUF tokenizer), the command
-line, the benchmark.
+Transformer) -> tokenizer (Llama 3's, with its chat format) -> sampling (Meta's, plus top_k, min_p, penalties,
+logit_bias) -> generation (Llama: generate, text and chat completion, streams, stop strings, finish reasons,
+logprobs). After it come the extensions, each in its own section: the compiled decode step, the prompt cache,
+loading (device and dtype, Meta/Hugging Face/GGUF checkpoints, the GGUF tokenizer), the OpenAI-compatible
+server, the command line, the benchmarks.
 
 Where llama31 departs from Meta's reference code, on purpose and with the same results:
 - wq/wk/wv and w1/w3 are stacked into one matrix each (one matmul instead of three and two); checkpoints
@@ -54,9 +59,13 @@ Where llama31 departs from Meta's reference code, on purpose and with the same r
 - One host sync per decode step: the new tokens (and logprobs) cross to the host together.
 """
 
+import bisect
 import codecs
+import collections
+import copy
 import ctypes
 import difflib
+import hmac
 import inspect
 import itertools
 import json
@@ -65,14 +74,18 @@ import mmap
 import operator
 import os
 import platform
+import queue
 import re
 import sys
 import textwrap
+import threading
 import time
-from dataclasses import dataclass, fields, replace
+import uuid
+from dataclasses import dataclass, field, fields, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import AbstractSet, Collection, Dict, Iterable, Iterator, List, Literal, NamedTuple, Optional, \
-    Sequence, Tuple, Union, get_args
+from typing import AbstractSet, Callable, Collection, Dict, Iterable, Iterator, List, Literal, NamedTuple, \
+    Optional, Sequence, Tuple, Union, get_args
 
 import tiktoken
 import torch
@@ -391,6 +404,18 @@ class KVCache:
             k[self.rows[:bsz], :, step.pos] = xk[:, :, 0]  # (bsz, n_kv_heads, head_dim) into each row's slot
             v[self.rows[:bsz], :, step.pos] = xv[:, :, 0]
         return k[:bsz, :, : step.kv_len], v[:bsz, :, : step.kv_len]
+
+    def view(self, rows: slice, max_len: int) -> "KVCache":
+        """This cache seen as only some of its rows and its first max_len positions: the same storage, so what
+        the model writes lands here. The server prefills each request into its own row of one shared cache
+        and decodes its rows over only the positions in use."""
+        view = copy.copy(self)
+        # (n_layers, rows, n_kv_heads, max_len, head_dim) each
+        view.k, view.v = self.k[:, rows, :, :max_len], self.v[:, rows, :, :max_len]
+        view.bsz, view.max_len = view.k.shape[1], max_len
+        view.rows, view.key_positions = self.rows[: view.bsz], self.key_positions[:max_len]
+        view.mask, view.cos, view.sin = self.mask[rows, :max_len], self.cos[rows], self.sin[rows]
+        return view
 
 
 # Meta's checkpoint names for the weights llama31 stacks (names after "layers.{i}."), in stacking order
@@ -714,31 +739,241 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     return torch.gather(probs_idx, -1, next_token)  # (bsz, 1) token id
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next token ids (bsz,) from fp32 logits (bsz, vocab): argmax at temperature 0, else nucleus sampling
-    from softmax(logits / temperature)."""
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator] = None,
+                top_k: int = 0, min_p: float = 0.0) -> torch.Tensor:
+    """Next token ids (bsz,) from fp32 logits (bsz, vocab): argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k most likely tokens (0: all), then by Meta's top_p
+    rule over what top_k kept (its mass renormalised, as Hugging Face and llama.cpp do), then to the tokens at
+    least min_p times as likely as the most likely one. With top_k 0 and min_p 0 this is Meta's sampling."""
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    return sample_top_p(probs, top_p, generator).squeeze(-1)
+    if top_k == 0 and min_p == 0:
+        return sample_top_p(probs, top_p, generator).squeeze(-1)
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (bsz, vocab) each
+    if 0 < top_k < probs.shape[-1]:
+        probs_sort[:, top_k:] = 0.0
+        # Meta's rule on the renormalised top k: mass_before / kept > top_p, without dividing
+        top_p = top_p * probs_sort[:, :top_k].sum(dim=-1, keepdim=True)  # (bsz, 1)
+    mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
+    drop = (mass_before > top_p) | (probs_sort < min_p * probs_sort[:, :1])
+    probs_sort = probs_sort.masked_fill(drop, 0.0)
+    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (bsz, 1) sorted index
+    return torch.gather(probs_idx, -1, next_token).squeeze(-1)  # (bsz,) token ids
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a row picks its next token: its logits are adjusted (Penalties: repetition, presence and frequency
+    penalties, logit_bias; then logits_processor), then sample_next draws (temperature, top_k, top_p, min_p).
+    The defaults are Meta's sampling with every other control off."""
+    temperature: float = 0.6  # 0: greedy (argmax)
+    top_p: float = 0.9  # nucleus sampling, Meta's rule; 1 keeps every token
+    top_k: int = 0  # keep only the k most likely tokens; 0: all
+    min_p: float = 0.0  # keep only tokens at least min_p times as likely as the most likely one; 0: all
+    repetition_penalty: float = 1.0  # CTRL's, as Hugging Face's: a token already in the prompt or generated has
+    # its logit divided by this where positive, multiplied where negative; 1: off
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token has been generated
+    logit_bias: Optional[Dict[int, float]] = None  # token id -> added to its logit (-100 bans it in practice)
+    # processor(tokens, logits) -> logits, applied last, for users' own constraints: tokens holds each row's
+    # token ids so far (prompt and generated, lists), logits the (bsz, vocab) fp32 logits after the above
+    logits_processor: Optional[Callable] = None
+
+    def check(self, vocab_size: int):
+        """Raise ValueError (TypeError for a bad logits_processor) naming the bad setting."""
+        def number(name, lo=-math.inf, hi=math.inf, lo_open=False):
+            x = getattr(self, name)
+            if (not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or x > hi
+                    or x < lo or (lo_open and x == lo)):
+                raise ValueError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {x!r}")
+
+        t, p = self.temperature, self.top_p
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {p!r}")
+        number("min_p", 0.0, 1.0)
+        number("repetition_penalty", 0.0, lo_open=True)
+        number("presence_penalty")
+        number("frequency_penalty")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
+            for t, b in self.logit_bias.items():
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
+                    raise ValueError(f"logit_bias token {t!r} is not a token id in [0, {vocab_size})")
+                if not isinstance(b, (int, float)) or isinstance(b, bool) or not math.isfinite(b):
+                    raise ValueError(f"logit_bias of token {t} must be a finite number, got {b!r}")
+        if self.logits_processor is not None and not callable(self.logits_processor):
+            raise TypeError(f"logits_processor must be callable, got {type(self.logits_processor).__name__}")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether Penalties changes this row's logits (else they go to sample_next as the model gave them)."""
+        return (self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+                or bool(self.logit_bias))
+
+
+class Penalties:
+    """Sampling's penalties and logit biases for the rows of a batch, each row its own settings, vectorised:
+    per-row settings are (rows, 1) tensors and the counts they need a (rows, vocab) tensor on the device, so
+    adjusting and counting add no host sync to a step. A row at the defaults keeps its logits bit for bit."""
+
+    def __init__(self, n_rows: int, vocab_size: int, device=None):
+        self.repetition = torch.ones(n_rows, 1, device=device)  # (rows, 1) each
+        self.presence = torch.zeros(n_rows, 1, device=device)
+        self.frequency = torch.zeros(n_rows, 1, device=device)
+        self.counts = torch.zeros(n_rows, vocab_size, device=device)  # times each row generated each token
+        self.in_prompt = torch.zeros(n_rows, vocab_size, dtype=torch.bool, device=device)
+        self.bias = None  # (rows, vocab) once a row has a logit_bias
+
+    def set_row(self, i: int, sampling: Sampling, prompt: Sequence[int]):
+        """Start row i: its settings, the tokens of its prompt, nothing generated yet."""
+        self.repetition[i], self.presence[i] = sampling.repetition_penalty, sampling.presence_penalty
+        self.frequency[i] = sampling.frequency_penalty
+        self.counts[i] = 0
+        self.in_prompt[i] = False
+        self.in_prompt[i, torch.tensor(list(prompt), device=self.counts.device)] = True
+        if sampling.logit_bias and self.bias is None:
+            self.bias = torch.zeros_like(self.counts)
+        if self.bias is not None:
+            self.bias[i] = 0
+            if sampling.logit_bias:
+                ids, values = zip(*sampling.logit_bias.items())
+                self.bias[i, torch.tensor(ids, device=self.bias.device)] = torch.tensor(values, dtype=self.bias.dtype,
+                                                                                         device=self.bias.device)
+
+    def move_row(self, src: int, dst: int):
+        """Row src's state becomes row dst's (the server keeps its rows contiguous)."""
+        for t in (self.repetition, self.presence, self.frequency, self.counts, self.in_prompt, self.bias):
+            if t is not None:
+                t[dst] = t[src]
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Adjusted logits (bsz, vocab) of rows 0 .. bsz - 1: repetition penalty on tokens in the prompt or
+        generated, then presence and frequency penalties on generated tokens, then the biases."""
+        n = logits.shape[0]
+        counts, r = self.counts[:n], self.repetition[:n]
+        seen = self.in_prompt[:n] | (counts > 0)
+        logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+        logits = logits - self.presence[:n] * (counts > 0) - self.frequency[:n] * counts
+        return logits if self.bias is None else logits + self.bias[:n]
+
+    def count(self, next_tok: torch.Tensor):
+        """Count the tokens (bsz,) just generated by rows 0 .. bsz - 1."""
+        n = next_tok.shape[0]
+        self.counts[:n].scatter_add_(1, next_tok[:, None], torch.ones(n, 1, device=next_tok.device))
 
 
 # -----------------------------------------------------------------------------
 # generation
 
 
+class TextRow:
+    """The text of one generated row as its tokens come: whole UTF-8 characters only (a character split across
+    tokens waits until it is complete), ending before the first of the stop strings (`stopped`: the row ends
+    there, the string itself not part of the text), and holding back a tail that could still be the beginning
+    of a stop string. Also keeps the row's tokens and logprobs, and why it finished."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""  # the text so far; once stopped, the text before the stop string
+        self.shown = 0  # characters of text given out so far
+        self.tokens, self.logprobs, self.offsets = [], [], []  # offsets: where each token's text begins
+        self.stopped = False
+        self.finish_reason = None  # "stop" (a stop token or string) or "length" (max_gen_len or the context)
+        self.prompt_logprobs = None
+
+    def add(self, token: int, logprob: Optional[float] = None) -> str:
+        """Append a token; return the text that can now be shown ("" when none)."""
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        self.offsets.append(len(self.text))
+        return self._extend(self.decoder.decode(self.tokenizer.token_bytes(token)), final=False)
+
+    def end(self, reason: str) -> str:
+        """The row has finished (reason "stop" or "length"): return the rest of its text, an incomplete
+        character flushed as U+FFFD (as decode() gives it) and the held-back tail released."""
+        piece = "" if self.stopped else self._extend(self.decoder.decode(b"", final=True), final=True)
+        self.finish_reason = "stop" if self.stopped else reason
+        return piece
+
+    def _extend(self, new: str, final: bool) -> str:
+        old = len(self.text)
+        self.text += new
+        # a stop string that ends in the new text begins at most len(s) - 1 characters before it
+        found = [i for i in (self.text.find(s, max(0, old - len(s) + 1)) for s in self.stop) if i >= 0]
+        if found:
+            self.text, self.stopped = self.text[: min(found)], True
+            end = len(self.text)
+        elif final:
+            end = len(self.text)
+        else:  # hold back the longest tail that begins a stop string
+            tail = self.text[self.shown :]
+            held = max((k for s in self.stop for k in range(1, min(len(s), len(tail) + 1)) if tail.endswith(s[:k])),
+                       default=0)
+            end = len(self.text) - held
+        piece, self.shown = self.text[self.shown : end], max(self.shown, end)
+        return piece
+
+    def kept(self) -> int:
+        """How many of the tokens the text comes from: all of them, or after a stop string those whose text
+        begins before it."""
+        return bisect.bisect_left(self.offsets, len(self.text)) if self.stopped else len(self.tokens)
+
+
+class TextStream:
+    """A generation's text as it comes (text_completion_stream, chat_completion_stream): iterating yields a str
+    per step for one prompt, else per step a list with a piece per row ("" when a step adds no complete
+    character, None once the row has finished). Once it has ended, finish_reason says why: "stop" (a stop token
+    or string) or "length" (max_gen_len or the context); a list for several rows. close() (or dropping the
+    stream) ends the generation and frees its cache."""
+
+    def __init__(self, pieces: Iterator, rows: List[TextRow], single: bool):
+        self.pieces, self.rows, self.single = pieces, rows, single
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            pieces = next(self.pieces)
+            if not self.single:
+                return pieces
+            if pieces[0]:
+                return pieces[0]
+
+    def close(self):
+        self.pieces.close()
+
+    @property
+    def finish_reason(self):
+        reasons = [r.finish_reason for r in self.rows]
+        return reasons[0] if self.single else reasons
+
+
 class Llama:
     """A Transformer and its Tokenizer, with text generation. Build one with Llama.build(ckpt_dir).
     tokenizer may be None (e.g. a model with another vocabulary): generate() then maps token ids to token
     ids with no stop tokens, and the text methods are unavailable. Each generation owns its KV cache, so
-    any number of them (streams consumed in turn, a generate() while a stream is open) may be in flight."""
+    any number of them (streams consumed in turn, a generate() while a stream is open) may be in flight.
+
+    The generation methods take Meta's arguments (temperature, top_p, max_gen_len, ...) and, as keywords, the
+    other controls: Sampling's fields (top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty,
+    logit_bias, logits_processor), stop strings (text methods) and prompt_cache (a PromptCache whose keys and
+    values a prompt that begins like an earlier generation starts from)."""
 
     def __init__(self, model: Transformer, tokenizer: Optional[Tokenizer], seed: int = 1, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self._check_seed(seed)
-        self.seed = seed  # seeds the sampling generator when a call passes none
+        self.seed = seed  # seeds the sampling generator of calls that pass none, once
+        self.rng = None  # that generator, created at first use on the model's device; it advances across calls
         # compile=True: decode steps run under torch.compile (CompiledDecode, after the reference reading)
         self.compiled_decode = CompiledDecode(model) if compile else None
 
@@ -748,9 +983,10 @@ class Llama:
         """Load a checkpoint: a Meta folder, a Hugging Face folder or a .gguf file, the layout detected.
         tokenizer_path: defaults to the checkpoint's own. device: "cuda", "mps", "cpu" or None for the first
         available in that order. dtype: torch dtype or its name; None means bf16 on GPUs that support it
-        (else fp16), fp32 on CPU. seed: seeds sampling when a call passes no generator. compile: run the
-        decode step under torch.compile (eager, with a message, where it cannot). The loaders are in the
-        loading section, after the reference reading (load_llama)."""
+        (else fp16), fp32 on CPU. seed: seeds the generator that calls without one draw from (once: it then
+        advances, so two calls give different samples). compile: run the decode step under torch.compile
+        (eager, with a message, where it cannot). The loaders are in the loading section, after the
+        reference reading (load_llama)."""
         return load_llama(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed, compile)
 
     @property
@@ -766,22 +1002,31 @@ class Llama:
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
 
-    def _check_sampling(self, temperature, top_p, max_gen_len, sample_rng):
-        self._check_sampling_values(temperature, top_p, max_gen_len)
+    def default_rng(self) -> torch.Generator:
+        """The generator calls without sample_rng draw from: seeded with build's seed at first use, then
+        advancing from call to call (made anew only if the model has moved to another device)."""
+        if self.rng is None or self.rng.device.type != self.device.type:
+            self.rng = torch.Generator(device=self.device).manual_seed(self.seed)
+        return self.rng
+
+    def _check_sampling(self, temperature, top_p, max_gen_len, sample_rng, **controls) -> "Sampling":
+        self._check_max_gen_len(max_gen_len)
         if sample_rng is not None:
             if not isinstance(sample_rng, torch.Generator):
                 raise TypeError(f"sample_rng must be a torch.Generator, got {type(sample_rng).__name__}")
             if sample_rng.device.type != self.device.type:
                 raise ValueError(f"sample_rng is on {sample_rng.device} but the model is on {self.device}; "
                                  f"use torch.Generator(device=llama.device)")
+        unknown = set(controls) - {f.name for f in fields(Sampling)}
+        if unknown:
+            raise TypeError(f"unknown generation argument(s) {sorted(unknown)}; the sampling controls are "
+                            f"{[f.name for f in fields(Sampling)][2:]}")
+        sampling = Sampling(temperature, top_p, **controls)
+        sampling.check(self.params.vocab_size)
+        return sampling
 
     @staticmethod
-    def _check_sampling_values(temperature, top_p, max_gen_len):
-        number = (int, float)
-        if not isinstance(temperature, number) or isinstance(temperature, bool) or not 0 <= temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if not isinstance(top_p, number) or isinstance(top_p, bool) or not 0.0 <= top_p <= 1.0:
-            raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
+    def _check_max_gen_len(max_gen_len):
         if max_gen_len is not None and (not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool)
                                         or max_gen_len < 1):
             raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
@@ -804,21 +1049,25 @@ class Llama:
             if len(t) > p.max_seq_len:
                 raise ValueError(f"prompt {i} has {len(t)} tokens, more than max_seq_len {p.max_seq_len}")
 
-    def _generate(self, prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs):
+    def _generate(self, prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs, prompt_cache=None,
+                  **controls):
         """The generation loop; every public generation method wraps it. Checks the arguments now, then
         returns a generator that first yields the prompts' log-probabilities (per row, for each prompt
         token after the first; None unless logprobs), then once per step a list with, per row, the
-        (token, logprob) of its new token (logprob None unless asked), or None once the row has finished:
-        it produced a stop token (not yielded) or used its budget."""
-        self._check_sampling(temperature, top_p, max_gen_len, sample_rng)
+        (token, logprob, last) of its new token (logprob None unless asked; last: the row's budget,
+        max_gen_len or the context, ends with this token), or None once the row has finished (None after a
+        token without last: it produced a stop token, not yielded)."""
+        sampling = self._check_sampling(temperature, top_p, max_gen_len, sample_rng, **controls)
         self._check_prompt_tokens(prompt_tokens)
+        if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
+            raise TypeError(f"prompt_cache must be a PromptCache, got {type(prompt_cache).__name__}")
         if sample_rng is None:
-            sample_rng = torch.Generator(device=self.device).manual_seed(self.seed)
-        return self._steps(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs)
+            sample_rng = self.default_rng()
+        return self._steps(prompt_tokens, sample_rng, max_gen_len, sampling, logprobs, prompt_cache)
 
     @torch.inference_mode()
-    def _steps(self, prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs):
-        p, tok, device = self.params, self.tokenizer, self.device
+    def _steps(self, prompt_tokens, sample_rng, max_gen_len, sampling, logprobs, prompt_cache):
+        p, tok, device, s = self.params, self.tokenizer, self.device, sampling
         bsz = len(prompt_tokens)
         lens = [len(t) for t in prompt_tokens]
         max_prompt_len = max(lens)
@@ -839,51 +1088,80 @@ class Llama:
         # positions, so that fewer distinct shapes compile.
         cache_len = min(p.max_seq_len, -(-total_len // 256) * 256) if compiled else total_len
         cache = KVCache(p, bsz, cache_len, device, self.model.tok_embeddings.weight.dtype)
+        # Prompt-cache reuse: the keys and values of the prompts' first `start` tokens are copied from an
+        # earlier generation's (not with logprobs, which need every prompt position's logits)
+        start = prompt_cache.fill(cache, prompt_tokens) if prompt_cache is not None and not logprobs else 0
+        fed = None  # per row, the tokens whose keys and values the cache holds, once prefilled
+        try:
+            # 1. prefill: all prompts in one forward pass; logits only where they are needed
+            h = self.model.hidden_states(tokens[:, start:], start, cache)  # (bsz, max_prompt_len - start, dim)
+            fed = [list(t) for t in prompt_tokens]
+            yield self._prompt_logprobs(h, tokens, lens) if logprobs else None
+            logits = self.model.logits(h[torch.arange(bsz, device=device), pos - 1 - start])  # (bsz, vocab)
+            del h
 
-        # 1. prefill: all prompts in one forward pass; logits only where they are needed
-        h = self.model.hidden_states(tokens, 0, cache)  # (bsz, max_prompt_len, dim)
-        yield self._prompt_logprobs(h, tokens, lens) if logprobs else None
-        logits = self.model.logits(h[torch.arange(bsz, device=device), pos - 1])  # (bsz, vocab) last prompt tokens
-        del h
+            # 2. decode: one token per row per step. Rows at the same position share an int position (a cache
+            # slice, no mask); a ragged batch, and the compiled step, pass each row's own position.
+            uniform = len(set(lens)) == 1 and not compiled
+            penalties = Penalties(bsz, p.vocab_size, device) if s.adjusts_logits else None
+            for i in range(bsz if penalties is not None else 0):
+                penalties.set_row(i, s, prompt_tokens[i])
+            generated = [0] * bsz
+            alive = [b > 0 for b in budgets]
+            for step in range(max(budgets)):
+                adjusted = logits if penalties is None else penalties(logits)
+                if s.logits_processor is not None:
+                    adjusted = self._process(s.logits_processor, fed, adjusted)
+                # activations that overflow (fp16) make NaN logits: flagged per row, raised on the host below; a
+                # flagged row samples from zeros meanwhile (multinomial rejects NaN, on CUDA with a device assert)
+                finite = torch.isfinite(logits).all(dim=-1)  # (bsz,)
+                next_tok = sample_next(torch.where(finite[:, None], adjusted, 0.0), s.temperature, s.top_p, sample_rng,
+                                       s.top_k, s.min_p)  # (bsz,)
+                if penalties is not None:
+                    penalties.count(next_tok)
+                # token ids < 2^24 are exact in fp32, so tokens, flags and logprobs cross to the host together:
+                # the one host sync of the step
+                host = [next_tok.float(), finite.float()]
+                if logprobs:
+                    host.append(torch.log_softmax(logits, dim=-1).gather(-1, next_tok[:, None])[:, 0])
+                host = torch.stack(host).tolist()  # (2 or 3, bsz)
+                if not all(host[1][i] for i in range(bsz) if alive[i]):
+                    raise self._nonfinite([i for i in range(bsz) if alive[i] and not host[1][i]],
+                                          f"decode step {step}")
+                out = []
+                for i in range(bsz):
+                    t = int(host[0][i])
+                    if not alive[i] or t in stop_tokens:
+                        alive[i] = False
+                        out.append(None)
+                        continue
+                    generated[i] += 1
+                    alive[i] = generated[i] < budgets[i]
+                    out.append((t, host[2][i] if logprobs else None, not alive[i]))
+                yield out
+                if not any(alive):
+                    break
+                # the position of next_tok in each row; finished rows idle at the last slot, never yielded
+                cur = lens[0] + step if uniform else (pos + step).clamp(max=total_len - 1)
+                if compiled:
+                    logits = self.compiled_decode(next_tok[:, None], cur, cache)  # (bsz, vocab)
+                else:  # the model's forward, without its check of the ids (a host sync): these are sampled ids
+                    h = self.model.hidden_states(next_tok[:, None], cur, cache)  # (bsz, 1, dim)
+                    logits = self.model.logits(h)[:, -1]  # (bsz, vocab)
+                for i, item in enumerate(out):
+                    if item is not None:
+                        fed[i].append(item[0])
+        finally:  # also when the generation is closed half way: what the cache holds so far is valid
+            if prompt_cache is not None and fed is not None:
+                prompt_cache.add(fed, cache)
 
-        # 2. decode: one token per row per step. Rows at the same position share an int position (a cache
-        # slice, no mask); a ragged batch, and the compiled step, pass each row's own position.
-        uniform = len(set(lens)) == 1 and not compiled
-        generated = [0] * bsz
-        alive = [b > 0 for b in budgets]
-        for step in range(max(budgets)):
-            # activations that overflow (fp16) make NaN logits: flagged per row, raised on the host below; a
-            # flagged row samples from zeros meanwhile (multinomial rejects NaN, on CUDA with a device assert)
-            finite = torch.isfinite(logits).all(dim=-1)  # (bsz,)
-            next_tok = sample_next(torch.where(finite[:, None], logits, 0.0), temperature, top_p, sample_rng)  # (bsz,)
-            # token ids < 2^24 are exact in fp32, so tokens, flags and logprobs cross to the host together:
-            # the one host sync of the step
-            host = [next_tok.float(), finite.float()]
-            if logprobs:
-                host.append(torch.log_softmax(logits, dim=-1).gather(-1, next_tok[:, None])[:, 0])
-            host = torch.stack(host).tolist()  # (2 or 3, bsz)
-            if not all(host[1][i] for i in range(bsz) if alive[i]):
-                raise self._nonfinite([i for i in range(bsz) if alive[i] and not host[1][i]], f"decode step {step}")
-            out = []
-            for i in range(bsz):
-                t = int(host[0][i])
-                if not alive[i] or t in stop_tokens:
-                    alive[i] = False
-                    out.append(None)
-                    continue
-                generated[i] += 1
-                alive[i] = generated[i] < budgets[i]
-                out.append((t, host[2][i] if logprobs else None))
-            yield out
-            if not any(alive):
-                break
-            # the position of next_tok in each row; finished rows idle at the last slot, never yielded
-            cur = lens[0] + step if uniform else (pos + step).clamp(max=total_len - 1)
-            if compiled:
-                logits = self.compiled_decode(next_tok[:, None], cur, cache)  # (bsz, vocab)
-            else:  # the model's forward, without its check of the ids (a host sync): these are sampled ids
-                h = self.model.hidden_states(next_tok[:, None], cur, cache)  # (bsz, 1, dim)
-                logits = self.model.logits(h)[:, -1]  # (bsz, vocab)
+    @staticmethod
+    def _process(processor, tokens, logits):
+        out = processor(tokens, logits)
+        if not isinstance(out, torch.Tensor) or out.shape != logits.shape:
+            raise TypeError(f"logits_processor must return a tensor of shape {tuple(logits.shape)}, got "
+                            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        return out
 
     def _prompt_logprobs(self, h, tokens, lens, chunk: int = 256):
         """Log-probability of each prompt token after the first under the model, from the prefill's hidden
@@ -908,14 +1186,16 @@ class Llama:
 
     def generate(self, prompt_tokens: List[List[int]], sample_rng: Optional[torch.Generator] = None,
                  max_gen_len: int = 64, temperature: float = 0.6, top_p: float = 0.9, echo: bool = False,
-                 logprobs: bool = False):
+                 logprobs: bool = False, prompt_cache: Optional["PromptCache"] = None, **controls):
         """Continue each prompt (a list of token ids). Returns per prompt the new tokens (prompt + new with
         echo), at most max_gen_len of them, ending before the first stop token. Rows are independent: each
-        gives what it gives alone. sample_rng: a torch.Generator on self.device (None: seeded by build's
-        seed); temperature 0 is greedy. With logprobs, returns (tokens, logprobs): each token's
-        log-probability under the model's temperature-1 distribution; with echo the prompt's first token
-        has none (None)."""
-        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs)
+        gives what it gives alone. sample_rng: a torch.Generator on self.device (None: the Llama's own,
+        seeded once by build's seed); temperature 0 is greedy. With logprobs, returns (tokens, logprobs): each
+        token's log-probability under the model's temperature-1 distribution; with echo the prompt's first
+        token has none (None). controls: Sampling's other fields (top_k, min_p, penalties, logit_bias,
+        logits_processor)."""
+        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs, prompt_cache,
+                               **controls)
         prompt_lp = next(steps)
         out_tokens = [list(t) if echo else [] for t in prompt_tokens]
         out_lp = [[None] + prompt_lp[i] if echo else [] for i in range(len(prompt_tokens))] if logprobs else None
@@ -927,34 +1207,32 @@ class Llama:
                         out_lp[i].append(item[1])
         return (out_tokens, out_lp) if logprobs else out_tokens
 
-    def _stream_text(self, steps, n_rows, single):
-        """Text pieces from _generate's steps as tokens come: a str per step for a single prompt, else a
-        list per step with a str per row (None once the row has finished). A character split across tokens
-        (emoji, CJK) is held back until complete, so no piece contains a U+FFFD that the final text would
-        not, and the pieces of a row join to exactly the non-streamed text."""
-        decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n_rows)]
-        next(steps)
-        live = [True] * n_rows
-        for step in steps:
-            pieces = []
-            for i, item in enumerate(step):
-                if item is not None:
-                    pieces.append(decoders[i].decode(self.tokenizer.token_bytes(item[0])))
-                elif live[i]:  # finished: flush bytes of an incomplete character (they decode as U+FFFD)
-                    live[i] = False
-                    pieces.append(decoders[i].decode(b"", final=True))
-                else:
-                    pieces.append(None)
-            if single:
-                if pieces[0]:
-                    yield pieces[0]
-            else:
+    def _text_steps(self, steps, rows: List[TextRow]):
+        """Text pieces from _generate's steps as tokens come: per step a list with, per row, its new text
+        ("" when the step adds no complete character) or None once it has finished; the rows record their
+        tokens and why they finished. A character split across tokens (emoji, CJK) is held back until complete,
+        so the pieces of a row join to exactly its final text. Ends the token loop (freeing its cache) as soon
+        as every row has finished, e.g. at a stop string."""
+        try:
+            for row, lp in zip(rows, next(steps) or [None] * len(rows)):
+                row.prompt_logprobs = lp
+            for step in steps:
+                pieces = []
+                for row, item in zip(rows, step):
+                    if row.finish_reason is not None:
+                        pieces.append(None)
+                    elif item is None:  # a stop token
+                        pieces.append(row.end("stop"))
+                    else:
+                        piece = row.add(item[0], item[1])
+                        if row.stopped or item[2]:  # a stop string, or the last token of its budget
+                            piece += row.end("length")
+                        pieces.append(piece)
                 yield pieces
-        tails = [d.decode(b"", final=True) if live[i] else None for i, d in enumerate(decoders)]
-        if single and tails[0]:
-            yield tails[0]
-        elif not single and any(tails):
-            yield tails
+                if all(row.finish_reason is not None for row in rows):
+                    break
+        finally:
+            steps.close()
 
     def _encode_prompts(self, prompts) -> List[List[int]]:
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
@@ -973,66 +1251,93 @@ class Llama:
             check_dialog(dialog, i)
         return [self.tokenizer.dialog_tokens(d) for d in dialogs]
 
-    def _result(self, tokens, logprobs, role=None):
-        text = self.tokenizer.decode(tokens)
-        r = {"generation": text if role is None else {"role": role, "content": text}}
-        if logprobs is not None:
-            r["tokens"] = [self.tokenizer.decode([t]) for t in tokens]
-            r["logprobs"] = logprobs
-        return r
+    @staticmethod
+    def _check_stop(stop) -> Tuple[str, ...]:
+        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {stop!r}")
+        return stop
+
+    def _stream(self, prompt_tokens, single, sample_rng, temperature, top_p, max_gen_len, logprobs, stop,
+                prompt_cache, controls) -> TextStream:
+        rows = [TextRow(self.tokenizer, self._check_stop(stop)) for _ in prompt_tokens]
+        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs, prompt_cache,
+                               **controls)
+        return TextStream(self._text_steps(steps, rows), rows, single)
+
+    def _results(self, stream: TextStream, prompt_tokens, echo: bool, logprobs: bool, role=None) -> List[dict]:
+        for _ in stream.pieces:
+            pass
+        results = []
+        for prompt, row in zip(prompt_tokens, stream.rows):
+            n = row.kept()
+            text = row.text
+            if echo:  # decoded together, as a character may span the prompt's end and the generation's start
+                text = self.tokenizer.decode(prompt) + text if row.stopped else \
+                    self.tokenizer.decode(prompt + row.tokens)
+            r = {"generation": text if role is None else {"role": role, "content": text},
+                 "finish_reason": row.finish_reason}
+            if logprobs:
+                r["tokens"] = [self.tokenizer.decode([t]) for t in (prompt if echo else []) + row.tokens[:n]]
+                r["logprobs"] = ([None] + row.prompt_logprobs if echo else []) + row.logprobs[:n]
+            results.append(r)
+        return results
 
     def text_completion(self, prompts: List[str], sample_rng: Optional[torch.Generator] = None,
                         temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
-                        echo: bool = False, logprobs: bool = False) -> List[dict]:
-        """Complete each prompt string: [{"generation": text}, ...], with "tokens" (each token's text) and
-        "logprobs" when logprobs. max_gen_len None means up to max_seq_len - 1 new tokens."""
-        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        out = self.generate(self._encode_prompts(prompts), sample_rng, max_gen_len, temperature, top_p, echo,
-                            logprobs)
-        tokens, lps = out if logprobs else (out, None)
-        return [self._result(t, lps[i] if logprobs else None) for i, t in enumerate(tokens)]
+                        echo: bool = False, logprobs: bool = False, stop=None,
+                        prompt_cache: Optional["PromptCache"] = None, **controls) -> List[dict]:
+        """Complete each prompt string: [{"generation": text, "finish_reason": "stop" | "length"}, ...], with
+        "tokens" (each token's text) and "logprobs" when logprobs. max_gen_len None means up to max_seq_len - 1
+        new tokens. stop: a string or list of strings; the text ends before the first one found (finish_reason
+        "stop"), and tokens and logprobs keep the tokens whose text begins before it."""
+        prompt_tokens = self._encode_prompts(prompts)
+        stream = self._stream(prompt_tokens, False, sample_rng, temperature, top_p, max_gen_len, logprobs, stop,
+                              prompt_cache, controls)
+        return self._results(stream, prompt_tokens, echo, logprobs)
 
     def text_completion_stream(self, prompts, sample_rng: Optional[torch.Generator] = None,
-                               temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None):
-        """Stream completions as text pieces. Given one prompt string, yields str pieces; given a list of
-        prompts, yields per step a list with one piece per prompt ("" when a step adds no complete
-        character, None once that prompt has finished). Pieces join to text_completion's generation.
+                               temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
+                               stop=None, prompt_cache: Optional["PromptCache"] = None, **controls) -> TextStream:
+        """Stream completions as text pieces (a TextStream). Given one prompt string, yields str pieces; given
+        a list of prompts, yields per step a list with one piece per prompt ("" when a step adds no complete
+        character, None once that prompt has finished). Pieces join to text_completion's generation; only
+        text that could still begin a stop string is held back. Afterwards, .finish_reason says why it ended.
 
             for piece in llama.text_completion_stream("Once upon a time", temperature=0):
                 print(piece, end="", flush=True)
         """
         single = isinstance(prompts, str)
-        prompt_tokens = self._encode_prompts([prompts] if single else prompts)
-        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, False)
-        return self._stream_text(steps, len(prompt_tokens), single)
+        return self._stream(self._encode_prompts([prompts] if single else prompts), single, sample_rng, temperature,
+                            top_p, max_gen_len, False, stop, prompt_cache, controls)
 
     def chat_completion(self, dialogs: List[List[dict]], sample_rng: Optional[torch.Generator] = None,
                         temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
-                        logprobs: bool = False) -> List[dict]:
+                        logprobs: bool = False, stop=None, prompt_cache: Optional["PromptCache"] = None,
+                        **controls) -> List[dict]:
         """Answer each dialog (a list of {"role", "content"} messages, roles system/user/assistant/ipython)
-        in the model's chat format: [{"generation": {"role": "assistant", "content": text}}, ...], plus
-        "tokens" and "logprobs" when logprobs. The reply ends before a stop token (<|eot_id|>, ...)."""
-        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        out = self.generate(self._encode_dialogs(dialogs), sample_rng, max_gen_len, temperature, top_p, False,
-                            logprobs)
-        tokens, lps = out if logprobs else (out, None)
-        return [self._result(t, lps[i] if logprobs else None, "assistant") for i, t in enumerate(tokens)]
+        in the model's chat format: [{"generation": {"role": "assistant", "content": text}, "finish_reason":
+        ...}, ...], plus "tokens" and "logprobs" when logprobs. The reply ends before a stop token
+        (<|eot_id|>, ...) or stop string."""
+        prompt_tokens = self._encode_dialogs(dialogs)
+        stream = self._stream(prompt_tokens, False, sample_rng, temperature, top_p, max_gen_len, logprobs, stop,
+                              prompt_cache, controls)
+        return self._results(stream, prompt_tokens, False, logprobs, "assistant")
 
     def chat_completion_stream(self, dialogs, sample_rng: Optional[torch.Generator] = None,
-                               temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None):
+                               temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
+                               stop=None, prompt_cache: Optional["PromptCache"] = None, **controls) -> TextStream:
         """Stream assistant replies as text pieces: given one dialog (a list of message dicts) yields str
         pieces; given a list of dialogs, yields per step a list of pieces as text_completion_stream does."""
         single = isinstance(dialogs, (list, tuple)) and len(dialogs) > 0 and isinstance(dialogs[0], dict)
-        prompt_tokens = self._encode_dialogs([dialogs] if single else dialogs)
-        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, False)
-        return self._stream_text(steps, len(prompt_tokens), single)
+        return self._stream(self._encode_dialogs([dialogs] if single else dialogs), single, sample_rng, temperature,
+                            top_p, max_gen_len, False, stop, prompt_cache, controls)
 
 
 # =============================================================================
-# end of the reference reading. What follows extends it: the compiled decode step, loading checkpoints (Meta,
-# Hugging Face, GGUF), the command line and the benchmark.
+# end of the reference reading. What follows extends it: the compiled decode step, the prompt cache, loading
+# checkpoints (Meta, Hugging Face, GGUF), the OpenAI-compatible server, the command line and the benchmarks.
 # =============================================================================
 
 
@@ -1083,6 +1388,70 @@ class CompiledDecode:
                   f" decoding eagerly", file=sys.stderr)
             self.compiled = None
             return self.step(tokens, pos, cache)
+
+# -----------------------------------------------------------------------------
+# prompt cache: a prompt that begins like an earlier generation starts from that generation's keys and values
+
+
+class PromptCache:
+    """Keys and values that finished generations leave behind, so that a later prompt beginning with the same
+    tokens (a chat's next turn, a conversation's next message to the server) computes only its new tokens.
+    Pass one as prompt_cache= to the generation methods: each row starts from a copy of the longest cached
+    beginning of its prompt and, when it ends (or is closed), leaves its own keys and values. Entries are
+    copies, so no cache is ever used by two generations at once; the `size` most recently used are kept.
+    Thread-safe. Reuse matches token ids, so it is exact whatever the chat format: a reply re-encoded
+    differently from how it was generated is computed again from where the ids differ."""
+
+    def __init__(self, size: int = 1):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"PromptCache size must be an integer >= 1, got {size!r}")
+        self.size = size
+        # (tokens, k, v), least recently used first; k, v: (n_layers, n_kv_heads, len(tokens), head_dim)
+        self.entries: List[Tuple[Tuple[int, ...], torch.Tensor, torch.Tensor]] = []
+        self.lock = threading.Lock()
+        self.reused = 0  # prompt positions copied rather than computed, over all generations
+
+    def fill(self, cache: KVCache, prompts: Sequence[Sequence[int]]) -> int:
+        """Copy into each row of cache the keys and values of the longest cached beginning of its prompt; return
+        the position every row's prefill starts from. At least each prompt's last token is computed: its
+        logits give the first new token."""
+        with self.lock:
+            starts, sources = [], []
+            for prompt in prompts:
+                prompt = tuple(prompt)
+                lengths = [len(os.path.commonprefix([e[0], prompt])) for e in self.entries]
+                best = max(range(len(lengths)), key=lengths.__getitem__, default=None)
+                starts.append(min(lengths[best] if best is not None else 0, len(prompt) - 1))
+                sources.append(self.entries[best] if best is not None else None)
+            start = min(starts)
+            if start == 0:
+                return 0
+            for i, (tokens, k, v) in enumerate(sources):
+                if (k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device) != \
+                        (cache.k.shape[0], cache.k.shape[2], cache.k.shape[4], cache.k.dtype, cache.k.device):
+                    raise ValueError(f"prompt_cache holds keys of shape {tuple(k.shape)} {k.dtype} on {k.device}, "
+                                     f"not this model's ({tuple(cache.k.shape)} {cache.k.dtype} on {cache.k.device})")
+                cache.k[:, i, :, :start] = k[:, :, :start]
+                cache.v[:, i, :, :start] = v[:, :, :start]
+            used = {id(e) for e in sources}  # most recently used now
+            self.entries = [e for e in self.entries if id(e) not in used] + \
+                [e for e in self.entries if id(e) in used]
+            self.reused += start * len(prompts)
+            return start
+
+    def add(self, rows_tokens: Sequence[Sequence[int]], cache: KVCache):
+        """Keep a copy of the keys and values of each row of cache, whose positions hold rows_tokens[row]."""
+        with self.lock:
+            for i, tokens in enumerate(rows_tokens):
+                tokens = tuple(tokens)
+                n = len(tokens)
+                if any(e[0][:n] == tokens for e in self.entries):  # a longer entry holds these already
+                    continue
+                # entries this one extends (the conversation's earlier turns) are of no more use
+                self.entries = [e for e in self.entries if tokens[: len(e[0])] != e[0]]
+                self.entries.append((tokens, cache.k[:, i, :, :n].clone(), cache.v[:, i, :, :n].clone()))
+                del self.entries[: -self.size]
+
 
 # -----------------------------------------------------------------------------
 # loading: device and dtype, Meta / Hugging Face / GGUF checkpoints, the GGUF tokenizer
@@ -1963,6 +2332,582 @@ def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch
 Llama.build_gguf = staticmethod(load_llama)
 Tokenizer.from_gguf = staticmethod(GGUFTokenizer)
 # -----------------------------------------------------------------------------
+# server: the OpenAI HTTP API (chat and text completions, streamed or not) with continuous batching.
+# Standard library only: http.server's ThreadingHTTPServer runs a thread per connection, which parses and
+# checks the request, tokenizes it and hands its generation (a Job) to the one engine thread that runs the model.
+
+
+class APIError(Exception):
+    """A request the server refuses: HTTP status and OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation the engine runs: a prompt's tokens and how to continue them. The engine reports to
+    `events` (a queue the request's HTTP thread reads): ("piece", index, text, token infos) as text comes,
+    then ("end", index, finish_reason, completion_tokens), or ("error", index, APIError). Setting `cancelled`
+    (the client went away) ends it at the next step."""
+    prompt: List[int]
+    budget: int  # most tokens it may add: max_tokens, within the context
+    sampling: Sampling
+    stop: Tuple[str, ...]
+    seed: Optional[int]  # seeds its own sampling generator; None: one drawn from the server's seed
+    top_logprobs: Optional[int]  # None: no logprobs; else how many alternatives per token (0-20)
+    events: queue.Queue
+    index: int = 0  # its choice in the response
+    cancelled: bool = False
+    # the engine's state of the job while it runs
+    text: Optional[TextRow] = None
+    fed: List[int] = field(default_factory=list)  # tokens whose keys and values its cache row holds
+    # per generated token: (token, logprob, [(alternative, logprob), ...], where its text begins)
+    infos: list = field(default_factory=list)
+    sent_infos: int = 0
+    rng: Optional[torch.Generator] = None
+    next_token: int = 0
+
+
+class BatchEngine:
+    """Continuous batching: the server's generations decode together, one thread running the model.
+
+    Design (exact and simple): one KVCache with a row per running generation, max_batch_size rows of
+    max_seq_len positions, allocated once; running generations hold rows 0 .. n-1. Each iteration is a step
+    boundary:
+      1. waiting jobs join while rows are free, each prefilled alone into its own row (KVCache.view), starting
+         from the longest cached beginning of its prompt (PromptCache); its last logits join the batch's;
+      2. each row samples from its logits with its own Sampling: penalties and biases vectorised over rows
+         (Penalties), greedy rows by one argmax, sampled rows each with its own generator (a seeded request's
+         draws do not depend on the other requests' draws);
+      3. one host sync brings the tokens (and logprobs); each job's text advances (UTF-8, stop strings) and
+         goes to its HTTP thread;
+      4. finished and cancelled rows leave: their keys and values go to the prompt cache and the last row
+         moves into the hole (a copy of its used positions), so running rows stay 0 .. n-1;
+      5. one decode step of all rows, each at its own position (a tensor start_pos), attending over only the
+         positions in use (a view of the cache).
+    A row is computed as it would be alone: its prefill is its own, and in a decode step rows are independent
+    (per-row positions and masks), so a greedy response equals the request's response alone. A long prompt's
+    prefill delays the running rows' next step (prompts are not split into chunks)."""
+
+    def __init__(self, llama: Llama, max_batch_size: int = 8, prompt_cache: int = 8, seed: int = 1):
+        if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        if not isinstance(prompt_cache, int) or isinstance(prompt_cache, bool) or prompt_cache < 0:
+            raise ValueError(f"prompt_cache must be an integer >= 0 (entries kept; 0: off), got {prompt_cache!r}")
+        p, device = llama.params, llama.device
+        self.llama, self.model, self.device, self.capacity = llama, llama.model, device, max_batch_size
+        self.stop_tokens = llama.tokenizer.stop_tokens
+        self.cache = KVCache(p, max_batch_size, p.max_seq_len, device, llama.model.tok_embeddings.weight.dtype)
+        self.pos = torch.zeros(max_batch_size, dtype=torch.long, device=device)  # (rows,) position of the next token
+        self.tok = torch.zeros(max_batch_size, dtype=torch.long, device=device)  # (rows,) the next token to feed
+        self.penalties = Penalties(max_batch_size, p.vocab_size, device)
+        self.prompt_cache = PromptCache(prompt_cache) if prompt_cache else None
+        self.seeds = torch.Generator().manual_seed(seed)  # seeds of the jobs that give none
+        self.rows: List[Job] = []  # the running jobs, row i of the cache holding rows[i]
+        self.logits = None  # (len(rows), vocab): each running row's next-token logits
+        self.waiting = collections.deque()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.stats = {"iterations": 0, "peak_rows": 0, "joined_running": 0, "cancelled": 0, "finished": 0}
+        self.thread = threading.Thread(target=self.run, name="llama31-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job):
+        with self.cond:
+            if self.stopping:
+                raise APIError(503, "the server is shutting down", kind="server_error")
+            self.waiting.append(job)
+            self.cond.notify()
+
+    def stop(self, timeout: float = 30.0):
+        """Stop after the current step; jobs not finished get a 503 error."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout)
+
+    def run(self):
+        while True:
+            with self.cond:
+                while not self.stopping and not self.rows and not self.waiting:
+                    self.cond.wait()
+                if self.stopping:
+                    break
+            try:
+                with torch.inference_mode():
+                    self.iteration()
+            except Exception as e:  # a failed step fails the jobs in it, not the server
+                error = APIError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
+                for job in self.rows:
+                    job.events.put(("error", job.index, error))
+                self.rows, self.logits = [], None
+        with self.cond:
+            jobs, self.rows = self.rows + list(self.waiting), []
+            self.waiting.clear()
+        for job in jobs:
+            job.events.put(("error", job.index, APIError(503, "the server is shutting down", kind="server_error")))
+
+    def iteration(self):
+        # 1. join: waiting jobs take free rows, each prefilled alone
+        new_logits = []
+        while len(self.rows) < self.capacity:
+            with self.cond:
+                job = self.waiting.popleft() if self.waiting else None
+            if job is None:
+                break
+            if job.cancelled:
+                continue
+            self.stats["joined_running"] += len(self.rows) > len(new_logits)
+            try:
+                new_logits.append(self.prefill(job))
+            except Exception as e:  # fails this job only: it has not taken its row yet
+                job.events.put(("error", job.index, APIError(500, f"prefill failed: {type(e).__name__}: {e}",
+                                                             kind="server_error")))
+        if not self.rows:
+            return
+        self.stats["iterations"] += 1
+        self.stats["peak_rows"] = max(self.stats["peak_rows"], len(self.rows))
+        logits = torch.cat(([self.logits] if self.logits is not None else []) + new_logits)  # (rows, vocab)
+        # 2. sample, each row with its own settings
+        next_tok = self.sample(logits)  # (rows,)
+        n = len(self.rows)
+        self.tok[:n] = next_tok
+        # 3. the one host sync of the step: tokens, and logprobs where asked
+        host = [next_tok.float()[:, None]]
+        asked = [job.top_logprobs for job in self.rows if job.top_logprobs is not None]
+        if asked:
+            lp = torch.log_softmax(logits, dim=-1)  # the model's distribution, as Llama's logprobs
+            host.append(lp.gather(-1, next_tok[:, None]))
+            if max(asked) > 0:
+                top = lp.topk(max(asked), dim=-1)
+                host += [top.values, top.indices.float()]  # token ids < 2^24 are exact in fp32
+        host = torch.cat(host, dim=1).tolist()  # (rows, 1 [+ 1 + 2k])
+        finished = [i for i, (job, values) in enumerate(zip(self.rows, host)) if self.advance(job, values)]
+        # 4. finished rows leave; the last row moves into each hole
+        for i in reversed(finished):
+            self.remove(i)
+        # 5. decode: one token per row, at each row's own position, over the positions in use
+        n = len(self.rows)
+        if n == 0:
+            self.logits = None
+            return
+        used = max(len(job.fed) for job in self.rows) + 1
+        self.logits = self.model(self.tok[:n, None], self.pos[:n], self.cache.view(slice(0, n), used))[:, -1]
+        self.pos[:n] += 1
+        for job in self.rows:
+            job.fed.append(job.next_token)
+
+    def prefill(self, job: Job) -> torch.Tensor:
+        """Start job in the next free row; return its next-token logits (1, vocab)."""
+        i = len(self.rows)
+        row = self.cache.view(slice(i, i + 1), self.cache.max_len)
+        start = self.prompt_cache.fill(row, [job.prompt]) if self.prompt_cache is not None else 0
+        tokens = torch.tensor([job.prompt[start:]], device=self.device)  # (1, len(prompt) - start)
+        logits = self.model.logits(self.model.hidden_states(tokens, start, row)[:, -1])  # (1, vocab)
+        self.pos[i] = len(job.prompt)
+        if job.sampling.adjusts_logits:
+            self.penalties.set_row(i, job.sampling, job.prompt)
+        if job.sampling.temperature > 0:
+            seed = job.seed if job.seed is not None else int(torch.randint(2**62, (1,), generator=self.seeds))
+            job.rng = torch.Generator(device=self.device).manual_seed(seed)
+        job.text, job.fed = TextRow(self.llama.tokenizer, job.stop), list(job.prompt)
+        self.rows.append(job)
+        return logits
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        adjust = any(job.sampling.adjusts_logits for job in self.rows)
+        adjusted = self.penalties(logits) if adjust else logits
+        next_tok = torch.argmax(adjusted, dim=-1)  # (rows,) greedy rows
+        for i, job in enumerate(self.rows):
+            s = job.sampling
+            if s.temperature > 0:
+                next_tok[i : i + 1] = sample_next(adjusted[i : i + 1], s.temperature, s.top_p, job.rng, s.top_k,
+                                                  s.min_p)
+        if adjust:
+            self.penalties.count(next_tok)
+        return next_tok
+
+    def advance(self, job: Job, values: List[float]) -> bool:
+        """Take job's new token (values: token, then logprob and alternatives when asked); report its text.
+        Return whether the job has finished."""
+        if job.cancelled:
+            self.stats["cancelled"] += 1
+            return True
+        t = int(values[0])
+        if t in self.stop_tokens:
+            piece = job.text.end("stop")
+        else:
+            job.next_token = t
+            lp, alternatives = None, []
+            if job.top_logprobs is not None:
+                k = (len(values) - 2) // 2
+                lp = values[1]
+                alternatives = [(int(values[2 + k + j]), values[2 + j]) for j in range(job.top_logprobs)]
+            job.infos.append((t, lp, alternatives, len(job.text.text)))  # the token's text begins there
+            piece = job.text.add(t, lp)
+            if job.text.stopped or len(job.text.tokens) >= job.budget:
+                piece += job.text.end("length")
+        text = job.text
+        shown = text.kept() if text.finish_reason else bisect.bisect_left(text.offsets, text.shown)
+        infos, job.sent_infos = job.infos[job.sent_infos : shown], max(job.sent_infos, shown)
+        if piece or (infos and job.top_logprobs is not None):
+            job.events.put(("piece", job.index, piece, infos if job.top_logprobs is not None else []))
+        if text.finish_reason is None:
+            return False
+        self.stats["finished"] += 1
+        job.events.put(("end", job.index, text.finish_reason, len(text.tokens)))
+        return True
+
+    def remove(self, i: int):
+        job, last = self.rows[i], len(self.rows) - 1
+        if self.prompt_cache is not None:
+            self.prompt_cache.add([job.fed], self.cache.view(slice(i, i + 1), len(job.fed)))
+        if i != last:
+            used = len(self.rows[last].fed)
+            self.cache.k[:, i, :, :used] = self.cache.k[:, last, :, :used]
+            self.cache.v[:, i, :, :used] = self.cache.v[:, last, :, :used]
+            self.pos[i], self.tok[i] = self.pos[last], self.tok[last]
+            self.penalties.move_row(last, i)
+            self.rows[i] = self.rows[last]
+        self.rows.pop()
+
+
+# fields a request may carry, beyond the prompt (messages or prompt); "user" is accepted and ignored
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                   "frequency_penalty", "logit_bias")
+REQUEST_FIELDS = {"model", "max_tokens", "max_completion_tokens", "stop", "stream", "stream_options", "seed",
+                  "logprobs", "n", "user", *SAMPLING_FIELDS}
+MAX_BODY_BYTES = 16 << 20
+
+
+def _field(body: dict, name: str, kinds, default=None, check=None, what: str = ""):
+    """body[name] if of one of kinds (bool is never a number) and passing check, else APIError naming it."""
+    value, kinds = body.get(name), kinds if isinstance(kinds, tuple) else (kinds,)
+    if value is None:
+        return default
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok or (check is not None and not check(value)):
+        raise APIError(400, f"'{name}' must be {what}, got {json.dumps(value)[:80]}", param=name)
+    return value
+
+
+def parse_request(body, chat: bool, llama: Llama) -> Tuple[List[List[int]], dict]:
+    """Check an OpenAI chat or text completion request; return the prompts' tokens and the settings."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    allowed = REQUEST_FIELDS | ({"messages", "top_logprobs"} if chat else {"prompt"})
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise APIError(400, f"unsupported field(s) {unknown}; this server reads {sorted(allowed)}", param=unknown[0])
+    tok, max_seq_len = llama.tokenizer, llama.params.max_seq_len
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "'messages' must be a non-empty list of messages", param="messages")
+        dialog = []
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or set(m) - {"role", "content", "name"}:
+                raise APIError(400, f"message {j} must be an object with 'role' and 'content'", param="messages")
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: only text parts are read
+                if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                           for c in content):
+                    raise APIError(400, f"message {j}: only text content parts are supported", param="messages")
+                content = "".join(c["text"] for c in content)
+            role = "system" if m.get("role") == "developer" else m.get("role")  # OpenAI's newer name for system
+            dialog.append({"role": role, "content": content})
+        try:
+            check_dialog(dialog)
+        except ValueError as e:
+            raise APIError(400, f"messages: {str(e).replace('dialog 0, ', '')}", param="messages") from None
+        prompts = [tok.dialog_tokens(dialog)]
+    else:
+        prompt = body.get("prompt")
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(texts, list) or not texts or not all(isinstance(s, str) for s in texts):
+            raise APIError(400, "'prompt' must be a string or a non-empty list of strings", param="prompt")
+        prompts = [tok.encode(s, bos=tok.add_bos, eos=False) for s in texts]
+    where = "messages" if chat else "prompt"
+    for t in prompts:
+        if not t:
+            raise APIError(400, "the prompt is empty (it encodes to no tokens)", param=where)
+        if len(t) >= max_seq_len:
+            raise APIError(400, f"the prompt has {len(t)} tokens; the context is {max_seq_len} tokens "
+                                f"(max_seq_len), leaving no room for a reply", param=where,
+                           code="context_length_exceeded")
+    _field(body, "model", str, what="a string")
+    positive = "an integer >= 1"
+    max_tokens = _field(body, "max_completion_tokens", int, None, lambda x: x >= 1, positive)
+    max_tokens = _field(body, "max_tokens", int, max_tokens, lambda x: x >= 1, positive)
+    if max_tokens is None:  # OpenAI's defaults: a reply may fill the context; a completion is 16 tokens
+        max_tokens = max_seq_len if chat else 16
+    _field(body, "n", int, 1, lambda x: x == 1, "1 (one choice per prompt)")
+    stop = _field(body, "stop", (str, list), (), lambda x: isinstance(x, str) and x or isinstance(x, list) and all(
+        isinstance(s, str) and s for s in x), "a non-empty string or a list of them")
+    stream = _field(body, "stream", bool, False, what="true or false")
+    options = _field(body, "stream_options", dict, {}, lambda x: set(x) <= {"include_usage"} and isinstance(
+        x.get("include_usage", False), bool), "{\"include_usage\": true or false}")
+    seed = _field(body, "seed", int, None, what="an integer")
+    if chat:
+        logprobs = _field(body, "logprobs", bool, False, what="true or false")
+        top = _field(body, "top_logprobs", int, None, lambda x: 0 <= x <= 20, "an integer in [0, 20]")
+        if top is not None and not logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        top_logprobs = (top or 0) if logprobs else None
+    else:
+        top_logprobs = _field(body, "logprobs", int, None, lambda x: 0 <= x <= 20, "an integer in [0, 20]")
+    controls = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
+    controls.setdefault("temperature", 1.0)  # OpenAI's defaults, not Meta's 0.6 / 0.9
+    controls.setdefault("top_p", 1.0)
+    if "logit_bias" in controls:
+        bias = controls["logit_bias"]
+        if not isinstance(bias, dict) or not all(re.fullmatch(r"\d+", k) for k in bias):
+            raise APIError(400, "'logit_bias' must map token ids (as strings) to numbers", param="logit_bias")
+        controls["logit_bias"] = {int(k): v for k, v in bias.items()}
+    try:
+        sampling = Sampling(**controls)
+        sampling.check(llama.params.vocab_size)
+    except (TypeError, ValueError) as e:
+        param = next((name for name in SAMPLING_FIELDS if str(e).startswith(name)), None)
+        raise APIError(400, str(e), param=param) from None
+    settings = dict(max_tokens=max_tokens, sampling=sampling, stop=(stop,) if isinstance(stop, str) else tuple(stop),
+                    stream=stream, include_usage=options.get("include_usage", False), seed=seed,
+                    top_logprobs=top_logprobs)
+    return prompts, settings
+
+
+class APIHandler(BaseHTTPRequestHandler):
+    """One HTTP connection: routes, the API key, errors as OpenAI's error JSON, server-sent events."""
+    protocol_version = "HTTP/1.1"  # keep-alive; streams use chunked transfer encoding
+
+    def log_message(self, format, *args):
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+    def do_GET(self):
+        self.route("GET")
+
+    def do_POST(self):
+        self.route("POST")
+
+    def do_PUT(self):
+        self.route("PUT")
+
+    def do_DELETE(self):
+        self.route("DELETE")
+
+    def route(self, method: str):
+        try:
+            path = self.path.split("?", 1)[0].rstrip("/") or "/"
+            routes = {"/health": ("GET", self.health), "/v1/models": ("GET", self.models),
+                      "/v1/chat/completions": ("POST", lambda: self.complete(chat=True)),
+                      "/v1/completions": ("POST", lambda: self.complete(chat=False))}
+            if path not in routes:
+                raise APIError(404, f"no such path: {method} {path}; the API has {', '.join(routes)}",
+                               code="not_found")
+            if routes[path][0] != method:
+                raise APIError(405, f"{path} takes {routes[path][0]}, not {method}", code="method_not_allowed")
+            if path != "/health":
+                self.check_key()
+            routes[path][1]()
+        except APIError as e:
+            self.close_connection = True  # a refused request's body may be unread
+            self.send_json(e.status, e.body())
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as e:  # a bug: report it as OpenAI's server error
+            self.close_connection = True
+            self.send_json(500, APIError(500, f"{type(e).__name__}: {e}", kind="server_error").body())
+
+    def check_key(self):
+        key = self.server.api_key
+        if key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].strip().encode(), key.encode()):
+            raise APIError(401, "missing API key (Authorization: Bearer KEY)" if not given else "incorrect API key",
+                           code="invalid_api_key")
+
+    def send_json(self, status: int, obj: dict):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if status == 401:
+            self.send_header("WWW-Authenticate", "Bearer")
+        if self.close_connection:  # say so: a client must not send its next request on this connection
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def health(self):
+        engine = self.server.engine
+        self.send_json(200, {"status": "ok", "running": len(engine.rows), "waiting": len(engine.waiting)})
+
+    def models(self):
+        self.send_json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
+                                                         "created": self.server.created, "owned_by": "llama31"}]})
+
+    def read_body(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise APIError(411, "send the body with a Content-Length, not chunked")
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise APIError(411, "a Content-Length header is required") from None
+        if not 0 <= length <= MAX_BODY_BYTES:
+            raise APIError(413, f"the body has {length} bytes; the most accepted is {MAX_BODY_BYTES}")
+        try:
+            return json.loads(self.rfile.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise APIError(400, f"malformed JSON body: {e}") from None
+
+    def complete(self, chat: bool):
+        llama, engine = self.server.llama, self.server.engine
+        prompts, s = parse_request(self.read_body(), chat, llama)
+        events = queue.Queue()
+        jobs = [Job(t, min(s["max_tokens"], llama.params.max_seq_len - len(t)), s["sampling"], s["stop"], s["seed"],
+                    s["top_logprobs"], events, index=i) for i, t in enumerate(prompts)]
+        for job in jobs:
+            engine.submit(job)
+        head = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()),
+                    model=self.server.model_name)
+        try:
+            if s["stream"]:
+                self.stream(chat, jobs, events, head, s["include_usage"])
+            else:
+                self.respond(chat, jobs, events, head)
+        finally:  # a client gone, or an error: its generations stop at the next step
+            for job in jobs:
+                job.cancelled = True
+
+    def usage(self, jobs, completion_tokens):
+        prompt_tokens = sum(len(job.prompt) for job in jobs)
+        n = sum(completion_tokens)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+
+    def logprobs(self, chat: bool, infos: list) -> dict:
+        tok = self.server.llama.tokenizer
+
+        def entry(t, lp):
+            return {"token": tok.decode([t]), "logprob": lp, "bytes": list(tok.token_bytes(t))}
+
+        if chat:
+            return {"content": [dict(entry(t, lp), top_logprobs=[entry(a, alp) for a, alp in alt])
+                                for t, lp, alt, _ in infos]}
+        return {"tokens": [tok.decode([t]) for t, *_ in infos], "token_logprobs": [info[1] for info in infos],
+                "top_logprobs": [{tok.decode([a]): alp for a, alp in info[2]} for info in infos],
+                "text_offset": [info[3] for info in infos]}
+
+    def respond(self, chat, jobs, events, head):
+        texts, infos, reasons, counts = [[""] * len(jobs), [[] for _ in jobs], [None] * len(jobs), [0] * len(jobs)]
+        done = 0
+        while done < len(jobs):
+            kind, i, *rest = events.get()
+            if kind == "error":
+                raise rest[0]
+            if kind == "piece":
+                texts[i] += rest[0]
+                infos[i] += rest[1]
+            else:
+                reasons[i], counts[i] = rest
+                done += 1
+        choices = []
+        for i, job in enumerate(jobs):
+            c = {"index": i, "message": {"role": "assistant", "content": texts[i]}} if chat else \
+                {"index": i, "text": texts[i]}
+            c.update(logprobs=self.logprobs(chat, infos[i]) if job.top_logprobs is not None else None,
+                     finish_reason=reasons[i])
+            choices.append(c)
+        self.send_json(200, dict(head, object="chat.completion" if chat else "text_completion", choices=choices,
+                                 usage=self.usage(jobs, counts)))
+
+    def send_event(self, obj):
+        data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))  # one HTTP chunk per event
+        self.wfile.flush()
+
+    def stream(self, chat, jobs, events, head, include_usage):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = dict(head, object="chat.completion.chunk" if chat else "text_completion")
+
+        def choice(i, text, infos=None, reason=None):
+            c = {"index": i, "delta": {"content": text}} if chat else {"index": i, "text": text}
+            c.update(logprobs=self.logprobs(chat, infos) if infos else None, finish_reason=reason)
+            return dict(chunk, choices=[c])
+
+        if chat:
+            for i in range(len(jobs)):
+                self.send_event(dict(chunk, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}]))
+        counts, done = [0] * len(jobs), 0
+        while done < len(jobs):
+            kind, i, *rest = events.get()
+            if kind == "error":
+                self.send_event(rest[0].body())
+                break
+            if kind == "piece":
+                self.send_event(choice(i, rest[0], rest[1]))
+            else:
+                counts[i] = rest[1]
+                done += 1
+                end = choice(i, None, reason=rest[0])
+                if chat:
+                    end["choices"][0]["delta"] = {}
+                self.send_event(end)
+        if done == len(jobs) and include_usage:
+            self.send_event(dict(chunk, choices=[], usage=self.usage(jobs, counts)))
+        self.send_event(b"[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+class APIServer(ThreadingHTTPServer):
+    """The OpenAI-compatible HTTP server of a Llama: POST /v1/chat/completions, POST /v1/completions,
+    GET /v1/models, GET /health. Binds host:port (port 0: a free one, then in server_address); serve_forever()
+    answers until shutdown(); close() stops the engine and closes the socket."""
+    daemon_threads = True
+
+    def __init__(self, llama: Llama, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
+                 max_batch_size: int = 8, model_name: str = "llama31", prompt_cache: int = 8, seed: int = 1,
+                 quiet: bool = False):
+        if llama.tokenizer is None:
+            raise ValueError("the server needs a Llama with a tokenizer")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key):
+            raise ValueError("api_key must be a non-empty string or None")
+        self.llama, self.api_key, self.model_name, self.quiet = llama, api_key, model_name, quiet
+        self.created = int(time.time())
+        self.engine = BatchEngine(llama, max_batch_size, prompt_cache, seed)
+        try:
+            super().__init__((host, port), APIHandler)
+        except OSError:
+            self.engine.stop()
+            raise
+
+    def close(self):
+        self.engine.stop()
+        self.server_close()
+
+
+def start_server(llama: Llama, **kwargs) -> APIServer:
+    """An APIServer (arguments as its) answering in a background thread: stop it with shutdown() then close().
+    The tests and the serving benchmark use it; `serve` runs one in the foreground."""
+    server = APIServer(llama, **kwargs)
+    threading.Thread(target=server.serve_forever, name="llama31-http", daemon=True).start()
+    return server
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 DEFAULT_PROMPTS = [
@@ -1975,10 +2920,15 @@ DEFAULT_PROMPTS = [
 
 def print_completions(prompts: List[str], stream, out=None):
     """Print each prompt followed by its completion as it streams in (to out, default sys.stdout as it is
-    when called). The rows of a batch generate together; the first unfinished row is shown live and the
-    others catch up when their turn comes."""
+    when called), and a line with its finish_reason (when stream is a TextStream). The rows of a batch
+    generate together; the first unfinished row is shown live and the others catch up when their turn comes."""
     out = sys.stdout if out is None else out
     texts, done, cur, shown = [""] * len(prompts), [False] * len(prompts), 0, 0
+
+    def separator(i):
+        reason = stream.rows[i].finish_reason if isinstance(stream, TextStream) else None
+        return "\n" + "-" * 60 + (f" finish_reason: {reason}" if reason else "") + "\n"
+
     out.write(prompts[0])
     for pieces in itertools.chain(stream, [[None] * len(prompts)]):  # the sentinel finishes every row
         for i, piece in enumerate(pieces):
@@ -1990,21 +2940,24 @@ def print_completions(prompts: List[str], stream, out=None):
         shown = len(texts[cur])
         while done[cur] and cur + 1 < len(prompts):
             cur, shown = cur + 1, len(texts[cur + 1])
-            out.write("\n" + "-" * 60 + "\n" + prompts[cur] + texts[cur])
+            out.write(separator(cur - 1) + prompts[cur] + texts[cur])
         out.flush()
-    out.write("\n" + "-" * 60 + "\n")
+    out.write(separator(cur))
 
 
 def chat_repl(llama: Llama, system: Optional[str], sample_rng, temperature: float, top_p: float,
-              max_gen_len: int, inp=None, out=None):
+              max_gen_len: int, inp=None, out=None, stop=None, prompt_cache: bool = True, **controls):
     """Multi-turn chat on a terminal (or one user turn per line of piped input), replies streamed; inp and
     out default to sys.stdin and sys.stdout as they are when called. /reset starts over (keeping the system
     prompt), /exit or end of input quits. When the conversation no longer leaves room for a reply of
-    max_gen_len tokens, the oldest turns are dropped, with a notice."""
+    max_gen_len tokens, the oldest turns are dropped, with a notice. Each turn starts from the keys and
+    values the previous one left (a PromptCache), so only the new message is computed; controls: Sampling's
+    other fields."""
     inp, out = sys.stdin if inp is None else inp, sys.stdout if out is None else out
     if inp is None:  # python started with its standard input closed (0<&-)
         raise ValueError("--chat reads the conversation from standard input, which is closed")
     interactive = inp.isatty()
+    cache = PromptCache(1) if prompt_cache else None
     base = [{"role": "system", "content": system}] if system else []
     dialog = list(base)
     max_seq_len = llama.params.max_seq_len
@@ -2040,12 +2993,16 @@ def chat_repl(llama: Llama, system: Optional[str], sample_rng, temperature: floa
             dialog.pop()
             continue
         reply = []
-        for piece in llama.chat_completion_stream(dialog, sample_rng, temperature, top_p, max_gen_len):
+        stream = llama.chat_completion_stream(dialog, sample_rng, temperature, top_p, max_gen_len, stop=stop,
+                                              prompt_cache=cache, **controls)
+        for piece in stream:
             out.write(piece)
             out.flush()
             reply.append(piece)
         out.write("\n")
         out.flush()
+        if stream.finish_reason == "length":
+            print(f"[reply cut at {max_gen_len} tokens (--max_gen_len) or the context]", file=sys.stderr)
         dialog.append({"role": "assistant", "content": "".join(reply)})
 
 
@@ -2068,20 +3025,20 @@ def demo_checkpoint() -> Path:
     return path
 
 
-def parse_prompts(text: str) -> List[str]:
-    """--prompts as typed: a JSON list of strings when it starts with "[" (a malformed or empty one is an
-    error, not a prompt), else the text itself as one prompt (commas, '#' and quotes included)."""
+def parse_prompts(text: str, flag: str = "--prompts") -> List[str]:
+    """--prompts (or --stop) as typed: a JSON list of strings when it starts with "[" (a malformed or empty one
+    is an error, not a prompt), else the text itself as one string (commas, '#' and quotes included)."""
     if not text.lstrip().startswith("["):
         return [text]
     try:
         prompts = json.loads(text)
     except ValueError as e:
-        raise ValueError(f"--prompts starts with '[' but is no JSON list ({e}); write a list of strings in JSON, "
-                         f"e.g. '[\"one\", \"two\"]', or a prompt that starts with '[' as '[\"[...\"]'") from None
+        raise ValueError(f"{flag} starts with '[' but is no JSON list ({e}); write a list of strings in JSON, "
+                         f"e.g. '[\"one\", \"two\"]', or a text that starts with '[' as '[\"[...\"]'") from None
     if not isinstance(prompts, list) or not all(isinstance(s, str) for s in prompts):
-        raise ValueError(f"--prompts must be a JSON list of strings, got {text!r:.80}")
+        raise ValueError(f"{flag} must be a JSON list of strings, got {text!r:.80}")
     if not prompts:
-        raise ValueError("--prompts is an empty list: give at least one prompt")
+        raise ValueError(f"{flag} is an empty list: give at least one")
     return prompts
 
 
@@ -2089,7 +3046,9 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
          prompts: Union[str, List[str], None] = None, chat: bool = False, system: Optional[str] = None,
          temperature: float = 0.6, top_p: float = 0.9, max_seq_len: int = 2048, max_gen_len: Optional[int] = None,
          max_batch_size: int = 4, seed: int = 1, device: Optional[str] = None, dtype: Optional[str] = None,
-         compile: bool = False):
+         compile: bool = False, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+         presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias: Union[str, dict, None] = None,
+         stop: Union[str, List[str], None] = None):
     """Complete prompts with a Meta Llama 3.x checkpoint, or chat with an Instruct model (--chat).
 
     Args:
@@ -2113,6 +3072,13 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
         dtype: float32, bfloat16 or float16; bf16 on GPUs that support it, fp32 on CPU when not given
         compile: run the decode step under torch.compile (static shapes; compiles on the first prompt, falls
             back to eager with a message where it cannot)
+        top_k: sample only from the k most likely tokens; 0: all
+        min_p: sample only from tokens at least min_p times as likely as the most likely one; 0: all
+        repetition_penalty: divide (multiply, if negative) the logits of tokens already in the prompt or reply
+        presence_penalty: subtract from the logits of tokens already generated
+        frequency_penalty: subtract, per time generated, from the logits of tokens already generated
+        logit_bias: a JSON object of token id -> value added to its logit, e.g. '{"128009": -100}'
+        stop: a string as typed, or a JSON list of strings; the text ends before the first one found
     """
     if prompts is None:
         prompts = DEFAULT_PROMPTS
@@ -2122,8 +3088,20 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
         raise TypeError(f"prompts must be a string or a non-empty list of strings, got {prompts!r:.80}")
     if max_gen_len is None:
         max_gen_len = 512 if chat else 64
-    # every argument is checked before the model loads
-    Llama._check_sampling_values(temperature, top_p, max_gen_len)
+    # every argument is checked before the model loads (logit_bias's token ids against the vocabulary after)
+    if isinstance(logit_bias, str):  # JSON text: token ids (quoted, as JSON keys are) -> bias
+        try:
+            logit_bias = {int(k): v for k, v in json.loads(logit_bias).items()}
+        except (ValueError, AttributeError):
+            raise ValueError(f"--logit_bias must be a JSON object of token ids to numbers, e.g. '{{\"128009\": -100}}', "
+                             f"got {logit_bias!r:.80}") from None
+    if isinstance(stop, str):
+        stop = parse_prompts(stop, "--stop")
+    stop = Llama._check_stop(stop)
+    controls = dict(top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
+                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias)
+    Sampling(temperature, top_p, **controls).check(2**24)
+    Llama._check_max_gen_len(max_gen_len)
     Llama._check_seed(seed)
     if chat and sys.stdin is None:  # python started with its standard input closed (0<&-)
         raise ValueError("--chat reads the conversation from standard input, which is closed")
@@ -2131,13 +3109,58 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
         ckpt_dir = demo_checkpoint()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         device=device, dtype=dtype, seed=seed, compile=compile)
+    llama._check_sampling(temperature, top_p, max_gen_len, None, **controls)  # logit_bias's ids: before any prompt
     rng = torch.Generator(device=llama.device).manual_seed(seed)
     if chat:
-        chat_repl(llama, system, rng, temperature, top_p, min(max_gen_len, max_seq_len - 1))
+        chat_repl(llama, system, rng, temperature, top_p, min(max_gen_len, max_seq_len - 1), stop=stop, **controls)
         return
     for i in range(0, len(prompts), max_batch_size):
         batch = list(prompts[i : i + max_batch_size])
-        print_completions(batch, llama.text_completion_stream(batch, rng, temperature, top_p, max_gen_len))
+        print_completions(batch, llama.text_completion_stream(batch, rng, temperature, top_p, max_gen_len,
+                                                              stop=stop, **controls))
+
+
+def serve(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, host: str = "127.0.0.1",
+          port: int = 8000, api_key: Optional[str] = None, max_batch_size: int = 8, max_seq_len: int = 2048,
+          prompt_cache: int = 8, model_name: Optional[str] = None, seed: int = 1, device: Optional[str] = None,
+          dtype: Optional[str] = None, quiet: bool = False):
+    """Serve a checkpoint over OpenAI's HTTP API: POST /v1/chat/completions and /v1/completions (streamed with
+    "stream": true), GET /v1/models, GET /health. Requests that arrive while others run are batched.
+
+    Args:
+        ckpt_dir: checkpoint folder or .gguf file, as for completion; not given: the SmolLM2 demo
+        tokenizer_path: tiktoken tokenizer.model file; defaults to the one in ckpt_dir
+        host: address to bind; 127.0.0.1 (this machine only) unless you mean to expose it
+        port: TCP port
+        api_key: clients must send "Authorization: Bearer KEY" (the openai client's api_key); default: the
+            LLAMA31_API_KEY environment variable, else no key
+        max_batch_size: most requests decoding together; more wait for a free row
+        max_seq_len: the context: most positions (prompt + reply) per request; the server's KV cache holds
+            max_batch_size x max_seq_len positions
+        prompt_cache: finished requests whose keys and values are kept for prompts beginning with the same
+            tokens (a conversation's next message); 0: off
+        model_name: the model id in responses and /v1/models; default: the checkpoint's name
+        seed: seeds the sampling of requests that give no seed
+        device: cuda, mps or cpu; autodetected in that order when not given
+        dtype: float32, bfloat16 or float16; bf16 on GPUs that support it, fp32 on CPU when not given
+        quiet: do not log each request on stderr
+    """
+    if ckpt_dir is None:
+        ckpt_dir = demo_checkpoint()
+    api_key = api_key if api_key is not None else os.environ.get("LLAMA31_API_KEY") or None
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                        device=device, dtype=dtype, seed=seed)
+    name = model_name or Path(ckpt_dir).name.removesuffix(".gguf")
+    server = APIServer(llama, host, port, api_key, max_batch_size, name, prompt_cache, seed, quiet)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"llama31: serving on {host} without an API key: anyone who can reach it can use it", file=sys.stderr)
+    print(f"llama31: serving {name} at http://{host}:{server.server_address[1]}/v1 (Ctrl-C stops)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
 
 
 # shapes for `bench` with random weights: a SmolLM2-135M-like Llama, Llama 3.2 1B, Llama 3.1 8B
@@ -2366,13 +3389,127 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
               f"{prompt_len}: total time {ragged_ratio:.2f}x")
 
 
+CHAT_TURNS = ["Hi! Can you help me plan a trip to Paris?", "What should I see on the first day?",
+              "And where could I eat nearby?", "How do I get from there to the Eiffel Tower?",
+              "Summarise the plan in three short points.", "Thanks! Any tip for the evening?"]
+
+
+def bench_chat(ckpt_dir: Optional[str] = None, turns: int = 5, max_gen_len: int = 64, repeats: int = 3,
+               device: Optional[str] = None, dtype: Optional[str] = None):
+    """Time to first token of each turn of a scripted chat, with and without prompt-cache reuse (each turn
+    starting from the keys and values the previous one left, as the chat REPL does). Greedy replies.
+
+    Args:
+        ckpt_dir: checkpoint (default: the SmolLM2 demo)
+        turns: user turns (at most 6)
+        max_gen_len: most tokens per reply
+        repeats: chats per mode after one warm-up; medians are reported
+        device: cuda, mps or cpu (autodetected)
+        dtype: float32, bfloat16 or float16 (bf16 on GPUs, fp32 on CPU by default)
+    """
+    if not 1 <= turns <= len(CHAT_TURNS) or repeats < 1:
+        raise ValueError(f"bench_chat needs 1 <= turns <= {len(CHAT_TURNS)} and repeats >= 1")
+    llama = Llama.build(ckpt_dir or demo_checkpoint(), max_seq_len=2048, max_batch_size=1, device=device, dtype=dtype)
+
+    def chat(reuse: bool):
+        cache, dialog, ttft, lens = PromptCache(1) if reuse else None, [], [], []
+        for message in CHAT_TURNS[:turns]:
+            dialog.append({"role": "user", "content": message})
+            lens.append(len(llama.tokenizer.encode_dialog_prompt(dialog)))
+            _sync(llama.device)
+            t0 = time.perf_counter()
+            stream = llama.chat_completion_stream([dialog], None, 0.0, 1.0, max_gen_len, prompt_cache=cache)
+            pieces = [next(stream)]  # the first step: the prefill and the first token, on the host
+            ttft.append(time.perf_counter() - t0)
+            pieces += list(stream)
+            dialog.append({"role": "assistant", "content": "".join(p[0] or "" for p in pieces)})
+        return ttft, lens, dialog
+
+    runs = {False: [], True: []}
+    for r in range(repeats + 1):  # run 0 warms up; the two modes alternate
+        for reuse in (False, True):
+            ttft, lens, dialog = chat(reuse)
+            if r > 0:
+                runs[reuse].append(ttft)
+    if chat(True)[2] != chat(False)[2]:
+        print("note: the replies with and without reuse differ (last-bit differences changed a greedy token)")
+    print(f"{Path(ckpt_dir or demo_checkpoint()).name} on {llama.device}, greedy replies of at most {max_gen_len} "
+          f"tokens, median of {repeats}")
+    print(f"{'turn':>4} {'prompt tokens':>13} {'TTFT ms, full prefill':>22} {'TTFT ms, reuse':>15} {'speed-up':>8}")
+    for t in range(turns):
+        full = sorted(run[t] for run in runs[False])[repeats // 2] * 1e3
+        reused = sorted(run[t] for run in runs[True])[repeats // 2] * 1e3
+        print(f"{t + 1:4d} {lens[t]:13d} {full:22.1f} {reused:15.1f} {full / reused:7.2f}x")
+
+
+def bench_serve(ckpt_dir: Optional[str] = None, clients: str = "1,4,8", requests: int = 16, max_tokens: int = 64,
+                max_batch_size: int = 8, device: Optional[str] = None, dtype: Optional[str] = None):
+    """Throughput and latency of the HTTP server under concurrent clients, batched (up to max_batch_size
+    requests decode together) against sequential serving (max_batch_size 1), on 127.0.0.1. Each request is a
+    streamed chat completion of exactly max_tokens tokens (stop tokens banned by logit_bias), greedy.
+
+    Args:
+        ckpt_dir: checkpoint (default: the SmolLM2 demo)
+        clients: comma-separated numbers of concurrent clients
+        requests: requests per measurement, spread over the clients
+        max_tokens: tokens per reply
+        max_batch_size: the batched server's most requests decoding together
+        device: cuda, mps or cpu (autodetected)
+        dtype: float32, bfloat16 or float16 (bf16 on GPUs, fp32 on CPU by default)
+    """
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    counts = [int(c) for c in str(clients).split(",")] if not isinstance(clients, (list, tuple)) else list(clients)
+    if not counts or min(counts) < 1 or requests < 1 or max_tokens < 1:
+        raise ValueError("bench_serve needs clients >= 1, requests >= 1 and max_tokens >= 1")
+    llama = Llama.build(ckpt_dir or demo_checkpoint(), max_seq_len=512, max_batch_size=max_batch_size, device=device,
+                        dtype=dtype)
+    ban = {str(t): -100 for t in llama.tokenizer.stop_tokens}
+
+    def one(url, i):
+        body = {"messages": [{"role": "user", "content": CHAT_TURNS[i % len(CHAT_TURNS)]}], "max_tokens": max_tokens,
+                "temperature": 0, "stream": True, "logit_bias": ban, "stream_options": {"include_usage": True}}
+        req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        t0, ttft, n = time.perf_counter(), None, 0
+        with urllib.request.urlopen(req, timeout=600) as r:
+            for line in r:
+                if line.startswith(b"data: {"):
+                    chunk = json.loads(line[6:])
+                    if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        ttft = time.perf_counter() - t0
+                    n = chunk["usage"]["completion_tokens"] if chunk.get("usage") else n
+        return time.perf_counter() - t0, ttft or 0.0, n
+
+    print(f"{Path(ckpt_dir or demo_checkpoint()).name} on {llama.device}: {requests} streamed chat requests of "
+          f"{max_tokens} tokens per row, greedy")
+    print(f"{'server':>22} {'clients':>7} {'total tok/s':>11} {'latency s':>9} {'TTFT ms':>8}")
+    for label, bsz in [("sequential (batch 1)", 1), (f"batched (up to {max_batch_size})", max_batch_size)]:
+        server = start_server(llama, port=0, max_batch_size=bsz, prompt_cache=0, quiet=True)
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+        try:
+            one(url, 0)  # warm-up
+            for c in counts:
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(c) as pool:
+                    results = list(pool.map(lambda i: one(url, i), range(requests)))
+                wall = time.perf_counter() - t0
+                tokens = sum(n for _, _, n in results)
+                latency = sorted(t for t, _, _ in results)[requests // 2]
+                ttft = sorted(t for _, t, _ in results)[requests // 2]
+                print(f"{label:>22} {c:7d} {tokens / wall:11.1f} {latency:9.2f} {ttft * 1e3:8.1f}")
+        finally:
+            server.shutdown()
+            server.close()
+
+
 # -----------------------------------------------------------------------------
 # command-line parsing: `python llama31.py [command] --flag value ...`. A command is a function; its
 # parameters are its flags (how each value is read comes from the annotation: bool, int, float, else the
 # text as typed) and its docstring's summary and "Args:" section are its --help. The first command runs
 # when none is named. Adding a command is adding it here.
 
-COMMANDS = {"generate": main, "bench": bench}
+COMMANDS = {"generate": main, "serve": serve, "bench": bench, "bench_serve": bench_serve, "bench_chat": bench_chat}
 # other tools' names for these flags (transformers, llama.cpp), to name ours when one is typed
 FLAG_SYNONYMS = {"max_new_tokens": "max_gen_len", "max_tokens": "max_gen_len", "n_predict": "max_gen_len",
                  "model": "ckpt_dir", "model_path": "ckpt_dir", "checkpoint": "ckpt_dir", "ctx_size": "max_seq_len",

@@ -17,9 +17,11 @@ import json
 import math
 import os
 import pickle
+import queue
 import platform
 import subprocess
 import sys
+import time
 import weakref
 from pathlib import Path
 
@@ -491,9 +493,19 @@ def test_same_seed_same_samples(llama_mha):
     torch.manual_seed(123)  # the global seed must not matter
     assert run(7) == a
     assert run(8) != a
-    # without a generator, build's seed makes calls reproducible too
-    assert llama_mha.text_completion(["A"], temperature=1.0, max_gen_len=8) == \
-        llama_mha.text_completion(["A"], temperature=1.0, max_gen_len=8)
+
+    # without a generator, calls draw from the Llama's own: seeded once by build's seed, then advancing, so two
+    # calls differ and a Llama built with the same seed repeats the same sequence of calls
+    def calls(llama):
+        return [llama.text_completion(["A"], temperature=1.0, max_gen_len=8)[0]["generation"] for _ in range(2)]
+
+    first = calls(llama31.Llama(llama_mha.model, llama_mha.tokenizer, seed=3))
+    assert first[0] != first[1]
+    assert calls(llama31.Llama(llama_mha.model, llama_mha.tokenizer, seed=3)) == first
+    assert calls(llama31.Llama(llama_mha.model, llama_mha.tokenizer, seed=4)) != first
+    # the first call of a fresh Llama equals an explicit generator seeded with its seed
+    rng = torch.Generator().manual_seed(3)
+    assert llama_mha.text_completion(["A"], rng, temperature=1.0, max_gen_len=8)[0]["generation"] == first[0]
 
 
 def test_top_p_stays_in_nucleus_and_matches_distribution():
@@ -1205,7 +1217,7 @@ def test_chat_completion_stops_at_eot(llama_chain):
     dialogs = [[{"role": "user", "content": "Hi there"}],
                [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Greet me"}]]
     out = llama_chain.chat_completion(dialogs, temperature=0, max_gen_len=20)
-    assert out == [{"generation": {"role": "assistant", "content": "Hello!"}}] * 2
+    assert out == [{"generation": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}] * 2
     # generate() on the same prompt shows the cut: the model emits <|eot_id|> and would go on after it
     prompt = llama_chain.tokenizer.encode_dialog_prompt(dialogs[0])
     assert llama_chain.generate([prompt], max_gen_len=20, temperature=0) == [[9906, 0]]
@@ -2461,8 +2473,8 @@ def test_cli_prompt_reaches_the_model_as_typed(ckpt_mha, llama_mha):
     r = run_cli("--ckpt_dir", str(ckpt_mha), "--prompts", prompt, "--temperature", "0", "--max_gen_len", "4",
                 "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    expected = llama_mha.text_completion([prompt], temperature=0, max_gen_len=4)[0]["generation"]
-    assert r.stdout == prompt + expected + "\n" + "-" * 60 + "\n"
+    expected = llama_mha.text_completion([prompt], temperature=0, max_gen_len=4)[0]
+    assert r.stdout == prompt + expected["generation"] + "\n" + "-" * 60 + f" finish_reason: {expected['finish_reason']}\n"
 
 
 def test_cli_ends_quietly(ckpt_mha, tmp_path):
@@ -2504,3 +2516,619 @@ def test_bench_peak_memory_per_platform(monkeypatch):
     assert llama31.peak_memory(torch.device("mps")) == "peak RSS 0.00 GB, MPS driver memory 3.21 GB at the end"
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 7_000_000_000)
     assert llama31.peak_memory(torch.device("cuda")) == "peak GPU memory (allocated) 7.00 GB"
+
+
+# -----------------------------------------------------------------------------
+# generation controls: samplers, penalties, logits_processor, stop strings, finish_reason, prompt-cache reuse
+
+
+def test_sample_next_defaults_are_metas():
+    # top_k 0 and min_p 0 draw exactly what Meta's softmax + sample_top_p draws, generator state included
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature, top_p in [(0.6, 0.9), (1.0, 0.1), (1.3, 1.0)]:
+        a = llama31.sample_next(logits, temperature, top_p, torch.Generator().manual_seed(1))
+        probs = torch.softmax(logits / temperature, dim=-1)
+        b = llama31.sample_top_p(probs, top_p, torch.Generator().manual_seed(1))[:, 0]
+        assert torch.equal(a, b)
+
+
+def kept_distribution(probs, top_k=0, top_p=1.0, min_p=0.0):
+    """The distribution sample_next draws from, computed token by token in plain Python: top_k, then Meta's
+    top_p rule on the renormalised mass of what top_k kept, then min_p against the most likely token."""
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    kept = order[:top_k] if top_k else order
+    total, mass, nucleus = sum(probs[i] for i in kept), 0.0, []
+    for i in kept:
+        if mass / total > top_p:
+            break
+        nucleus.append(i)
+        mass += probs[i]
+    final = [i for i in nucleus if probs[i] >= min_p * probs[order[0]]]
+    z = sum(probs[i] for i in final)
+    return [probs[i] / z if i in final else 0.0 for i in range(len(probs))]
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p", [(2, 1.0, 0.0), (3, 0.6, 0.0), (0, 1.0, 0.3), (4, 0.8, 0.2),
+                                                 (0, 0.5, 0.1)])
+def test_samplers_against_hand_computation(top_k, top_p, min_p):
+    logits = torch.tensor([1.0, 2.5, 0.3, 2.0, -1.0, 1.7])
+    temperature, n = 0.8, 40_000
+    probs = torch.softmax(logits / temperature, -1).tolist()
+    expected = torch.tensor(kept_distribution(probs, top_k, top_p, min_p))
+    draws = llama31.sample_next(logits.expand(n, 6), temperature, top_p, torch.Generator().manual_seed(0), top_k,
+                                min_p)
+    freq = torch.bincount(draws, minlength=6).float() / n
+    assert ((expected == 0) == (freq == 0)).all()  # exactly the kept tokens are ever drawn
+    assert (freq - expected).abs().max() < 0.01  # ~4 standard errors at n = 40,000
+    assert llama31.sample_next(logits[None], 0.0, top_p, None, top_k, min_p).tolist() == [1]  # greedy ignores them
+
+
+def test_penalties_against_references():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(0)
+    vocab, prompts = 50, [[1, 2, 3], [4, 5], [6]]
+    logits = torch.randn(3, vocab, generator=g) * 2
+    generated = [[7, 7, 2, 9], [4, 8], [10]]
+    settings = [llama31.Sampling(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25,
+                                 logit_bias={11: 3.0, 12: -100.0}),
+                llama31.Sampling(repetition_penalty=0.8),
+                llama31.Sampling()]  # the defaults: bit for bit unchanged
+    pen = llama31.Penalties(3, vocab)
+    for i, (s, prompt) in enumerate(zip(settings, prompts)):
+        pen.set_row(i, s, prompt)
+    for step in range(4):  # rows generate in lock step; row 1 and 2 repeat their last token
+        pen.count(torch.tensor([generated[0][step], generated[1][min(step, 1)], generated[2][0]]))
+    out = pen(logits)
+    gen_rows = [generated[0], generated[1] + [8, 8], generated[2] * 4]
+    for i, s in enumerate(settings):
+        ids = torch.tensor([prompts[i] + gen_rows[i]])
+        expected = RepetitionPenaltyLogitsProcessor(s.repetition_penalty)(ids, logits[i : i + 1].clone())[0]
+        for t in set(gen_rows[i]):  # OpenAI's formula, by hand
+            expected[t] -= s.presence_penalty + s.frequency_penalty * gen_rows[i].count(t)
+        for t, b in (s.logit_bias or {}).items():
+            expected[t] += b
+        assert torch.allclose(out[i], expected, atol=1e-6), i
+    assert torch.equal(out[2], logits[2])
+    pen.move_row(0, 2)  # the server moves rows to keep them contiguous: row 2 now adjusts as row 0 did
+    assert torch.equal(pen(torch.stack([logits[0], logits[1], logits[0]]))[2], out[0])
+
+
+def test_sampling_errors(llama_mha):
+    ok = [[128000, 9906]]
+    for kwargs, match in [(dict(top_k=-1), "top_k"), (dict(top_k=1.5), "top_k"), (dict(min_p=1.5), "min_p"),
+                          (dict(repetition_penalty=0), "repetition_penalty"),
+                          (dict(presence_penalty=float("nan")), "presence_penalty"),
+                          (dict(logit_bias={128256: 1.0}), "logit_bias token"),
+                          (dict(logit_bias={5: "x"}), "logit_bias of token 5")]:
+        with pytest.raises(ValueError, match=match):
+            llama_mha.generate(ok, max_gen_len=2, **kwargs)
+    with pytest.raises(TypeError, match="unknown generation argument"):
+        llama_mha.generate(ok, max_gen_len=2, top_kk=3)
+    with pytest.raises(TypeError, match="logits_processor"):
+        llama_mha.generate(ok, max_gen_len=2, logits_processor=3)
+    with pytest.raises(TypeError, match="must return a tensor"):
+        llama_mha.generate(ok, max_gen_len=2, logits_processor=lambda t, x: x[:, :5])
+    with pytest.raises(ValueError, match="stop"):
+        llama_mha.text_completion(["a"], stop=["ok", ""])
+    with pytest.raises(TypeError, match="PromptCache"):
+        llama_mha.generate(ok, max_gen_len=2, prompt_cache={})
+
+
+def test_generate_with_penalties_equals_naive_loop(llama_gqa):
+    # greedy with every penalty and a bias equals a no-cache loop applying Hugging Face's repetition penalty
+    # and OpenAI's formula by hand
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    prompts = [[128000, 791, 6864, 315], [128000, 9906, 1070]]
+    kw = dict(repetition_penalty=1.5, presence_penalty=0.4, frequency_penalty=0.3, logit_bias={1820: 2.5})
+    out = llama_gqa.generate(prompts, max_gen_len=10, temperature=0, **kw)
+    for prompt, got in zip(prompts, out):
+        toks = list(prompt)
+        for _ in range(10):
+            logits = llama_gqa.model.forward_inference(torch.tensor([toks]))[:, -1]
+            logits = RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([toks]), logits)[0]
+            new = toks[len(prompt):]
+            for t in set(new):
+                logits[t] -= 0.4 + 0.3 * new.count(t)
+            logits[1820] += 2.5
+            toks.append(int(logits.argmax()))
+        assert got == toks[len(prompt):]
+    assert out != llama_gqa.generate(prompts, max_gen_len=10, temperature=0)  # the penalties did something
+
+
+def test_logits_processor_sees_history_and_constrains(llama_gqa):
+    prompts = [[128000, 791, 6864], [128000, 9906]]
+    forced = [[11, 12, 13, 14], [21, 22, 23, 24]]
+    seen = []
+
+    def force(tokens, logits):  # allow only the next forced token of each row
+        seen.append([list(t) for t in tokens])
+        out = torch.full_like(logits, float("-inf"))
+        for i, t in enumerate(tokens):
+            out[i, forced[i][len(t) - len(prompts[i])]] = 0.0
+        return out
+
+    rng = torch.Generator().manual_seed(0)
+    assert llama_gqa.generate(prompts, rng, max_gen_len=4, temperature=1.0, logits_processor=force) == forced
+    assert seen == [[p + f[:k] for p, f in zip(prompts, forced)] for k in range(4)]  # prompt + generated so far
+
+
+def test_stop_strings_and_finish_reason(llama_chain):
+    # "x" continues with the bytes of 😀, 日, é and a lone lead byte, then <|eot_id|>
+    full = llama_chain.text_completion(["x"], temperature=0, max_gen_len=30)[0]
+    assert full == {"generation": "😀日é\ufffd", "finish_reason": "stop"}  # the stop token
+    assert llama_chain.text_completion(["x"], temperature=0, max_gen_len=5)[0] == \
+        {"generation": "😀\ufffd", "finish_reason": "length"}  # max_gen_len, mid-character
+    r = llama_chain.text_completion(["x"], temperature=0, max_gen_len=30, stop=["é", "日é"], logprobs=True)[0]
+    assert (r["generation"], r["finish_reason"]) == ("😀", "stop")  # the earliest stop string, not returned
+    assert len(r["tokens"]) == len(r["logprobs"]) == 4  # the tokens of 😀: those of 日 begin at the stop string
+    for stop, pieces in [("日é!", ["😀", "日é\ufffd"]), ("é", ["😀", "日"]), ("😀", [])]:
+        stream = llama_chain.text_completion_stream("x", temperature=0, max_gen_len=30, stop=stop)
+        assert list(stream) == pieces  # only what could begin the stop string is held back
+        assert stream.finish_reason == "stop"
+    # the context ends a row too ("length"), here after 128 - 2 prompt tokens
+    assert llama_chain.text_completion(["y y"], temperature=0)[0]["finish_reason"] in ("length", "stop")
+    chat = llama_chain.chat_completion([[{"role": "user", "content": "Hi"}]], temperature=0, stop="lo")[0]
+    assert chat == {"generation": {"role": "assistant", "content": "Hel"}, "finish_reason": "stop"}
+    # a batch: one row stops at its string, the other goes on; pieces join to the final texts
+    prompts = ["x", "Hi"]
+    finals = llama_chain.text_completion(prompts, temperature=0, max_gen_len=8, stop="日")
+    stream = llama_chain.text_completion_stream(prompts, temperature=0, max_gen_len=8, stop="日")
+    steps = list(stream)
+    assert ["".join(s[i] or "" for s in steps) for i in range(2)] == [f["generation"] for f in finals]
+    assert stream.finish_reason == [f["finish_reason"] for f in finals] and finals[0]["generation"] == "😀"
+
+
+def test_stop_string_ends_the_loop_and_frees_the_cache(llama_gqa, monkeypatch):
+    text = llama_gqa.text_completion(["The weather"], temperature=0, max_gen_len=20)[0]["generation"]
+    stop = text[len(text) // 3 : len(text) // 3 + 3]
+    calls = []
+    r = llama_gqa.text_completion(["The weather"], temperature=0, max_gen_len=20, stop=stop,
+                                  logits_processor=lambda t, x: calls.append(1) or x)[0]
+    assert r == {"generation": text[: text.index(stop)], "finish_reason": "stop"}
+    assert len(calls) < 20  # no step after the stop string
+    caches, real = [], llama31.KVCache
+
+    def cache(*args, **kwargs):
+        c = real(*args, **kwargs)
+        caches.append(weakref.ref(c))
+        return c
+
+    monkeypatch.setattr(llama31, "KVCache", cache)
+    stream = llama_gqa.text_completion_stream("The weather", temperature=0, max_gen_len=20, stop=stop)
+    pieces = list(stream)
+    gc.collect()
+    assert "".join(pieces) == r["generation"] and caches[0]() is None
+
+
+def conversation_prompts(llama, turns):
+    """The prompts of a chat whose every turn adds the greedy reply and a new user message."""
+    dialog, prompts, replies = [], [], []
+    for i in range(turns):
+        topic = ["cats", "rain", "tea"][i % 3]
+        dialog.append({"role": "user", "content": f"Message number {i}: tell me about {topic}"})
+        prompts.append(llama.tokenizer.encode_dialog_prompt(dialog))
+        reply = llama.chat_completion([dialog], temperature=0, max_gen_len=12)[0]["generation"]["content"]
+        replies.append(reply)
+        dialog.append({"role": "assistant", "content": reply})
+    return prompts, replies
+
+
+def test_prompt_cache_reuse_equals_full_prefill(llama_gqa):
+    prompts, replies = conversation_prompts(llama_gqa, 4)
+    cache = llama31.PromptCache()
+    captured = {True: [], False: []}
+    for reuse in (False, True):
+        for prompt in prompts:
+            grab = lambda t, x, r=reuse: captured[r].append(x.clone()) or x  # noqa: E731
+            out = llama_gqa.generate([prompt], max_gen_len=12, temperature=0, logits_processor=grab,
+                                     prompt_cache=cache if reuse else None)
+            assert llama_gqa.tokenizer.decode(out[0]) == replies[prompts.index(prompt)]
+    # every turn after the first computed only what the earlier turn had not (its prompt and reply are cached)
+    assert cache.reused >= sum(len(p) for p in prompts[:-1])
+    assert len(cache.entries) == 1  # each turn's entry replaces the one it extends
+    diff = max((a - b).abs().max().item() for a, b in zip(captured[True], captured[False]))
+    assert diff < 1e-4
+
+
+def test_prompt_cache_batches_and_concurrent_use(llama_gqa, monkeypatch):
+    tok = llama_gqa.tokenizer
+    base = tok.encode("A shared beginning that several prompts have in common, and more", bos=True, eos=False)
+    prompts = [base + tok.encode(s, bos=False, eos=False) for s in (" then one", " and two more", " three")]
+    alone = [llama_gqa.generate([p], max_gen_len=6, temperature=0)[0] for p in prompts]
+    cache = llama31.PromptCache(size=2)
+    llama_gqa.generate([base], max_gen_len=3, temperature=0, prompt_cache=cache)
+    assert cache.entries[0][0][: len(base)] == tuple(base)
+    reused = cache.reused
+    assert llama_gqa.generate(prompts, max_gen_len=6, temperature=0, prompt_cache=cache) == alone
+    assert cache.reused - reused == len(base) * 3 and len(cache.entries) == 2  # the two most recent kept
+    # two streams from the same entry at once: each copies it, each gives what it gives alone
+    cache = llama31.PromptCache(size=4)
+    llama_gqa.generate([base], max_gen_len=1, temperature=0, prompt_cache=cache)
+    a, b = (llama_gqa.text_completion_stream(tok.decode(p[1:]), temperature=0, max_gen_len=6, prompt_cache=cache)
+            for p in prompts[:2])
+    got = [[], []]
+    for x, y in itertools.zip_longest(a, b):
+        got[0] += [x] if x is not None else []
+        got[1] += [y] if y is not None else []
+    assert ["".join(g) for g in got] == [tok.decode(t) for t in alone[:2]]
+    with pytest.raises(ValueError, match="PromptCache size"):
+        llama31.PromptCache(0)
+
+
+def test_chat_repl_reuses_the_conversation(ckpt_chain, llama_chain, monkeypatch):
+    import io
+
+    lines = "".join(f"Turn {i} here\n" for i in range(5))
+    outs, reused = {}, {}
+    class Spy(llama31.PromptCache):
+        def __init__(self, size):
+            super().__init__(size)
+            reused["cache"] = self
+
+    monkeypatch.setattr(llama31, "PromptCache", Spy)
+    for reuse in (False, True):
+        out = io.StringIO()
+        llama31.chat_repl(llama_chain, "Be brief.", None, 0.0, 0.9, 8, inp=io.StringIO(lines), out=out,
+                          prompt_cache=reuse)
+        outs[reuse] = out.getvalue()
+    assert outs[True] == outs[False] == "Hello!\n" * 5
+    assert reused["cache"].reused > 100  # turns 2-5 start from the previous turns' keys and values
+
+
+# -----------------------------------------------------------------------------
+# the OpenAI-compatible server, driven by the real openai client on 127.0.0.1
+
+try:
+    import openai
+except ImportError:  # a test dependency (requirements-test.txt); without it only these tests are skipped
+    openai = None
+
+
+@pytest.fixture
+def serve_llama():
+    """start_server on a free loopback port; every server started is shut down at the end of the test."""
+    if openai is None:
+        pytest.skip("the server tests need the openai client: pip install openai")
+    servers = []
+
+    def start(llama, **kwargs):
+        server = llama31.start_server(llama, host="127.0.0.1", port=0, quiet=True, **kwargs)
+        servers.append(server)
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        client = openai.OpenAI(base_url=url + "/v1", api_key=kwargs.get("api_key") or "none", max_retries=0,
+                               timeout=120)
+        return server, client, url
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.close()
+        assert not server.engine.thread.is_alive()
+
+
+def http_json(url, method="GET", body=None, headers=None, timeout=60):
+    """(status, parsed JSON) of a raw request: what any HTTP client gets, for the statuses the openai client
+    hides behind exceptions."""
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {},
+                                                                             **{"Content-Type": "application/json"}))
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+HI = [{"role": "user", "content": "Hi there"}]
+
+
+def test_server_chat_completion_models_health(serve_llama, llama_chain):
+    server, client, url = serve_llama(llama_chain, model_name="chain")
+    r = client.chat.completions.create(model="anything", messages=HI, temperature=0)
+    assert r.choices[0].message.content == "Hello!" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "stop" and r.model == "chain" and r.object == "chat.completion"
+    prompt_tokens = len(llama_chain.tokenizer.encode_dialog_prompt(HI))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (prompt_tokens, 2,
+                                                                                         prompt_tokens + 2)
+    r = client.chat.completions.create(model="m", messages=HI, temperature=0, max_tokens=1)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("Hello", "length")
+    r = client.chat.completions.create(model="m", messages=HI, temperature=0, stop=["lo!", "l"])
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("He", "stop")
+    # completions: one prompt and a list of them, each a choice; OpenAI's default of 16 tokens
+    r = client.completions.create(model="m", prompt="x", temperature=0)
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.object) == ("😀日é\ufffd", "stop", "text_completion")
+    r = client.completions.create(model="m", prompt=["x", "x"], temperature=0, max_tokens=5, stop="日")
+    assert [(c.index, c.text, c.finish_reason) for c in r.choices] == [(0, "😀\ufffd", "length")] * 1 + \
+        [(1, "😀\ufffd", "length")]
+    assert r.usage.completion_tokens == 10 and r.usage.prompt_tokens == 2 * len(llama_chain.tokenizer.encode(
+        "x", bos=True, eos=False))
+    assert [m.id for m in client.models.list().data] == ["chain"]
+    assert http_json(url + "/health") == (200, {"status": "ok", "running": 0, "waiting": 0})
+
+
+def test_server_logprobs(serve_llama, llama_gqa):
+    server, client, url = serve_llama(llama_gqa)
+    r = client.chat.completions.create(model="m", messages=HI, temperature=0, max_tokens=4, logprobs=True,
+                                       top_logprobs=3)
+    ref = llama_gqa.chat_completion([HI], temperature=0, max_gen_len=4, logprobs=True)[0]
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == ref["tokens"]
+    assert max(abs(c.logprob - lp) for c, lp in zip(content, ref["logprobs"])) < 1e-4
+    for c in content:  # greedy: the chosen token is the most likely alternative
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token
+        assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob >= c.top_logprobs[2].logprob
+        assert bytes(c.bytes) == c.token.encode() or "\ufffd" in c.token
+    r = client.completions.create(model="m", prompt="The weather", temperature=0, max_tokens=3, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.token_logprobs) == 3
+    assert all(len(t) == 2 and max(t.values()) == p for t, p in zip(lp.top_logprobs, lp.token_logprobs))
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(3)]
+
+
+def test_server_streaming_joins_to_the_response(serve_llama, llama_chain, llama_gqa):
+    server, client, url = serve_llama(llama_chain)
+    chunks = list(client.chat.completions.create(model="m", messages=HI, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello!"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2
+    # whole characters only; a stop string's possible beginning is held back, never sent
+    pieces = [c.choices[0].text for c in client.completions.create(model="m", prompt="x", temperature=0, stream=True,
+                                                                    stop="日é!") if c.choices[0].text]
+    assert pieces == ["😀", "日é\ufffd"]
+    server, client, url = serve_llama(llama_gqa)
+    for kw in [dict(temperature=0, max_tokens=20),
+               dict(temperature=0.9, seed=5, max_tokens=20, extra_body={"top_k": 50}),
+               dict(temperature=0, max_tokens=30, stop=[" the", "."], frequency_penalty=0.5)]:
+        full = client.chat.completions.create(model="m", messages=HI, **kw)
+        chunks = list(client.chat.completions.create(model="m", messages=HI, stream=True, **kw))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_server_errors(serve_llama, llama_mha):
+    server, client, url = serve_llama(llama_mha)
+    chat = url + "/v1/chat/completions"
+    long_prompt = "word " * 300  # more tokens than max_seq_len 256
+    for body, param in [({"messages": HI, "temperature": "hot"}, "temperature"),
+                        ({"messages": HI, "max_tokens": 0}, "max_tokens"),
+                        ({"messages": HI, "max_completion_tokens": 1.5}, "max_completion_tokens"),
+                        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+                        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]},
+                         "messages"),
+                        ({"messages": []}, "messages"), ({}, "messages"),
+                        ({"messages": HI, "n": 2}, "n"), ({"messages": HI, "stop": [""]}, "stop"),
+                        ({"messages": HI, "top_p": 1.5}, "top_p"), ({"messages": HI, "top_k": -1}, "top_k"),
+                        ({"messages": HI, "stream": "yes"}, "stream"),
+                        ({"messages": HI, "top_logprobs": 2}, "top_logprobs"),
+                        ({"messages": HI, "logit_bias": {"abc": 1}}, "logit_bias"),
+                        ({"messages": HI, "logit_bias": {"999999": 1}}, "logit_bias"),
+                        ({"messages": HI, "tools": []}, "tools"),
+                        ({"messages": [{"role": "user", "content": long_prompt}]}, "messages")]:
+        status, err = http_json(chat, "POST", body)
+        assert status == 400 and err["error"]["param"] == param and err["error"]["type"] == "invalid_request_error", \
+            (body, err)
+        assert param in err["error"]["message"] or param == "messages"
+    status, err = http_json(chat, "POST", {"messages": [{"role": "user", "content": long_prompt}]})
+    assert "256" in err["error"]["message"] and err["error"]["code"] == "context_length_exceeded"
+    assert http_json(url + "/v1/completions", "POST", {"prompt": 3})[0] == 400
+    assert http_json(chat, "POST", b"{not json")[0] == 400
+    assert http_json(chat, "POST", b"[1, 2]")[0] == 400
+    assert http_json(url + "/v1/nothing")[0] == 404 and http_json(url + "/v2/chat/completions", "POST", {})[0] == 404
+    assert http_json(chat)[0] == 405 and http_json(url + "/v1/models", "DELETE")[0] == 405
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="m", messages=HI, max_tokens=-1)
+    with pytest.raises(openai.NotFoundError):
+        client.get("/nowhere", cast_to=object)
+    # the server kept serving through all of it
+    assert client.chat.completions.create(model="m", messages=HI, max_tokens=2).choices[0].finish_reason
+
+
+def test_server_api_key(serve_llama, llama_chain):
+    server, client, url = serve_llama(llama_chain, api_key="s3cret")
+    assert client.chat.completions.create(model="m", messages=HI, temperature=0).choices[0].message.content == \
+        "Hello!"
+    wrong = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError, match="incorrect API key"):
+        wrong.chat.completions.create(model="m", messages=HI)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    status, err = http_json(url + "/v1/completions", "POST", {"prompt": "x"})
+    assert status == 401 and err["error"]["code"] == "invalid_api_key"
+    assert http_json(url + "/health")[0] == 200  # health needs no key
+
+
+@pytest.fixture(scope="module")
+def llama_loop(tmp_path_factory, tokenizer):
+    """Continues "x" with "yxyxy..." forever (no stop token), with room for 4000 tokens."""
+    x, y = tokenizer.encode("x", bos=False, eos=False)[0], tokenizer.encode("y", bos=False, eos=False)[0]
+    folder = write_chain_checkpoint(tmp_path_factory.mktemp("loop"), {x: y, y: x})
+    return llama31.Llama.build(folder, max_seq_len=4096, max_batch_size=4, device="cpu")
+
+
+def test_server_client_disconnect_stops_its_generation(serve_llama, llama_loop):
+    import http.client
+
+    server, client, url = serve_llama(llama_loop, max_batch_size=2)
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 4000, "temperature": 0,
+                                                        "stream": True}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert b"data: " in resp.fp.readline() + resp.fp.readline() + resp.fp.readline()  # the stream has begun
+    resp.close()
+    conn.close()  # the client goes away mid-stream
+    for _ in range(600):  # the engine notices at the next token it sends
+        if server.engine.stats["cancelled"] == 1 and not server.engine.rows:
+            break
+        time.sleep(0.05)
+    assert server.engine.stats["cancelled"] == 1 and server.engine.stats["finished"] == 0
+    assert http_json(url + "/health")[1]["running"] == 0
+    r = client.completions.create(model="m", prompt="x", max_tokens=6, temperature=0)  # still serving
+    assert (r.choices[0].text, r.choices[0].finish_reason) == ("yxyxyx", "length")
+
+
+CONCURRENT = [("chat", "What is the capital of France?", 24), ("text", "The capital of France is", 12),
+              ("chat", "Tell me a story about a dragon.", 40), ("text", "def fibonacci(n):", 30),
+              ("chat", "Hi", 5), ("text", "Once upon a time", 33), ("chat", "Name three colours.", 17),
+              ("text", "1, 2, 3,", 26)]
+
+
+def ask(client, kind, prompt, max_tokens, **kw):
+    if kind == "chat":
+        r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=max_tokens, **kw)
+        return r.choices[0].message.content, r.choices[0].finish_reason
+    r = client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, **kw)
+    return r.choices[0].text, r.choices[0].finish_reason
+
+
+def check_concurrent_equals_sequential(llama, client, server, requests, **kw):
+    from concurrent.futures import ThreadPoolExecutor
+
+    sequential = [ask(client, *r, **kw) for r in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        concurrent = list(pool.map(lambda r: ask(client, *r, **kw), requests))
+    assert concurrent == sequential
+    assert server.engine.stats["peak_rows"] > 1  # they did run together
+    return sequential
+
+
+def test_server_concurrent_greedy_equals_sequential(serve_llama, llama_gqa):
+    server, client, url = serve_llama(llama_gqa, max_batch_size=4)  # 8 requests: half of them wait, then join
+    sequential = check_concurrent_equals_sequential(llama_gqa, client, server, CONCURRENT, temperature=0)
+    for (kind, prompt, n), (text, reason) in zip(CONCURRENT, sequential):  # and each is the Python API's answer
+        ref = llama_gqa.chat_completion([[{"role": "user", "content": prompt}]], temperature=0, max_gen_len=n) \
+            if kind == "chat" else llama_gqa.text_completion([prompt], temperature=0, max_gen_len=n)
+        expected = ref[0]["generation"]["content"] if kind == "chat" else ref[0]["generation"]
+        assert (text, reason) == (expected, ref[0]["finish_reason"])
+    # per-request settings in one batch (penalties, biases, stop strings): each greedy answer equals its own alone,
+    # while seeded sampled requests run beside them (top_k, min_p and repetition_penalty are not OpenAI's
+    # fields: the openai client sends them in extra_body)
+    mixed = [dict(temperature=0, presence_penalty=0.3 * i, logit_bias={"1820": i}, stop=[" the"] if i % 2 else None,
+                  extra_body={"repetition_penalty": 1 + 0.1 * i}) if i % 3 else
+             dict(temperature=0.8, seed=i, extra_body={"top_k": 20 + i, "min_p": 0.01}) for i in range(8)]
+    alone = [ask(client, *r, **m) for r, m in zip(CONCURRENT, mixed)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda rm: ask(client, *rm[0], **rm[1]), zip(CONCURRENT, mixed)))
+    assert [t for t, m in zip(together, mixed) if m["temperature"] == 0] == \
+        [a for a, m in zip(alone, mixed) if m["temperature"] == 0]
+    assert all(reason in ("stop", "length") for _, reason in together)
+    # a seeded request is reproducible, and alone it draws what the Python API draws with that seed
+    assert [ask(client, *CONCURRENT[i], **mixed[i]) for i in (0, 3)] == [alone[0], alone[3]]
+    ref = llama_gqa.text_completion([CONCURRENT[3][1]], torch.Generator().manual_seed(3), temperature=0.8, top_p=1.0,
+                                    max_gen_len=CONCURRENT[3][2], top_k=23, min_p=0.01)[0]
+    assert alone[3] == (ref["generation"], ref["finish_reason"])
+
+
+def test_engine_joins_rows_at_step_boundaries(llama_gqa):
+    # all jobs queued before the engine takes any: 3 run at once, the others join as rows finish
+    prompts = [llama_gqa.tokenizer.encode(t, bos=True, eos=False) for t in ("One", "Two words", "Three more words",
+                                                                           "Four", "Five five", "Six six six")]
+    budgets = [3, 9, 5, 7, 4, 6]
+    engine = llama31.BatchEngine(llama_gqa, max_batch_size=3, prompt_cache=0)
+    try:
+        events = queue.Queue()
+        jobs = [llama31.Job(p, b, llama31.Sampling(temperature=0), (), None, None, events, index=i)
+                for i, (p, b) in enumerate(zip(prompts, budgets))]
+        with engine.cond:  # the engine waits for this lock to take jobs
+            for job in jobs:
+                engine.submit(job)
+        texts, done = [""] * len(jobs), 0
+        while done < len(jobs):
+            kind, i, *rest = events.get(timeout=120)
+            assert kind != "error", rest
+            texts[i] += rest[0] if kind == "piece" else ""
+            done += kind == "end"
+    finally:
+        engine.stop()
+    assert engine.stats["peak_rows"] == 3 and engine.stats["joined_running"] == 3
+    alone = [llama_gqa.tokenizer.decode(llama_gqa.generate([p], max_gen_len=b, temperature=0)[0])
+             for p, b in zip(prompts, budgets)]
+    assert texts == alone
+
+
+def test_server_prompt_cache_reuses_a_conversation(serve_llama, llama_gqa):
+    server, client, url = serve_llama(llama_gqa, prompt_cache=4)
+    dialog = [{"role": "user", "content": "Tell me about cats"}]
+    for turn in range(3):
+        r = client.chat.completions.create(model="m", messages=dialog, temperature=0, max_tokens=10)
+        ref = llama_gqa.chat_completion([dialog], temperature=0, max_gen_len=10)[0]["generation"]["content"]
+        assert r.choices[0].message.content == ref
+        dialog += [{"role": "assistant", "content": ref}, {"role": "user", "content": f"And then {turn}?"}]
+    assert server.engine.prompt_cache.reused > 40  # the later turns started from the earlier ones
+
+
+@needs_smollm2
+def test_server_smollm2(serve_llama, smollm2):
+    server, client, url = serve_llama(smollm2, max_batch_size=2)
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "What is the capital of "
+                                                             "France?"}], temperature=0, max_tokens=16)
+    assert r.choices[0].message.content == "The capital of France is Paris." and r.choices[0].finish_reason == "stop"
+    check_concurrent_equals_sequential(smollm2, client, server, CONCURRENT[:4], temperature=0)
+
+
+def test_serve_command(ckpt_chain):
+    if openai is None:
+        pytest.skip("the server tests need the openai client: pip install openai")
+    import signal
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:  # a free port (released for the server to take)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, str(HERE / "llama31.py"), "serve", "--ckpt_dir", str(ckpt_chain), "--port",
+                          str(port), "--device", "cpu", "--max_seq_len", "128", "--quiet"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    assert json.loads(r.read())["status"] == "ok"
+                break
+            except OSError:
+                assert p.poll() is None, p.communicate()
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="m", messages=HI, temperature=0)
+        assert r.choices[0].message.content == "Hello!" and r.model == ckpt_chain.name
+    finally:
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert f"http://127.0.0.1:{port}/v1" in err and "Traceback" not in err
+
+
+def test_cli_generation_controls(ckpt_chain):
+    r = run_cli("--ckpt_dir", str(ckpt_chain), "--prompts", '["x", "Hi"]', "--temperature", "0", "--stop", "日",
+                "--max_gen_len", "8", "--top_k", "5", "--repetition_penalty", "1.0", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    sep = "-" * 60
+    assert r.stdout.startswith(f"x😀\n{sep} finish_reason: stop\nHi") and r.stdout.count("finish_reason: ") == 2
+    r = run_cli("--ckpt_dir", str(ckpt_chain), "--prompts", "x", "--temperature", "0", "--max_gen_len", "2",
+                "--device", "cpu")
+    assert r.stdout == f"x\ufffd\n{sep} finish_reason: length\n"
+    r = run_cli("--ckpt_dir", str(ckpt_chain), "--min_p", "2", "--device", "cpu")
+    assert r.returncode == 1 and "min_p" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_serve_and_chat_commands(ckpt_chain):
+    r = run_cli("bench_serve", "--ckpt_dir", str(ckpt_chain), "--clients", "1,2", "--requests", "2", "--max_tokens",
+                "3", "--max_batch_size", "2", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.strip().startswith(("sequential", "batched"))]
+    assert [(row[0], row[-4]) for row in rows] == [("sequential", "1"), ("sequential", "2"), ("batched", "1"),
+                                                   ("batched", "2")]
+    r = run_cli("bench_chat", "--ckpt_dir", str(ckpt_chain), "--turns", "2", "--repeats", "1", "--max_gen_len", "4",
+                "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert [line.split()[0] for line in r.stdout.splitlines()[-2:]] == ["1", "2"]
