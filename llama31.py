@@ -2078,30 +2078,37 @@ class Int4Linear(nn.Module):
 
 
 class QuantizedEmbedding(nn.Module):
-    """The token embedding in int8 (a scale per row) or int4 (two 4-bit codes per byte, row-major, with a
-    scale and a zero per group): the rows looked up are dequantized to the activation dtype. int4's scales
-    and zeros are kept as the kernels take them ((G, rows, 2)), so that a tied output layer shares them."""
+    """The token embedding in int8 (a scale per row) or int4 (4-bit codes with a scale and a zero per group):
+    the rows looked up are dequantized to the activation dtype. int4 codes are kept two per byte, row-major,
+    or, tied to an output layer packed for the CPU kernel, read from that layer's packing (one copy of the
+    codes); the scales and zeros are kept as the kernels take them ((G, rows, 2)), shared with a tied output."""
 
-    def __init__(self, w: QuantizedWeight, dtype: torch.dtype, scales_and_zeros: Optional[torch.Tensor] = None):
+    def __init__(self, w: QuantizedWeight, dtype: torch.dtype, tied: Optional["Int4Linear"] = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = w.q.shape
         self.dtype = dtype
         self.group_size = None if w.zeros is None else w.group_size  # None: int8
+        self.packed = tied is not None and tied.kernel == 0 and cpu_int4_layout_known()  # the CPU kernel's layout
         if w.zeros is None:
             self.register_buffer("weight", w.q, persistent=False)  # (V, D) int8
             self.register_buffer("scales", w.scales.to(dtype), persistent=False)  # (V,)
         else:
-            self.register_buffer("weight", int4_nibbles(w.q), persistent=False)  # (V, D / 2) uint8
-            if scales_and_zeros is None:
-                scales_and_zeros = int4_scales_and_zeros(w, dtype, self.num_embeddings)
-            self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)  # (G, V or more, 2)
+            codes = tied.weight if self.packed else int4_nibbles(w.q)  # (V or more, D / 2) uint8
+            self.register_buffer("weight", codes, persistent=False)
+            sz = int4_scales_and_zeros(w, dtype, self.num_embeddings) if tied is None else tied.scales_and_zeros
+            self.register_buffer("scales_and_zeros", sz, persistent=False)  # (G, V or more, 2)
 
     def rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """The embeddings of tokens (any shape), in fp32: (*tokens.shape, embedding_dim)."""
         if self.group_size is None:
             return self.weight[tokens].float() * self.scales[tokens, None].float()
-        codes = self.weight[tokens]  # (*tokens.shape, D / 2)
-        q = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)  # (*tokens.shape, D)
+        if self.packed:  # row r: column r % 32 of its block of 64 rows, in the high nibbles from row 32 on
+            blocks = self.weight.view(-1, self.embedding_dim, 32)  # (V / 64, D, 32)
+            codes = blocks[tokens // 64, :, tokens % 32]  # (*tokens.shape, D)
+            q = (codes >> (tokens // 32 % 2 * 4).to(torch.uint8)[..., None]) & 15
+        else:
+            codes = self.weight[tokens]  # (*tokens.shape, D / 2)
+            q = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)  # (*tokens.shape, D)
         q = q.unflatten(-1, (-1, self.group_size)).float()  # (*tokens.shape, G, group_size)
         sz = self.scales_and_zeros[:, tokens].movedim(0, -2).float()  # (*tokens.shape, G, 2)
         return ((q - 8) * sz[..., 0:1] + sz[..., 1:2]).flatten(-2)
@@ -2140,7 +2147,7 @@ def _libc():
 def quantized_modules(name: str, w: QuantizedWeight, dtype: torch.dtype, tied: bool) -> Dict[str, nn.Module]:
     """The modules that hold weight `name` (a Meta name; wqkv/w13 stacked) quantized as w: its Linear's
     replacement, or for the embedding a QuantizedEmbedding, plus the output layer when the model is tied
-    (int8: the same tensors; int4: the codes packed for the kernel as well, scales and zeros shared)."""
+    (int8: the same tensors; int4: the same packed codes and scales where the CPU kernel's packing is known)."""
     if name != "tok_embeddings.weight":
         return {name.removesuffix(".weight"): (Int8Linear if w.zeros is None else Int4Linear)(w, dtype)}
     if not tied:
@@ -2150,7 +2157,7 @@ def quantized_modules(name: str, w: QuantizedWeight, dtype: torch.dtype, tied: b
         return {"tok_embeddings": QuantizedEmbedding(QuantizedWeight(output.weight, output.scales), dtype),
                 "output": output}
     output = Int4Linear(w, dtype, tied=True)
-    return {"tok_embeddings": QuantizedEmbedding(w, dtype, output.scales_and_zeros), "output": output}
+    return {"tok_embeddings": QuantizedEmbedding(w, dtype, tied=output), "output": output}
 
 
 def matrix_names(args: ModelArgs) -> List[str]:
@@ -2728,6 +2735,68 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
               f"{prompt_len}: total time {ragged_ratio:.2f}x")
     if llm is not None:
         llm.close()
+
+
+def save_gguf(model: Transformer, path, qtype: str = "F16", like=None) -> Path:
+    """Write model as a GGUF file in llama.cpp's layout, for comparisons with llama.cpp on the same file (bench
+    --llamacpp, perplexity --llamacpp): weight matrices in qtype, quantized by the gguf package (F32, F16,
+    BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; every matrix, the embedding included), norms in F32, attn_q/attn_k
+    in Meta's RoPE layout as llama.cpp keeps them, Llama 3.1's RoPE scaling as rope_freqs. The vocabulary
+    (tokenizer.* metadata) is copied from the GGUF file `like`; without one, a placeholder vocabulary of the
+    model's size (the 256 bytes, one merge, control tokens) serves random weights. A quantized model is
+    written from its dequantized weights."""
+    reader = read_gguf(Path(like)) if like is not None else None  # says how to install gguf when it is missing
+    import gguf
+    import numpy as np
+
+    p, path = model.params, Path(path)
+    if qtype not in gguf.GGMLQuantizationType.__members__:
+        raise ValueError(f"unknown GGUF type {qtype!r}")
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(p.n_layers)
+    w.add_context_length(max(p.max_seq_len, p.rope_original_context if p.use_scaled_rope else 0, 8192))
+    w.add_embedding_length(p.dim)
+    w.add_feed_forward_length(p.hidden_dim)
+    w.add_head_count(p.n_heads)
+    w.add_head_count_kv(p.n_kv_heads)
+    w.add_rope_freq_base(p.rope_theta)
+    w.add_layer_norm_rms_eps(p.norm_eps)
+    w.add_rope_dimension_count(p.head_dim)
+    w.add_vocab_size(p.vocab_size)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if reader is not None:
+        for key, field in reader.fields.items():
+            if key.startswith("tokenizer."):
+                array = field.types[0] == gguf.GGUFValueType.ARRAY
+                w.add_key_value(key, field.contents(), field.types[0], field.types[-1] if array else None)
+    else:  # bytes as GPT-2's byte alphabet, "  " made by the one merge, then control tokens
+        tokens = [*gpt2_byte_chars(), "\u0120\u0120"]
+        tokens += [f"<|placeholder_{i}|>" for i in range(p.vocab_size - len(tokens))]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tokens)
+        w.add_token_types([1] * 257 + [3] * (p.vocab_size - 257))
+        w.add_token_merges(["\u0120 \u0120"])
+        w.add_bos_token_id(257)
+        w.add_eos_token_id(258)
+    if p.use_scaled_rope:  # llama.cpp's form of the scaling: what each frequency is divided by
+        factors = rope_frequencies(replace(p, use_scaled_rope=False)) / rope_frequencies(p)
+        w.add_tensor("rope_freqs.weight", factors.numpy().astype(np.float32))
+    names = {k: v[GGUF] for k, v in WEIGHT_NAMES.items()}
+    names.update({f"layers.{i}.{k}": f"{LAYER_PREFIXES[GGUF]}{i}.{v[GGUF]}" for i in range(p.n_layers)
+                  for k, v in LAYER_WEIGHT_NAMES.items()})
+    kind = gguf.GGMLQuantizationType[qtype]
+    for name, t in model.state_dict().items():
+        x = t.detach().float().cpu().numpy()
+        if x.ndim == 2 and qtype != "F32":
+            w.add_tensor(names[name], gguf.quants.quantize(x, kind), raw_dtype=kind)
+        else:
+            w.add_tensor(names[name], x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 def parameter_count(args: ModelArgs) -> int:
