@@ -17,9 +17,15 @@ tokenizer.model), a Hugging Face folder (config.json, *.safetensors, original/to
     python llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-8B-Instruct --chat
     python llama31.py --help
 
-Measure speed (tokens/s, bandwidth, against Hugging Face transformers on the same weights):
+Quantized weights (int8/int4 on the kernels PyTorch ships; a GGUF file keeps its own quantization):
+
+    python llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-8B --quantize int4
+    python llama31.py perplexity --ckpt_dir D [--quantize int8] [--text FILE] [--ctx 512]
+
+Measure speed (tokens/s, bandwidth, against Hugging Face transformers or llama.cpp on the same weights):
 
     python llama31.py bench --shape 135m --hf --dtype bfloat16 --compile
+    python llama31.py bench --ckpt_dir model.gguf --llamacpp
 
 From Python:
 
@@ -38,8 +44,9 @@ How to read it. Up to the bar "end of the reference reading" (line 940) the file
 order it runs: config -> model (RMSNorm, RoPE, Attention, FeedForward, TransformerBlock, KV cache,
 Transformer) -> tokenizer (Llama 3's, with its chat format) -> sampling -> generation (Llama: generate, text
 and chat completion, streams, logprobs). After it come the extensions, each in its own section: the compiled
-decode step, loading (device and dtype, Meta/Hugging Face/GGUF checkpoints, the GGUF tokenizer), the command
-line, the benchmark.
+decode step, loading (device and dtype, Meta/Hugging Face/GGUF checkpoints, the GGUF tokenizer), quantization
+(int8/int4 modules in place of a model's Linear layers and embedding), the command line (with perplexity),
+the benchmark.
 
 Where llama31 departs from Meta's reference code, on purpose and with the same results:
 - wq/wk/wv and w1/w3 are stacked into one matrix each (one matmul instead of three and two); checkpoints
