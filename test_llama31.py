@@ -1709,7 +1709,7 @@ def test_quantizers_error_bounds():
             assert ((w - c4.dequantize()).abs() <= step / 2 * (1 + 1e-5) + 1e-6).all()
         if dtype == torch.float32:
             assert torch.equal(c4.dequantize()[5, :64], w[5, :64])  # a constant group is its zero
-    with pytest.raises(ValueError, match=r"layers.0.x has 192 inputs per row, not a multiple of the int4 group size 128"):
+    with pytest.raises(ValueError, match="layers.0.x has 192 inputs per row, not a multiple of the int4 group"):
         llama31.quantize_weight(w, "int4", 128, "cpu", torch.bfloat16, "layers.0.x")
 
 
@@ -1892,7 +1892,8 @@ def test_quantize_on_load_peak_memory(tmp_path):
     # held in int8, 81-110 MB with 57 MB held in int4, 193 MB for the bf16 model)
     params = dict(dim=1024, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=512, multiple_of=256)
     folder = write_checkpoint(tmp_path, params, seed=0, tokenizer=False)
-    (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    byte_tokens = [f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)]  # tiktoken's format
+    (folder / "tokenizer.model").write_text("".join(byte_tokens))
     bf16 = (folder / "consolidated.00.pth").stat().st_size
     full = peak_rss_of_load(folder, dtype="bfloat16")  # the full-precision model, for scale
     assert full["peak"] - full["before"] >= 0.95 * bf16
