@@ -1801,8 +1801,8 @@ class QuantizedWeight(NamedTuple):
         if self.zeros is None:
             return self.q.float() * self.scales.float()[:, None]
         n, k = self.q.shape
-        q = self.q.float().view(n, -1, self.group_size)  # (N, G, group_size)
-        return ((q - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]).view(n, k)
+        q = self.q.float().view(n, -1, self.group_size) - 8  # (N, G, group_size)
+        return torch.addcmul(self.zeros.float()[..., None], q, self.scales.float()[..., None]).view(n, k)
 
 
 def _stored_scale(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -1920,9 +1920,10 @@ def _quantized_load_refused(module, state_dict, prefix, local_metadata, strict, 
 
 # Above this many tokens per matmul (prefill, perplexity windows), quantized layers on CPU dequantize their
 # weights a block of rows at a time for torch's bf16 matmul: the int8/int4 CPU kernels read the whole weight
-# again for every token, fast for the few tokens of a decode step, many times slower than a matmul for hundreds
-# of tokens once the weight no longer fits the caches (measured on the README's machine).
-QUANTIZED_KERNEL_MAX_TOKENS = 32
+# again for every token, fast for the few tokens of a decode step, slower than a matmul for many tokens (up to
+# 4x for 64 tokens in int8 on large weights, measured). Unpacking int4 codes costs more than converting int8
+# ones, so int4 switches later (measured: from a few hundred tokens on).
+QUANTIZED_KERNEL_MAX_TOKENS = {"int8": 32, "int4": 256}
 DEQUANTIZE_ROWS = 2048  # output rows dequantized at a time on that path (a few MB each)
 
 
@@ -1934,9 +1935,9 @@ def blockwise_linear(x: torch.Tensor, rows, n: int, block: int = DEQUANTIZE_ROWS
 class Int8Linear(nn.Module):
     """A Linear holding int8 weights (out_features, in_features) and a scale per output channel (in the
     activation dtype). Kernel: torch._weight_int8pack_mm on CPU and MPS (on CPU for up to
-    QUANTIZED_KERNEL_MAX_TOKENS tokens, blocks of dequantized rows beyond); elsewhere the weight is converted
-    to the activation dtype for the matmul and the scales applied to its output (torch.compile fuses the
-    conversion into the matmul). tied: the output layer of a tied model, sharing the embedding's tensors."""
+    QUANTIZED_KERNEL_MAX_TOKENS["int8"] tokens, blocks of converted rows beyond); elsewhere the weight is
+    converted to the activation dtype for the matmul and the scales applied to its output (torch.compile
+    fuses the conversion into the matmul). tied: the output layer of a tied model, sharing the embedding's tensors."""
 
     def __init__(self, w: QuantizedWeight, dtype: torch.dtype, tied: bool = False):
         super().__init__()
@@ -1951,7 +1952,7 @@ class Int8Linear(nn.Module):
         # Workaround: in torch 2.13 the CPU kernel returns wrong values, or crashes, when in_features is not a
         # multiple of 16 (measured with bf16 and fp32 inputs): those layers take the general path
         kernel = self.in_features % 16 == 0 and (x.device.type == "mps" or (
-            x.device.type == "cpu" and x2.shape[0] <= QUANTIZED_KERNEL_MAX_TOKENS))
+            x.device.type == "cpu" and x2.shape[0] <= QUANTIZED_KERNEL_MAX_TOKENS["int8"]))
         if kernel:
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales)  # (tokens, out_features)
         elif x.device.type == "cpu":
@@ -2010,8 +2011,8 @@ class Int4Linear(nn.Module):
     """A Linear holding int4 weights in groups (a scale and a zero per group of group_size inputs, in the
     activation dtype), packed for the device's kernel: _convert_weight_to_int4pack_for_cpu and
     _weight_int4pack_mm_for_cpu on CPU (rows padded with zeros to a multiple of 64, whose outputs are
-    dropped; beyond QUANTIZED_KERNEL_MAX_TOKENS tokens, blocks of rows unpacked and dequantized for a bf16
-    matmul); _convert_weight_to_int4pack and _weight_int4pack_mm on CUDA and MPS with bf16 inputs; elsewhere
+    dropped; beyond QUANTIZED_KERNEL_MAX_TOKENS["int4"] tokens, blocks of rows unpacked and dequantized for a
+    bf16 matmul); _convert_weight_to_int4pack and _weight_int4pack_mm on CUDA and MPS with bf16 inputs; elsewhere
     the 4-bit codes are kept two per byte and dequantized for each matmul. tied: the output layer of a tied
     model (its embedding holds the same codes)."""
 
@@ -2049,13 +2050,14 @@ class Int4Linear(nn.Module):
         else:
             codes = self.weight[r0:r1]
             q = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(1)  # (r1 - r0, K)
-        sz = self.scales_and_zeros[:, r0:r1].float()  # (G, r1 - r0, 2)
-        q = q.view(r1 - r0, -1, self.group_size).float()  # (r1 - r0, G, group_size)
-        return ((q - 8) * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]).flatten(1).to(dtype)
+        # in dtype (bf16 for the matmul: (q - 8) * scale + zero rounded once more, as a bf16 model's weights are)
+        sz = self.scales_and_zeros[:, r0:r1].to(dtype)  # (G, r1 - r0, 2)
+        q = q.view(r1 - r0, -1, self.group_size).to(dtype).sub_(8)  # (r1 - r0, G, group_size)
+        return torch.addcmul(sz[..., 1].T[..., None], q, sz[..., 0].T[..., None]).flatten(1)
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features).contiguous()  # (tokens, in_features), as the kernels read it
-        many = x2.shape[0] > QUANTIZED_KERNEL_MAX_TOKENS and cpu_int4_layout_known()
+        many = x2.shape[0] > QUANTIZED_KERNEL_MAX_TOKENS["int4"] and cpu_int4_layout_known()
         if self.kernel == 0 and not many:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
         elif self.kernel:
@@ -2117,9 +2119,9 @@ class QuantizedEmbedding(nn.Module):
         else:
             codes = self.weight[tokens]  # (*tokens.shape, D / 2)
             q = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)  # (*tokens.shape, D)
-        q = q.unflatten(-1, (-1, self.group_size)).float()  # (*tokens.shape, G, group_size)
+        q = q.unflatten(-1, (-1, self.group_size)).float() - 8  # (*tokens.shape, G, group_size)
         sz = self.scales_and_zeros[:, tokens].movedim(0, -2).float()  # (*tokens.shape, G, 2)
-        return ((q - 8) * sz[..., 0:1] + sz[..., 1:2]).flatten(-2)
+        return torch.addcmul(sz[..., 1:2], q, sz[..., 0:1]).flatten(-2)
 
     def forward(self, tokens):
         return self.rows(tokens).to(self.dtype)
