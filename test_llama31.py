@@ -1805,7 +1805,7 @@ def test_quantized_greedy_follows_rigged_chain(mode, ckpt_chain, llama_chain):
         llama_chain.generate(prompts, max_gen_len=12, temperature=0)
 
 
-def test_quantized_sharded_and_hf_checkpoints_equal_single_file(tmp_path, llama_gqa):
+def test_quantized_sharded_and_hf_checkpoints_equal_single_file(tmp_path):
     # the same weights in Meta's shards and in a Hugging Face folder quantize to the same codes
     single = llama31.Llama.build(write_checkpoint(tmp_path / "one", GQA, seed=2), max_seq_len=64, device="cpu",
                                  quantize="int4")
