@@ -17,9 +17,15 @@ tokenizer.model), a Hugging Face folder (config.json, *.safetensors, original/to
     python llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-8B-Instruct --chat
     python llama31.py --help
 
-Measure speed (tokens/s, bandwidth, against Hugging Face transformers on the same weights):
+Quantized weights (int8/int4 on the kernels PyTorch ships; a GGUF file keeps its own quantization):
+
+    python llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-8B --quantize int4
+    python llama31.py perplexity --ckpt_dir D [--quantize int8] [--text FILE] [--ctx 512]
+
+Measure speed (tokens/s, bandwidth, against Hugging Face transformers or llama.cpp on the same weights):
 
     python llama31.py bench --shape 135m --hf --dtype bfloat16 --compile
+    python llama31.py bench --ckpt_dir model.gguf --llamacpp
 
 Serve it over OpenAI's HTTP API (chat and text completions, streaming, concurrent requests batched):
 
@@ -43,8 +49,9 @@ order it runs: config -> model (RMSNorm, RoPE, Attention, FeedForward, Transform
 Transformer) -> tokenizer (Llama 3's, with its chat format) -> sampling (Meta's, plus top_k, min_p, penalties,
 logit_bias) -> generation (Llama: generate, text and chat completion, streams, stop strings, finish reasons,
 logprobs). After it come the extensions, each in its own section: the compiled decode step, the prompt cache,
-loading (device and dtype, Meta/Hugging Face/GGUF checkpoints, the GGUF tokenizer), the OpenAI-compatible
-server, the command line, the benchmarks.
+loading (device and dtype, Meta/Hugging Face/GGUF checkpoints, the GGUF tokenizer), quantization (int8/int4
+modules in place of a model's Linear layers and embedding), the OpenAI-compatible server, the command line
+(with perplexity), the benchmarks.
 
 Where llama31 departs from Meta's reference code, on purpose and with the same results:
 - wq/wk/wv and w1/w3 are stacked into one matrix each (one matmul instead of three and two); checkpoints
@@ -65,6 +72,7 @@ import collections
 import copy
 import ctypes
 import difflib
+import functools
 import hmac
 import inspect
 import itertools
@@ -191,9 +199,9 @@ class ModelArgs:
                 raise ValueError(f"rope_scaling of type llama3 lacks {', '.join(sorted(missing))}")
             if kwargs.get("use_scaled_rope") is False:
                 raise ValueError("params set use_scaled_rope false but give rope_scaling values")
-            for k, field in ROPE_SCALING_KEYS.items():
-                check_value(f"rope_scaling {k}", rope[k], int if field == "rope_original_context" else float)
-                kwargs[field] = rope[k]
+            for k, name in ROPE_SCALING_KEYS.items():
+                check_value(f"rope_scaling {k}", rope[k], int if name == "rope_original_context" else float)
+                kwargs[name] = rope[k]
             kwargs["use_scaled_rope"] = True
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -979,19 +987,23 @@ class Llama:
 
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
-              device=None, dtype=None, seed: int = 1, compile: bool = False) -> "Llama":
+              device=None, dtype=None, seed: int = 1, compile: bool = False, quantize: Optional[str] = None,
+              group_size: int = 32) -> "Llama":
         """Load a checkpoint: a Meta folder, a Hugging Face folder or a .gguf file, the layout detected.
         tokenizer_path: defaults to the checkpoint's own. device: "cuda", "mps", "cpu" or None for the first
         available in that order. dtype: torch dtype or its name; None means bf16 on GPUs that support it
-        (else fp16), fp32 on CPU. seed: seeds the generator that calls without one draw from (once: it then
-        advances, so two calls give different samples). compile: run the decode step under torch.compile
-        (eager, with a message, where it cannot). The loaders are in the loading section, after the
-        reference reading (load_llama)."""
-        return load_llama(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed, compile)
+        (else fp16), fp32 on CPU (bf16 for a quantized model). seed: seeds the generator that calls without one
+        draw from (once: it then advances, so two calls give different samples). compile: run the decode step
+        under torch.compile (eager, with a message, where it cannot). quantize: "int8" or "int4" (groups of
+        group_size: 32, 64 or 128) quantizes the weight matrices while loading; "none" keeps full precision;
+        None keeps a GGUF file's own quantization. The loaders are in the loading section, after the reference
+        reading (load_llama); quantization has its own section."""
+        return load_llama(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed, compile,
+                          quantize, group_size)
 
     @property
     def device(self) -> torch.device:
-        return self.model.tok_embeddings.weight.device
+        return self.model.norm.weight.device  # a norm: full precision in every model, quantized or not
 
     @property
     def params(self) -> ModelArgs:
@@ -1087,7 +1099,7 @@ class Llama:
         # This generation's own KV cache, dropped with it. Compiled: rounded up to a multiple of 256
         # positions, so that fewer distinct shapes compile.
         cache_len = min(p.max_seq_len, -(-total_len // 256) * 256) if compiled else total_len
-        cache = KVCache(p, bsz, cache_len, device, self.model.tok_embeddings.weight.dtype)
+        cache = KVCache(p, bsz, cache_len, device, self.model.norm.weight.dtype)  # the activations' dtype
         # Prompt-cache reuse: the keys and values of the prompts' first `start` tokens are copied from an
         # earlier generation's (not with logprobs, which need every prompt position's logits)
         start = prompt_cache.fill(cache, prompt_tokens) if prompt_cache is not None and not logprobs else 0
@@ -1337,7 +1349,8 @@ class Llama:
 
 # =============================================================================
 # end of the reference reading. What follows extends it: the compiled decode step, the prompt cache, loading
-# checkpoints (Meta, Hugging Face, GGUF), the OpenAI-compatible server, the command line and the benchmarks.
+# checkpoints (Meta, Hugging Face, GGUF), quantized weights, the OpenAI-compatible server, the command line and
+# the benchmarks.
 # =============================================================================
 
 
@@ -1680,69 +1693,75 @@ def mapped_weights(sd: Dict[str, torch.Tensor]) -> Iterator[Tuple[str, torch.Ten
         release_pages(t)
 
 
-def merge_meta_shards(paths: List[Path], args: ModelArgs, device, dtype, source, settings) -> Dict[str, torch.Tensor]:
-    """One state dict, in dtype on device, from Meta's model-parallel shards consolidated.00.pth ..
-    consolidated.NN.pth. Shard by shard: each is memory-mapped, copied into the merged tensors and released
-    before the next, so memory peaks near one model copy plus one shard. The merged shapes (from shard 0)
-    are checked against args before anything is allocated (check_weight_shapes; source and settings name
-    the files and the config in its errors).
+def merge_meta_shards(paths: List[Path], args: ModelArgs, device, dtype=None):
+    """Meta's model-parallel shards consolidated.00.pth .. consolidated.NN.pth as one model's tensors: (the
+    merged tensors' shapes by name, an iterator of (name, merged tensor) pairs in dtype (None: the
+    checkpoint's) on device). Every shard is memory-mapped and checked (same tensors, same shapes) first, and
+    nothing is allocated before the iterator runs (the caller checks the shapes against args: n_layers,
+    dim, ...; args gives the kv heads' layout); then each tensor is merged from its pieces, whose
+    file pages are released once copied, so memory peaks near what the consumer keeps plus one merged tensor
+    (a quantizing load never holds the full-precision model).
 
     With more shards than kv heads (405B in 16 shards has 8), each shard holds one whole kv head, repeated
     in n_shards / n_kv_heads consecutive shards: shard r holds head r // (n_shards / n_kv_heads). The merged
     wk/wv keep one copy of each head; the others must be equal to it."""
     n, t0, n_kv_heads, head_dim = len(paths), time.time(), args.n_kv_heads, args.head_dim
-    merged: Dict[str, torch.Tensor] = {}
-    shapes, dims = {}, {}  # every shard's tensor shapes, as in shard 0; the dim each is split along
     if n % n_kv_heads and n_kv_heads % n:
         raise ValueError(f"{n} shards cannot split {n_kv_heads} kv heads (neither number divides the other)")
     kv_copies = max(n // n_kv_heads, 1)  # consecutive shards holding the same kv head
+    shards: List[Dict[str, torch.Tensor]] = []
     for r, path in enumerate(paths):
         print(f"loading {path.name} ({r + 1}/{n}), {time.time() - t0:.1f}s so far", file=sys.stderr)
         shard = load_checkpoint(path)
-        if r == 0:  # the merged shapes, checked, then allocated
-            shapes, full_shapes = {k: v.shape for k, v in shard.items()}, {}
-            for name, shape in shapes.items():
-                try:
-                    dims[name] = shard_dim(name)
-                except KeyError:
-                    raise ValueError(f"{name} {tuple(shape)} in {path} is no Llama 3 weight: cannot tell how "
-                                     f"{n} shards split it") from None
-                full = list(shape)
-                if name.endswith(("attention.wk.weight", "attention.wv.weight")):
-                    if shape[0] * min(n, n_kv_heads) != n_kv_heads * head_dim:
-                        raise ValueError(f"{name} is {tuple(shape)} in each of {n} shards; {n_kv_heads} kv heads "
-                                         f"of head_dim {head_dim} split over {n} shards give "
-                                         f"{max(n_kv_heads // n, 1) * head_dim} rows per shard")
-                    full[0] = n_kv_heads * head_dim
-                elif dims[name] is not None:
-                    full[dims[name]] *= n
-                full_shapes[name] = tuple(full)
-            check_weight_shapes(args, full_shapes, source, settings)
-            merged = {name: torch.empty(full, device=device, dtype=dtype) for name, full in full_shapes.items()}
-        elif shard.keys() != shapes.keys():
+        shapes = {k: v.shape for k, v in (shards[0] if shards else shard).items()}  # as in shard 0
+        if shard.keys() != shapes.keys():
             missing, extra = sorted(shapes.keys() - shard.keys()), sorted(shard.keys() - shapes.keys())
             raise ValueError(f"{path} holds other tensors than {paths[0].name}: missing {missing[:3]}, "
                              f"extra {extra[:3]}")
         for name, t in shard.items():
+            try:
+                shard_dim(name)
+            except KeyError:
+                raise ValueError(f"{name} {tuple(t.shape)} in {path} is no Llama 3 weight: cannot tell how "
+                                 f"{n} shards split it") from None
             if t.shape != shapes[name]:
                 raise ValueError(f"{name} is {tuple(t.shape)} in {path} but {tuple(shapes[name])} in "
                                  f"{paths[0].name}: the shards of one checkpoint split every weight equally")
+        shards.append(shard)
+    full_shapes = {}  # the merged tensors' shapes (the caller checks them against args before merging)
+    for name, t in shards[0].items():
+        full, dim = list(t.shape), shard_dim(name)
+        if name.endswith(("attention.wk.weight", "attention.wv.weight")):
+            if t.shape[0] * min(n, n_kv_heads) != n_kv_heads * head_dim:
+                raise ValueError(f"{name} is {tuple(t.shape)} in each of {n} shards; {n_kv_heads} kv heads of "
+                                 f"head_dim {head_dim} split over {n} shards give "
+                                 f"{max(n_kv_heads // n, 1) * head_dim} rows per shard")
+            full[0] = n_kv_heads * head_dim
+        elif dim is not None:
+            full[dim] *= n
+        full_shapes[name] = tuple(full)
+
+    def merged(name: str) -> torch.Tensor:
+        pieces = [shard.pop(name) for shard in shards]  # popped: nothing else keeps this tensor's pages
+        dim, shape = shard_dim(name), pieces[0].shape
+        out = torch.empty(full_shapes[name], device=device, dtype=dtype or pieces[0].dtype)
+        for r, t in enumerate(pieces):
             # where this shard's piece goes; replicated pieces are copied once and compared after that
-            dim = dims[name]
             if dim is None:
-                dest, first = merged[name], r == 0
+                dest, first = out, r == 0
             elif name.endswith(("attention.wk.weight", "attention.wv.weight")) and kv_copies > 1:
-                dest, first = merged[name].narrow(0, r // kv_copies * head_dim, head_dim), r % kv_copies == 0
+                dest, first = out.narrow(0, r // kv_copies * head_dim, head_dim), r % kv_copies == 0
             else:
-                dest, first = merged[name].narrow(dim, r * t.shape[dim], t.shape[dim]), True
+                dest, first = out.narrow(dim, r * shape[dim], shape[dim]), True
             if first:
                 dest.copy_(t)
             elif not torch.equal(dest, t.to(device=dest.device, dtype=dest.dtype)):
-                raise ValueError(f"{name} in {path} differs from its copy in an earlier shard; replicated "
+                raise ValueError(f"{name} in {paths[r]} differs from its copy in an earlier shard; replicated "
                                  f"weights (norms, kv heads repeated over {kv_copies} shards) must be equal")
-            release_pages(t)  # merged holds it now
-        shard = t = None  # the last references into this shard's mapping: its pages can go now
-    return merged
+            release_pages(t)  # out holds it now
+        return out
+
+    return full_shapes, ((name, merged(name)) for name in full_shapes)
 
 
 # the config.json keys read, as check_value checks them (ModelArgs checks its fields again, by its own names)
@@ -1919,13 +1938,15 @@ def gguf_rope_scaling(freq_factors: torch.Tensor, args: ModelArgs, meta: dict, p
     return dict(scaling, use_scaled_rope=True)
 
 
-def load_gguf(path: Path, limits: dict):
+def load_gguf(path: Path, limits: dict, quantize: Optional[str] = None, group_size: int = 32):
     """(ModelArgs with the runtime limits (max_seq_len, max_batch_size), its Meta-named weights, GGUFTokenizer
-    or None, the weights' shapes by Meta name) of a GGUF file. Tensors are dequantized by the gguf package
-    (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...) one at a time as the weights are
-    consumed. llama.cpp stores attn_q/attn_k of the llama architecture in Meta's interleaved RoPE layout (its
-    converter undoes Hugging Face's permutation), so they load as they are: checked against transformers' own
-    GGUF loading of SmolLM2 (test_smollm2_greedy_equals_transformers)."""
+    or None, the quantization plan (quantize_plan: None for a full-precision model)) of a GGUF file, its
+    tensors' shapes checked against its metadata. Tensors are read one at a time as the weights are consumed: those
+    kept as int4 from Q4_0/Q4_1/Q4_K blocks as their codes (gguf_int4_codes), the others dequantized by the
+    gguf package (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...). llama.cpp stores
+    attn_q/attn_k of the llama architecture in Meta's interleaved RoPE layout (its converter undoes Hugging
+    Face's permutation), so they load as they are: checked against transformers' own GGUF loading of SmolLM2
+    (test_smollm2_greedy_equals_transformers)."""
     reader = read_gguf(path)  # says how to install gguf when it is missing
     import gguf
 
@@ -1941,9 +1962,15 @@ def load_gguf(path: Path, limits: dict):
     if context is not None and args.max_seq_len > context:
         raise ValueError(f"max_seq_len {args.max_seq_len} exceeds the {context} positions {path.name} was trained "
                          f"for (llama.context_length)")
+    names = {name: meta_name(name, GGUF, path) for name in tensors if name != "rope_freqs.weight"}
+    # the tensors fit args before anything is built (a plan, a model): e.g. block_count 1e9 for 2 layers
+    check_weight_shapes(args, {names[name]: shapes[name] for name in names}, path, "its metadata")
+    plan = quantize_plan(args, quantize, group_size, {names[n]: tensors[n].tensor_type.name for n in names})
 
-    def weight(name: str) -> torch.Tensor:
+    def weight(name: str):
         t = tensors[name]
+        if plan and plan.get(names.get(name), ("",))[0] == "int4" and t.tensor_type.name in GGUF_INT4_TYPES:
+            return gguf_int4_codes(t.data, t.tensor_type.name, shapes[name])  # the file's 4-bit codes
         try:
             values = gguf.quants.dequantize(t.data, t.tensor_type)  # fp32 numpy, rows of the (out, in) matrix
         except NotImplementedError as e:
@@ -1955,10 +1982,9 @@ def load_gguf(path: Path, limits: dict):
 
     if "rope_freqs.weight" in tensors:
         args = replace(args, **gguf_rope_scaling(weight("rope_freqs.weight").float(), args, meta, path))
-    names = {name: meta_name(name, GGUF, path) for name in tensors if name != "rope_freqs.weight"}
     weights = ((names[name], weight(name)) for name in names)
     tokenizer = GGUFTokenizer(meta, str(path)) if "tokenizer.ggml.model" in meta else None
-    return args, weights, tokenizer, {names[name]: shapes[name] for name in names}
+    return args, weights, tokenizer, plan
 
 
 # Pre-tokenizer regexes (tiktoken syntax) of GGUF vocabularies, by llama.cpp's tokenizer.ggml.pre name.
@@ -2208,18 +2234,20 @@ def check_finite(name: str, placed: torch.Tensor, t: torch.Tensor, source) -> No
 
 
 def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tensor]], device, dtype, source,
-                       settings, mapped: bool = False, shapes: Optional[Dict[str, tuple]] = None) -> Transformer:
+                       settings, mapped: bool = False, plan: Optional[Dict[str, Tuple[str, int]]] = None) -> Transformer:
     """A Transformer in eval mode holding weights, (Meta name, tensor) pairs in any floating dtype, each
     converted to dtype on device as it comes (so a loader may release its file pages, or drop a dequantized
     copy, before the next): memory peaks near the model plus one tensor. mapped: the tensors are memory-mapped
     from a file, so each is copied even when it is already in dtype on device. wq/wk/wv and w1/w3 are copied
     into their rows of the stacked weights the model holds. The model is built on the meta device (no memory,
-    no random init) and adopts the tensors (assign=True). shapes: every tensor's shape, as the file's header
-    gives them, checked against args before anything is built. RuntimeError naming source (the weights) and
-    settings (where args came from) when the weights do not fit args; ValueError naming a tensor that is not
-    floating point or holds NaN/inf (checked once each, here, for every format)."""
-    if shapes is not None:
-        check_weight_shapes(args, shapes, source, settings)
+    no random init) and adopts the tensors (assign=True); the loaders check the file's shapes against args
+    before (check_weight_shapes), and each tensor's again here. plan (quantize_plan, in the quantization
+    section): the weights held quantized, Meta name -> (mode, int4 group size); each is quantized as it comes
+    (a GGUF file's int4 codes, a QuantizedWeight, are taken as they are), a stacked one once all its parts are
+    in, and the module holding it (Linear, embedding) is replaced by its quantized counterpart.
+    RuntimeError naming source (the weights) and settings (where args came from) when the weights do not fit
+    args; ValueError naming a tensor that is not floating point or holds NaN/inf (checked once each, here,
+    for every format)."""
     expected = weight_shapes(args)
     with torch.device("meta"):
         model = Transformer(args)
@@ -2229,15 +2257,37 @@ def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tenso
         stacked_rows.update({f"layers.{i}.{part}": (f"layers.{i}.{stacked}", r) for part, r in zip(parts, starts)})
     stacked_shapes = {name: tuple(t.shape) for name, t in model.named_parameters()}
     sd, seen, tied_output = {}, set(), None
+    quantized, parts_in = {}, {}  # quantized modules by name; stacked weight -> [(first row, codes), ...] so far
     for name, t in weights:
         if name in seen:
             raise ValueError(f"{source}: tensor {name} appears more than once")
         seen.add(name)
         check_weight_shape(name, t.shape, args, expected, source, settings)
-        check_weight_tensor(name, t, source)
+        if isinstance(t, QuantizedWeight):  # a GGUF file's int4 codes: their scales and zeros must be finite
+            for part in (t.scales, t.zeros):
+                check_finite(name, part, part, source)
+        else:
+            check_weight_tensor(name, t, source)
+        placed = None  # t in the model's dtype, checked for values that dtype cannot hold
         if name == "output.weight" and args.tie_word_embeddings:
             # a tied model needs no output weight; some exports still carry it, and then it must be the embedding
-            tied_output = placed = t.to(device=device, dtype=dtype)
+            tied_output = t if isinstance(t, QuantizedWeight) else t.to(device=device, dtype=dtype)
+            placed = None if isinstance(t, QuantizedWeight) else tied_output
+        elif plan is not None and name in plan:  # quantized now, its module made once the weight is whole
+            if not isinstance(t, QuantizedWeight):
+                check_finite(name, t, t, source)  # before rounding to codes could hide a NaN
+            codes = quantize_weight(t, *plan[name], device, dtype, f"{source}: {name}")
+            if name in stacked_rows:
+                stacked, start = stacked_rows[name]
+                parts_in.setdefault(stacked, []).append((start, codes))
+                if sum(c.shape[0] for _, c in parts_in[stacked]) == stacked_shapes[stacked][0]:
+                    codes = [c for _, c in sorted(parts_in.pop(stacked), key=lambda part: part[0])]
+                    codes = QuantizedWeight(*(None if f[0] is None else torch.cat(f) for f in zip(*codes)))
+                    quantized.update(quantized_modules(stacked, codes, dtype, args.tie_word_embeddings))
+            else:
+                quantized.update(quantized_modules(name, codes, dtype, args.tie_word_embeddings))
+            codes = None
+            trim_heap()
         elif name in stacked_rows:  # copied into its rows of the stacked weight
             stacked, start = stacked_rows[name]
             if stacked not in sd:
@@ -2246,15 +2296,24 @@ def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tenso
             placed.copy_(t)
         else:
             sd[name] = placed = t.to(device=device, dtype=dtype, copy=mapped)
-        check_finite(name, placed, t, source)
+        if placed is not None:
+            check_finite(name, placed, t, source)
         t = placed = None  # the loader's next tensor may reuse this one's memory
     missing = sorted(expected.keys() - seen)
     if missing:
         raise RuntimeError(f"{source} does not match {settings}: missing {', '.join(missing[:4])}"
                            f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}")
-    if tied_output is not None and not torch.equal(tied_output, sd["tok_embeddings.weight"]):
-        raise ValueError(f"{settings} ties the output layer to the embedding, but {source} holds an output "
-                         f"weight that differs from the embedding")
+    if tied_output is not None:
+        embedding = sd.get("tok_embeddings.weight")
+        if embedding is None:  # held quantized: the output weight must quantize to the same values
+            tied_output = quantize_weight(tied_output, *plan["tok_embeddings.weight"], device, dtype, source)
+            tied_output, embedding = tied_output.dequantize(), quantized["tok_embeddings"].dequantize()
+        if not torch.equal(tied_output, embedding):
+            raise ValueError(f"{settings} ties the output layer to the embedding, but {source} holds an output "
+                             f"weight that differs from the embedding")
+    for name, module in quantized.items():  # in place of the meta device's modules
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
     model.load_state_dict(sd, strict=True, assign=True)
     try:
         model.init_rope(device)
@@ -2265,19 +2324,23 @@ def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tenso
 
 
 def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4, device=None,
-               dtype=None, seed: int = 1, compile: bool = False) -> Llama:
+               dtype=None, seed: int = 1, compile: bool = False, quantize: Optional[str] = None,
+               group_size: int = 32) -> Llama:
     """Llama.build: a Meta folder (params.json, consolidated.00.pth or model-parallel shards consolidated.00.pth
     .. NN.pth, tokenizer.model), a Hugging Face folder (config.json, model.safetensors or shards listed in
     model.safetensors.index.json, original/tokenizer.model) or a .gguf file with its own tokenizer (or
     tokenizer_path, a Llama 3 tokenizer.model, when it has none). Every file of a folder lies inside it
-    (check_inside); the weights' shapes are checked against the config before anything is allocated."""
+    (check_inside); the weights' shapes are checked against the config before anything is allocated.
+    quantize, group_size: see quantize_plan."""
     t0 = time.time()
     Llama._check_seed(seed)  # bad arguments fail before anything is read
+    check_quantize(quantize, group_size)
     path = Path(ckpt_dir).expanduser()
     limits = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    dtype_given = dtype is not None
     if path.suffix == ".gguf" or path.is_file():
         device, dtype = resolve_device_dtype(device, dtype)
-        args, weights, tokenizer, shapes = load_gguf(path, limits)
+        args, weights, tokenizer, plan = load_gguf(path, limits, quantize, group_size)
         if tokenizer_path is not None:
             tokenizer = Tokenizer(tokenizer_path)
         if tokenizer is None:
@@ -2285,7 +2348,9 @@ def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch
         if tokenizer.n_words != args.vocab_size:
             raise ValueError(f"{path} has {args.vocab_size} embedding rows but the tokenizer "
                              f"{tokenizer.n_words} tokens")
-        model = model_from_weights(args, weights, device, dtype, path, "its metadata", shapes=shapes)
+        if plan and not dtype_given and device.type == "cpu":
+            dtype = torch.bfloat16  # torch's int8/int4 CPU kernels are fast with bf16 inputs, slow with fp32 ones
+        model = model_from_weights(args, weights, device, dtype, path, "its metadata", plan=plan)
     else:
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint folder not found: {path}")
@@ -2310,6 +2375,9 @@ def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch
             raise ValueError(f"vocab_size {args.vocab_size} in {config_path} does not match the tokenizer's "
                              f"{tokenizer.n_words} tokens")
         device, dtype = resolve_device_dtype(device, dtype)
+        quantizing = quantize in ("int8", "int4")
+        if quantizing and not dtype_given and device.type == "cpu":
+            dtype = torch.bfloat16  # torch's int8/int4 CPU kernels are fast with bf16 inputs, slow with fp32 ones
         source = files[0] if len(files) == 1 else f"the {len(files)} files in {path}"
         if layout == "hf":
             shapes, weights = hf_shapes(files), hf_weights(files, args)
@@ -2317,20 +2385,490 @@ def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch
             sd = load_checkpoint(files[0])  # memory-mapped: only the header is read
             # Meta's params.json does not say: a checkpoint without output.weight is tied
             args = replace(args, tie_word_embeddings="output.weight" not in sd)
-            if len(files) > 1:
-                del sd  # merged shard by shard, checked against args before anything is allocated
-                sd = merge_meta_shards(files, args, device, dtype, source, config_path)
-            shapes = {name: tuple(t.shape) for name, t in sd.items()}
-            weights = mapped_weights(sd) if len(files) == 1 else ((name, sd.pop(name)) for name in list(sd))
+            if len(files) == 1:
+                shapes, weights = {name: tuple(t.shape) for name, t in sd.items()}, mapped_weights(sd)
+            else:  # merged tensor by tensor (kept in the checkpoint's dtype for the quantizer)
+                del sd
+                shapes, weights = merge_meta_shards(files, args, device, None if quantizing else dtype)
+        # the tensors fit args before anything is built (a plan, a model): e.g. n_layers 1e9 for 2 layers
+        check_weight_shapes(args, shapes, source, config_path)
         mapped = layout == "hf" or len(files) == 1  # merged shards are copies already
-        model = model_from_weights(args, weights, device, dtype, source, config_path, mapped, shapes)
-    print(f"loaded {path} on {device} in {dtype} in {time.time() - t0:.2f}s", file=sys.stderr)
+        plan = quantize_plan(args, quantize, group_size)
+        model = model_from_weights(args, weights, device, dtype, source, config_path, mapped, plan)
+    how = "" if plan is None else \
+        f", {'/'.join(sorted({mode for mode, _ in plan.values()}))} weights ({stored_bytes(model) / 1e6:.1f} MB)"
+    print(f"loaded {path} on {device} in {dtype}{how} in {time.time() - t0:.2f}s", file=sys.stderr)
     return Llama(model, tokenizer, seed, compile)
 
 
 # names kept from earlier versions: Llama.build reads GGUF files too; Tokenizer.from_gguf(metadata) is GGUFTokenizer
 Llama.build_gguf = staticmethod(load_llama)
 Tokenizer.from_gguf = staticmethod(GGUFTokenizer)
+
+
+# -----------------------------------------------------------------------------
+# quantization: int8 and int4 weights in memory, quantized while loading; GGUF's 4-bit blocks kept as they are
+
+# Llama.build(quantize=...): "int8" or "int4" quantize every weight matrix while loading; "none" keeps full
+# precision; None keeps a GGUF file's own quantization (and full precision for other checkpoints)
+QUANTIZE_CHOICES = (None, "none", "int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
+GGUF_INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # GGUF types whose blocks are int4 groups of 32 as they are
+
+
+class QuantizedWeight(NamedTuple):
+    """A weight matrix (out_features, in_features) as integer codes, row-major and on any device, before a
+    kernel packs it. int8 (zeros None): w = q * scales[:, None], q int8 (N, K), scales (N,). int4: w =
+    (q - 8) * scale + zero for each group of K / G consecutive inputs of a row, q uint8 in 0..15 (N, K),
+    scales and zeros (N, G)."""
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor] = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def group_size(self) -> int:
+        return self.q.shape[1] // self.scales.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight (N, K) in fp32."""
+        if self.zeros is None:
+            return self.q.float() * self.scales.float()[:, None]
+        n, k = self.q.shape
+        q = self.q.float().view(n, -1, self.group_size) - 8  # (N, G, group_size)
+        return torch.addcmul(self.zeros.float()[..., None], q, self.scales.float()[..., None]).view(n, k)
+
+
+def _stored_scale(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scales s (fp32, >= 0) stored in dtype, never rounded down, so that codes computed with the stored
+    value stay in range: widened by 2^-7 first, more than dtype's largest relative rounding (2^-8 in bf16)."""
+    return s if dtype == torch.float32 else (s * (1 + 2**-7)).to(dtype)
+
+
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype, rows: Optional[int] = None) -> QuantizedWeight:
+    """w (N, K) in int8 with a scale per output channel, the symmetric scheme of torch's int8 kernel:
+    scale = max |w[n]| / 127, stored in dtype (the one activations are computed in, as the kernel takes
+    it), q = round(w / scale): |w - q * scale| <= scale / 2. `rows` rows at a time (default: about 2^20
+    weights), so a weight is never whole in fp32 and the temporaries stay small (large ones, freed between
+    long-lived tensors, fragment the C heap: measured, up to the size of the model again in RSS)."""
+    rows = rows or max(1, 2**20 // w.shape[1])
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], dtype=dtype, device=w.device)
+    for r in range(0, w.shape[0], rows):
+        x = w[r : r + rows].float()  # (rows, K)
+        s = _stored_scale(x.abs().amax(dim=1) / 127, dtype)
+        scales[r : r + rows] = s
+        # an all-zero row has scale 0 and codes 0
+        q[r : r + rows] = (x / s.float().clamp(min=torch.finfo(torch.float32).tiny)[:, None]).round_().clamp_(-127, 127)
+    return QuantizedWeight(q, scales)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype, rows: Optional[int] = None) -> QuantizedWeight:
+    """w (N, K) in int4, asymmetric per group of group_size consecutive inputs, as torch's int4 kernels
+    compute: w = (q - 8) * scale + zero, q in 0..15. zero = min + 8 * (max - min) / 15 (the value of code
+    8) is stored in dtype first; the scale is then the smallest that reaches both the group's min and max
+    from the stored zero, stored in dtype rounded up; q = round((w - zero) / scale) + 8. So every code is
+    in range and |w - ((q - 8) * scale + zero)| <= scale / 2. `rows` rows at a time, as quantize_int8."""
+    n, k = w.shape
+    rows = rows or max(1, 2**20 // k)
+    q = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(n, k // group_size, dtype=dtype, device=w.device)
+    zeros = torch.empty(n, k // group_size, dtype=dtype, device=w.device)
+    for r in range(0, n, rows):
+        x = w[r : r + rows].float().unflatten(1, (-1, group_size))  # (rows, G, group_size)
+        lo, hi = x.amin(dim=-1), x.amax(dim=-1)  # (rows, G)
+        z = (lo + 8 * (hi - lo) / 15).to(dtype)
+        s = _stored_scale(torch.maximum((z.float() - lo) / 8, (hi - z.float()) / 7).clamp(min=0), dtype)
+        scales[r : r + rows], zeros[r : r + rows] = s, z
+        codes = (x - z.float()[..., None]) / s.float().clamp(min=torch.finfo(torch.float32).tiny)[..., None]
+        q[r : r + rows] = codes.round_().add_(8).clamp_(0, 15).flatten(1)
+    return QuantizedWeight(q, scales, zeros)
+
+
+def gguf_int4_codes(blocks, type_name: str, shape: Tuple[int, int]) -> QuantizedWeight:
+    """A Q4_0, Q4_1 or Q4_K tensor of a GGUF file as int4 codes in groups of 32: the file's own 4-bit
+    values, with its scale and minimum turned into the kernels' scale and zero, in fp32 (exact: sums and
+    products of the file's fp16 values and small integers). blocks: the tensor's bytes, (N, bytes per row)
+    uint8 as the gguf package maps them. Block layouts (ggml-quants): Q4_0, 32 weights: fp16 d, 16 bytes of
+    codes, w = d * (q - 8); Q4_1: fp16 d and m, 16 bytes, w = d * q + m; in both, byte j holds weight j in
+    its low and weight j + 16 in its high nibble. Q4_K, 256 weights in 8 groups of 32: fp16 d and dmin, 12
+    bytes of 6-bit group scales sc and minimums mn, 128 bytes of codes (bytes 32c .. 32c + 31 hold group 2c
+    in their low, group 2c + 1 in their high nibbles), w = d * sc * q - dmin * mn."""
+    import numpy as np
+
+    n, k = shape
+    b = np.asarray(blocks, dtype=np.uint8).reshape(n, -1)
+
+    def f16(cols):  # (n, blocks) fp32 from a little-endian fp16 in each block's bytes `cols`
+        return np.ascontiguousarray(cols).view(np.float16).astype(np.float32)[..., 0]
+
+    if type_name == "Q4_K":
+        b = b.reshape(n, k // 256, 144)
+        d, dmin = f16(b[..., 0:2])[..., None], f16(b[..., 2:4])[..., None]  # (n, k / 256, 1)
+        s6 = b[..., 4:16].astype(np.uint16)  # the 12 scale bytes: groups 0-3 in the low 6 bits of bytes 0-3
+        # (sc) and 4-7 (mn); groups 4-7 in the nibbles of bytes 8-11 plus the top 2 bits of bytes 0-3 / 4-7
+        sc = np.concatenate([s6[..., 0:4] & 63, (s6[..., 8:12] & 15) | (s6[..., 0:4] >> 6 << 4)], axis=-1)
+        mn = np.concatenate([s6[..., 4:8] & 63, (s6[..., 8:12] >> 4) | (s6[..., 4:8] >> 6 << 4)], axis=-1)
+        scale = (d * sc).reshape(n, -1)  # (n, k / 32)
+        zero = 8 * scale - (dmin * mn).reshape(n, -1)
+        codes = b[..., 16:].reshape(n, k // 256, 4, 1, 32)  # 4 chunks of 32 bytes: two groups each
+        q = np.concatenate([codes & 15, codes >> 4], axis=3).reshape(n, k)
+    else:
+        width = {"Q4_0": 18, "Q4_1": 20}[type_name]
+        b = b.reshape(n, k // 32, width)
+        scale = f16(b[..., 0:2])  # (n, k / 32)
+        zero = np.zeros_like(scale) if type_name == "Q4_0" else f16(b[..., 2:4]) + 8 * scale
+        codes = b[..., width - 16 :]  # (n, k / 32, 16)
+        q = np.concatenate([codes & 15, codes >> 4], axis=-1).reshape(n, k)
+    return QuantizedWeight(torch.from_numpy(q), torch.from_numpy(scale), torch.from_numpy(zero))
+
+
+def quantize_weight(w, mode: str, group_size: int, device, dtype, name: str) -> QuantizedWeight:
+    """The codes of weight w (N, K) in mode ("int8" or "int4", in groups of group_size) on device, scales in
+    dtype. w: a tensor in any dtype, or int4 codes read from a GGUF file (taken as they are, their scale and
+    zero rounded to dtype: the only change to the file's values). ValueError naming `name` where the groups
+    do not divide the row."""
+    if isinstance(w, QuantizedWeight):
+        return QuantizedWeight(w.q.to(device), w.scales.to(device, dtype), w.zeros.to(device, dtype))
+    if mode == "int8":
+        return quantize_int8(w.to(device), dtype)
+    if w.shape[1] % group_size:
+        raise ValueError(f"{name} has {w.shape[1]} inputs per row, not a multiple of the int4 group size "
+                         f"{group_size}; choose group_size from {[g for g in INT4_GROUP_SIZES if w.shape[1] % g == 0]}")
+    return quantize_int4(w.to(device), group_size, dtype)
+
+
+def _quantized_state_dict(module, destination, prefix, keep_vars):
+    # state_dict() of a quantized model: each quantized weight dequantized (fp32) under its usual name, so
+    # it loads into a full-precision Transformer (a tied output layer is the embedding: nothing of its own)
+    if not getattr(module, "tied", False):
+        destination[prefix + "weight"] = module.dequantize()
+
+
+def _quantized_load_refused(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                            error_msgs):
+    if prefix + "weight" in state_dict:
+        error_msgs.append(f"{prefix}weight: this layer holds quantized weights; load full-precision weights into a "
+                          f"full-precision model, or quantize while loading (Llama.build(..., quantize=...))")
+
+
+# Above this many tokens per matmul (prefill, perplexity windows), quantized layers on CPU dequantize their
+# weights a block of rows at a time for torch's bf16 matmul: the int8/int4 CPU kernels read the whole weight
+# again for every token, fast for the few tokens of a decode step, slower than a matmul for many tokens (up to
+# 4x for 64 tokens in int8 on large weights, measured). Unpacking int4 codes costs more than converting int8
+# ones, so int4 switches later (measured: from a few hundred tokens on).
+QUANTIZED_KERNEL_MAX_TOKENS = {"int8": 32, "int4": 256}
+DEQUANTIZE_ROWS = 2048  # output rows dequantized at a time on that path (a few MB each)
+
+
+def blockwise_linear(x: torch.Tensor, rows, n: int, block: int = DEQUANTIZE_ROWS) -> torch.Tensor:
+    """x (tokens, in) @ w.T for a weight w (n, in) of which rows(r0, r1) gives rows r0 .. r1 - 1 in x's dtype."""
+    return torch.cat([F.linear(x, rows(r, min(r + block, n))) for r in range(0, n, block)], dim=-1)  # (tokens, n)
+
+
+class Int8Linear(nn.Module):
+    """A Linear holding int8 weights (out_features, in_features) and a scale per output channel (in the
+    activation dtype). Kernel: torch._weight_int8pack_mm on CPU and MPS (on CPU for up to
+    QUANTIZED_KERNEL_MAX_TOKENS["int8"] tokens, blocks of converted rows beyond); elsewhere the weight is
+    converted to the activation dtype for the matmul and the scales applied to its output (torch.compile
+    fuses the conversion into the matmul). tied: the output layer of a tied model, sharing the embedding's tensors."""
+
+    def __init__(self, w: QuantizedWeight, dtype: torch.dtype, tied: bool = False):
+        super().__init__()
+        self.out_features, self.in_features = w.q.shape
+        self.tied = tied
+        # buffers, not parameters: no gradients; not saved as they are (see _quantized_state_dict)
+        self.register_buffer("weight", w.q, persistent=False)
+        self.register_buffer("scales", w.scales.to(dtype), persistent=False)
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features).contiguous()  # (tokens, in_features), as the kernels read it
+        # Workaround: in torch 2.13 the CPU kernel returns wrong values, or crashes, when in_features is not a
+        # multiple of 16 (measured with bf16 and fp32 inputs): those layers take the general path
+        kernel = self.in_features % 16 == 0 and (x.device.type == "mps" or (
+            x.device.type == "cpu" and x2.shape[0] <= QUANTIZED_KERNEL_MAX_TOKENS["int8"]))
+        if kernel:
+            y = torch._weight_int8pack_mm(x2, self.weight, self.scales)  # (tokens, out_features)
+        elif x.device.type == "cpu":
+            y = blockwise_linear(x2, lambda r0, r1: self.weight[r0:r1].to(x.dtype), self.out_features) * self.scales
+        else:
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        return QuantizedWeight(self.weight, self.scales).dequantize()
+
+    _save_to_state_dict = _quantized_state_dict
+    _load_from_state_dict = _quantized_load_refused
+
+
+def int4_kernel(device: torch.device, n: int, k: int, group_size: int, dtype: torch.dtype) -> Optional[int]:
+    """Which int4 kernel takes an (n, k) weight on device: 0 for the CPU kernel, the inner k tiles (8, 4 or
+    2) of the CUDA/MPS tile kernel, None for neither (the weight is then dequantized for each matmul)."""
+    if device.type == "cpu":
+        return 0
+    tiles = next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
+    # the tile kernel takes bf16 inputs, whole tiles of 8 output rows, and groups that the tiles hold whole
+    if device.type in ("cuda", "mps") and dtype == torch.bfloat16 and n % 8 == 0 and tiles and k % group_size == 0:
+        return tiles
+    return None
+
+
+def int4_scales_and_zeros(w: QuantizedWeight, dtype: torch.dtype, rows: int) -> torch.Tensor:
+    """w's scales and zeros as the int4 kernels take them, (G, rows, 2) in dtype, rows >= N padded with 0."""
+    sz = torch.stack([w.scales, w.zeros], dim=-1).to(dtype)  # (N, G, 2)
+    return F.pad(sz, (0, 0, 0, 0, 0, rows - sz.shape[0])).transpose(0, 1).contiguous()  # (G, rows, 2)
+
+
+def int4_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Codes q (N, K) in 0..15 two per byte, row-major (N, K / 2): column 2j in the low, 2j + 1 in the high nibble."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_cpu_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The codes (N, K) of a weight packed by _convert_weight_to_int4pack_for_cpu, N a multiple of 64: each
+    block of 64 rows is K x 32 bytes, byte (k, j) holding row j in its low and row 32 + j in its high nibble
+    (torch's AVX-512 layout; cpu_int4_layout_known checks it on this machine)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    b = packed.view(n // 64, k, 32)  # (blocks, K, 32)
+    return torch.cat([b & 15, b >> 4], dim=2).transpose(1, 2).reshape(n, k)  # (N, K)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_int4_layout_known() -> bool:
+    """Whether this machine's int4 CPU packing is the layout unpack_cpu_int4 reads (checked on a probe)."""
+    q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    return torch.equal(unpack_cpu_int4(torch._convert_weight_to_int4pack_for_cpu(q, 1)).int(), q)
+
+
+class Int4Linear(nn.Module):
+    """A Linear holding int4 weights in groups (a scale and a zero per group of group_size inputs, in the
+    activation dtype), packed for the device's kernel: _convert_weight_to_int4pack_for_cpu and
+    _weight_int4pack_mm_for_cpu on CPU (rows padded with zeros to a multiple of 64, whose outputs are
+    dropped; beyond QUANTIZED_KERNEL_MAX_TOKENS["int4"] tokens, blocks of rows unpacked and dequantized for a
+    bf16 matmul); _convert_weight_to_int4pack and _weight_int4pack_mm on CUDA and MPS with bf16 inputs; elsewhere
+    the 4-bit codes are kept two per byte and dequantized for each matmul. tied: the output layer of a tied
+    model (its embedding holds the same codes)."""
+
+    def __init__(self, w: QuantizedWeight, dtype: torch.dtype, tied: bool = False):
+        super().__init__()
+        self.out_features, self.in_features = w.q.shape
+        self.group_size, self.tied = w.group_size, tied
+        self.kernel = int4_kernel(w.q.device, self.out_features, self.in_features, self.group_size, dtype)
+        rows = -(-self.out_features // 64) * 64 if self.kernel == 0 else self.out_features
+        q = F.pad(w.q, (0, 0, 0, rows - self.out_features))  # (rows, K)
+        if self.kernel == 0:  # packed 64 rows at a time (the packing is per 64 rows): small int32 temporaries
+            packed = torch.empty(rows, self.in_features // 2, dtype=torch.uint8)
+            step = 64 * max(1, 2**14 // self.in_features)
+            for r in range(0, rows, step):
+                packed[r : r + step] = torch._convert_weight_to_int4pack_for_cpu(q[r : r + step].to(torch.int32), 1)
+        elif self.kernel:  # the tile kernel wants the high nibble first
+            packed = torch._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8), self.kernel)
+        else:
+            packed = int4_nibbles(q)  # (N, K / 2)
+        self.register_buffer("weight", packed, persistent=False)
+        self.register_buffer("scales_and_zeros", int4_scales_and_zeros(w, dtype, rows), persistent=False)
+        self.packed_for = w.q.device.type
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.weight.device.type != self.packed_for:  # each device's kernel has its own packing
+            raise RuntimeError(f"int4 weights packed for {self.packed_for} cannot move to {self.weight.device.type}; "
+                               f"load the checkpoint again with device={self.weight.device.type!r}")
+        return self
+
+    def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Weight rows r0 .. r1 - 1 in dtype (CPU packing, r0 a multiple of 64, or the codes two per byte)."""
+        if self.kernel == 0:
+            q = unpack_cpu_int4(self.weight[r0 : -(-r1 // 64) * 64])[: r1 - r0]  # (r1 - r0, K)
+        else:
+            codes = self.weight[r0:r1]
+            q = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(1)  # (r1 - r0, K)
+        # in dtype (bf16 for the matmul: (q - 8) * scale + zero rounded once more, as a bf16 model's weights are)
+        sz = self.scales_and_zeros[:, r0:r1].to(dtype)  # (G, r1 - r0, 2)
+        q = q.view(r1 - r0, -1, self.group_size).to(dtype).sub_(8)  # (r1 - r0, G, group_size)
+        return torch.addcmul(sz[..., 1].T[..., None], q, sz[..., 0].T[..., None]).flatten(1)
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features).contiguous()  # (tokens, in_features), as the kernels read it
+        many = x2.shape[0] > QUANTIZED_KERNEL_MAX_TOKENS["int4"] and cpu_int4_layout_known()
+        if self.kernel == 0 and not many:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
+        elif self.kernel:
+            y = torch._weight_int4pack_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
+        else:
+            y = blockwise_linear(x2, lambda r0, r1: self.rows(r0, r1, x.dtype), self.out_features)
+        return y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight (out_features, in_features) in fp32. A packing unpack_cpu_int4 cannot read is read back
+        through the kernel itself, an identity matrix at a time (rounded to bf16 by the CUDA/MPS kernel)."""
+        n, k = self.out_features, self.in_features
+        if self.kernel is None or (self.kernel == 0 and cpu_int4_layout_known()):
+            return self.rows(0, n, torch.float32)
+        out = torch.empty(k, n, device=self.weight.device)  # (K, N): rows of the identity through the kernel
+        for r in range(0, k, 1024):
+            eye = F.one_hot(torch.arange(r, min(r + 1024, k), device=self.weight.device), k)  # (rows, K)
+            if self.kernel == 0:
+                y = torch._weight_int4pack_mm_for_cpu(eye.float(), self.weight, self.group_size,
+                                                      self.scales_and_zeros.float())
+            else:
+                y = torch._weight_int4pack_mm(eye.bfloat16(), self.weight, self.group_size, self.scales_and_zeros)
+            out[r : r + 1024] = y[:, :n]
+        return out.T.contiguous()
+
+    _save_to_state_dict = _quantized_state_dict
+    _load_from_state_dict = _quantized_load_refused
+
+
+class QuantizedEmbedding(nn.Module):
+    """The token embedding in int8 (a scale per row) or int4 (4-bit codes with a scale and a zero per group):
+    the rows looked up are dequantized to the activation dtype. int4 codes are kept two per byte, row-major,
+    or, tied to an output layer packed for the CPU kernel, read from that layer's packing (one copy of the
+    codes); the scales and zeros are kept as the kernels take them ((G, rows, 2)), shared with a tied output."""
+
+    def __init__(self, w: QuantizedWeight, dtype: torch.dtype, tied: Optional["Int4Linear"] = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = w.q.shape
+        self.dtype = dtype
+        self.group_size = None if w.zeros is None else w.group_size  # None: int8
+        self.packed = tied is not None and tied.kernel == 0 and cpu_int4_layout_known()  # the CPU kernel's layout
+        if w.zeros is None:
+            self.register_buffer("weight", w.q, persistent=False)  # (V, D) int8
+            self.register_buffer("scales", w.scales.to(dtype), persistent=False)  # (V,)
+        else:
+            codes = tied.weight if self.packed else int4_nibbles(w.q)  # (V or more, D / 2) uint8
+            self.register_buffer("weight", codes, persistent=False)
+            sz = int4_scales_and_zeros(w, dtype, self.num_embeddings) if tied is None else tied.scales_and_zeros
+            self.register_buffer("scales_and_zeros", sz, persistent=False)  # (G, V or more, 2)
+
+    def rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embeddings of tokens (any shape), in fp32: (*tokens.shape, embedding_dim)."""
+        if self.group_size is None:
+            return self.weight[tokens].float() * self.scales[tokens, None].float()
+        if self.packed:  # row r: column r % 32 of its block of 64 rows, in the high nibbles from row 32 on
+            blocks = self.weight.view(-1, self.embedding_dim, 32)  # (V / 64, D, 32)
+            codes = blocks[tokens // 64, :, tokens % 32]  # (*tokens.shape, D)
+            q = (codes >> (tokens // 32 % 2 * 4).to(torch.uint8)[..., None]) & 15
+        else:
+            codes = self.weight[tokens]  # (*tokens.shape, D / 2)
+            q = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)  # (*tokens.shape, D)
+        q = q.unflatten(-1, (-1, self.group_size)).float() - 8  # (*tokens.shape, G, group_size)
+        sz = self.scales_and_zeros[:, tokens].movedim(0, -2).float()  # (*tokens.shape, G, 2)
+        return torch.addcmul(sz[..., 1:2], q, sz[..., 0:1]).flatten(-2)
+
+    def forward(self, tokens):
+        return self.rows(tokens).to(self.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.rows(torch.arange(self.num_embeddings, device=self.weight.device))
+
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(dtype) casts the scales: the rows looked up follow them
+        super()._apply(fn, *args, **kwargs)
+        self.dtype = (self.scales if self.group_size is None else self.scales_and_zeros).dtype
+        return self
+
+    _save_to_state_dict = _quantized_state_dict
+    _load_from_state_dict = _quantized_load_refused
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the OS. Workaround: quantizing makes temporaries (fp32 rows,
+    unpacked codes) freed between the long-lived quantized tensors, and glibc keeps such freed memory
+    resident (measured: +35 MB at the peak of an int4 load of a 180 MB checkpoint); malloc_trim returns it.
+    Advice only: a no-op where the C library has no malloc_trim (macOS, Windows, musl)."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=None)
+def _libc():
+    return ctypes.CDLL(None)
+
+
+def quantized_modules(name: str, w: QuantizedWeight, dtype: torch.dtype, tied: bool) -> Dict[str, nn.Module]:
+    """The modules that hold weight `name` (a Meta name; wqkv/w13 stacked) quantized as w: its Linear's
+    replacement, or for the embedding a QuantizedEmbedding, plus the output layer when the model is tied
+    (int8: the same tensors; int4: the same packed codes and scales where the CPU kernel's packing is known)."""
+    if name != "tok_embeddings.weight":
+        return {name.removesuffix(".weight"): (Int8Linear if w.zeros is None else Int4Linear)(w, dtype)}
+    if not tied:
+        return {"tok_embeddings": QuantizedEmbedding(w, dtype)}
+    if w.zeros is None:
+        output = Int8Linear(w, dtype, tied=True)
+        return {"tok_embeddings": QuantizedEmbedding(QuantizedWeight(output.weight, output.scales), dtype),
+                "output": output}
+    output = Int4Linear(w, dtype, tied=True)
+    return {"tok_embeddings": QuantizedEmbedding(w, dtype, tied=output), "output": output}
+
+
+def matrix_names(args: ModelArgs) -> List[str]:
+    """The Meta names of the weights that quantize: every matrix (the norms stay in the activation dtype)."""
+    names = [f"layers.{i}.{n}" for i in range(args.n_layers) for n in LAYER_WEIGHT_NAMES if "norm" not in n]
+    return ["tok_embeddings.weight", *([] if args.tie_word_embeddings else ["output.weight"]), *names]
+
+
+def check_quantize(quantize, group_size) -> None:
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {', '.join(map(str, QUANTIZE_CHOICES))}, got {quantize!r}")
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+
+
+def quantize_plan(args: ModelArgs, quantize: Optional[str], group_size: int,
+                  types: Optional[Dict[str, str]] = None) -> Optional[Dict[str, Tuple[str, int]]]:
+    """How each weight matrix is held: Meta name -> (mode, int4 group size), or None for a full-precision
+    model. types: a GGUF file's tensor types by Meta name. quantize "int8"/"int4": every matrix in that mode;
+    "none": none. None: a GGUF file holding quantized matrices keeps them quantized: Q4_0, Q4_1 and Q4_K as
+    int4 in their groups of 32, every other type as int8 (so a stacked weight, wqkv or w13, is int4 only
+    when all its parts are Q4 blocks); other checkpoints and F32/F16/BF16 files stay full precision. A
+    Q4_* tensor kept as int4 keeps its groups of 32 whatever group_size, and so do the other parts of its
+    stacked weight."""
+    full = ("F32", "F16", "BF16")
+    names = matrix_names(args)
+    if quantize == "none" or (quantize is None and all((types or {}).get(n, "F32") in full for n in names)):
+        return None
+    types = types or {}
+    groups = [[n] for n in names if not n.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight"))]
+    for i in range(args.n_layers):
+        groups += [[f"layers.{i}.{p}" for p in parts] for parts in STACKED_WEIGHTS.values()]
+    plan = {}
+    for group in groups:
+        native = [types.get(n) in GGUF_INT4_TYPES for n in group]
+        mode = quantize or ("int4" if all(native) else "int8")
+        size = 32 if mode == "int4" and any(native) else group_size
+        plan.update({n: (mode, size) for n in group})
+    return plan
+
+
+def stored_bytes(model: nn.Module, skip: Tuple[str, ...] = ()) -> int:
+    """Bytes of weights the model holds (parameters and buffers, shared tensors once, RoPE tables aside),
+    leaving out tensors whose names start with one of skip (e.g. an embedding table, of which a decode step
+    reads a few rows) unless another module shares them (a tied int8 output layer)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for name, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                               model.named_buffers(remove_duplicate=False))
+                if not name.startswith(("freqs_", *skip))}
+    return sum(storages.values())
+
+
+def quantize_model(model: Transformer, quantize: str, group_size: int = 32, dtype=None) -> Transformer:
+    """A quantized copy of model ("int8" or "int4" in groups of group_size), its weights taken one at a time
+    from its state_dict; activations in dtype (None: bf16 on CPU, the model's dtype elsewhere)."""
+    check_quantize(quantize, group_size)
+    device = model.norm.weight.device
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cpu" else model.norm.weight.dtype
+    plan = quantize_plan(model.params, quantize, group_size)
+    return model_from_weights(model.params, model.state_dict().items(), device, dtype, "the model", "its params",
+                              mapped=True, plan=plan)  # mapped: copies, nothing shared with model
+
+
 # -----------------------------------------------------------------------------
 # server: the OpenAI HTTP API (chat and text completions, streamed or not) with continuous batching.
 # Standard library only: http.server's ThreadingHTTPServer runs a thread per connection, which parses and
@@ -3048,7 +3586,7 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
          max_batch_size: int = 4, seed: int = 1, device: Optional[str] = None, dtype: Optional[str] = None,
          compile: bool = False, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
          presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias: Union[str, dict, None] = None,
-         stop: Union[str, List[str], None] = None):
+         stop: Union[str, List[str], None] = None, quantize: Optional[str] = None, group_size: int = 32):
     """Complete prompts with a Meta Llama 3.x checkpoint, or chat with an Instruct model (--chat).
 
     Args:
@@ -3069,7 +3607,9 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
         max_batch_size: most prompts generated together (prompts are run in batches of this size)
         seed: seed of the sampling generator
         device: cuda, mps or cpu; autodetected in that order when not given
-        dtype: float32, bfloat16 or float16; bf16 on GPUs that support it, fp32 on CPU when not given
+        dtype: float32, bfloat16 or float16; bf16 on GPUs that support it, fp32 on CPU when not given (bf16
+            for quantized weights: torch's int8/int4 CPU kernels are fast with bf16 activations, many times
+            slower with fp32)
         compile: run the decode step under torch.compile (static shapes; compiles on the first prompt, falls
             back to eager with a message where it cannot)
         top_k: sample only from the k most likely tokens; 0: all
@@ -3079,6 +3619,11 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
         frequency_penalty: subtract, per time generated, from the logits of tokens already generated
         logit_bias: a JSON object of token id -> value added to its logit, e.g. '{"128009": -100}'
         stop: a string as typed, or a JSON list of strings; the text ends before the first one found
+        quantize: int8 or int4: hold the weight matrices quantized, converted while loading (int8: a scale per
+            output channel; int4: a scale and a zero per group of --group_size inputs); none: full precision.
+            Not given: a GGUF file keeps its own quantization (Q4_0/Q4_1/Q4_K as int4, other types as int8),
+            other checkpoints load in full precision
+        group_size: int4 group size, 32, 64 or 128 (a GGUF file's Q4 blocks keep their 32)
     """
     if prompts is None:
         prompts = DEFAULT_PROMPTS
@@ -3108,7 +3653,8 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     if ckpt_dir is None:
         ckpt_dir = demo_checkpoint()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                        device=device, dtype=dtype, seed=seed, compile=compile)
+                        device=device, dtype=dtype, seed=seed, compile=compile, quantize=quantize,
+                        group_size=group_size)
     llama._check_sampling(temperature, top_p, max_gen_len, None, **controls)  # logit_bias's ids: before any prompt
     rng = torch.Generator(device=llama.device).manual_seed(seed)
     if chat:
@@ -3161,6 +3707,108 @@ def serve(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, 
         pass
     finally:
         server.close()
+
+
+def default_perplexity_text() -> str:
+    """Python's own documentation topics (pydoc_data.topics: English prose that ships with CPython), in
+    topic order. Its text, and so the perplexity, changes with the Python version."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def window_tokens(tokens: List[int], ctx: int, bos_id: Optional[int]) -> torch.Tensor:
+    """llama.cpp's perplexity windows: tokens cut into len(tokens) // ctx non-overlapping windows of ctx
+    tokens (the rest unused), each window's first token replaced by bos_id (where the vocabulary adds a BOS
+    token), as each window is evaluated alone. (n_windows, ctx)."""
+    if ctx < 4 or ctx % 2:
+        raise ValueError(f"ctx must be an even number >= 4, got {ctx!r}")
+    if len(tokens) < 2 * ctx:
+        raise ValueError(f"the text has {len(tokens)} tokens; perplexity with ctx {ctx} needs at least {2 * ctx}")
+    windows = torch.tensor(tokens[: len(tokens) // ctx * ctx]).view(-1, ctx)  # (n_windows, ctx)
+    if bos_id is not None:
+        windows[:, 0] = bos_id
+    return windows
+
+
+def perplexity(ckpt_dir: Optional[str] = None, text: Optional[str] = None, ctx: int = 512,
+               chunks: Optional[int] = None, tokenizer_path: Optional[str] = None, device: Optional[str] = None,
+               dtype: Optional[str] = None, quantize: Optional[str] = None, group_size: int = 32,
+               llamacpp: bool = False):
+    """Perplexity of a model on a text, measured as llama.cpp's llama-perplexity does: the text's tokens are
+    cut into non-overlapping windows of --ctx tokens, each evaluated alone (its first token replaced by BOS
+    where the vocabulary adds one), and the second half of each window is scored: perplexity = exp(mean
+    negative log-likelihood of each token from ctx/2 + 1 on, given the tokens before it in its window). The
+    model runs forward_loss, the training path. Prints a progress line with the running perplexity on
+    stderr and the final perplexity on stdout.
+
+    Args:
+        ckpt_dir: a checkpoint folder or .gguf file, as for the main command; the SmolLM2 demo when not given
+        text: a UTF-8 text file; default: Python's documentation topics (pydoc_data.topics, shipped with
+            CPython; the text, and so the number, changes with the Python version)
+        ctx: window length in tokens (even); half of each window is scored
+        chunks: score only the first this many windows (all when not given)
+        tokenizer_path: tiktoken tokenizer.model file; defaults to the checkpoint's own
+        device: cuda, mps or cpu (autodetected)
+        dtype: float32, bfloat16 or float16 (as for the main command; bf16 for quantized weights on CPU)
+        quantize: int8, int4 or none, as for the main command (not given: a GGUF file's own quantization)
+        group_size: int4 group size, 32, 64 or 128
+        llamacpp: also compute llama.cpp's perplexity of the same .gguf file on the same token windows
+            (needs llama-cpp-python: pip install llama-cpp-python), and the ratio of the two
+    """
+    if ckpt_dir is None:
+        ckpt_dir = demo_checkpoint()
+    if llamacpp and Path(ckpt_dir).suffix != ".gguf":
+        raise ValueError(f"--llamacpp compares on a .gguf file; {ckpt_dir} is not one")
+    if chunks is not None and (not isinstance(chunks, int) or chunks < 1):
+        raise ValueError(f"chunks must be an integer >= 1, got {chunks!r}")
+    if text is None:
+        content, source = default_perplexity_text(), "pydoc_data.topics"
+    else:
+        if not Path(text).expanduser().is_file():
+            raise FileNotFoundError(f"text file not found: {text}")
+        content, source = Path(text).expanduser().read_text(encoding="utf-8"), text
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=ctx, max_batch_size=1, device=device, dtype=dtype,
+                        quantize=quantize, group_size=group_size)
+    tok = llama.tokenizer
+    windows = window_tokens(tok.encode(content, bos=tok.add_bos, eos=False), ctx, tok.bos_id if tok.add_bos else None)
+    windows = windows[:chunks]
+    first = ctx // 2  # logits of positions first .. ctx - 2 score the tokens after them
+    scored = ctx - 1 - first
+    llm = llamacpp_model(ckpt_dir, ctx, logits_all=True) if llamacpp else None
+    nll, nll_cpp, t0 = 0.0, 0.0, time.time()
+    for i, window in enumerate(windows):
+        inputs, targets = window[None, :-1].to(llama.device), window[None, 1:].clone().to(llama.device)
+        targets[:, :first] = -100  # the first half only gives context
+        with torch.inference_mode():
+            nll += llama.model.forward_loss(inputs, targets, ignore_index=-100).item() * scored
+        line = f"[{i + 1}/{len(windows)}] perplexity {math.exp(nll / ((i + 1) * scored)):.4f}"
+        if llm is not None:
+            llm.reset()
+            llm.eval(window.tolist())
+            logits = torch.from_numpy(llm.scores[first : ctx - 1]).double()  # (scored, vocab)
+            nll_cpp -= logits.log_softmax(-1).gather(1, window[first + 1 :, None]).sum().item()
+            line += f", llama.cpp {math.exp(nll_cpp / ((i + 1) * scored)):.4f}"
+        elapsed = time.time() - t0
+        print(f"\r{line} ({(i + 1) * ctx / elapsed:.0f} tokens/s)", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    ppl = math.exp(nll / (len(windows) * scored))
+    print(f"perplexity {ppl:.4f}: {len(windows)} windows of {ctx} tokens of {source}, {scored} scored in each")
+    if llm is not None:
+        ppl_cpp = math.exp(nll_cpp / (len(windows) * scored))
+        print(f"llama.cpp perplexity {ppl_cpp:.4f} on the same windows; llama31 / llama.cpp {ppl / ppl_cpp:.4f}")
+        llm.close()
+
+
+def llamacpp_model(path, n_ctx: int, logits_all: bool = False):
+    """llama.cpp (llama-cpp-python) on a .gguf file, on the CPU with torch's thread count."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise RuntimeError("--llamacpp needs llama-cpp-python: pip install llama-cpp-python") from e
+    threads = torch.get_num_threads()
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                           n_threads_batch=threads, logits_all=logits_all, n_gpu_layers=0, verbose=False)
 
 
 # shapes for `bench` with random weights: a SmolLM2-135M-like Llama, Llama 3.2 1B, Llama 3.1 8B
@@ -3241,7 +3889,9 @@ def hf_llama_from(model: Transformer):
             hf_name = WEIGHT_NAMES[name][HF]
         if name.endswith(("attention.wq.weight", "attention.wk.weight")):
             t = rope_permute(t, p.n_heads if name.endswith("wq.weight") else p.n_kv_heads, to_hf=True)
-        sd[hf_name] = t.detach().contiguous().clone()  # own row-major copies, as from_pretrained would give it
+        # own row-major copies, as from_pretrained would give it, in the dtype the model computes in (a
+        # quantized model's state_dict holds its dequantized weights in fp32)
+        sd[hf_name] = t.detach().to(model.norm.weight.dtype).contiguous().clone()
     if p.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     with torch.device("meta"):
@@ -3250,7 +3900,7 @@ def hf_llama_from(model: Transformer):
     if p.tie_word_embeddings:  # assign=True gave each name its own Parameter
         hf.lm_head.weight = hf.model.embed_tokens.weight
     # the rotary frequencies are computed, not loaded: build that module again off the meta device
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(cfg).to(model.tok_embeddings.weight.device)
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(cfg).to(model.norm.weight.device)
     return hf.eval().requires_grad_(False)
 
 
@@ -3275,56 +3925,75 @@ def peak_memory(device: torch.device) -> str:
 
 def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int = 128, gen_len: int = 64,
           batch: int = 8, repeats: int = 5, device: Optional[str] = None, dtype: Optional[str] = None,
-          hf: bool = False, compile: bool = False, seed: int = 0):
-    """Measure prefill and decode speed; optionally against Hugging Face transformers on the same weights.
+          hf: bool = False, compile: bool = False, seed: int = 0, quantize: Optional[str] = None,
+          group_size: int = 32, llamacpp: bool = False):
+    """Measure prefill and decode speed; optionally against Hugging Face transformers or llama.cpp.
 
     Args:
         shape: random weights of a named shape: 135m (SmolLM2-135M-like), 1b (Llama 3.2 1B), 8b (Llama 3.1 8B)
-        ckpt_dir: a real checkpoint folder instead of random weights
+        ckpt_dir: a real checkpoint folder or .gguf file instead of random weights
         prompt_len: prompt tokens per sequence
         gen_len: tokens generated per sequence (greedy, no stop tokens)
         batch: the second batch size measured (batch 1 is always measured)
         repeats: timed runs per measurement after one warm-up; medians are reported
         device: cuda, mps or cpu (autodetected)
-        dtype: float32, bfloat16 or float16 (bf16 on GPUs, fp32 on CPU by default)
+        dtype: float32, bfloat16 or float16 (bf16 on GPUs, fp32 on CPU by default; bf16 for quantized weights)
         hf: also time Hugging Face transformers' generate on the same weights, alternating runs
         compile: use the compiled decode step (torch.compile)
         seed: seed of the random weights and prompts
+        quantize: int8, int4 or none, as for the main command (not given: a GGUF file's own quantization)
+        group_size: int4 group size, 32, 64 or 128
+        llamacpp: also time llama.cpp (llama-cpp-python) on the same .gguf file, batch 1, same threads, same
+            prompts, alternating runs
     """
+    check_quantize(quantize, group_size)
+    if llamacpp and (ckpt_dir is None or Path(ckpt_dir).suffix != ".gguf"):
+        raise ValueError("--llamacpp times llama.cpp on the same file: pass --ckpt_dir model.gguf")
     if ckpt_dir is not None:
         llama = Llama.build(ckpt_dir, max_seq_len=prompt_len + gen_len, max_batch_size=max(batch, 1),
-                            device=device, dtype=dtype, compile=compile)
+                            device=device, dtype=dtype, compile=compile, quantize=quantize, group_size=group_size)
         llama.tokenizer = None  # generate exactly gen_len tokens: no stop tokens
         label = str(ckpt_dir)
     else:
         if shape not in BENCH_SHAPES:
             raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(BENCH_SHAPES)}")
-        dev, dt = resolve_device_dtype(device, dtype)
+        quantizing = quantize in ("int8", "int4")
+        dev, dt = resolve_device_dtype(device, "bfloat16" if quantizing and dtype is None and
+                                       resolve_device_dtype(device)[0].type == "cpu" else dtype)
         args = ModelArgs(**BENCH_SHAPES[shape], max_seq_len=prompt_len + gen_len, max_batch_size=max(batch, 1))
-        llama = Llama(random_model(args, dev, dt, seed), None, compile=compile)
+        model = random_model(args, dev, dt, seed)
+        if quantizing:
+            model = quantize_model(model, quantize, group_size)
+        llama = Llama(model, None, compile=compile)
         label = f"random {shape}"
     model, dev = llama.model, llama.device
-    dt = model.tok_embeddings.weight.dtype
+    dt = model.norm.weight.dtype
     p = model.params
     if prompt_len < 1 or gen_len < 2 or batch < 1 or repeats < 1:
         raise ValueError("bench needs prompt_len >= 1, gen_len >= 2, batch >= 1, repeats >= 1")
-    n_params = sum(w.numel() for w in model.parameters())
-    # bytes read per decode step: every weight matrix once (the embedding table only for its rows, but in
-    # full as the output layer when the two are tied)
-    weight_bytes = sum(w.numel() * w.element_size() for n, w in model.named_parameters()
-                       if n != "tok_embeddings.weight" or model.output is None)
+    n_params = parameter_count(p)
+    # bytes read per decode step, as stored: every weight matrix once (the embedding table only for its rows,
+    # but in full as the output layer of an unquantized tied model)
+    weight_bytes = stored_bytes(model, skip=("tok_embeddings.",) if model.output is not None else ())
+    held = stored_bytes(model)
+    kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))})
+    weights = f"{dt} weights" if not kinds else f"{', '.join(kinds)} weights, {dt} activations"
     kv_bytes_per_pos = 2 * p.n_layers * p.n_kv_heads * p.head_dim * dt.itemsize
     bw_measured = measure_bandwidth(dev)
     roofline = next((v for k, v in GPU_BANDWIDTH.items() if dev.type == "cuda" and k in torch.cuda.get_device_name(dev)),
                     bw_measured)
-    print(f"{label}: {n_params / 1e6:.1f}M parameters, {dt}, {dev}, {torch.get_num_threads()} threads; "
-          f"roofline {roofline:.1f} GB/s ({'nominal' if roofline != bw_measured else 'measured'}), "
-          f"measured read bandwidth {bw_measured:.1f} GB/s")
+    print(f"{label}: {n_params / 1e6:.1f}M parameters, {weights} ({held / 1e6:.1f} MB held), {dev}, "
+          f"{torch.get_num_threads()} threads; roofline {roofline:.1f} GB/s "
+          f"({'nominal' if roofline != bw_measured else 'measured'}), measured read bandwidth {bw_measured:.1f} GB/s")
     g = torch.Generator().manual_seed(seed)
     hf_model = hf_llama_from(model) if hf else None
+    llm = llamacpp_model(ckpt_dir, prompt_len + gen_len) if llamacpp else None
+
+    def random_prompts(bsz):
+        return torch.randint(0, p.vocab_size, (bsz, prompt_len), generator=g).tolist()
 
     def ours(bsz, ragged=False):
-        prompts = torch.randint(0, p.vocab_size, (bsz, prompt_len), generator=g).tolist()
+        prompts = random_prompts(bsz)
         if ragged:  # lengths spread evenly from 5 (or fewer) to prompt_len
             prompts = [t[: round(min(5, prompt_len) + (prompt_len - min(5, prompt_len)) * i / max(bsz - 1, 1))]
                        for i, t in enumerate(prompts)]
@@ -3353,9 +4022,26 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
             assert out.shape[1] == prompt_len + n
         return times[0], (times[1] - times[0]) / (gen_len - 1)
 
+    def llama_cpp_run(bsz):
+        """Greedy decoding by llama.cpp: the prompt in one batch, then one token at a time."""
+        import numpy as np
+
+        prompt = random_prompts(1)[0]
+        logits = lambda: np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(p.vocab_size,))  # noqa: E731
+        t0 = time.perf_counter()
+        llm.reset()
+        llm.eval(prompt)
+        token = int(np.argmax(logits()))
+        t1 = time.perf_counter()
+        for _ in range(gen_len - 1):
+            llm.eval([token])
+            token = int(np.argmax(logits()))
+        return t1 - t0, (time.perf_counter() - t1) / (gen_len - 1)
+
     rows = []
     for bsz in sorted({1, batch}):
-        runners = [("llama31", ours)] + ([("hf", theirs)] if hf else [])
+        runners = [("llama31", ours)] + ([("hf", theirs)] if hf else []) + \
+            ([("llama.cpp", llama_cpp_run)] if llm is not None and bsz == 1 else [])
         results = {name: [] for name, _ in runners}
         for r in range(repeats + 1):  # run 0 warms up; implementations alternate so drift hits both
             for name, fn in runners:
@@ -3365,7 +4051,8 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
         for name, res in results.items():
             ttft = sorted(t for t, _ in res)[len(res) // 2]
             step = sorted(s for _, s in res)[len(res) // 2]
-            gbs = (weight_bytes + bsz * (prompt_len + gen_len / 2) * kv_bytes_per_pos) / step / 1e9
+            read = Path(ckpt_dir).stat().st_size if name == "llama.cpp" else weight_bytes  # llama.cpp: the file
+            gbs = (read + bsz * (prompt_len + gen_len / 2) * kv_bytes_per_pos) / step / 1e9
             rows.append((name, bsz, bsz * prompt_len / ttft, ttft * 1e3, bsz / step, gbs, 100 * gbs / roofline))
     if batch > 1:  # a ragged batch is prefilled in one pass, padded to its longest prompt
         times = {False: [], True: []}
@@ -3375,18 +4062,92 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
                 if r > 0:
                     times[ragged].append(ttft + (gen_len - 1) * step)
         ragged_ratio = sorted(times[True])[repeats // 2] / sorted(times[False])[repeats // 2]
-    print(f"weights read per decode step {weight_bytes / 1e6:.1f} MB; {peak_memory(dev)}; prompt {prompt_len}, "
-          f"generate {gen_len}, median of {repeats}")
-    print(f"{'impl':8} {'batch':>5} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode tok/s':>12} {'GB/s':>7} {'roofline':>8}")
+    print(f"weights read per decode step {weight_bytes / 1e6:.1f} MB (as stored); {peak_memory(dev)}; prompt "
+          f"{prompt_len}, generate {gen_len}, median of {repeats}")
+    print(f"{'impl':9} {'batch':>5} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode tok/s':>12} {'GB/s':>7} "
+          f"{'roofline':>8}")
     for name, bsz, pre, ttft, dec, gbs, pct in rows:
-        print(f"{name:8} {bsz:5d} {pre:13.1f} {ttft:8.1f} {dec:12.1f} {gbs:7.1f} {pct:7.1f}%")
-    if hf:
+        print(f"{name:9} {bsz:5d} {pre:13.1f} {ttft:8.1f} {dec:12.1f} {gbs:7.1f} {pct:7.1f}%")
+    for other in ("hf", "llama.cpp"):
         for bsz in sorted({1, batch}):
-            a, b = [r for r in rows if r[1] == bsz]
-            print(f"batch {bsz}: llama31 / hf decode {a[4] / b[4]:.2f}x, prefill {a[2] / b[2]:.2f}x")
+            pair = [r for r in rows if r[1] == bsz and r[0] in ("llama31", other)]
+            if len(pair) == 2:
+                a, b = pair
+                print(f"batch {bsz}: llama31 / {other} decode {a[4] / b[4]:.2f}x, prefill {a[2] / b[2]:.2f}x")
     if batch > 1:
         print(f"ragged batch of {batch} (prompt lengths {min(5, prompt_len)}..{prompt_len}) / equal lengths "
               f"{prompt_len}: total time {ragged_ratio:.2f}x")
+    if llm is not None:
+        llm.close()
+
+
+def save_gguf(model: Transformer, path, qtype: str = "F16", like=None) -> Path:
+    """Write model as a GGUF file in llama.cpp's layout, for comparisons with llama.cpp on the same file (bench
+    --llamacpp, perplexity --llamacpp): weight matrices in qtype, quantized by the gguf package (F32, F16,
+    BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; every matrix, the embedding included), norms in F32, attn_q/attn_k
+    in Meta's RoPE layout as llama.cpp keeps them, Llama 3.1's RoPE scaling as rope_freqs. The vocabulary
+    (tokenizer.* metadata) is copied from the GGUF file `like`; without one, a placeholder vocabulary of the
+    model's size (the 256 bytes, one merge, control tokens) serves random weights. A quantized model is
+    written from its dequantized weights."""
+    reader = read_gguf(Path(like)) if like is not None else None  # says how to install gguf when it is missing
+    import gguf
+    import numpy as np
+
+    p, path = model.params, Path(path)
+    if qtype not in gguf.GGMLQuantizationType.__members__:
+        raise ValueError(f"unknown GGUF type {qtype!r}")
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(p.n_layers)
+    w.add_context_length(max(p.max_seq_len, p.rope_original_context if p.use_scaled_rope else 0, 8192))
+    w.add_embedding_length(p.dim)
+    w.add_feed_forward_length(p.hidden_dim)
+    w.add_head_count(p.n_heads)
+    w.add_head_count_kv(p.n_kv_heads)
+    w.add_rope_freq_base(p.rope_theta)
+    w.add_layer_norm_rms_eps(p.norm_eps)
+    w.add_rope_dimension_count(p.head_dim)
+    w.add_vocab_size(p.vocab_size)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if reader is not None:
+        for key, value in reader.fields.items():
+            if key.startswith("tokenizer."):
+                array = value.types[0] == gguf.GGUFValueType.ARRAY
+                w.add_key_value(key, value.contents(), value.types[0], value.types[-1] if array else None)
+    else:  # bytes as GPT-2's byte alphabet, "  " made by the one merge, then control tokens
+        tokens = [*gpt2_byte_chars(), "\u0120\u0120"]
+        tokens += [f"<|placeholder_{i}|>" for i in range(p.vocab_size - len(tokens))]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tokens)
+        w.add_token_types([1] * 257 + [3] * (p.vocab_size - 257))
+        w.add_token_merges(["\u0120 \u0120"])
+        w.add_bos_token_id(257)
+        w.add_eos_token_id(258)
+    if p.use_scaled_rope:  # llama.cpp's form of the scaling: what each frequency is divided by
+        factors = rope_frequencies(replace(p, use_scaled_rope=False)) / rope_frequencies(p)
+        w.add_tensor("rope_freqs.weight", factors.numpy().astype(np.float32))
+    names = {k: v[GGUF] for k, v in WEIGHT_NAMES.items()}
+    names.update({f"layers.{i}.{k}": f"{LAYER_PREFIXES[GGUF]}{i}.{v[GGUF]}" for i in range(p.n_layers)
+                  for k, v in LAYER_WEIGHT_NAMES.items()})
+    kind = gguf.GGMLQuantizationType[qtype]
+    for name, t in model.state_dict().items():
+        x = t.detach().float().cpu().numpy()
+        if x.ndim == 2 and qtype != "F32":
+            w.add_tensor(names[name], gguf.quants.quantize(x, kind), raw_dtype=kind)
+        else:
+            w.add_tensor(names[name], x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def parameter_count(args: ModelArgs) -> int:
+    """The number of weights of a model of shape args (a tied output layer counted once)."""
+    kv = args.n_kv_heads * args.head_dim
+    layer = args.dim * (args.dim + 2 * kv) + args.dim * args.dim + 3 * args.dim * args.hidden_dim + 2 * args.dim
+    return args.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2) + args.n_layers * layer + args.dim
 
 
 CHAT_TURNS = ["Hi! Can you help me plan a trip to Paris?", "What should I see on the first day?",
@@ -3509,7 +4270,8 @@ def bench_serve(ckpt_dir: Optional[str] = None, clients: str = "1,4,8", requests
 # text as typed) and its docstring's summary and "Args:" section are its --help. The first command runs
 # when none is named. Adding a command is adding it here.
 
-COMMANDS = {"generate": main, "serve": serve, "bench": bench, "bench_serve": bench_serve, "bench_chat": bench_chat}
+COMMANDS = {"generate": main, "serve": serve, "perplexity": perplexity, "bench": bench, "bench_serve": bench_serve,
+            "bench_chat": bench_chat}
 # other tools' names for these flags (transformers, llama.cpp), to name ours when one is typed
 FLAG_SYNONYMS = {"max_new_tokens": "max_gen_len", "max_tokens": "max_gen_len", "n_predict": "max_gen_len",
                  "model": "ckpt_dir", "model_path": "ckpt_dir", "checkpoint": "ckpt_dir", "ctx_size": "max_seq_len",

@@ -8,6 +8,7 @@ LLAMA31_TEST_COMPILE=1 runs torch.compile for real (needs a C++ compiler). Set L
 checkpoint folder to also run the golden test on real weights.
 """
 
+import base64
 import dataclasses
 import gc
 import importlib.util
@@ -1079,7 +1080,7 @@ def test_cli_errors(tmp_path, ckpt_mha):
     r = run_cli("--help")
     assert r.returncode == 0
     for flag in ["ckpt_dir", "tokenizer_path", "prompts", "temperature", "top_p", "max_seq_len", "max_gen_len", "compile",
-                 "max_batch_size", "seed", "device", "dtype"]:
+                 "max_batch_size", "seed", "device", "dtype", "quantize", "group_size"]:
         assert flag in r.stdout + r.stderr
 
 
@@ -1652,12 +1653,15 @@ def gguf_name(name: str) -> str:
 
 
 def write_gguf(path: Path, params: dict, sd: dict, qtype: str = "F32", vocab: dict = None, arch: str = "llama",
-               context: int = 4096, metadata: dict = None) -> Path:
+               context: int = 4096, metadata: dict = None, raw: tuple = None) -> Path:
     """A GGUF file as llama.cpp writes one, from Meta-named weights, with the gguf package's writer, tensor
     names and quantizers: attn_q/attn_k rows as they are (Meta's interleaved RoPE layout), 2-D weights in
     qtype (F32, F16, BF16, Q8_0, Q4_0, ...; a value given as (raw blocks, type) is written as it is), norms in
     F32, rope_freqs (each frequency's divisor, computed here by Meta's formula) for Llama 3.1's RoPE scaling.
-    metadata: values that replace the hyper-parameters' (keys after "llama.", floats as float32, ints as uint32)."""
+    metadata: values that replace the hyper-parameters' (keys after "llama.", floats as float32, ints as uint32).
+    raw: (bytes by name, type by name) of tensors written as given instead."""
+    if raw:
+        sd = {**sd, **{name: (blocks, raw[1][name]) for name, blocks in raw[0].items()}}
     dim, n_heads = params["dim"], params["n_heads"]
     w = gguf.GGUFWriter(str(path), arch)
     w1 = sd["layers.0.feed_forward.w1.weight"]
@@ -1726,7 +1730,10 @@ def test_gguf_logits_equal_huggingface(config, qtype, tied, tmp_path, capsys):
     params = {"mha": MHA, "gqa": GQA, "gqa32": GQA32}[config]
     sd = random_state_dict(dict(params, tie_word_embeddings=tied), seed=7)
     path = write_gguf(tmp_path / f"{config}.{qtype}.gguf", params, sd, qtype)
-    llama = llama31.Llama.build(path, TOKENIZER_PATH, max_seq_len=64, device="cpu", dtype=torch.float32)
+    # quantize="none": dequantized in full precision (by default a quantized file stays quantized, see
+    # test_gguf_keeps_its_quantization)
+    llama = llama31.Llama.build(path, TOKENIZER_PATH, max_seq_len=64, device="cpu", dtype=torch.float32,
+                                quantize="none")
     assert "loaded" in capsys.readouterr().err
     expected = llama31.ModelArgs.from_params(params, max_seq_len=64, tie_word_embeddings=tied)
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta",
@@ -1763,7 +1770,8 @@ def test_gguf_k_quants(tmp_path):
     sd.update({name: (random_kquant(*t.shape, "Q6_K" if name == "output.weight" else "Q4_K", rng),
                       "Q6_K" if name == "output.weight" else "Q4_K") for name, t in sd.items() if t.ndim == 2})
     path = write_gguf(tmp_path / "kquants.gguf", params, sd)
-    llama = llama31.Llama.build(path, TOKENIZER_PATH, max_seq_len=64, device="cpu", dtype=torch.float32)
+    llama = llama31.Llama.build(path, TOKENIZER_PATH, max_seq_len=64, device="cpu", dtype=torch.float32,
+                                quantize="none")  # dequantized in full precision (by default it stays quantized)
     ref = hf_model(params, gguf_values(sd, "F32"))
     with torch.no_grad():
         scale = ref(TOKENS).logits.abs().max().item()
@@ -1901,8 +1909,9 @@ needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None or gguf is None, reason="the 
 
 @pytest.fixture(scope="module")
 def smollm2():
+    """The demo dequantized in fp32, as transformers loads it."""
     return llama31.Llama.build(llama31.demo_checkpoint(), max_seq_len=256, max_batch_size=2, device="cpu",
-                               dtype=torch.float32)
+                               dtype=torch.float32, quantize="none")
 
 
 @pytest.fixture(scope="module")
@@ -1963,6 +1972,7 @@ def test_demo_cli(smollm2):
                 "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert "The capital of France is Paris" in r.stdout and "SmolLM2-135M-Instruct.Q4_1.gguf" in r.stderr
+    assert "int4/int8 weights" in r.stderr  # the file's own quantization: Q4_1 layers as int4, Q8_0 embedding as int8
     import io
 
     out = io.StringIO()
@@ -2078,9 +2088,9 @@ def test_nonfinite_gguf_weight(tmp_path):
     sd = random_state_dict(params, seed=4)
     sd["layers.0.feed_forward.w2.weight"][1, 2] = float("nan")
     path = write_gguf(tmp_path / "nan.gguf", params, sd)
-    args, weights, _, shapes = llama31.load_gguf(path, {"max_seq_len": 64})
+    args, weights, _, plan = llama31.load_gguf(path, {"max_seq_len": 64}, quantize="none")
     with pytest.raises(ValueError, match=r"nan.gguf: tensor layers.0.feed_forward.w2.weight holds NaN"):
-        llama31.model_from_weights(args, weights, "cpu", torch.float32, path, "its metadata", shapes=shapes)
+        llama31.model_from_weights(args, weights, "cpu", torch.float32, path, "its metadata", plan=plan)
 
 
 def test_weights_must_be_dense_floating_point(tmp_path, mha_sd):
@@ -2185,8 +2195,8 @@ def test_gguf_metadata_values_checked(change, error, match, tmp_path, monkeypatc
     path = write_gguf(tmp_path / "x.gguf", params, random_state_dict(params, seed=4), metadata=change)
     monkeypatch.setattr(llama31, "Transformer", BuildsNothing)
     with pytest.raises(error, match=match):
-        args, weights, _, shapes = llama31.load_gguf(path, {"max_seq_len": 64})
-        llama31.model_from_weights(args, weights, "cpu", torch.float32, path, "its metadata", shapes=shapes)
+        args, weights, _, plan = llama31.load_gguf(path, {"max_seq_len": 64})
+        llama31.model_from_weights(args, weights, "cpu", torch.float32, path, "its metadata", plan=plan)
 
 
 def test_weight_shapes_are_the_models(tmp_path):
@@ -3132,3 +3142,373 @@ def test_bench_serve_and_chat_commands(ckpt_chain):
                 "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert [line.split()[0] for line in r.stdout.splitlines()[-2:]] == ["1", "2"]
+
+
+# -----------------------------------------------------------------------------
+# quantization: int8 and int4 weights in memory, GGUF's quantized blocks, perplexity
+
+BF16_REL = 2**-8  # bf16 keeps 8 significant bits: round to nearest is off by at most 2^-8 of the value
+
+
+def random_blocks(qtype: str, shape: tuple, seed: int) -> "np.ndarray":
+    """A tensor of shape (N, K) in a K-quant type as a GGUF file holds it, (N, bytes per row) uint8: random
+    codes and sub-block scales, with fp16 super-block scales of weight-like size (gguf-py cannot quantize
+    to these types, only read them)."""
+    rng = np.random.default_rng(seed)
+    n, k = shape
+    size = {"Q4_K": 144, "Q6_K": 210}[qtype]
+    b = rng.integers(0, 256, (n, k // 256, size), dtype=np.uint8)
+    d = (rng.uniform(0.5, 2.0, (n, k // 256)) * 1e-3).astype(np.float16)
+    if qtype == "Q4_K":  # w = d * sc * q - dmin * m: d at bytes 0-1, dmin at 2-3
+        b[..., 0:2] = d[..., None].view(np.uint8).reshape(n, k // 256, 2)
+        b[..., 2:4] = (d * 4)[..., None].view(np.uint8).reshape(n, k // 256, 2)
+    else:  # Q6_K: w = d * scale * (q - 32), d at the last two bytes
+        b[..., 208:210] = d[..., None].view(np.uint8).reshape(n, k // 256, 2)
+    return b.reshape(n, -1)
+
+
+def gguf_tensor(qtype: str, shape: tuple, seed: int):
+    """(the bytes a GGUF file holds, what gguf.quants.dequantize reads from them) for a random (N, K) tensor."""
+    q = gguf.GGMLQuantizationType[qtype]
+    if qtype in ("Q4_K", "Q6_K"):
+        data = random_blocks(qtype, shape, seed)
+    else:
+        w = np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * 0.05
+        data = gguf.quants.quantize(w, q)
+    return data, gguf.quants.dequantize(data, q)
+
+
+@needs_gguf
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
+def test_gguf_4bit_blocks_become_int4_exactly(qtype):
+    # the file's own 4-bit codes with its scale and minimum turned into the kernels' scale and zero: exact in
+    # fp32; stored for bf16 activations, the scale and zero are rounded to bf16 and nothing else changes
+    data, ref = gguf_tensor(qtype, (48, 512), seed=1)
+    codes = llama31.gguf_int4_codes(data, qtype, (48, 512))
+    assert codes.group_size == 32 and codes.q.dtype == torch.uint8 and int(codes.q.max()) <= 15
+    exact = codes.dequantize().numpy()
+    assert np.abs(exact - ref).max() <= 1e-6 * np.abs(ref).max()
+    stored = llama31.quantize_weight(codes, "int4", 32, "cpu", torch.bfloat16, "w")
+    assert torch.equal(stored.q, codes.q)  # the codes themselves are the file's
+    bound = (8 * codes.scales.abs() + codes.zeros.abs()).repeat_interleave(32, dim=1) * BF16_REL  # (N, K)
+    for module in (llama31.Int4Linear(stored, torch.bfloat16), llama31.QuantizedEmbedding(stored, torch.bfloat16)):
+        diff = (module.dequantize() - torch.from_numpy(ref)).abs()
+        assert (diff <= bound + 1e-7).all() and diff.max() > 0  # bf16 rounding of scale and zero: real, bounded
+
+
+@needs_gguf
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K"])
+def test_gguf_other_types_become_int8_per_channel(qtype):
+    # requantized to int8 with a scale per row: |w - q * scale| <= scale / 2, scale = max |row| / 127 (its
+    # stored bf16 value, rounded up)
+    data, ref = gguf_tensor(qtype, (40, 512), seed=2)
+    w = torch.from_numpy(ref)
+    codes = llama31.quantize_weight(w, "int8", 32, "cpu", torch.bfloat16, "w")
+    scale = codes.scales.float()
+    assert (scale >= w.abs().amax(dim=1) / 127).all() and (scale <= w.abs().amax(dim=1) / 127 * (1 + 2**-6)).all()
+    for module in (llama31.Int8Linear(codes, torch.bfloat16), llama31.QuantizedEmbedding(codes, torch.bfloat16)):
+        diff = (module.dequantize() - w).abs()
+        assert (diff <= scale[:, None] / 2 * (1 + 1e-6)).all()
+    assert llama31.quantize_plan(llama31.ModelArgs(dim=512, n_layers=1, n_heads=4, vocab_size=40),
+                                 None, 32, {n: qtype for n in ("tok_embeddings.weight", "output.weight")})
+
+
+def test_quantizers_error_bounds():
+    # full-precision weights (a zero row, a constant group, outliers): every code in range, every weight
+    # within half a step of its dequantized value, in bf16 and in fp32
+    w = torch.randn(70, 192, generator=torch.Generator().manual_seed(0))
+    w[3] = 0
+    w[5, :64] = 0.7
+    w[9, 17] = 40.0
+    for dtype in (torch.bfloat16, torch.float32):
+        c8 = llama31.quantize_int8(w, dtype, rows=16)  # several row chunks
+        assert c8.q.dtype == torch.int8 and c8.scales.dtype == dtype and (c8.q[3] == 0).all()
+        assert ((w - c8.dequantize()).abs() <= c8.scales.float()[:, None] / 2 * (1 + 1e-6) + 1e-12).all()
+        for group in (32, 64):
+            c4 = llama31.quantize_int4(w, group, dtype, rows=16)
+            assert int(c4.q.max()) <= 15 and c4.group_size == group
+            step = c4.scales.float().repeat_interleave(group, dim=1)
+            assert ((w - c4.dequantize()).abs() <= step / 2 * (1 + 1e-5) + 1e-6).all()
+        if dtype == torch.float32:
+            assert torch.equal(c4.dequantize()[5, :64], w[5, :64])  # a constant group is its zero
+    with pytest.raises(ValueError, match="layers.0.x has 192 inputs per row, not a multiple of the int4 group"):
+        llama31.quantize_weight(w, "int4", 128, "cpu", torch.bfloat16, "layers.0.x")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_linear_equals_dequantized_matmul(mode):
+    # the kernels (torch's int8/int4 CPU kernels for a few tokens, dequantized row blocks for many) against a
+    # float64 matmul with the dequantized weight, on odd shapes: rows not a multiple of 16 or 64 (int4 pads
+    # them), int8 inputs not a multiple of 16 (the general path), 3-D and non-contiguous inputs
+    g = torch.Generator().manual_seed(1)
+    shapes = [(300, 96), (7, 64), (33, 128), (1100, 2048)] + ([(21, 40)] if mode == "int8" else [])
+    for (n, k), dtype in itertools.product(shapes, (torch.bfloat16, torch.float32)):
+        codes = llama31.quantize_weight(torch.randn(n, k, generator=g), mode, 32, "cpu", dtype, "w")
+        layer = (llama31.Int8Linear if mode == "int8" else llama31.Int4Linear)(codes, dtype)
+        assert torch.equal(layer.dequantize(), codes.dequantize())
+        for shape in [(1, 1), (3, 5), (2, 150)]:  # 300 tokens: past QUANTIZED_KERNEL_MAX_TOKENS
+            x = torch.randn(*shape, 2 * k, generator=g).to(dtype)[..., ::2]  # non-contiguous
+            ref = x.double() @ codes.dequantize().double().T
+            out = layer(x)
+            assert out.shape == (*shape, n) and out.dtype == dtype
+            tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: the output's own rounding
+            assert (out.double() - ref).abs().max() <= tol * ref.abs().max(), (n, k, dtype, shape)
+    assert 300 > llama31.QUANTIZED_KERNEL_MAX_TOKENS[mode] >= 1
+
+
+def test_quantize_errors(ckpt_mha):
+    with pytest.raises(ValueError, match="quantize must be one of None, none, int8, int4, got 'int3'"):
+        llama31.Llama.build(ckpt_mha, device="cpu", quantize="int3")
+    with pytest.raises(ValueError, match=r"group_size must be one of \(32, 64, 128\), got 48"):
+        llama31.Llama.build(ckpt_mha, device="cpu", quantize="int4", group_size=48)
+    with pytest.raises(ValueError, match=r"consolidated.00.pth: tok_embeddings.weight has 64 inputs per row, not a "
+                                         r"multiple of the int4 group size 128; choose group_size from \[32, 64\]"):
+        llama31.Llama.build(ckpt_mha, device="cpu", quantize="int4", group_size=128)
+    llama = llama31.Llama.build(ckpt_mha, max_seq_len=32, device="cpu", quantize="int4")
+    with pytest.raises(RuntimeError, match="layers.0.attention.wqkv.weight: this layer holds quantized weights"):
+        llama.model.load_state_dict(random_state_dict(MHA, 1))
+    with pytest.raises(RuntimeError, match="int4 weights packed for cpu cannot move to meta"):
+        llama.model.to("meta")
+
+
+@pytest.fixture(scope="module")
+def ckpt_gqa_tied(tmp_path_factory):
+    folder = write_checkpoint(tmp_path_factory.mktemp("gqa_tied"), dict(GQA, tie_word_embeddings=True), seed=3)
+    return folder
+
+
+def dequantized_twin(model: llama31.Transformer) -> llama31.Transformer:
+    """A full-precision fp32 Transformer holding a quantized model's weights, dequantized (its state_dict)."""
+    twin = llama31.Transformer(model.params)
+    twin.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, strict=True)
+    return twin.eval()
+
+
+@pytest.mark.parametrize("mode,tied", [("int8", False), ("int4", False), ("int8", True), ("int4", True)])
+def test_quantized_model_equals_its_dequantized_twin(mode, tied, ckpt_gqa, ckpt_gqa_tied):
+    ckpt = ckpt_gqa_tied if tied else ckpt_gqa
+    llama = llama31.Llama.build(ckpt, max_seq_len=64, device="cpu", quantize=mode)  # bf16 activations on CPU
+    model = llama.model
+    layer = {"int8": llama31.Int8Linear, "int4": llama31.Int4Linear}[mode]
+    assert model.norm.weight.dtype == torch.bfloat16 and isinstance(model.layers[2].feed_forward.w13, layer)
+    assert isinstance(model.tok_embeddings, llama31.QuantizedEmbedding) and isinstance(model.output, layer)
+    assert model.output.tied == tied and model.params.tie_word_embeddings == tied
+    if tied:  # one tensor of codes serves the embedding and the output layer (int4: packed for the CPU kernel)
+        assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+    twin = dequantized_twin(model)
+    assert ("output.weight" in twin.state_dict()) != tied
+    tokens = TOKENS[:, :40]
+    # bf16 activations: no further from the twin than the twin itself computing in bf16
+    bf16_twin = dequantized_twin(model).to(torch.bfloat16)
+    assert max_logit_diff(model, twin, tokens) <= 2 * max_logit_diff(bf16_twin, twin, tokens)
+    # fp32 activations: the same weights exactly, the kernels' arithmetic only
+    fp32 = llama31.Llama.build(ckpt, max_seq_len=64, device="cpu", quantize=mode, dtype="float32")
+    assert max_logit_diff(fp32.model, dequantized_twin(fp32.model), tokens) <= 1e-4
+    # the model is held in about the bytes of its codes: int8 1 byte per weight, int4 half a byte, plus
+    # scales (int8: 2 bytes per row of 128 or more; int4: a bf16 scale and zero per group of 32)
+    n = llama31.parameter_count(model.params)
+    per_weight = {"int8": 1 + 2 / 128, "int4": 0.5 + 4 / 32}[mode]
+    assert llama31.stored_bytes(model) <= 1.02 * n * per_weight
+    # generation, batched and ragged, equals itself alone (batch invariance under the int kernels)
+    prompts = [[128000, 9906, 1070, 11], [128000, 791]]
+    both = llama.generate(prompts, max_gen_len=6, temperature=0)
+    assert both == [llama.generate([p], max_gen_len=6, temperature=0)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_greedy_follows_rigged_chain(mode, ckpt_chain, llama_chain):
+    llama = llama31.Llama.build(ckpt_chain, max_seq_len=128, device="cpu", quantize=mode, group_size=64)
+    dialog = [{"role": "user", "content": "Hi there"}]
+    assert llama.chat_completion([dialog], temperature=0, max_gen_len=20) == \
+        llama_chain.chat_completion([dialog], temperature=0, max_gen_len=20) == \
+        [{"generation": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}]
+    prompts = [[87], [128000, 9906]]
+    assert llama.generate(prompts, max_gen_len=12, temperature=0) == \
+        llama_chain.generate(prompts, max_gen_len=12, temperature=0)
+
+
+def test_quantized_sharded_and_hf_checkpoints_equal_single_file(tmp_path):
+    # the same weights in Meta's shards and in a Hugging Face folder quantize to the same codes
+    single = llama31.Llama.build(write_checkpoint(tmp_path / "one", GQA, seed=2), max_seq_len=64, device="cpu",
+                                 quantize="int4")
+    sharded = llama31.Llama.build(write_sharded_checkpoint(tmp_path / "four", GQA, seed=2, n=4), max_seq_len=64,
+                                  device="cpu", quantize="int4")
+    a, b = dict(single.model.named_buffers()), dict(sharded.model.named_buffers())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    params, save_kwargs = HF_CASES["sharded"]  # tied, intermediate_size off Meta's formula, RoPE factor 32
+    hf_model(params, random_state_dict(params, 7)).save_pretrained(tmp_path / "hf", **save_kwargs)
+    hf = llama31.Llama.build(tmp_path / "hf", TOKENIZER_PATH, max_seq_len=64, device="cpu", quantize="int8")
+    meta = llama31.Llama.build(write_checkpoint(tmp_path / "meta", params, seed=7), max_seq_len=64, device="cpu",
+                               quantize="int8")
+    a, b = dict(hf.model.named_buffers()), dict(meta.model.named_buffers())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and hf.model.output.tied
+
+
+@needs_gguf
+def test_gguf_keeps_its_quantization(tmp_path):
+    # a Q4_K_M-like file, tied: Q4_K and Q6_K tensors (random blocks), F32 norms. By default the Q4_K weights
+    # stay int4 (their codes exactly), the Q6_K ones become int8, a stacked weight mixing both is int8
+    params = dict(GQA, dim=256, n_heads=4, n_kv_heads=2, multiple_of=256, ffn_dim_multiplier=None,
+                  tie_word_embeddings=True)
+    args = llama31.ModelArgs.from_params(params)
+    types = {n: "Q6_K" if n.endswith(("wv.weight", "w2.weight")) else "Q4_K" for n in llama31.matrix_names(args)}
+    sd, raw = {}, {}
+    for i, (name, t) in enumerate(random_state_dict(params, seed=5).items()):
+        if t.ndim == 2:
+            raw[name], ref = gguf_tensor(types[name], tuple(t.shape), seed=i)
+            sd[name] = torch.from_numpy(ref)
+        else:
+            sd[name] = t
+    path = write_gguf(tmp_path / "mixed.gguf", params, sd, raw=(raw, types))
+    llama = llama31.Llama.build(path, TOKENIZER_PATH, max_seq_len=64, device="cpu")
+    m = llama.model
+    assert isinstance(m.layers[0].attention.wqkv, llama31.Int8Linear)  # wq, wk Q4_K with wv Q6_K
+    assert isinstance(m.layers[0].attention.wo, llama31.Int4Linear)
+    assert isinstance(m.layers[0].feed_forward.w13, llama31.Int4Linear)  # w1, w3 both Q4_K
+    assert isinstance(m.layers[0].feed_forward.w2, llama31.Int8Linear)
+    assert m.tok_embeddings.group_size == 32 and isinstance(m.output, llama31.Int4Linear) and m.output.tied
+    w1 = "layers.1.feed_forward.w1.weight"
+    codes = llama31.gguf_int4_codes(raw[w1], "Q4_K", tuple(sd[w1].shape))
+    assert torch.equal(llama31.unpack_cpu_int4(m.layers[1].feed_forward.w13.weight)[: codes.shape[0]], codes.q)
+    # every weight within the stated rounding of what gguf reads from the file
+    twin = dequantized_twin(m)
+    got = twin.state_dict()
+    for name, ref in sd.items():
+        if ref.ndim == 2 and types[name] == "Q4_K" and not name.endswith(("wq.weight", "wk.weight")):
+            c = llama31.gguf_int4_codes(raw[name], "Q4_K", tuple(ref.shape))  # scale and zero rounded to bf16 only
+            bound = (8 * c.scales.abs() + c.zeros.abs()).repeat_interleave(32, dim=1) * BF16_REL
+            assert ((got[name] - ref).abs() <= bound + 1e-7).all(), name
+        elif ref.ndim == 2:  # int8 requantized: half a step of the row's scale
+            assert ((got[name] - ref).abs() <= ref.abs().amax(dim=1, keepdim=True) / 127 * 0.51).all(), name
+    tokens = TOKENS[:1, :24]
+    assert max_logit_diff(m, twin, tokens) <= 2 * max_logit_diff(dequantized_twin(m).bfloat16(), twin, tokens)
+    # asked explicitly: all int4 (groups of 32 wherever a Q4_K part is, else group_size), or none
+    int4 = llama31.Llama.build(path, TOKENIZER_PATH, max_seq_len=64, device="cpu", quantize="int4", group_size=128)
+    layer = int4.model.layers[0]
+    assert (layer.attention.wqkv.group_size, layer.feed_forward.w2.group_size) == (32, 128)
+    none = llama31.Llama.build(path, TOKENIZER_PATH, max_seq_len=64, device="cpu", quantize="none")
+    assert none.model.norm.weight.dtype == torch.float32 and none.model.output is None
+    assert torch.equal(none.model.tok_embeddings.weight, sd["tok_embeddings.weight"])
+
+
+def peak_rss_of_load(ckpt, **build) -> dict:
+    """Build ckpt in a fresh process: its RSS before loading (after a first tiny model has loaded what torch
+    loads lazily, ~70 MB), its peak RSS and the bytes the model holds. The peak is /proc's VmHWM: ru_maxrss
+    would start at the RSS of the parent (this test process), which Linux carries across exec."""
+    code = (f"import torch, llama31; llama31.random_model(llama31.ModelArgs(dim=8, n_layers=1, n_heads=1, "
+            f"vocab_size=8, max_seq_len=8), 'cpu', torch.float32); "
+            f"before = int(open('/proc/self/statm').read().split()[1]) * 4096; "
+            f"l = llama31.Llama.build({str(ckpt)!r}, device='cpu', max_seq_len=64, **{build!r}); "
+            f"peak = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')); "
+            f"print(before, peak, llama31.stored_bytes(l.model))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return dict(zip(("before", "peak", "held"), map(int, r.stdout.split())))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_quantize_on_load_peak_memory(tmp_path):
+    # A 180 MB bf16 checkpoint of many similar tensors (a byte-level vocabulary of 512 tokens: no embedding to
+    # dominate), quantized while loading: the process never holds a full-precision copy of the model, only
+    # the quantized model plus about a tensor's worth and the C heap's slack (measured: peak 112 MB with 91 MB
+    # held in int8, 81-110 MB with 57 MB held in int4, 193 MB for the bf16 model)
+    params = dict(dim=1024, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=512, multiple_of=256)
+    folder = write_checkpoint(tmp_path, params, seed=0, tokenizer=False)
+    byte_tokens = [f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)]  # tiktoken's format
+    (folder / "tokenizer.model").write_text("".join(byte_tokens))
+    bf16 = (folder / "consolidated.00.pth").stat().st_size
+    full = peak_rss_of_load(folder, dtype="bfloat16")  # the full-precision model, for scale
+    assert full["peak"] - full["before"] >= 0.95 * bf16
+    for quantize, held in (("int8", 0.52), ("int4", 0.33)):
+        m = peak_rss_of_load(folder, quantize=quantize)
+        print(f"{quantize}: peak - before {(m['peak'] - m['before']) / 1e6:.0f} MB, held {m['held'] / 1e6:.0f} MB; "
+              f"bf16 model: peak - before {(full['peak'] - full['before']) / 1e6:.0f} MB")
+        assert m["held"] <= held * bf16
+        assert m["peak"] - m["before"] <= m["held"] + 0.35 * bf16
+        assert m["peak"] - m["before"] <= 0.8 * (full["peak"] - full["before"])
+
+
+def hand_perplexity(model, tokens, ctx, bos):
+    """llama.cpp's perplexity written out: windows of ctx tokens (first token BOS), the second half scored,
+    log-softmax by hand in float64."""
+    nll, count = 0.0, 0
+    for start in range(0, len(tokens) // ctx * ctx, ctx):
+        window = list(tokens[start : start + ctx])
+        if bos is not None:
+            window[0] = bos
+        with torch.no_grad():
+            logits = model.forward_inference(torch.tensor([window]))[0].double()  # (ctx, vocab)
+        for j in range(ctx // 2, ctx - 1):
+            row = logits[j]
+            log_z = row.max() + torch.log(torch.exp(row - row.max()).sum())
+            nll -= (row[window[j + 1]] - log_z).item()
+            count += 1
+    return math.exp(nll / count)
+
+
+def test_perplexity_equals_hand_computation(ckpt_mha, llama_mha, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(TEXTS[:6]) * 3)
+    tokens = llama_mha.tokenizer.encode(text.read_text(), bos=True, eos=False)
+    llama31.perplexity(str(ckpt_mha), text=str(text), ctx=32, device="cpu", dtype="float32")
+    out, err = capsys.readouterr()
+    n = len(tokens) // 32
+    assert n >= 2 and f"[{n}/{n}] perplexity" in err  # the progress line, with the running perplexity
+    got = float(out.split()[1].rstrip(":"))
+    assert out.startswith("perplexity ") and f"{n} windows of 32 tokens of {text}, 15 scored in each" in out
+    assert got == pytest.approx(hand_perplexity(llama_mha.model, tokens, 32, 128000), rel=1e-4)
+    llama31.perplexity(str(ckpt_mha), text=str(text), ctx=32, chunks=1, device="cpu", dtype="float32")
+    first = float(capsys.readouterr().out.split()[1].rstrip(":"))
+    assert first == pytest.approx(hand_perplexity(llama_mha.model, tokens[:32], 32, 128000), rel=1e-4)
+    with pytest.raises(ValueError, match="the text has 5 tokens; perplexity with ctx 32 needs at least 64"):
+        llama31.window_tokens([1, 2, 3, 4, 5], 32, None)
+    with pytest.raises(ValueError, match="ctx must be an even number >= 4, got 31"):
+        llama31.window_tokens(tokens, 31, None)
+    assert "Python" in llama31.default_perplexity_text()[:100000]  # the default text: pydoc_data.topics
+
+
+def test_perplexity_and_bench_commands(ckpt_mha, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(TEXTS[:6]) * 2)
+    r = run_cli("perplexity", "--ckpt_dir", str(ckpt_mha), "--text", str(text), "--ctx", "16", "--chunks", "2",
+                "--quantize", "int8", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "perplexity" in r.stdout and "2 windows of 16 tokens" in r.stdout and "int8 weights" in r.stderr
+    r = run_cli("perplexity", "--ckpt_dir", str(ckpt_mha), "--llamacpp")
+    assert r.returncode == 1 and "--llamacpp compares on a .gguf file" in r.stderr
+    r = run_cli("bench", "--ckpt_dir", str(ckpt_mha), "--prompt_len", "8", "--gen_len", "4", "--batch", "2",
+                "--repeats", "1", "--device", "cpu", "--quantize", "int4")
+    assert r.returncode == 0, r.stderr
+    assert "Int4Linear weights, torch.bfloat16 activations" in r.stdout and "(as stored)" in r.stdout
+    r = run_cli("bench", "--shape", "135m", "--llamacpp")
+    assert r.returncode == 1 and "pass --ckpt_dir model.gguf" in r.stderr
+
+
+@needs_smollm2
+def test_smollm2_quantized_as_its_file(smollm2):
+    # the demo as llama.cpp holds it: Q4_1 layers as int4 (the file's codes), the Q8_0 embedding as int8,
+    # tied: about the file's size in memory; greedy text still right
+    llama = llama31.Llama.build(llama31.demo_checkpoint(), max_seq_len=256, device="cpu")
+    m = llama.model
+    assert isinstance(m.layers[0].attention.wqkv, llama31.Int4Linear) and isinstance(m.output, llama31.Int8Linear)
+    assert llama31.stored_bytes(m) <= 1.05 * llama31.demo_checkpoint().stat().st_size
+    out = llama.text_completion(["The capital of France is"], temperature=0, max_gen_len=4)
+    assert out[0]["generation"].startswith(" Paris")
+    tokens = torch.tensor([llama.tokenizer.encode("The capital of France is Paris. The capital of Italy is Rome.",
+                                                  bos=False, eos=False)])
+    with torch.no_grad():
+        ours, ref = m.forward_inference(tokens), smollm2.model.forward_inference(tokens)
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8  # the dequantized file's top-1, mostly
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMA31_TEST_COMPILE"), reason="set LLAMA31_TEST_COMPILE=1 to run "
+                    "torch.compile for real (needs a C++ compiler, takes minutes on 2 cores)")
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_quantized_decode_matches_eager(mode, ckpt_mha):
+    compiled = llama31.Llama.build(ckpt_mha, max_seq_len=256, max_batch_size=4, device="cpu", quantize=mode,
+                                   compile=True)
+    eager = llama31.Llama.build(ckpt_mha, max_seq_len=256, max_batch_size=4, device="cpu", quantize=mode)
+    prompts = [[128000, 9906, 1070], [128000, 791]]
+    assert compiled.generate(prompts, max_gen_len=8, temperature=0) == eager.generate(prompts, max_gen_len=8,
+                                                                                      temperature=0)
+    assert compiled.compiled_decode.compiled is not None  # it compiled rather than fell back
