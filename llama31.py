@@ -1722,6 +1722,8 @@ def open_checkpoint(path: Path, tokenizer_path, limits: dict, device, dtype, ran
     except (TypeError, ValueError) as e:  # a missing value, or one of the wrong type
         raise ValueError(f"bad value in {config_path}: {e}") from e
     args = replace(args, **limits)
+    if ranks is not None:  # a world size that does not split the heads fails here, before anything is read
+        tp = TensorParallel(args, ranks)
     if tokenizer_path is None:
         tokenizer_path = path / ("tokenizer.model" if layout == "meta" else "original/tokenizer.model")
         if not tokenizer_path.is_file():
@@ -1733,8 +1735,7 @@ def open_checkpoint(path: Path, tokenizer_path, limits: dict, device, dtype, ran
                          f"{tokenizer.n_words} tokens")
     device, dtype = resolve_device_dtype(device, dtype)
     source = files[0] if len(files) == 1 else f"the {len(files)} files in {path}"
-    if ranks is not None:
-        tp = TensorParallel(args, ranks)  # a world size that does not split the heads fails here, before reading
+    if tp is not None:
         if layout == "hf":
             weights = hf_weights(files, args, tp)
         else:
