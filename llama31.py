@@ -54,6 +54,7 @@ Where llama31 departs from Meta's reference code, on purpose and with the same r
 - One host sync per decode step: the new tokens (and logprobs) cross to the host together.
 """
 
+import atexit
 import codecs
 import contextlib
 import ctypes
@@ -1825,8 +1826,17 @@ def join_ranks(enabled: Optional[bool], device=None) -> Optional[Ranks]:
     if owns:  # torchrun's rendezvous (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TP_TIMEOUT,
                                 **({"device_id": device} if device.type == "cuda" else {}))
+        atexit.register(destroy_process_group)
     control = dist.new_group(backend="gloo", timeout=TP_WAIT_TIMEOUT)
     return Ranks(dist.get_rank(), dist.get_world_size(), device, dist.group.WORLD, control, owns)
+
+
+def destroy_process_group() -> None:
+    """Destroy the default process group if there is one. Registered at exit by join_ranks for the group it
+    creates: torch 2.13 may abort ("terminate called without an active exception") or hang when a process
+    exits with a gloo group alive."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # errors that keep their type when another rank reports them (any other becomes a RuntimeError)
@@ -2350,6 +2360,19 @@ def random_model(args: ModelArgs, device, dtype, seed: int = 0, tp: Optional[Ten
     return model.eval().requires_grad_(False)
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes. On Linux from VmHWM: ru_maxrss carries over the parent's
+    RSS at fork (a rank that torchrun, or a test, started would report its parent's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -2431,8 +2454,6 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
     Under torchrun (several processes) the model is split over the ranks; bench then also reports the share
     of an (eager) decode step spent in collectives and each rank's peak memory. Rank 0 prints.
     """
-    import resource
-
     if hf and launched()[1] > 1:
         raise ValueError("bench --hf compares one process with Hugging Face transformers: run it without torchrun")
     if ckpt_dir is not None:
@@ -2523,8 +2544,7 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
                 if r > 0:
                     times[ragged].append(ttft + (gen_len - 1) * step)
         ragged_ratio = sorted(times[True])[repeats // 2] / sorted(times[False])[repeats // 2]
-    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else peak_rss()
     print(f"weights read per decode step {weight_bytes / 1e6:.1f} MB; peak {'GPU' if dev.type == 'cuda' else 'RSS'} "
           f"memory {peak / 1e9:.2f} GB; prompt {prompt_len}, generate {gen_len}, median of {repeats}")
     print(f"{'impl':8} {'batch':>5} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode tok/s':>12} {'GB/s':>7} {'roofline':>8}")

@@ -1784,13 +1784,11 @@ def tp_in_rank_cli(*argv):
 
 def tp_two_ranks(folders: dict, chat_transcript: str, results: str) -> None:
     """Rank side of test_tensor_parallel_two_ranks; generations saved to results (rank{r}.pt in that folder)."""
-    import resource
-
     f = {k: Path(v) for k, v in folders.items()}
     out = {}
     # a 2-shard Meta checkpoint: rank r reads consolidated.0r.pth as it is, half of the split weights
     gqa2, opened, loaded = tp_count_reads(lambda: tp_build(f["gqa2"]))
-    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Python, torch and its slice
+    out["peak_rss"] = llama31.peak_rss()  # Python, torch and its slice
     rank = gqa2.model.tp.rank
     assert opened == [f"consolidated.{rank:02d}.pth"]
     sd = random_state_dict(GQA, 2)
