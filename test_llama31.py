@@ -1854,7 +1854,8 @@ def tp_two_ranks(folders: dict, chat_transcript: str, results: str) -> None:
     assert code == 0, err
     assert bool(re.search(r"tensor parallel over 2 ranks \(gloo\): decode [\d.]+ ms per token at batch 1; "
                           r"collectives \(6 per step\) take [\d.]+% of an eager decode step; peak memory per rank "
-                          r"[\d.]+, [\d.]+ GB", stdout)) == (rank == 0), stdout
+                          r"after loading [\d.]+, [\d.]+ GB, over the run \(with the bandwidth probe\) [\d.]+, [\d.]+ GB",
+                          stdout)) == (rank == 0), stdout
     assert rank == 0 or stdout == ""
     torch.save(out, Path(results) / f"rank{rank}.pt")
 
