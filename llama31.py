@@ -1333,8 +1333,8 @@ def hf_weights(paths: List[Path], args: ModelArgs, tp: Optional["TensorParallel"
                     piece = f.get_slice(hf_name)
                     t = src = tp.take(name, piece.get_shape(), piece.__getitem__, path)
                 if name.endswith(("attention.wq.weight", "attention.wk.weight")):
-                    heads = (args if tp is None else tp).n_heads if name.endswith("wq.weight") else \
-                        (args if tp is None else tp).n_kv_heads
+                    held = args if tp is None else tp  # the heads in t: all, or this rank's
+                    heads = held.n_heads if name.endswith("wq.weight") else held.n_kv_heads
                     if t.shape != (heads * args.head_dim, args.dim):
                         raise ValueError(f"{path}: {hf_name} is {tuple(t.shape)}, expected "
                                          f"{(heads * args.head_dim, args.dim)} from config.json")
@@ -1764,6 +1764,8 @@ def open_checkpoint(path: Path, tokenizer_path, limits: dict, device, dtype, ran
 # names kept from earlier versions: Llama.build reads GGUF files too; Tokenizer.from_gguf(metadata) is GGUFTokenizer
 Llama.build_gguf = staticmethod(load_llama)
 Tokenizer.from_gguf = staticmethod(GGUFTokenizer)
+
+
 # -----------------------------------------------------------------------------
 # distributed: tensor parallelism on torch.distributed, started by torchrun
 #
@@ -1898,7 +1900,8 @@ class TensorParallel:
             raise ValueError(f"{w} ranks cannot split the {args.hidden_dim} hidden units of the feed-forward layers")
         self.args, self.rank, self.world_size, self.device = args, r, w, ranks.device
         self.group, self.control, self.owns_group = ranks.group, ranks.control, ranks.owns_group
-        self.n_heads, self.n_kv_heads, self.hidden = args.n_heads // w, max(args.n_kv_heads // w, 1), args.hidden_dim // w
+        self.n_heads, self.hidden = args.n_heads // w, args.hidden_dim // w
+        self.n_kv_heads = max(args.n_kv_heads // w, 1)
         self.kv_head = r * self.n_kv_heads if w <= args.n_kv_heads else r // (w // args.n_kv_heads)  # its first
         self.vocab_rows = -(-args.vocab_size // w)  # rows per rank; the last rank's rows past the vocabulary are 0
         self.vocab_start = r * self.vocab_rows
@@ -2314,8 +2317,10 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, p
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         device=device, dtype=dtype, seed=seed, compile=compile)
     tp = getattr(llama.model, "tp", None)  # tensor parallel: every rank generates, rank 0 prints
-    out = sys.stdout if tp is None or tp.rank == 0 else open(os.devnull, "w")
-    try:
+    with contextlib.ExitStack() as stack:
+        out = sys.stdout if tp is None or tp.rank == 0 else stack.enter_context(open(os.devnull, "w"))
+        if tp is not None:
+            stack.callback(tp.close)
         llama._check_sampling(temperature, top_p, max_gen_len, None)  # fail before the first prompt is typed
         rng = torch.Generator(device=llama.device).manual_seed(seed)
         if chat:
@@ -2325,9 +2330,6 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, p
         for i in range(0, len(prompts), max_batch_size):
             batch = list(prompts[i : i + max_batch_size])
             print_completions(batch, llama.text_completion_stream(batch, rng, temperature, top_p, max_gen_len), out)
-    finally:
-        if tp is not None:
-            tp.close()
 
 
 # shapes for `bench` with random weights: a SmolLM2-135M-like Llama, Llama 3.2 1B, Llama 3.1 8B
@@ -2586,9 +2588,9 @@ def bench_communication(llama: Llama, tp: TensorParallel, p: ModelArgs, prompt_l
     tp.comm_seconds, llama.compiled_decode = None, compiled
     every = [None] * tp.world_size
     dist.all_gather_object(every, peaks, group=tp.control)
-    step_ms = 1e3 / next(r[4] for r in rows if r[1] == 1)
+    step_ms, share = 1e3 / next(r[4] for r in rows if r[1] == 1), sorted(shares)[repeats // 2]
     print(f"tensor parallel over {tp.world_size} ranks ({dist.get_backend(tp.group)}): decode {step_ms:.2f} ms per "
-          f"token at batch 1; collectives ({2 * p.n_layers + 2} per step) take {100 * sorted(shares)[repeats // 2]:.1f}% "
+          f"token at batch 1; collectives ({2 * p.n_layers + 2} per step) take {100 * share:.1f}% "
           f"of an eager decode step; peak memory per rank after loading "
           f"{', '.join(f'{m[0] / 1e9:.2f}' for m in every)} GB, over the run (with the bandwidth probe) "
           f"{', '.join(f'{m[1] / 1e9:.2f}' for m in every)} GB")

@@ -1854,8 +1854,8 @@ def tp_two_ranks(folders: dict, chat_transcript: str, results: str) -> None:
     assert code == 0, err
     assert bool(re.search(r"tensor parallel over 2 ranks \(gloo\): decode [\d.]+ ms per token at batch 1; "
                           r"collectives \(6 per step\) take [\d.]+% of an eager decode step; peak memory per rank "
-                          r"after loading [\d.]+, [\d.]+ GB, over the run \(with the bandwidth probe\) [\d.]+, [\d.]+ GB",
-                          stdout)) == (rank == 0), stdout
+                          r"after loading [\d.]+, [\d.]+ GB, over the run \(with the bandwidth probe\) "
+                          r"[\d.]+, [\d.]+ GB", stdout)) == (rank == 0), stdout
     assert rank == 0 or stdout == ""
     torch.save(out, Path(results) / f"rank{rank}.pt")
 
@@ -1917,8 +1917,8 @@ def test_tensor_parallel_two_ranks(tp_folders, llama_mha, llama_gqa, tmp_path):
         expected["gguf"] = {k: v for k, v in expected["gqa"].items() if k not in ("stream", "chat")}
     diffs = {k: [same_generations(r[k], v) for r in results] for k, v in expected.items()}
     print(f"2 ranks: max |logit diff| vs one process: {', '.join(f'{k} {max(v):.1e}' for k, v in diffs.items())}; "
-          f"peak RSS per rank after loading GQA in 2 shards: " + ", ".join(f"{r['peak_rss'] / 1e6:.0f}" for r in results)
-          + " MB")
+          f"peak RSS per rank after loading GQA in 2 shards: "
+          + ", ".join(f"{r['peak_rss'] / 1e6:.0f}" for r in results) + " MB")
 
 
 def test_tensor_parallel_four_ranks(tp_folders, llama_mha, llama_gqa, tmp_path):
@@ -1968,8 +1968,8 @@ def test_tensor_parallel_meta_shard_errors(tp_folders, tmp_path):
     odd["layers.0.attention.wq.weight"] = odd["layers.0.attention.wq.weight"][:-16]
     torch.save(odd, tmp_path / "consolidated.01.pth")
     tp = llama31.TensorParallel(args, fake_ranks(1, 2))
-    with pytest.raises(ValueError, match=r"layers.0.attention.wq.weight is \(48, 128\) in .*consolidated.01.pth; 2 shards "
-                                         r"of \(128, 128\) give \(64, 128\) each"):
+    with pytest.raises(ValueError, match=r"layers.0.attention.wq.weight is \(48, 128\) in .*consolidated.01.pth; "
+                                         r"2 shards of \(128, 128\) give \(64, 128\) each"):
         llama31.meta_rank_weights([paths[0], tmp_path / "consolidated.01.pth"], args, tp)
     (tmp_path / "consolidated.01.pth").write_bytes(b"garbage")  # opened before any weight is read
     with pytest.raises(RuntimeError, match="cannot load checkpoint .*consolidated.01.pth"):
