@@ -1990,6 +1990,9 @@ class TensorParallel:
             model.output.weight = model.tok_embeddings.weight
 
     def _collective(self, op, *tensors):
+        if torch.is_grad_enabled() and tensors[-1].requires_grad:  # the collectives here have no backward
+            raise RuntimeError("a tensor-parallel model runs inference only: no gradients flow through its "
+                               "collectives (use torch.no_grad or torch.inference_mode)")
         if self.comm_seconds is None:
             op(*tensors, group=self.group)
             return

@@ -1786,25 +1786,20 @@ def tp_two_ranks(folders: dict, chat_transcript: str, results: str) -> None:
     """Rank side of test_tensor_parallel_two_ranks; generations saved to results (rank{r}.pt in that folder)."""
     f = {k: Path(v) for k, v in folders.items()}
     out = {}
-    # a 2-shard Meta checkpoint: rank r reads consolidated.0r.pth as it is, half of the split weights
-    gqa2, opened, loaded = tp_count_reads(lambda: tp_build(f["gqa2"]))
+    # GQA with Llama 3.1 RoPE scaling in 2 Meta shards: rank r reads consolidated.0r.pth as it is, half of the
+    # split weights (every other layout of shards and ranks: test_tensor_parallel_reads_its_slice_of_meta_shards)
+    gqa, opened, loaded = tp_count_reads(lambda: tp_build(f["gqa2"]))
     out["peak_rss"] = llama31.peak_rss()  # Python, torch and its slice
-    rank = gqa2.model.tp.rank
+    rank = gqa.model.tp.rank
     assert opened == [f"consolidated.{rank:02d}.pth"]
     sd = random_state_dict(GQA, 2)
     tp_check_loaded_bytes(loaded, sd, 2)
-    tp_check_slices(gqa2, sd)
-    # one-file checkpoints (MHA; GQA with Llama 3.1 RoPE scaling): each rank reads its slice of the file
+    tp_check_slices(gqa, sd)
+    out["gqa"] = generations(gqa)
+    # MHA in one file: each rank reads its slice of it
     mha = tp_build(f["mha"])
     assert mha.model.tp.world_size == 2 and mha.model.layers[0].attention.n_heads == 2
     out["mha"] = generations(mha, text=False)
-    gqa = tp_build(f["gqa"])
-    out["gqa"] = generations(gqa)
-    tp_check_slices(gqa, sd)
-    # 4 shards on 2 ranks: each rank concatenates two consecutive shards
-    gqa4, opened, _ = tp_count_reads(lambda: tp_build(f["gqa4"]))
-    assert opened == [f"consolidated.{2 * rank:02d}.pth", f"consolidated.{2 * rank + 1:02d}.pth"]
-    tp_check_slices(gqa4, sd)
     # Hugging Face shards read with get_slice (tied embeddings, intermediate_size off Meta's formula, factor 32)
     hf = tp_build(f["hf"], TOKENIZER_PATH)
     assert hf.model.output.weight is hf.model.tok_embeddings.weight  # tied: the rank's vocabulary rows
@@ -1832,6 +1827,11 @@ def tp_two_ranks(folders: dict, chat_transcript: str, results: str) -> None:
         tp_build(f["gqa2"])
     llama31.load_checkpoint = load_checkpoint
     assert e.value.all_ranks
+    # inference only: gradients through the collectives would be wrong, so asking for them is an error
+    gqa.model.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inference only"):
+        gqa.model.forward_loss(TOKENS[:, :4], TOKENS[:, 1:5])
+    gqa.model.requires_grad_(False)
     # different prompts on the ranks: ValueError on every rank, and the group still works afterwards
     with pytest.raises(ValueError, match=r"ranks \[1\] were given other tokens"):
         gqa.generate([[128000, 9906 + rank]], max_gen_len=2)
@@ -1864,19 +1864,16 @@ def tp_four_ranks(folders: dict, results: str) -> None:
     """Rank side of test_tensor_parallel_four_ranks."""
     f = {k: Path(v) for k, v in folders.items()}
     out = {}
-    # 8 query heads and 2 kv heads on 4 ranks: each kv head on two consecutive ranks (Meta's layout)
-    gqa = tp_build(f["gqa"])
+    # 8 query heads and 2 kv heads on 4 ranks: each kv head on two consecutive ranks (Meta's layout); from 2
+    # shards, each rank reads half of one: a quarter of the split weights, half of wk/wv (one of two kv heads)
+    gqa, opened, loaded = tp_count_reads(lambda: tp_build(f["gqa2"]))
     rank, attn = gqa.model.tp.rank, gqa.model.layers[0].attention
     assert (attn.n_heads, attn.n_kv_heads) == (2, 1) and gqa.model.tp.kv_head == rank // 2
-    out["gqa"] = generations(gqa, text=False)
-    sd = random_state_dict(GQA, 2)
-    tp_check_slices(gqa, sd)
-    out["mha"] = generations(tp_build(f["mha"]), text=False)  # one head per rank
-    # 2 shards on 4 ranks: each rank reads half of one shard: a quarter of the split weights, half of wk/wv
-    gqa2, opened, loaded = tp_count_reads(lambda: tp_build(f["gqa2"]))
     assert opened == [f"consolidated.{rank // 2:02d}.pth"]
+    sd = random_state_dict(GQA, 2)
     tp_check_loaded_bytes(loaded, sd, 4)
-    tp_check_slices(gqa2, sd)
+    tp_check_slices(gqa, sd)
+    out["gqa"] = generations(gqa, text=False)
     # 4 ranks cannot split 2 heads: ValueError on every rank before any weight is read (the file is not one)
     with pytest.raises(ValueError, match="4 ranks cannot split 2 attention heads"):
         tp_build(f["two_heads"])
@@ -1921,7 +1918,7 @@ def test_tensor_parallel_two_ranks(tp_folders, llama_mha, llama_gqa, tmp_path):
           + ", ".join(f"{r['peak_rss'] / 1e6:.0f}" for r in results) + " MB")
 
 
-def test_tensor_parallel_four_ranks(tp_folders, llama_mha, llama_gqa, tmp_path):
+def test_tensor_parallel_four_ranks(tp_folders, llama_gqa, tmp_path):
     folders = dict(tp_folders)
     two_heads = tmp_path / "two_heads"
     two_heads.mkdir()
@@ -1930,7 +1927,7 @@ def test_tensor_parallel_four_ranks(tp_folders, llama_mha, llama_gqa, tmp_path):
     (two_heads / "consolidated.00.pth").write_bytes(b"not a checkpoint")
     folders["two_heads"] = str(two_heads)
     results = rank_generations(spawn_ranks(4, f"t.tp_four_ranks({folders!r}, {str(tmp_path)!r})", tmp_path), tmp_path)
-    expected = dict(gqa=generations(llama_gqa, text=False), mha=generations(llama_mha, text=False))
+    expected = dict(gqa=generations(llama_gqa, text=False))
     diffs = {k: [same_generations(r[k], v) for r in results] for k, v in expected.items()}
     print(f"4 ranks: max |logit diff| vs one process: {', '.join(f'{k} {max(v):.1e}' for k, v in diffs.items())}")
 
