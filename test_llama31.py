@@ -1616,9 +1616,9 @@ def test_demo_says_how_to_install(monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# tensor parallelism: ranks spawned on the loopback interface (gloo), as torchrun would start them. The
-# reference is the same checkpoint loaded whole in each rank (tensor_parallel=False). Each spawned job
-# groups many checks (starting processes is what costs); the rank-side code is the tp_* functions below.
+# tensor parallelism: ranks spawned on the loopback interface (gloo), as torchrun would start them. The ranks
+# save their generations; the test compares them with the same model loaded whole in this process. Each
+# spawned job groups many checks (starting processes is what costs); the rank-side code is the tp_* functions.
 
 
 def loopback_env(rank: int, world: int, port: int) -> dict:
