@@ -22,6 +22,10 @@ Quantized weights (int8/int4 on the kernels PyTorch ships; a GGUF file keeps its
     python llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-8B --quantize int4
     python llama31.py perplexity --ckpt_dir D [--quantize int8] [--text FILE] [--ctx 512]
 
+Split a model over several GPUs (or CPU processes, or hosts) with torchrun: each rank loads its slice:
+
+    torchrun --nproc_per_node 8 llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-70B-Instruct --chat
+
 Measure speed (tokens/s, bandwidth, against Hugging Face transformers or llama.cpp on the same weights):
 
     python llama31.py bench --shape 135m --hf --dtype bfloat16 --compile
@@ -66,9 +70,11 @@ Where llama31 departs from Meta's reference code, on purpose and with the same r
 - One host sync per decode step: the new tokens (and logprobs) cross to the host together.
 """
 
+import atexit
 import bisect
 import codecs
 import collections
+import contextlib
 import copy
 import ctypes
 import difflib
@@ -90,6 +96,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import AbstractSet, Callable, Collection, Dict, Iterable, Iterator, List, Literal, NamedTuple, \
@@ -97,6 +104,7 @@ from typing import AbstractSet, Callable, Collection, Dict, Iterable, Iterator, 
 
 import tiktoken
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tiktoken.load import load_tiktoken_bpe
 from torch import nn
@@ -988,7 +996,7 @@ class Llama:
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device=None, dtype=None, seed: int = 1, compile: bool = False, quantize: Optional[str] = None,
-              group_size: int = 32) -> "Llama":
+              group_size: int = 32, tensor_parallel: Optional[bool] = None) -> "Llama":
         """Load a checkpoint: a Meta folder, a Hugging Face folder or a .gguf file, the layout detected.
         tokenizer_path: defaults to the checkpoint's own. device: "cuda", "mps", "cpu" or None for the first
         available in that order. dtype: torch dtype or its name; None means bf16 on GPUs that support it
@@ -996,10 +1004,12 @@ class Llama:
         draw from (once: it then advances, so two calls give different samples). compile: run the decode step
         under torch.compile (eager, with a message, where it cannot). quantize: "int8" or "int4" (groups of
         group_size: 32, 64 or 128) quantizes the weight matrices while loading; "none" keeps full precision;
-        None keeps a GGUF file's own quantization. The loaders are in the loading section, after the reference
-        reading (load_llama); quantization has its own section."""
+        None keeps a GGUF file's own quantization. tensor_parallel: None splits the model over the processes
+        torchrun started, if it started several, each loading its slice; False loads the whole model in every
+        process. The loaders are in the loading section, after the reference reading (load_llama);
+        quantization and tensor parallelism have sections of their own."""
         return load_llama(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed, compile,
-                          quantize, group_size)
+                          quantize, group_size, tensor_parallel)
 
     @property
     def device(self) -> torch.device:
@@ -1349,8 +1359,8 @@ class Llama:
 
 # =============================================================================
 # end of the reference reading. What follows extends it: the compiled decode step, the prompt cache, loading
-# checkpoints (Meta, Hugging Face, GGUF), quantized weights, the OpenAI-compatible server, the command line and
-# the benchmarks.
+# checkpoints (Meta, Hugging Face, GGUF), quantized weights, tensor parallelism (torchrun), the
+# OpenAI-compatible server, the command line and the benchmarks.
 # =============================================================================
 
 
@@ -1393,8 +1403,11 @@ class CompiledDecode:
             # Freezing: the weights become constants of the compiled step, which on CPU repacks them for
             # oneDNN. Inductor reads these settings when it compiles, inside this call (torch 2.13 silently
             # ignores torch.compile(options={"freezing": True})). The cache is an argument, not frozen. On
-            # CPU the step's wrapper is C++ rather than Python (faster steps, longer compilation).
-            with torch._inductor.config.patch(freezing=True, cpp_wrapper=tokens.device.type == "cpu"):
+            # CPU the step's wrapper is C++ rather than Python (faster steps, longer compilation), except
+            # under tensor parallelism: the C++ wrapper cannot call collectives (torch 2.13: "arg type Any is
+            # not yet supported by custom_op_wrapper").
+            cpp_wrapper = tokens.device.type == "cpu" and getattr(self.model, "tp", None) is None
+            with torch._inductor.config.patch(freezing=True, cpp_wrapper=cpp_wrapper):
                 return self.compiled(tokens, pos, cache)
         except Exception as e:  # compilation happens at the first call: no C++ compiler, unsupported op, ...
             print(f"llama31: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''});"
@@ -1831,21 +1844,28 @@ def hf_shapes(paths: List[Path]) -> Dict[str, tuple]:
     return shapes
 
 
-def hf_weights(paths: List[Path], args: ModelArgs) -> Iterator[Tuple[str, torch.Tensor]]:
+def hf_weights(paths: List[Path], args: ModelArgs, tp: Optional["TensorParallel"] = None
+               ) -> Iterator[Tuple[str, torch.Tensor]]:
     """The Meta-named tensors of a Hugging Face folder's safetensors files, read memory-mapped by safetensors'
-    safe_open, with wq/wk put back in Meta's RoPE layout."""
+    safe_open, with wq/wk put back in Meta's RoPE layout. tp: only this rank's slice of each tensor is read
+    (safetensors' get_slice)."""
     t0 = time.time()
     for i, path in enumerate(paths):
-        if len(paths) > 1:
+        if len(paths) > 1 and (tp is None or tp.rank == 0):
             print(f"loading {path.name} ({i + 1}/{len(paths)}), {time.time() - t0:.1f}s so far", file=sys.stderr)
         with open_safetensors(path) as f:
             for hf_name in f.keys():
                 if hf_name.endswith("rotary_emb.inv_freq"):
                     continue  # old exports carry HF's RoPE table; we compute our own
                 name = meta_name(hf_name, HF, path)
-                t = src = f.get_tensor(hf_name)
+                if tp is None:
+                    t = src = f.get_tensor(hf_name)
+                else:  # whole heads: HF's permutation within each head commutes with the slicing
+                    piece = f.get_slice(hf_name)
+                    t = src = tp.take(name, piece.get_shape(), piece.__getitem__, path)
                 if name.endswith(("attention.wq.weight", "attention.wk.weight")):
-                    heads = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
+                    held = args if tp is None else tp  # the heads in t: all, or this rank's
+                    heads = held.n_heads if name.endswith("wq.weight") else held.n_kv_heads
                     if t.shape != (heads * args.head_dim, args.dim):
                         raise ValueError(f"{path}: {hf_name} is {tuple(t.shape)}, expected "
                                          f"{(heads * args.head_dim, args.dim)} from config.json")
@@ -2182,7 +2202,7 @@ def weight_shapes(args: ModelArgs) -> Dict[str, tuple]:
 def check_weight_shape(name: str, shape, args: ModelArgs, expected: Dict[str, tuple], source, settings) -> None:
     """RuntimeError naming source and settings unless tensor `name` of this shape belongs in a model of args
     (expected: weight_shapes(args)). A tied model's output.weight, which some exports carry, is the embedding's."""
-    want = (args.vocab_size, args.dim) if name == "output.weight" and args.tie_word_embeddings else expected.get(name)
+    want = expected.get("tok_embeddings.weight" if name == "output.weight" and args.tie_word_embeddings else name)
     if want is None:
         raise RuntimeError(f"{source} does not match {settings}: unexpected tensor {name} {tuple(shape)}")
     if tuple(shape) != want:
@@ -2234,7 +2254,8 @@ def check_finite(name: str, placed: torch.Tensor, t: torch.Tensor, source) -> No
 
 
 def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tensor]], device, dtype, source,
-                       settings, mapped: bool = False, plan: Optional[Dict[str, Tuple[str, int]]] = None) -> Transformer:
+                       settings, mapped: bool = False, plan: Optional[Dict[str, Tuple[str, int]]] = None,
+                       model: Optional[Transformer] = None) -> Transformer:
     """A Transformer in eval mode holding weights, (Meta name, tensor) pairs in any floating dtype, each
     converted to dtype on device as it comes (so a loader may release its file pages, or drop a dequantized
     copy, before the next): memory peaks near the model plus one tensor. mapped: the tensors are memory-mapped
@@ -2245,12 +2266,16 @@ def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tenso
     section): the weights held quantized, Meta name -> (mode, int4 group size); each is quantized as it comes
     (a GGUF file's int4 codes, a QuantizedWeight, are taken as they are), a stacked one once all its parts are
     in, and the module holding it (Linear, embedding) is replaced by its quantized counterpart.
-    RuntimeError naming source (the weights) and settings (where args came from) when the weights do not fit
-    args; ValueError naming a tensor that is not floating point or holds NaN/inf (checked once each, here,
-    for every format)."""
-    expected = weight_shapes(args)
-    with torch.device("meta"):
-        model = Transformer(args)
+    model: the meta-device Transformer to fill when it is not Transformer(args) (a rank's slice of a
+    tensor-parallel model, TensorParallel.transformer: its weights are slices). RuntimeError naming source (the
+    weights) and settings (where args came from) when the weights do not fit args; ValueError naming a tensor
+    that is not floating point or holds NaN/inf (checked once each, here, for every format)."""
+    if model is None:
+        expected = weight_shapes(args)
+        with torch.device("meta"):
+            model = Transformer(args)
+    else:  # the slices the rank's modules hold, by Meta's names
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     stacked_rows = {}  # Meta's name of a stacked weight's part -> (the stacked weight, the part's first row)
     for i, (stacked, parts) in itertools.product(range(args.n_layers), STACKED_WEIGHTS.items()):
         starts = itertools.accumulate([expected[f"layers.{i}.{part}"][0] for part in parts], initial=0)
@@ -2325,22 +2350,56 @@ def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tenso
 
 def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4, device=None,
                dtype=None, seed: int = 1, compile: bool = False, quantize: Optional[str] = None,
-               group_size: int = 32) -> Llama:
+               group_size: int = 32, tensor_parallel: Optional[bool] = None) -> Llama:
     """Llama.build: a Meta folder (params.json, consolidated.00.pth or model-parallel shards consolidated.00.pth
     .. NN.pth, tokenizer.model), a Hugging Face folder (config.json, model.safetensors or shards listed in
     model.safetensors.index.json, original/tokenizer.model) or a .gguf file with its own tokenizer (or
     tokenizer_path, a Llama 3 tokenizer.model, when it has none). Every file of a folder lies inside it
     (check_inside); the weights' shapes are checked against the config before anything is allocated.
-    quantize, group_size: see quantize_plan."""
+    quantize, group_size: see quantize_plan. Under torchrun (tensor_parallel None or True), each rank loads
+    its slice of the model (the distributed section); if any rank fails, all raise."""
     t0 = time.time()
     Llama._check_seed(seed)  # bad arguments fail before anything is read
     check_quantize(quantize, group_size)
     path = Path(ckpt_dir).expanduser()
     limits = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    dtype_given = dtype is not None
+    ranks = join_ranks(tensor_parallel, device)  # None: a single process
+    if ranks is not None and quantize in ("int8", "int4"):
+        raise ValueError("quantized weights do not run under tensor parallelism yet: drop quantize (--quantize)")
+    try:
+        with all_or_none(ranks):  # every rank reads the configuration and opens its files, or none goes on
+            args, tokenizer, weights, source, settings, mapped, device, dtype, tp, plan = open_checkpoint(
+                path, tokenizer_path, limits, device if ranks is None else ranks.device, dtype, ranks, quantize,
+                group_size)
+        with all_or_none(ranks):  # every rank copies its weights, or none goes on
+            if tp is None:
+                model = model_from_weights(args, weights, device, dtype, source, settings, mapped, plan)
+            else:
+                model = tp.model_from_weights(weights, dtype, source, settings)
+    except BaseException:
+        if ranks is not None and ranks.owns_group:  # the process group this call created ends with it
+            dist.destroy_process_group()
+        raise
+    if tp is None or tp.rank == 0:
+        split = "" if tp is None else f", split over {tp.world_size} ranks ({dist.get_backend(tp.group)})"
+        how = "" if plan is None else \
+            f", {'/'.join(sorted({mode for mode, _ in plan.values()}))} weights ({stored_bytes(model) / 1e6:.1f} MB)"
+        print(f"loaded {path} on {device} in {dtype}{how}{split} in {time.time() - t0:.2f}s", file=sys.stderr)
+    return Llama(model, tokenizer, seed, compile)
+
+
+def open_checkpoint(path: Path, tokenizer_path, limits: dict, device, dtype, ranks: Optional["Ranks"],
+                    quantize: Optional[str], group_size: int):
+    """What load_llama needs before copying weights: (args, tokenizer, the (Meta name, tensor) pairs still to
+    be read, source, settings, mapped (see model_from_weights), device, dtype, this rank's TensorParallel or
+    None, the quantization plan or None). Every check that needs no weights is done here: the configuration's
+    values, the tensors' shapes against it (from the files' headers), the tokenizer."""
+    tp, dtype_given = None, dtype is not None
     if path.suffix == ".gguf" or path.is_file():
         device, dtype = resolve_device_dtype(device, dtype)
-        args, weights, tokenizer, plan = load_gguf(path, limits, quantize, group_size)
+        # under tensor parallelism every rank dequantizes each whole tensor, then keeps its slice
+        args, weights, tokenizer, plan = load_gguf(path, limits, "none" if ranks is not None else quantize,
+                                                   group_size)
         if tokenizer_path is not None:
             tokenizer = Tokenizer(tokenizer_path)
         if tokenizer is None:
@@ -2348,57 +2407,67 @@ def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch
         if tokenizer.n_words != args.vocab_size:
             raise ValueError(f"{path} has {args.vocab_size} embedding rows but the tokenizer "
                              f"{tokenizer.n_words} tokens")
+        if ranks is not None:
+            tp = TensorParallel(args, ranks)
+            weights = tp.slices(weights, path)
         if plan and not dtype_given and device.type == "cpu":
             dtype = torch.bfloat16  # torch's int8/int4 CPU kernels are fast with bf16 inputs, slow with fp32 ones
-        model = model_from_weights(args, weights, device, dtype, path, "its metadata", plan=plan)
-    else:
-        if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint folder not found: {path}")
-        layout, files = find_checkpoint(path)
-        config_path = check_inside(path / ("params.json" if layout == "meta" else "config.json"), path)
-        params = read_json_object(config_path)
-        try:
-            if layout == "hf":
-                params = params_from_hf_config(params)
-            args = ModelArgs.from_params(params)
-        except (TypeError, ValueError) as e:  # a missing value, or one of the wrong type
-            raise ValueError(f"{config_path}: {e}") from e
-        args = replace(args, **limits)
-        if tokenizer_path is None:
-            tokenizer_path = path / ("tokenizer.model" if layout == "meta" else "original/tokenizer.model")
-            if not tokenizer_path.is_file():
-                raise FileNotFoundError(f"no tokenizer for {path}: {tokenizer_path} not found; pass "
-                                        f"tokenizer_path (Llama 3's tiktoken tokenizer.model)")
-            check_inside(tokenizer_path, path)
-        tokenizer = Tokenizer(tokenizer_path)
-        if args.vocab_size != tokenizer.n_words:
-            raise ValueError(f"vocab_size {args.vocab_size} in {config_path} does not match the tokenizer's "
-                             f"{tokenizer.n_words} tokens")
-        device, dtype = resolve_device_dtype(device, dtype)
-        quantizing = quantize in ("int8", "int4")
-        if quantizing and not dtype_given and device.type == "cpu":
-            dtype = torch.bfloat16  # torch's int8/int4 CPU kernels are fast with bf16 inputs, slow with fp32 ones
-        source = files[0] if len(files) == 1 else f"the {len(files)} files in {path}"
+        return args, tokenizer, weights, path, "its metadata", False, device, dtype, tp, plan
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {path}")
+    layout, files = find_checkpoint(path)
+    config_path = check_inside(path / ("params.json" if layout == "meta" else "config.json"), path)
+    params = read_json_object(config_path)
+    try:
         if layout == "hf":
-            shapes, weights = hf_shapes(files), hf_weights(files, args)
+            params = params_from_hf_config(params)
+        args = ModelArgs.from_params(params)
+    except (TypeError, ValueError) as e:  # a missing value, or one of the wrong type
+        raise ValueError(f"{config_path}: {e}") from e
+    args = replace(args, **limits)
+    if ranks is not None:  # a world size that does not split the heads fails here, before anything is read
+        tp = TensorParallel(args, ranks)
+    if tokenizer_path is None:
+        tokenizer_path = path / ("tokenizer.model" if layout == "meta" else "original/tokenizer.model")
+        if not tokenizer_path.is_file():
+            raise FileNotFoundError(f"no tokenizer for {path}: {tokenizer_path} not found; pass "
+                                    f"tokenizer_path (Llama 3's tiktoken tokenizer.model)")
+        check_inside(tokenizer_path, path)
+    tokenizer = Tokenizer(tokenizer_path)
+    if args.vocab_size != tokenizer.n_words:
+        raise ValueError(f"vocab_size {args.vocab_size} in {config_path} does not match the tokenizer's "
+                         f"{tokenizer.n_words} tokens")
+    device, dtype = resolve_device_dtype(device, dtype)
+    source = files[0] if len(files) == 1 else f"the {len(files)} files in {path}"
+    if tp is not None:  # each rank reads its slices: checked against tp's shapes as they are read
+        if layout == "hf":
+            check_weight_shapes(args, hf_shapes(files), source, config_path)
+            weights = hf_weights(files, args, tp)
         else:
-            sd = load_checkpoint(files[0])  # memory-mapped: only the header is read
-            # Meta's params.json does not say: a checkpoint without output.weight is tied
-            args = replace(args, tie_word_embeddings="output.weight" not in sd)
-            if len(files) == 1:
-                shapes, weights = {name: tuple(t.shape) for name, t in sd.items()}, mapped_weights(sd)
-            else:  # merged tensor by tensor (kept in the checkpoint's dtype for the quantizer)
-                del sd
-                shapes, weights = merge_meta_shards(files, args, device, None if quantizing else dtype)
-        # the tensors fit args before anything is built (a plan, a model): e.g. n_layers 1e9 for 2 layers
-        check_weight_shapes(args, shapes, source, config_path)
-        mapped = layout == "hf" or len(files) == 1  # merged shards are copies already
-        plan = quantize_plan(args, quantize, group_size)
-        model = model_from_weights(args, weights, device, dtype, source, config_path, mapped, plan)
-    how = "" if plan is None else \
-        f", {'/'.join(sorted({mode for mode, _ in plan.values()}))} weights ({stored_bytes(model) / 1e6:.1f} MB)"
-    print(f"loaded {path} on {device} in {dtype}{how} in {time.time() - t0:.2f}s", file=sys.stderr)
-    return Llama(model, tokenizer, seed, compile)
+            weights, tied = meta_rank_weights(files, args, tp)
+            if tied:  # Meta's params.json does not say: a checkpoint without output.weight is tied
+                args = replace(args, tie_word_embeddings=True)
+                tp = TensorParallel(args, ranks)
+        return args, tokenizer, weights, source, config_path, True, device, dtype, tp, None
+    quantizing = quantize in ("int8", "int4")
+    if quantizing and not dtype_given and device.type == "cpu":
+        dtype = torch.bfloat16  # torch's int8/int4 CPU kernels are fast with bf16 inputs, slow with fp32 ones
+    if layout == "hf":
+        shapes, weights = hf_shapes(files), hf_weights(files, args)
+    else:
+        sd = load_checkpoint(files[0])  # memory-mapped: only the header is read
+        # Meta's params.json does not say: a checkpoint without output.weight is tied
+        args = replace(args, tie_word_embeddings="output.weight" not in sd)
+        if len(files) == 1:
+            shapes, weights = {name: tuple(t.shape) for name, t in sd.items()}, mapped_weights(sd)
+        else:  # merged tensor by tensor (kept in the checkpoint's dtype for the quantizer)
+            del sd
+            shapes, weights = merge_meta_shards(files, args, device, None if quantizing else dtype)
+    # the tensors fit args before anything is built (a plan, a model): e.g. n_layers 1e9 for 2 layers
+    check_weight_shapes(args, shapes, source, config_path)
+    mapped = layout == "hf" or len(files) == 1  # merged shards are copies already
+    return args, tokenizer, weights, source, config_path, mapped, device, dtype, tp, quantize_plan(args, quantize,
+                                                                                                   group_size)
 
 
 # names kept from earlier versions: Llama.build reads GGUF files too; Tokenizer.from_gguf(metadata) is GGUFTokenizer
@@ -3446,6 +3515,418 @@ def start_server(llama: Llama, **kwargs) -> APIServer:
 
 
 # -----------------------------------------------------------------------------
+# distributed: tensor parallelism on torch.distributed, started by torchrun
+#
+#   torchrun --nproc_per_node 8 llama31.py --ckpt_dir Meta-Llama-3.1-70B-Instruct --chat
+#
+# Megatron-style: each rank holds a slice of every layer and the ranks compute one forward pass together.
+# wq/wk/wv and w1/w3 (stacked, as everywhere in this file) are split by output features, whole heads per
+# rank; wo and w2 by input features, their partial products summed over the ranks by one all-reduce each;
+# the embedding and the output layer by vocabulary (an all-reduce, an all-gather of the logits generation
+# asks for); norms are whole on every rank. Every rank samples the same tokens from the same gathered logits
+# with the same seeded generator: no collective beyond these. The seams in the reference code: the Linear
+# modules, the head counts each Attention reads from itself, and the ModelArgs the KV cache is sized from.
+
+# A rank waits this long in a collective of the model for the others before it fails (a rank that stopped
+# answering; one that died closes its connections, which gloo notices at once). Waits for a person (the chat
+# REPL's next line) and for the slowest rank's loading run on a gloo group of their own, bounded by a week.
+TP_TIMEOUT = timedelta(minutes=10)
+TP_WAIT_TIMEOUT = timedelta(days=7)
+
+
+def launched() -> Tuple[int, int]:
+    """(rank, world size) of this process: its default process group's, else those torchrun sets in the
+    environment (RANK, WORLD_SIZE); (0, 1) in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+class Ranks(NamedTuple):
+    """This process among the ranks of a tensor-parallel model."""
+    rank: int
+    world_size: int
+    device: torch.device  # cuda:LOCAL_RANK, or cpu
+    group: object  # the process group of the model's collectives (NCCL on CUDA, gloo on CPU)
+    control: object  # a gloo group for everything else: errors, chat lines (its waits may be long)
+    owns_group: bool  # the default process group was created here (and is destroyed by TensorParallel.close)
+
+
+def join_ranks(enabled: Optional[bool], device=None) -> Optional[Ranks]:
+    """This process's Ranks when tensor parallelism is asked for (enabled True) or found (None: torchrun
+    started several processes, or a default process group of several ranks exists); the default process
+    group is created from torchrun's environment when there is none yet. None for a single process."""
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"tensor_parallel must be None, True or False, got {enabled!r}")
+    rank, world = launched()
+    if enabled is False or (world == 1 and enabled is None):
+        return None
+    if world == 1:
+        raise ValueError("tensor_parallel=True needs several processes: start the script with torchrun "
+                         "--nproc_per_node N")
+    if not dist.is_available():
+        raise RuntimeError("this PyTorch build has no torch.distributed: tensor parallelism is unavailable")
+    device, _ = resolve_device_dtype(device, None)
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"tensor parallelism runs on CUDA (NCCL) or CPU (gloo) devices, not {device.type}")
+    if device.type == "cuda" and device.index is None:  # one GPU per process on each host
+        local, n = int(os.environ.get("LOCAL_RANK", rank)), torch.cuda.device_count()
+        if local >= n:
+            raise ValueError(f"local rank {local} has no GPU of its own: this host has {n}; start at most {n} "
+                             f"processes per host (--nproc_per_node)")
+        device = torch.device("cuda", local)
+    owns = not dist.is_initialized()
+    if owns:  # torchrun's rendezvous (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TP_TIMEOUT,
+                                **({"device_id": device} if device.type == "cuda" else {}))
+        atexit.register(destroy_process_group)
+    control = dist.new_group(backend="gloo", timeout=TP_WAIT_TIMEOUT)
+    return Ranks(dist.get_rank(), dist.get_world_size(), device, dist.group.WORLD, control, owns)
+
+
+def destroy_process_group() -> None:
+    """Destroy the default process group if there is one. Registered at exit by join_ranks for the group it
+    creates: torch 2.13 may abort ("terminate called without an active exception") or hang when a process
+    exits with a gloo group alive."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# errors that keep their type when another rank reports them (any other becomes a RuntimeError)
+SHARED_ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "FileNotFoundError": FileNotFoundError}
+
+
+@contextlib.contextmanager
+def all_or_none(ranks: Optional[Ranks]):
+    """Run the block on every rank; when it raises on some, it raises on every rank (the failing ranks their
+    own error, the others the same type naming the first failing rank and its message), so that no rank is
+    left waiting in a collective for one that has given up. Errors raised so carry all_ranks=True."""
+    if ranks is None:
+        yield
+        return
+    try:
+        yield
+    except Exception as e:
+        share_outcome(ranks, e)
+        raise
+    share_outcome(ranks, None)
+
+
+def share_outcome(ranks: Ranks, error: Optional[Exception]) -> None:
+    outcomes = [None] * ranks.world_size
+    dist.all_gather_object(outcomes, None if error is None else (type(error).__name__, str(error)),
+                           group=ranks.control)
+    if error is not None:
+        error.all_ranks = True
+        return
+    failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+    if failed:
+        r, (kind, message) = failed[0]
+        more = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
+        error = SHARED_ERRORS.get(kind, RuntimeError)(f"rank {r}: {message}{more}")
+        error.all_ranks = True
+        raise error
+
+
+class TensorParallel:
+    """This rank's slice of a model split over the ranks: which query heads, kv heads, SwiGLU hidden units and
+    vocabulary rows it holds, how to cut them from whole weights (take), its Transformer, and the collectives
+    the slices need. With more ranks than kv heads, each kv head is on world_size / n_kv_heads consecutive
+    ranks, as in Meta's model-parallel checkpoints. ValueError for a world size that does not split the
+    heads, kv heads or hidden units."""
+
+    def __init__(self, args: ModelArgs, ranks: Ranks):
+        w, r = ranks.world_size, ranks.rank
+        if args.n_heads % w:
+            raise ValueError(f"{w} ranks cannot split {args.n_heads} attention heads: run on a number of ranks "
+                             f"that divides {args.n_heads}")
+        if args.n_kv_heads % w and w % args.n_kv_heads:
+            raise ValueError(f"{w} ranks cannot split {args.n_kv_heads} kv heads: the number of ranks must divide "
+                             f"them or be a multiple of them")
+        if args.hidden_dim % w:
+            raise ValueError(f"{w} ranks cannot split the {args.hidden_dim} hidden units of the feed-forward layers")
+        self.args, self.rank, self.world_size, self.device = args, r, w, ranks.device
+        self.group, self.control, self.owns_group = ranks.group, ranks.control, ranks.owns_group
+        self.n_heads, self.hidden = args.n_heads // w, args.hidden_dim // w
+        self.n_kv_heads = max(args.n_kv_heads // w, 1)
+        self.kv_head = r * self.n_kv_heads if w <= args.n_kv_heads else r // (w // args.n_kv_heads)  # its first
+        self.vocab_rows = -(-args.vocab_size // w)  # rows per rank; the last rank's rows past the vocabulary are 0
+        self.vocab_start = r * self.vocab_rows
+        # the rank's model as the KV cache and the state-dict hooks read it: its heads, kv heads and hidden
+        # units (dim: the width of its heads, so that head_dim is unchanged); the vocabulary is the whole one
+        self.local_args = replace(args, dim=self.n_heads * args.head_dim, n_heads=self.n_heads,
+                                  n_kv_heads=self.n_kv_heads, ffn_hidden_dim=self.hidden)
+        with torch.device("meta"):  # the whole model's weights, by Meta's names
+            self.shapes = {name: tuple(t.shape) for name, t in Transformer(args).state_dict().items()}
+        self.comm_seconds: Optional[float] = None  # bench: time spent in the collectives, when not None
+
+    def span(self, name: str) -> Optional[Tuple[int, int, int]]:
+        """(dim, start, stop): the rows (dim 0) or columns (dim 1) of the whole weight `name` (Meta's name)
+        that this rank holds; None for a weight every rank holds whole (the norms)."""
+        rest = name.split(".", 2)[2] if name.startswith("layers.") else name
+        hd, r = self.args.head_dim, self.rank
+        start, n = {"attention.wq.weight": (r * self.n_heads * hd, self.n_heads * hd),
+                    "attention.wk.weight": (self.kv_head * hd, self.n_kv_heads * hd),
+                    "attention.wv.weight": (self.kv_head * hd, self.n_kv_heads * hd),
+                    "attention.wo.weight": (r * self.n_heads * hd, self.n_heads * hd),
+                    "feed_forward.w1.weight": (r * self.hidden, self.hidden),
+                    "feed_forward.w2.weight": (r * self.hidden, self.hidden),
+                    "feed_forward.w3.weight": (r * self.hidden, self.hidden),
+                    "tok_embeddings.weight": (self.vocab_start, self.vocab_rows),
+                    "output.weight": (self.vocab_start, self.vocab_rows)}.get(rest, (None, None))
+        if start is None:
+            return None
+        stop = min(start + n, self.args.vocab_size) if rest in WEIGHT_NAMES else start + n
+        return shard_dim(name), min(start, stop), stop
+
+    def take(self, name: str, shape, read, source) -> torch.Tensor:
+        """This rank's slice of the whole weight `name` of the given shape, read as read(index) (a tensor's
+        __getitem__, or safetensors' get_slice(...).__getitem__ so that only the slice is read); vocabulary
+        slices are padded with zero rows to vocab_rows. RuntimeError naming source for a wrong shape."""
+        expected = self.shapes.get(name)
+        if expected is not None and tuple(shape) != expected:
+            raise RuntimeError(f"{source}: {name} is {tuple(shape)}, expected {expected}")
+        span = self.span(name)
+        if span is None:
+            return read((slice(None),))
+        dim, start, stop = span
+        t = read((slice(start, stop),) if dim == 0 else (slice(None), slice(start, stop)))
+        return self.pad(name, t)
+
+    def pad(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if name in ("tok_embeddings.weight", "output.weight") and t.shape[0] < self.vocab_rows:
+            t = torch.cat([t, t.new_zeros(self.vocab_rows - t.shape[0], *t.shape[1:])])
+        return t
+
+    def slices(self, weights: Iterable[Tuple[str, torch.Tensor]], source) -> Iterator[Tuple[str, torch.Tensor]]:
+        """This rank's slices of whole (Meta name, tensor) pairs."""
+        for name, t in weights:
+            yield name, self.take(name, t.shape, t.__getitem__, source)
+
+    def transformer(self) -> Transformer:
+        """This rank's Transformer on the meta device (no memory): the reference modules, with the rank's head
+        counts, smaller stacked wqkv/w13, and the parallel modules for wo, w2, the embedding and the output."""
+        a = self.args
+        with torch.device("meta"):
+            model = Transformer(a)
+            for layer in model.layers:
+                attn, ff = layer.attention, layer.feed_forward
+                attn.n_heads, attn.n_kv_heads = self.n_heads, self.n_kv_heads
+                attn.wqkv = Linear(a.dim, (self.n_heads + 2 * self.n_kv_heads) * a.head_dim)
+                attn.wo = RowParallelLinear(self.n_heads * a.head_dim, a.dim, self)
+                ff.w13 = Linear(a.dim, 2 * self.hidden)
+                ff.w2 = RowParallelLinear(self.hidden, a.dim, self)
+            model.tok_embeddings = VocabParallelEmbedding(self.vocab_rows, a.dim, self)
+            if model.output is not None:
+                model.output = VocabParallelLinear(a.dim, self.vocab_rows, self)
+        model.params = self.local_args  # KVCache(model.params, ...) holds this rank's kv heads
+        model.tp = self
+        return model
+
+    def model_from_weights(self, weights, dtype, source, settings) -> Transformer:
+        """This rank's Transformer holding its slices (weights: (Meta name, slice) pairs), in eval mode."""
+        model = model_from_weights(self.args, weights, self.device, dtype, source, settings, mapped=True,
+                                   model=self.transformer())
+        self.tie(model)
+        return model
+
+    def tie(self, model: Transformer) -> None:
+        """A tied model's logits come from the embedding's rows, gathered as an output layer's would be."""
+        if self.args.tie_word_embeddings:
+            with torch.device("meta"):
+                model.output = VocabParallelLinear(self.args.dim, self.vocab_rows, self)
+            model.output.weight = model.tok_embeddings.weight
+
+    def _collective(self, op, *tensors):
+        if torch.is_grad_enabled() and tensors[-1].requires_grad:  # the collectives here have no backward
+            raise RuntimeError("a tensor-parallel model runs inference only: no gradients flow through its "
+                               "collectives (use torch.no_grad or torch.inference_mode)")
+        if self.comm_seconds is None:
+            op(*tensors, group=self.group)
+            return
+        _sync(self.device)  # timed alone: the work queued before it is not counted
+        t0 = time.perf_counter()
+        op(*tensors, group=self.group)
+        _sync(self.device)
+        self.comm_seconds += time.perf_counter() - t0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over the ranks, in place."""
+        self._collective(dist.all_reduce, x)
+        return x
+
+    def gather_vocab(self, y: torch.Tensor) -> torch.Tensor:
+        """The logits (..., vocab_size) from every rank's (..., vocab_rows)."""
+        lead = y.shape[:-1]
+        y = y.reshape(-1, self.vocab_rows)  # (n, vocab_rows)
+        out = y.new_empty(self.world_size * y.shape[0], self.vocab_rows)  # (world_size * n, vocab_rows) by rank
+        self._collective(ALL_GATHER, out, y.contiguous())
+        out = out.view(self.world_size, -1, self.vocab_rows).transpose(0, 1)  # (n, world_size, vocab_rows)
+        return out.reshape(*lead, -1)[..., : self.args.vocab_size]  # (..., vocab_size)
+
+    def check_same_tokens(self, tokens: torch.Tensor) -> None:
+        """ValueError on every rank unless every rank got the same tokens: the ranks compute one forward pass
+        together, so different prompts (a script that reads or draws them on each rank) would mix silently."""
+        flat = tokens.flatten()
+        weights = torch.arange(flat.numel(), device=flat.device) % 65521 + 1  # a checksum that sees positions
+        mine = torch.stack([flat.new_tensor(tokens.shape[0]), flat.new_tensor(tokens.shape[-1]), flat.sum(),
+                            (flat * weights).sum()])  # (4,) int64: shape and checksums
+        every = mine.new_empty(self.world_size * 4)
+        ALL_GATHER(every, mine, group=self.group)
+        every = every.view(self.world_size, 4).tolist()
+        differ = [r for r in range(self.world_size) if every[r] != every[0]]
+        if differ:
+            raise ValueError(f"ranks {differ} were given other tokens than rank 0: every rank of a tensor-parallel "
+                             f"model must generate from the same prompts")
+
+    def close(self) -> None:
+        """Destroy the default process group if loading created it (the model cannot run after this)."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# torch 2.13 deprecates all_gather_into_tensor for all_gather_single (same semantics; older torch lacks it)
+ALL_GATHER = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+
+
+class RowParallelLinear(Linear):
+    """wo or w2 over this rank's slice of their input features: the partial products are summed over the ranks."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel):
+        super().__init__(in_features, out_features)
+        self.tp = tp
+
+    def forward(self, x):
+        return self.tp.all_reduce(linear(x, self.weight))
+
+
+class VocabParallelLinear(Linear):
+    """The output layer over this rank's vocabulary rows; the logits of every rank are gathered, so each rank
+    gets all of them (..., vocab_size)."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel):
+        super().__init__(in_features, out_features)
+        self.tp = tp
+
+    def forward(self, x):
+        return self.tp.gather_vocab(linear(x, self.weight))
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """The embedding rows of this rank's vocabulary range: each rank looks up the tokens in its range, zeros
+    for the others, and an all-reduce sums them, which is exact (one term is the row, the others are 0)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp: TensorParallel):
+        super().__init__(num_embeddings, embedding_dim)
+        self.tp = tp
+
+    def forward(self, tokens):
+        if tokens.shape[-1] > 1:  # a prompt (a decode step's tokens come from logits that every rank shares)
+            self.tp.check_same_tokens(tokens)
+        local = tokens - self.tp.vocab_start
+        outside = (local < 0) | (local >= self.num_embeddings)  # (bsz, seqlen)
+        h = F.embedding(local.masked_fill(outside, 0), self.weight)  # (bsz, seqlen, dim)
+        return self.tp.all_reduce(h.masked_fill(outside[..., None], 0))
+
+
+def meta_rank_weights(paths: List[Path], args: ModelArgs, tp: TensorParallel):
+    """(this rank's slices of the weights of Meta's model-parallel shards consolidated.00 .. NN.pth as (Meta
+    name, tensor) pairs, whether the checkpoint is tied: has no output.weight). Only the shards that hold the
+    rank's slices are memory-mapped, now (a broken file fails before any rank copies weights), and only the
+    slices' pages are read: with as many shards as ranks, rank r reads shard r as it is; with fewer ranks, a
+    group of consecutive shards, concatenated; with more, part of one shard. With more shards than kv heads
+    (each kv head repeated in consecutive shards), a kv head is read from the first shard holding it."""
+    n, n_kv, hd = len(paths), args.n_kv_heads, args.head_dim
+    if n % n_kv and n_kv % n:
+        raise ValueError(f"{n} shards cannot split {n_kv} kv heads (neither number divides the other)")
+    kv_copies = max(n // n_kv, 1)
+
+    def pieces(name: str) -> List[Tuple[int, tuple]]:
+        """[(shard, index into that shard's tensor)] of this rank's slice of `name`, in order."""
+        span = tp.span(name)
+        if span is None:
+            return [(home, (slice(None),))]
+        dim, start, stop = span
+        if name.endswith(("attention.wk.weight", "attention.wv.weight")) and kv_copies > 1:
+            # kv head h is in shards h * kv_copies ..; one of them also holds this rank's query heads
+            return [(next(s for s in q_shards if s // kv_copies == h), (slice(None),))
+                    for h in range(start // hd, stop // hd)]
+        size = tp.shapes[name][dim] // n  # of the weight in each shard
+        out = []
+        for s in range(start // size, -(-stop // size)):
+            lo, hi = max(start, s * size) - s * size, min(stop, (s + 1) * size) - s * size
+            out.append((s, (slice(lo, hi),) if dim == 0 else (slice(None), slice(lo, hi))))
+        return out
+
+    q_shards = [s for s, _ in pieces("layers.0.attention.wq.weight")]  # the shards of this rank's query heads
+    home = q_shards[0]  # whole weights (norms) are read from here
+    needed = sorted({s for name in tp.shapes for s, _ in pieces(name)})
+    if tp.rank == 0:
+        print(f"rank 0 of {tp.world_size} reads {', '.join(paths[s].name for s in needed)}", file=sys.stderr)
+    shards = {s: load_checkpoint(paths[s]) for s in needed}
+    for s, sd in shards.items():
+        if sd.keys() != shards[home].keys():
+            missing, extra = sorted(shards[home].keys() - sd.keys()), sorted(sd.keys() - shards[home].keys())
+            raise ValueError(f"{paths[s]} holds other tensors than {paths[home].name}: missing {missing[:3]}, "
+                             f"extra {extra[:3]}")
+        for name, t in sd.items():
+            try:
+                dim = shard_dim(name)
+            except KeyError:
+                raise ValueError(f"{name} {tuple(t.shape)} in {paths[s]} is no Llama 3 weight") from None
+            if name not in tp.shapes:
+                continue  # not this model's: model_from_weights names it
+            expected = list(tp.shapes[name])
+            if name.endswith(("attention.wk.weight", "attention.wv.weight")) and kv_copies > 1:
+                expected[0] = hd
+            elif dim is not None:
+                expected[dim] //= n
+            if list(t.shape) != expected:
+                raise ValueError(f"{name} is {tuple(t.shape)} in {paths[s]}; {n} shards of {tp.shapes[name]} "
+                                 f"give {tuple(expected)} each")
+
+    def weights():
+        for name in list(shards[home]):
+            if name not in tp.shapes:  # not this model's weight: model_from_weights names it
+                yield name, shards[home][name]
+                continue
+            parts = pieces(name)
+            ts = [shards[s][name][index] for s, index in parts]
+            yield name, tp.pad(name, ts[0] if len(ts) == 1 else torch.cat(ts, dim=shard_dim(name)))
+            ts = None
+            for s, _ in parts:
+                release_pages(shards[s][name])  # copied: its pages can go
+        shards.clear()
+
+    return weights(), "output.weight" not in shards[home]
+
+
+class SharedLines:
+    """Standard input for chat_repl under tensor parallelism: rank 0 reads each line (with a "> " prompt on a
+    terminal) and sends it to the other ranks, so that every rank runs the same turns."""
+
+    def __init__(self, tp: TensorParallel, inp=None):
+        self.tp, self.inp = tp, sys.stdin if inp is None else inp
+        self.tty = tp.rank == 0 and self.inp.isatty()
+        if self.tty:
+            print("chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+
+    def isatty(self) -> bool:
+        return False  # every rank takes chat_repl's readline path
+
+    def readline(self) -> str:
+        line = [None]
+        if self.tp.rank == 0:
+            try:
+                line[0] = input("> ") + "\n" if self.tty else self.inp.readline()
+            except EOFError:
+                line[0] = ""
+        dist.broadcast_object_list(line, src=0, group=self.tp.control)
+        return line[0]
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 DEFAULT_PROMPTS = [
@@ -3624,6 +4105,9 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
             Not given: a GGUF file keeps its own quantization (Q4_0/Q4_1/Q4_K as int4, other types as int8),
             other checkpoints load in full precision
         group_size: int4 group size, 32, 64 or 128 (a GGUF file's Q4 blocks keep their 32)
+
+    Started by torchrun with several processes, the model is split over them (tensor parallelism, each rank
+    reading its slice of the checkpoint); rank 0 reads the chat's input and prints.
     """
     if prompts is None:
         prompts = DEFAULT_PROMPTS
@@ -3655,15 +4139,21 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         device=device, dtype=dtype, seed=seed, compile=compile, quantize=quantize,
                         group_size=group_size)
-    llama._check_sampling(temperature, top_p, max_gen_len, None, **controls)  # logit_bias's ids: before any prompt
-    rng = torch.Generator(device=llama.device).manual_seed(seed)
-    if chat:
-        chat_repl(llama, system, rng, temperature, top_p, min(max_gen_len, max_seq_len - 1), stop=stop, **controls)
-        return
-    for i in range(0, len(prompts), max_batch_size):
-        batch = list(prompts[i : i + max_batch_size])
-        print_completions(batch, llama.text_completion_stream(batch, rng, temperature, top_p, max_gen_len,
-                                                              stop=stop, **controls))
+    tp = getattr(llama.model, "tp", None)  # tensor parallel: every rank generates, rank 0 prints
+    with contextlib.ExitStack() as stack:
+        out = sys.stdout if tp is None or tp.rank == 0 else stack.enter_context(open(os.devnull, "w"))
+        if tp is not None:
+            stack.callback(tp.close)
+        llama._check_sampling(temperature, top_p, max_gen_len, None, **controls)  # logit_bias's ids, before a prompt
+        rng = torch.Generator(device=llama.device).manual_seed(seed)
+        if chat:
+            chat_repl(llama, system, rng, temperature, top_p, min(max_gen_len, max_seq_len - 1),
+                      inp=None if tp is None else SharedLines(tp), out=out, stop=stop, **controls)
+            return
+        for i in range(0, len(prompts), max_batch_size):
+            batch = list(prompts[i : i + max_batch_size])
+            print_completions(batch, llama.text_completion_stream(batch, rng, temperature, top_p, max_gen_len,
+                                                                  stop=stop, **controls), out)
 
 
 def serve(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, host: str = "127.0.0.1",
@@ -3826,10 +4316,11 @@ GPU_BANDWIDTH = {"H200": 4800, "H100 SXM": 3350, "H100 PCIe": 2000, "H100": 3350
                  "T4": 320, "V100": 900}
 
 
-def random_model(args: ModelArgs, device, dtype, seed: int = 0) -> Transformer:
-    """A Transformer with random weights (normal, std 0.02; norms 1) built straight on device in dtype."""
+def random_model(args: ModelArgs, device, dtype, seed: int = 0, tp: Optional[TensorParallel] = None) -> Transformer:
+    """A Transformer with random weights (normal, std 0.02; norms 1) built straight on device in dtype; with
+    tp, this rank's slice of one."""
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args) if tp is None else tp.transformer()
     model = model.to(dtype).to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -3839,7 +4330,22 @@ def random_model(args: ModelArgs, device, dtype, seed: int = 0) -> Transformer:
             else:
                 w.normal_(0.0, 0.02, generator=g)
     model.init_rope(device)
+    if tp is not None:
+        tp.tie(model)
     return model.eval().requires_grad_(False)
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes. On Linux from VmHWM: ru_maxrss carries over the parent's
+    RSS at fork (a rank that torchrun, or a test, started would report its parent's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _sync(device):
@@ -3949,6 +4455,8 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
     check_quantize(quantize, group_size)
     if llamacpp and (ckpt_dir is None or Path(ckpt_dir).suffix != ".gguf"):
         raise ValueError("--llamacpp times llama.cpp on the same file: pass --ckpt_dir model.gguf")
+    if hf and launched()[1] > 1:
+        raise ValueError("bench --hf compares one process with Hugging Face transformers: run it without torchrun")
     if ckpt_dir is not None:
         llama = Llama.build(ckpt_dir, max_seq_len=prompt_len + gen_len, max_batch_size=max(batch, 1),
                             device=device, dtype=dtype, compile=compile, quantize=quantize, group_size=group_size)
@@ -3961,12 +4469,18 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
         dev, dt = resolve_device_dtype(device, "bfloat16" if quantizing and dtype is None and
                                        resolve_device_dtype(device)[0].type == "cpu" else dtype)
         args = ModelArgs(**BENCH_SHAPES[shape], max_seq_len=prompt_len + gen_len, max_batch_size=max(batch, 1))
-        model = random_model(args, dev, dt, seed)
+        ranks = join_ranks(None, dev)
+        tp = None if ranks is None else TensorParallel(args, ranks)
+        if tp is not None and quantizing:
+            raise ValueError("quantized weights do not run under tensor parallelism yet: drop --quantize")
+        model = random_model(args, dev if tp is None else tp.device, dt, seed, tp)
         if quantizing:
             model = quantize_model(model, quantize, group_size)
         llama = Llama(model, None, compile=compile)
         label = f"random {shape}"
     model, dev = llama.model, llama.device
+    tp = getattr(model, "tp", None)
+    loaded_peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else peak_rss()
     dt = model.norm.weight.dtype
     p = model.params
     if prompt_len < 1 or gen_len < 2 or batch < 1 or repeats < 1:
@@ -3982,7 +4496,8 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
     bw_measured = measure_bandwidth(dev)
     roofline = next((v for k, v in GPU_BANDWIDTH.items() if dev.type == "cuda" and k in torch.cuda.get_device_name(dev)),
                     bw_measured)
-    print(f"{label}: {n_params / 1e6:.1f}M parameters, {weights} ({held / 1e6:.1f} MB held), {dev}, "
+    split = "" if tp is None else f", split over {tp.world_size} ranks ({dist.get_backend(tp.group)}; per rank:)"
+    print(f"{label}: {n_params / 1e6:.1f}M parameters{split}, {weights} ({held / 1e6:.1f} MB held), {dev}, "
           f"{torch.get_num_threads()} threads; roofline {roofline:.1f} GB/s "
           f"({'nominal' if roofline != bw_measured else 'measured'}), measured read bandwidth {bw_measured:.1f} GB/s")
     g = torch.Generator().manual_seed(seed)
@@ -4062,6 +4577,7 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
                 if r > 0:
                     times[ragged].append(ttft + (gen_len - 1) * step)
         ragged_ratio = sorted(times[True])[repeats // 2] / sorted(times[False])[repeats // 2]
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else peak_rss()
     print(f"weights read per decode step {weight_bytes / 1e6:.1f} MB (as stored); {peak_memory(dev)}; prompt "
           f"{prompt_len}, generate {gen_len}, median of {repeats}")
     print(f"{'impl':9} {'batch':>5} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode tok/s':>12} {'GB/s':>7} "
@@ -4079,6 +4595,38 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
               f"{prompt_len}: total time {ragged_ratio:.2f}x")
     if llm is not None:
         llm.close()
+
+    if tp is not None:
+        bench_communication(llama, tp, p, prompt_len, gen_len, repeats, g, (loaded_peak, peak), rows)
+
+
+def bench_communication(llama: Llama, tp: TensorParallel, p: ModelArgs, prompt_len: int, gen_len: int, repeats: int,
+                        g: torch.Generator, peaks: tuple, rows: list) -> None:
+    """Under tensor parallelism: the decode time per token at batch 1, the share of an eager decode step spent
+    in the collectives (each one timed alone, so the step is a little slower than untimed), every rank's
+    peak memory after loading and over the whole run (peaks: this rank's); then the process group is closed."""
+    compiled, llama.compiled_decode = llama.compiled_decode, None  # the compiled step's collectives are not timed
+    shares = []
+    for r in range(repeats + 1):
+        prompts = torch.randint(0, p.vocab_size, (1, prompt_len), generator=g).tolist()
+        steps = llama._generate(prompts, None, gen_len, 0.0, 1.0, False)
+        next(steps)
+        next(steps)
+        tp.comm_seconds = 0.0
+        t0 = time.perf_counter()
+        assert sum(1 for _ in steps) == gen_len - 1
+        if r > 0:
+            shares.append(tp.comm_seconds / (time.perf_counter() - t0))
+    tp.comm_seconds, llama.compiled_decode = None, compiled
+    every = [None] * tp.world_size
+    dist.all_gather_object(every, peaks, group=tp.control)
+    step_ms, share = 1e3 / next(r[4] for r in rows if r[1] == 1), sorted(shares)[repeats // 2]
+    print(f"tensor parallel over {tp.world_size} ranks ({dist.get_backend(tp.group)}): decode {step_ms:.2f} ms per "
+          f"token at batch 1; collectives ({2 * p.n_layers + 2} per step) take {100 * share:.1f}% "
+          f"of an eager decode step; peak memory per rank after loading "
+          f"{', '.join(f'{m[0] / 1e9:.2f}' for m in every)} GB, over the run (with the bandwidth probe) "
+          f"{', '.join(f'{m[1] / 1e9:.2f}' for m in every)} GB")
+    tp.close()
 
 
 def save_gguf(model: Transformer, path, qtype: str = "F16", like=None) -> Path:
@@ -4380,33 +4928,44 @@ def command_help(command: str, width: int = 100) -> str:
 def cli(argv=None):
     """The command line. Bad arguments or input end with one line on stderr (llama31: error: ...) and exit
     status 1, before anything loads where the arguments are at fault; Ctrl-C ends with one line and status
-    130; output piped into a reader that stops early (| head) ends quietly, with status 141 as SIGPIPE would."""
+    130; output piped into a reader that stops early (| head) ends quietly, with status 141 as SIGPIPE would.
+    Under torchrun only rank 0 prints: the other ranks' output is dropped, and they report only errors of their
+    own (bad input is the same on every rank, and errors shared by all_or_none reach rank 0)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        command = argv[0] if argv[:1] and argv[0] in COMMANDS else next(iter(COMMANDS))
-        args = argv[1:] if argv[:1] == [command] else argv
-        if args[:1] and not args[0].startswith("-"):
-            guess = difflib.get_close_matches(args[0], COMMANDS, n=1)
-            raise ValueError(f"unknown command {args[0]!r}" + (f"; did you mean {guess[0]}?" if guess else "") +
-                             f" (commands: {', '.join(COMMANDS)}; flags are given as --name value)")
-        kwargs = parse_flags(command, args)
-        if kwargs is None:
-            print(command_help(command))
-        else:
-            COMMANDS[command](**kwargs)
-    except KeyboardInterrupt:
-        print("llama31: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except BrokenPipeError:
-        # the reader closed the pipe: nothing more can be shown. Python flushes stdout again at exit, which
-        # would raise again: point it at /dev/null first (the recipe of Python's signal module docs)
-        if sys.stdout is not None:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
-    except (ValueError, TypeError, OSError, RuntimeError) as e:
-        print(f"llama31: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-        sys.exit(1)
-
+    rank, stderr = launched()[0], sys.stderr
+    with contextlib.ExitStack() as quiet:
+        if rank != 0:
+            devnull = quiet.enter_context(open(os.devnull, "w"))
+            quiet.enter_context(contextlib.redirect_stdout(devnull))
+            quiet.enter_context(contextlib.redirect_stderr(devnull))
+        try:
+            command = argv[0] if argv[:1] and argv[0] in COMMANDS else next(iter(COMMANDS))
+            args = argv[1:] if argv[:1] == [command] else argv
+            if args[:1] and not args[0].startswith("-"):
+                guess = difflib.get_close_matches(args[0], COMMANDS, n=1)
+                raise ValueError(f"unknown command {args[0]!r}" + (f"; did you mean {guess[0]}?" if guess else "") +
+                                 f" (commands: {', '.join(COMMANDS)}; flags are given as --name value)")
+            kwargs = parse_flags(command, args)
+            if kwargs is None:
+                print(command_help(command))
+            else:
+                COMMANDS[command](**kwargs)
+        except KeyboardInterrupt:
+            print("llama31: interrupted", file=stderr)
+            sys.exit(130)
+        except BrokenPipeError:
+            # the reader closed the pipe: nothing more can be shown. Python flushes stdout again at exit, which
+            # would raise again: point it at /dev/null first (the recipe of Python's signal module docs)
+            if sys.stdout is not None:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
+        except (ValueError, TypeError, OSError, RuntimeError) as e:
+            message = " ".join(str(e).split()) or type(e).__name__
+            if rank == 0:
+                print(f"llama31: error: {message}", file=stderr)
+            elif not (getattr(e, "all_ranks", False) or isinstance(e, (ValueError, TypeError, FileNotFoundError))):
+                print(f"llama31: error on rank {rank}: {message}", file=stderr)
+            sys.exit(1)
 
 if __name__ == "__main__":
     cli()

@@ -20,10 +20,12 @@ import os
 import pickle
 import queue
 import platform
+import re
 import subprocess
 import sys
 import time
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -3501,6 +3503,395 @@ def test_smollm2_quantized_as_its_file(smollm2):
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8  # the dequantized file's top-1, mostly
 
 
+# -----------------------------------------------------------------------------
+# tensor parallelism: ranks spawned on the loopback interface (gloo), as torchrun would start them. The ranks
+# save their generations; the test compares them with the same model loaded whole in this process. Each
+# spawned job groups many checks (starting processes is what costs); the rank-side code is the tp_* functions.
+
+
+def loopback_env(rank: int, world: int, port: int) -> dict:
+    """The environment torchrun gives a rank, on 127.0.0.1 only (gloo binds the loopback interface)."""
+    import socket
+
+    interface = "lo" if "lo" in {name for _, name in socket.if_nameindex()} else "lo0"
+    return dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME=interface, OMP_NUM_THREADS="1")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(cmd: list, env: dict, stdin: str, folder: Path, name: str):
+    """Start cmd with stdin (None: no input at all) and its output in files (a full pipe would block it)."""
+    out, err = open(folder / f"{name}.out", "w+"), open(folder / f"{name}.err", "w+")
+    p = subprocess.Popen(cmd, cwd=HERE, env=env, stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+                         stdout=out, stderr=err, text=True)
+    if stdin is not None:
+        p.stdin.write(stdin)
+        p.stdin.close()
+    return p, out, err
+
+
+def wait_all(procs: list, timeout: float) -> list:
+    """[(returncode, stdout, stderr)] of spawned processes; all are killed (and the test fails) if any is still
+    running after timeout seconds: a hang must not outlive the test."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        for p, _, _ in procs:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"spawned processes still running after {timeout}s: " +
+                    " | ".join(open(err.name).read()[-2000:] for _, _, err in procs))
+    finally:
+        for p, _, _ in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    results = []
+    for p, out, err in procs:
+        out.seek(0)
+        err.seek(0)
+        results.append((p.returncode, out.read(), err.read()))
+        out.close()
+        err.close()
+    return results
+
+
+def spawn_ranks(world: int, call: str, folder: Path, stdin: str = "", timeout: float = 300) -> list:
+    """Run `call` (Python, with `import test_llama31 as t` done) in `world` processes numbered as torchrun numbers
+    them; rank 0 reads stdin, the others get no input. [(returncode, stdout, stderr)] by rank."""
+    port = free_port()
+    procs = [spawn([sys.executable, "-c", f"import test_llama31 as t; {call}"], loopback_env(r, world, port),
+                   stdin if r == 0 else None, folder, f"rank{r}") for r in range(world)]
+    return wait_all(procs, timeout)
+
+
+RAGGED = [[128000, 9906, 1070, 374, 264], [128000, 791], [128000, 40, 1093, 11, 1684, 311]]
+DIALOG = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+
+
+def tp_build(folder, tokenizer_path=None, **kw):
+    return llama31.Llama.build(folder, tokenizer_path, **dict(dict(max_seq_len=64, device="cpu", dtype=torch.float32),
+                                                              **kw))
+
+
+def generations(llama, text: bool = True) -> dict:
+    """What the tensor-parallel tests compare with the whole model: logits of TOKENS[:, :8]; a ragged batch
+    greedy and sampled with a seed, with logprobs and echo; a sampled stream; a sampled chat reply. Sampling at
+    temperature 0.5: at 0.9 these random models' distributions are nearly flat over 128256 tokens (top
+    probability ~3e-4), where the ~1e-6 rounding difference of the all-reduce reorders near-equal probabilities
+    and nucleus sampling may pick a neighbour; at 0.5 the draws are still far from greedy."""
+    out = {"logits": llama.model.forward_inference(TOKENS[:, :8])}
+    for name, kw in (("greedy", dict(temperature=0)), ("sampled", dict(temperature=0.5, top_p=0.9))):
+        out[name] = llama.generate(RAGGED, torch.Generator().manual_seed(3), max_gen_len=8, echo=True, logprobs=True,
+                                   **kw)
+    if text:
+        out["stream"] = list(llama.text_completion_stream(["Hello there", "The sky"], torch.Generator().manual_seed(4),
+                                                          temperature=0.5, max_gen_len=6))
+        out["chat"] = llama.chat_completion([DIALOG], torch.Generator().manual_seed(5), temperature=0.5, max_gen_len=6)
+    return out
+
+
+def same_generations(got: dict, expected: dict) -> float:
+    """Check a rank's generations equal the whole model's: logits within 1e-5, the same tokens, logprobs within
+    1e-5, the same text; returns the max |logit diff|."""
+    assert got.keys() == expected.keys()
+    diff = (got["logits"] - expected["logits"]).abs().max().item()
+    assert diff <= 1e-5, diff
+    for name in ("greedy", "sampled"):
+        (tokens, lps), (ref_tokens, ref_lps) = got[name], expected[name]
+        assert tokens == ref_tokens, name
+        assert all(x is y is None or abs(x - y) <= 1e-5 for a, b in zip(lps, ref_lps) for x, y in zip(a, b)), name
+    assert got["greedy"][0] != got["sampled"][0]  # the sampled tokens are not the greedy ones
+    assert all(got[k] == expected[k] for k in ("stream", "chat") if k in expected)
+    return diff
+
+
+def tp_count_reads(build):
+    """(result of build(), names of the checkpoint files opened, bytes of each (Meta name, tensor) loaded)."""
+    opened, loaded = [], {}
+    load_checkpoint, model_from_weights = llama31.load_checkpoint, llama31.model_from_weights
+
+    def counting_load(path):
+        opened.append(Path(path).name)
+        return load_checkpoint(path)
+
+    def counting_funnel(args, weights, *more, **options):
+        def counted():
+            for name, t in weights:
+                loaded[name] = t.numel() * t.element_size()
+                yield name, t
+        return model_from_weights(args, counted(), *more, **options)
+
+    llama31.load_checkpoint, llama31.model_from_weights = counting_load, counting_funnel
+    try:
+        return build(), opened, loaded
+    finally:
+        llama31.load_checkpoint, llama31.model_from_weights = load_checkpoint, model_from_weights
+
+
+def tp_check_slices(llama, sd: dict) -> None:
+    """Every weight of a rank's model is exactly its slice of the whole weights sd (Meta's names)."""
+    tp = llama.model.tp
+    for name, t in llama.model.state_dict().items():
+        if name in sd:
+            assert torch.equal(t, tp.take(name, sd[name].shape, sd[name].__getitem__, "sd").to(t.dtype)), name
+
+
+def tp_check_loaded_bytes(loaded: dict, sd: dict, world: int) -> None:
+    """A rank loaded 1/world of each split weight of sd (of wk/wv, one kv head's share when the kv heads are fewer
+    than the ranks), and the whole of the others (the norms)."""
+    assert loaded.keys() == sd.keys()
+    n_kv = GQA["n_kv_heads"]
+    for name, nbytes in loaded.items():
+        kv = name.endswith(("attention.wk.weight", "attention.wv.weight"))
+        parts = 1 if llama31.shard_dim(name) is None else min(world, n_kv) if kv else world
+        assert nbytes * parts == sd[name].numel() * sd[name].element_size(), name
+
+
+def tp_in_rank_cli(*argv):
+    """(exit status, stdout, stderr) of llama31.cli(argv) in this rank."""
+    import contextlib
+    import io
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            llama31.cli(list(argv))
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def tp_two_ranks(folders: dict, chat_transcript: str, results: str) -> None:
+    """Rank side of test_tensor_parallel_two_ranks; generations saved to results (rank{r}.pt in that folder)."""
+    f = {k: Path(v) for k, v in folders.items()}
+    out = {}
+    # GQA with Llama 3.1 RoPE scaling in 2 Meta shards: rank r reads consolidated.0r.pth as it is, half of the
+    # split weights (every other layout of shards and ranks: test_tensor_parallel_reads_its_slice_of_meta_shards)
+    gqa, opened, loaded = tp_count_reads(lambda: tp_build(f["gqa2"]))
+    out["peak_rss"] = llama31.peak_rss()  # Python, torch and its slice
+    rank = gqa.model.tp.rank
+    assert opened == [f"consolidated.{rank:02d}.pth"]
+    sd = random_state_dict(GQA, 2)
+    tp_check_loaded_bytes(loaded, sd, 2)
+    tp_check_slices(gqa, sd)
+    out["gqa"] = generations(gqa)
+    # MHA in one file: each rank reads its slice of it
+    mha = tp_build(f["mha"])
+    assert mha.model.tp.world_size == 2 and mha.model.layers[0].attention.n_heads == 2
+    out["mha"] = generations(mha, text=False)
+    # Hugging Face shards read with get_slice (tied embeddings, intermediate_size off Meta's formula, factor 32)
+    hf = tp_build(f["hf"], TOKENIZER_PATH)
+    assert hf.model.output.weight is hf.model.tok_embeddings.weight  # tied: the rank's vocabulary rows
+    out["hf"] = generations(hf, text=False)
+    if "gguf" in f:  # each rank dequantizes whole tensors and keeps its slice
+        out["gguf"] = generations(tp_build(f["gguf"], TOKENIZER_PATH), text=False)
+    # a vocabulary that 2 ranks do not split evenly (the last rank's rows padded), tied, built from a state dict
+    params = dict(MHA, vocab_size=1001, tie_word_embeddings=True)
+    args, sd = llama31.ModelArgs.from_params(params, max_seq_len=64), random_state_dict(params, 4)
+    whole = llama31.Llama(llama31.model_from_weights(args, sd.items(), "cpu", torch.float32, "sd", "params"), None)
+    t = gqa.model.tp
+    part = llama31.TensorParallel(args, llama31.Ranks(t.rank, t.world_size, t.device, t.group, t.control, False))
+    assert (part.vocab_rows, part.vocab_start) == (501, 501 * rank)
+    split = llama31.Llama(part.model_from_weights(part.slices(sd.items(), "sd"), torch.float32, "sd", "params"), None)
+    tokens = torch.tensor([[0, 1000, 500, 501, 7, 999]])
+    assert max_logit_diff(split.model, whole.model, tokens) <= 1e-5
+    prompts = [[0, 1000, 500], [501]]
+    assert split.generate(prompts, max_gen_len=6, temperature=0) == whole.generate(prompts, max_gen_len=6,
+                                                                                    temperature=0)
+    # a rank raising while loading: every rank raises, rank 0 naming rank 1 and its error
+    load_checkpoint = llama31.load_checkpoint
+    if rank == 1:
+        llama31.load_checkpoint = lambda path: (_ for _ in ()).throw(RuntimeError("disk on fire"))
+    with pytest.raises(RuntimeError, match="^rank 1: disk on fire$" if rank == 0 else "^disk on fire$") as e:
+        tp_build(f["gqa2"])
+    llama31.load_checkpoint = load_checkpoint
+    assert e.value.all_ranks
+    # inference only: gradients through the collectives would be wrong, so asking for them is an error
+    gqa.model.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inference only"):
+        gqa.model.forward_loss(TOKENS[:, :4], TOKENS[:, 1:5])
+    gqa.model.requires_grad_(False)
+    # different prompts on the ranks: ValueError on every rank, and the group still works afterwards
+    with pytest.raises(ValueError, match=r"ranks \[1\] were given other tokens"):
+        gqa.generate([[128000, 9906 + rank]], max_gen_len=2)
+    assert gqa.generate(RAGGED, max_gen_len=8, temperature=0) == [t[len(p):] for t, p in zip(out["gqa"]["greedy"][0],
+                                                                                             RAGGED)]
+    # the command line: chat lines read on rank 0 (the only one given stdin) and shared, replies printed once
+    code, stdout, err = tp_in_rank_cli("--ckpt_dir", str(f["mha"]), "--chat", "--temperature", "0", "--max_gen_len",
+                                       "6", "--device", "cpu")
+    assert code == 0, err
+    assert stdout == (chat_transcript if rank == 0 else "")
+    # a bad prompt ends every rank with one error line, from rank 0
+    code, stdout, err = tp_in_rank_cli("--ckpt_dir", str(f["mha"]), "--prompts", '["' + "word " * 40 + '"]',
+                                       "--max_seq_len", "16", "--device", "cpu")
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code == 1 and stdout == "" and len(errors) == (rank == 0)
+    assert all(re.fullmatch(r"llama31: error: prompt 0 has \d+ tokens, more than max_seq_len 16", e) for e in errors)
+    # bench: per-token time, the share of a decode step in collectives, each rank's peak memory
+    code, stdout, err = tp_in_rank_cli("bench", "--ckpt_dir", str(f["mha"]), "--prompt_len", "8", "--gen_len", "4",
+                                       "--batch", "2", "--repeats", "1", "--device", "cpu")
+    assert code == 0, err
+    assert bool(re.search(r"tensor parallel over 2 ranks \(gloo\): decode [\d.]+ ms per token at batch 1; "
+                          r"collectives \(6 per step\) take [\d.]+% of an eager decode step; peak memory per rank "
+                          r"after loading [\d.]+, [\d.]+ GB, over the run \(with the bandwidth probe\) "
+                          r"[\d.]+, [\d.]+ GB", stdout)) == (rank == 0), stdout
+    assert rank == 0 or stdout == ""
+    torch.save(out, Path(results) / f"rank{rank}.pt")
+
+
+def tp_four_ranks(folders: dict, results: str) -> None:
+    """Rank side of test_tensor_parallel_four_ranks."""
+    f = {k: Path(v) for k, v in folders.items()}
+    out = {}
+    # 8 query heads and 2 kv heads on 4 ranks: each kv head on two consecutive ranks (Meta's layout); from 2
+    # shards, each rank reads half of one: a quarter of the split weights, half of wk/wv (one of two kv heads)
+    gqa, opened, loaded = tp_count_reads(lambda: tp_build(f["gqa2"]))
+    rank, attn = gqa.model.tp.rank, gqa.model.layers[0].attention
+    assert (attn.n_heads, attn.n_kv_heads) == (2, 1) and gqa.model.tp.kv_head == rank // 2
+    assert opened == [f"consolidated.{rank // 2:02d}.pth"]
+    sd = random_state_dict(GQA, 2)
+    tp_check_loaded_bytes(loaded, sd, 4)
+    tp_check_slices(gqa, sd)
+    out["gqa"] = generations(gqa, text=False)
+    # 4 ranks cannot split 2 heads: ValueError on every rank before any weight is read (the file is not one)
+    with pytest.raises(ValueError, match="4 ranks cannot split 2 attention heads"):
+        tp_build(f["two_heads"])
+    torch.save(out, Path(results) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def tp_folders(tmp_path_factory, ckpt_mha, ckpt_gqa):
+    """The checkpoints the tensor-parallel jobs read: 1-file MHA and GQA, GQA in 2 and 4 Meta shards."""
+    root = tmp_path_factory.mktemp("tp")
+    return dict(mha=str(ckpt_mha), gqa=str(ckpt_gqa), gqa2=str(write_sharded_checkpoint(root / "gqa2", GQA, 2, 2)),
+                gqa4=str(write_sharded_checkpoint(root / "gqa4", GQA, 2, 4)))
+
+
+def rank_generations(results: list, folder: Path) -> list:
+    """The generations each rank saved, after checking that every rank succeeded."""
+    for r, (code, out, err) in enumerate(results):
+        assert code == 0, f"rank {r} failed:\n{err[-5000:]}"
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(len(results))]
+
+
+def test_tensor_parallel_two_ranks(tp_folders, llama_mha, llama_gqa, tmp_path):
+    folders = dict(tp_folders)
+    params, _ = HF_CASES["sharded"]
+    hf_model(params, random_state_dict(params, 7)).save_pretrained(tmp_path / "hf", max_shard_size="10MB")
+    folders["hf"] = str(tmp_path / "hf")
+    if gguf is not None:  # GQA's weights (seed 2) as a GGUF file: the same model as llama_gqa
+        folders["gguf"] = str(write_gguf(tmp_path / "gqa.gguf", GQA, random_state_dict(GQA, 2)))
+    first = llama_mha.chat_completion([[{"role": "user", "content": "Hi!"}]], temperature=0, max_gen_len=6)[0]
+    dialog = [{"role": "user", "content": "Hi!"}, first["generation"], {"role": "user", "content": "And then?"}]
+    second = llama_mha.chat_completion([dialog], temperature=0, max_gen_len=6)[0]["generation"]["content"]
+    transcript = f"{first['generation']['content']}\n{second}\n"
+    results = rank_generations(spawn_ranks(2, f"t.tp_two_ranks({folders!r}, {transcript!r}, {str(tmp_path)!r})",
+                                           tmp_path, stdin="Hi!\nAnd then?\n"), tmp_path)
+    expected = dict(mha=generations(llama_mha, text=False), gqa=generations(llama_gqa),
+                    hf=generations(tp_build(folders["hf"], TOKENIZER_PATH, tensor_parallel=False), text=False))
+    if gguf is not None:
+        expected["gguf"] = {k: v for k, v in expected["gqa"].items() if k not in ("stream", "chat")}
+    diffs = {k: [same_generations(r[k], v) for r in results] for k, v in expected.items()}
+    print(f"2 ranks: max |logit diff| vs one process: {', '.join(f'{k} {max(v):.1e}' for k, v in diffs.items())}; "
+          f"peak RSS per rank after loading GQA in 2 shards: "
+          + ", ".join(f"{r['peak_rss'] / 1e6:.0f}" for r in results) + " MB")
+
+
+def test_tensor_parallel_four_ranks(tp_folders, llama_gqa, tmp_path):
+    folders = dict(tp_folders)
+    two_heads = tmp_path / "two_heads"
+    two_heads.mkdir()
+    (two_heads / "params.json").write_text(json.dumps(dict(MHA, n_heads=2)))
+    (two_heads / "tokenizer.model").write_bytes(TOKENIZER_PATH.read_bytes())
+    (two_heads / "consolidated.00.pth").write_bytes(b"not a checkpoint")
+    folders["two_heads"] = str(two_heads)
+    results = rank_generations(spawn_ranks(4, f"t.tp_four_ranks({folders!r}, {str(tmp_path)!r})", tmp_path), tmp_path)
+    expected = dict(gqa=generations(llama_gqa, text=False))
+    diffs = {k: [same_generations(r[k], v) for r in results] for k, v in expected.items()}
+    print(f"4 ranks: max |logit diff| vs one process: {', '.join(f'{k} {max(v):.1e}' for k, v in diffs.items())}")
+
+
+def fake_ranks(rank: int, world: int) -> "llama31.Ranks":
+    """A rank's place without a process group: enough to plan and read its slices (no collective runs)."""
+    return llama31.Ranks(rank, world, torch.device("cpu"), None, None, False)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_tensor_parallel_reads_its_slice_of_meta_shards(shards, tp_folders, ckpt_gqa):
+    # GQA: 8 query heads, 2 kv heads; 8 ranks repeat each kv head on 4 ranks, 4 shards on 2 shards
+    folder = {1: Path(ckpt_gqa), 2: Path(tp_folders["gqa2"]), 4: Path(tp_folders["gqa4"])}[shards]
+    sd = random_state_dict(GQA, 2)
+    args = llama31.ModelArgs.from_params(GQA)
+    paths = [folder / f"consolidated.{s:02d}.pth" for s in range(shards)]
+    for world in (2, 8):
+        for rank in range(world):
+            tp = llama31.TensorParallel(args, fake_ranks(rank, world))
+            (weights, tied), opened, _ = tp_count_reads(lambda: llama31.meta_rank_weights(paths, args, tp))
+            first = rank * shards // world  # more ranks than shards: part of one; fewer: a group of them
+            assert opened == [p.name for p in paths[first : max((rank + 1) * shards // world, first + 1)]]
+            got = dict(weights)
+            assert not tied and got.keys() == sd.keys()
+            for name, t in got.items():
+                assert torch.equal(t, tp.take(name, sd[name].shape, sd[name].__getitem__, "sd")), (world, rank, name)
+            tp_check_loaded_bytes({n: t.numel() * t.element_size() for n, t in got.items()}, sd, world)
+
+
+def test_tensor_parallel_meta_shard_errors(tp_folders, tmp_path):
+    args = llama31.ModelArgs.from_params(GQA)
+    folder = Path(tp_folders["gqa2"])
+    paths = [folder / "consolidated.00.pth", folder / "consolidated.01.pth"]
+    odd = torch.load(paths[1], weights_only=True)
+    odd["layers.0.attention.wq.weight"] = odd["layers.0.attention.wq.weight"][:-16]
+    torch.save(odd, tmp_path / "consolidated.01.pth")
+    tp = llama31.TensorParallel(args, fake_ranks(1, 2))
+    with pytest.raises(ValueError, match=r"layers.0.attention.wq.weight is \(48, 128\) in .*consolidated.01.pth; "
+                                         r"2 shards of \(128, 128\) give \(64, 128\) each"):
+        llama31.meta_rank_weights([paths[0], tmp_path / "consolidated.01.pth"], args, tp)
+    (tmp_path / "consolidated.01.pth").write_bytes(b"garbage")  # opened before any weight is read
+    with pytest.raises(RuntimeError, match="cannot load checkpoint .*consolidated.01.pth"):
+        llama31.meta_rank_weights([paths[0], tmp_path / "consolidated.01.pth"], args, tp)
+    with pytest.raises(ValueError, match="3 shards cannot split 2 kv heads"):
+        llama31.meta_rank_weights(paths + paths[:1], args, tp)
+
+
+def test_tensor_parallel_world_sizes(ckpt_mha):
+    gqa = llama31.ModelArgs.from_params(GQA)  # 8 heads, 2 kv heads, 448 hidden units
+    for world in (1, 2, 4, 8):
+        tp = llama31.TensorParallel(gqa, fake_ranks(world - 1, world))
+        assert (tp.n_heads, tp.n_kv_heads, tp.hidden) == (8 // world, max(2 // world, 1), 448 // world)
+        assert tp.local_args.head_dim == gqa.head_dim and tp.local_args.vocab_size == gqa.vocab_size
+    with pytest.raises(ValueError, match="3 ranks cannot split 8 attention heads"):
+        llama31.TensorParallel(gqa, fake_ranks(0, 3))
+    with pytest.raises(ValueError, match="6 ranks cannot split 4 kv heads"):
+        llama31.TensorParallel(replace(gqa, dim=192, n_heads=12, n_kv_heads=4), fake_ranks(0, 6))
+    with pytest.raises(ValueError, match="8 ranks cannot split the 100 hidden units"):
+        llama31.TensorParallel(replace(gqa, ffn_hidden_dim=100), fake_ranks(0, 8))
+    # a single process: no tensor parallelism unless asked for, and then a clear error
+    assert llama31.launched() == (0, 1) and llama31.join_ranks(None) is None
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node"):
+        llama31.Llama.build(ckpt_mha, device="cpu", tensor_parallel=True)
+    with pytest.raises(TypeError, match="tensor_parallel"):
+        llama31.Llama.build(ckpt_mha, device="cpu", tensor_parallel="yes")
+
+
+def tp_compiled(folder: str, results: str) -> None:
+    """Rank side of test_tensor_parallel_compiled_decode."""
+    llama = tp_build(folder, compile=True)
+    out = {"greedy": llama.generate(RAGGED, max_gen_len=8, temperature=0),
+           "sampled": llama.generate(RAGGED, torch.Generator().manual_seed(3), max_gen_len=8, temperature=0.5),
+           "compiled": llama.compiled_decode.compiled is not None}
+    torch.save(out, Path(results) / f"rank{llama.model.tp.rank}.pt")
+
+
 @pytest.mark.skipif(not os.environ.get("LLAMA31_TEST_COMPILE"), reason="set LLAMA31_TEST_COMPILE=1 to run "
                     "torch.compile for real (needs a C++ compiler, takes minutes on 2 cores)")
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -3512,3 +3903,45 @@ def test_compiled_quantized_decode_matches_eager(mode, ckpt_mha):
     assert compiled.generate(prompts, max_gen_len=8, temperature=0) == eager.generate(prompts, max_gen_len=8,
                                                                                       temperature=0)
     assert compiled.compiled_decode.compiled is not None  # it compiled rather than fell back
+
+
+def test_tensor_parallel_compiled_decode(ckpt_mha, llama_mha, tmp_path):
+    results = rank_generations(spawn_ranks(2, f"t.tp_compiled({str(ckpt_mha)!r}, {str(tmp_path)!r})", tmp_path,
+                                           timeout=900), tmp_path)
+    for r in results:
+        assert r["compiled"]  # compiled with its collectives, not fallen back to eager
+        assert r["greedy"] == llama_mha.generate(RAGGED, max_gen_len=8, temperature=0)
+        assert r["sampled"] == llama_mha.generate(RAGGED, torch.Generator().manual_seed(3), max_gen_len=8,
+                                                  temperature=0.5)
+
+
+def torchrun(world: int, args: list, folder: Path, timeout: float = 300):
+    """(returncode, stdout, stderr) of python -m torch.distributed.run --nproc_per_node world llama31.py args, on
+    127.0.0.1."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), str(HERE / "llama31.py"), *args]
+    env = loopback_env(0, 1, port)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        del env[key]  # torchrun sets them for each worker
+    return wait_all([spawn(cmd, env, "", folder, "torchrun")], timeout)[0]
+
+
+def test_tensor_parallel_cli_through_torchrun(tp_folders, llama_mha, tmp_path):
+    prompts = ["Hello there", "The sky is"]
+    code, out, err = torchrun(2, ["--ckpt_dir", tp_folders["mha"], "--prompts", json.dumps(prompts), "--temperature",
+                                  "0", "--max_gen_len", "6", "--device", "cpu"], tmp_path)
+    assert code == 0, err
+    expected = llama_mha.text_completion(prompts, temperature=0, max_gen_len=6)
+    for prompt, e in zip(prompts, expected):  # printed once, by rank 0
+        assert out.count(prompt + e["generation"]) == 1
+    assert out.count("-" * 60) == 2 and err.count("loaded") == 1
+    # rank 1's shard is corrupt: every rank ends, one error line (rank 0's, naming rank 1 and the file)
+    broken = write_sharded_checkpoint(tmp_path / "broken", MHA, 1, 2)
+    data = (broken / "consolidated.01.pth").read_bytes()
+    (broken / "consolidated.01.pth").write_bytes(data[: len(data) // 2])
+    code, out, err = torchrun(2, ["--ckpt_dir", str(broken), "--device", "cpu"], tmp_path)
+    assert code != 0 and out == ""
+    errors = [line for line in err.splitlines() if "llama31: error" in line]
+    assert len(errors) == 1 and errors[0].startswith("llama31: error: rank 1: cannot load checkpoint") and \
+        "consolidated.01.pth" in errors[0], err
