@@ -956,10 +956,10 @@ class Llama:
         (else fp16), fp32 on CPU (bf16 for a quantized model). seed: seeds the generator that calls without one
         draw from (once: it then advances, so two calls give different samples). compile: run the decode step
         under torch.compile (eager, with a message, where it cannot). quantize: "int8" or "int4" (groups of
-        group_size: 32, 64 or 128) quantizes the weight matrices while loading; "none" keeps full precision;
-        None keeps a GGUF file's own quantization. tensor_parallel: None splits the model over the processes
-        torchrun started, if it started several, each loading its slice; False loads the whole model in every
-        process. The loaders are in the loading section, after the reference reading (load_llama);
+        group_size: 32, 64 or 128; the output layer int8) quantizes the weight matrices while loading; "none"
+        keeps full precision; None keeps a GGUF file's own quantization. tensor_parallel: None splits the model
+        over the processes torchrun started, if it started several, each loading its slice; False loads the
+        whole model in every process. The loaders are in the loading section, after the reference reading (load_llama);
         quantization and tensor parallelism have sections of their own."""
         return load_llama(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed, compile,
                           quantize, group_size, tensor_parallel)
@@ -2493,8 +2493,9 @@ Tokenizer.from_gguf = staticmethod(GGUFTokenizer)
 # -----------------------------------------------------------------------------
 # quantization: int8 and int4 weights in memory, quantized while loading; GGUF's 4-bit blocks kept as they are
 
-# Llama.build(quantize=...): "int8" or "int4" quantize every weight matrix while loading; "none" keeps full
-# precision; None keeps a GGUF file's own quantization (and full precision for other checkpoints)
+# Llama.build(quantize=...): "int8" or "int4" quantize every weight matrix while loading (int4 keeps the output
+# layer in int8: see quantize_plan); "none" keeps full precision; None keeps a GGUF file's own quantization
+# (and full precision for other checkpoints)
 QUANTIZE_CHOICES = (None, "none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
 GGUF_INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # GGUF types whose blocks are int4 groups of 32 as they are
@@ -2907,10 +2908,11 @@ def check_quantize(quantize, group_size) -> None:
 def quantize_plan(args: ModelArgs, quantize: Optional[str], group_size: int,
                   types: Optional[Dict[str, str]] = None) -> Optional[Dict[str, Tuple[str, int]]]:
     """How each weight matrix is held: Meta name -> (mode, int4 group size), or None for a full-precision
-    model. types: a GGUF file's tensor types by Meta name. quantize "int8"/"int4": every matrix in that mode;
-    "none": none. None: a GGUF file holding quantized matrices keeps them quantized: Q4_0, Q4_1 and Q4_K as
-    int4 in their groups of 32, every other type as int8 (so a stacked weight, wqkv or w13, is int4 only
-    when all its parts are Q4 blocks); other checkpoints and F32/F16/BF16 files stay full precision. A
+    model. types: a GGUF file's tensor types by Meta name. quantize "int8"/"int4": every matrix in that mode,
+    but int4 keeps the output layer in int8; "none": none. None: a GGUF file holding quantized matrices keeps
+    them quantized: Q4_0, Q4_1 and Q4_K as int4 in their groups of 32, every other type as int8 (so a stacked
+    weight, wqkv or w13, is int4 only when all its parts are Q4 blocks); other checkpoints and F32/F16/BF16
+    files stay full precision. A
     Q4_* tensor kept as int4 keeps its groups of 32 whatever group_size, and so do the other parts of its
     stacked weight."""
     full = ("F32", "F16", "BF16")
@@ -2921,10 +2923,15 @@ def quantize_plan(args: ModelArgs, quantize: Optional[str], group_size: int,
     groups = [[n] for n in names if not n.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight"))]
     for i in range(args.n_layers):
         groups += [[f"layers.{i}.{p}" for p in parts] for parts in STACKED_WEIGHTS.values()]
+    # the output layer (a tied embedding is the output layer): its error reaches every logit, so asked for int4
+    # it is held in int8, as llama.cpp's quantizer keeps it at 6 bits (SmolLM2's perplexity over fp32's: +4.9%
+    # with its tied embedding in int4, within 0.5% with it in int8)
+    output = "tok_embeddings.weight" if args.tie_word_embeddings else "output.weight"
     plan = {}
     for group in groups:
         native = [types.get(n) in GGUF_INT4_TYPES for n in group]
         mode = quantize or ("int4" if all(native) else "int8")
+        mode = "int8" if quantize == "int4" and group == [output] else mode
         size = 32 if mode == "int4" and any(native) else group_size
         plan.update({n: (mode, size) for n in group})
     return plan
@@ -4116,7 +4123,8 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
         logit_bias: a JSON object of token id -> value added to its logit, e.g. '{"128009": -100}'
         stop: a string as typed, or a JSON list of strings; the text ends before the first one found
         quantize: int8 or int4: hold the weight matrices quantized, converted while loading (int8: a scale per
-            output channel; int4: a scale and a zero per group of --group_size inputs); none: full precision.
+            output channel; int4: a scale and a zero per group of --group_size inputs, the output layer int8);
+            none: full precision.
             Not given: a GGUF file keeps its own quantization (Q4_0/Q4_1/Q4_K as int4, other types as int8),
             other checkpoints load in full precision
         group_size: int4 group size, 32, 64 or 128 (a GGUF file's Q4 blocks keep their 32)
