@@ -1154,7 +1154,7 @@ class Llama:
         return result
 
     def _nonfinite(self, rows, where) -> RuntimeError:
-        dtype = self.model.tok_embeddings.weight.dtype
+        dtype = self.model.norm.weight.dtype  # the activations' (a quantized embedding holds integer codes)
         return RuntimeError(f"NaN or infinite logits in row(s) {rows} at {where}: the activations overflowed in "
                             f"{dtype}" + ("; float16 stops at 65504: load the model in bfloat16 or float32 "
                                           "(Llama.build(dtype=...), --dtype)" if dtype == torch.float16 else ""))
@@ -3444,7 +3444,8 @@ class BatchEngine:
         p, device = llama.params, llama.device
         self.llama, self.model, self.device, self.capacity = llama, llama.model, device, max_batch_size
         self.stop_tokens = llama.tokenizer.stop_tokens
-        self.cache = KVCache(p, max_batch_size, p.max_seq_len, device, llama.model.tok_embeddings.weight.dtype)
+        # in the activations' dtype, as generate's caches (a quantized model's embedding holds integer codes)
+        self.cache = KVCache(p, max_batch_size, p.max_seq_len, device, llama.model.norm.weight.dtype)
         self.pos = torch.zeros(max_batch_size, dtype=torch.long, device=device)  # (rows,) position of the next token
         self.tok = torch.zeros(max_batch_size, dtype=torch.long, device=device)  # (rows,) the next token to feed
         self.penalties = Penalties(max_batch_size, p.vocab_size, device)
@@ -4512,7 +4513,7 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
     p = model.params
     if prompt_len < 1 or gen_len < 2 or batch < 1 or repeats < 1:
         raise ValueError("bench needs prompt_len >= 1, gen_len >= 2, batch >= 1, repeats >= 1")
-    n_params = parameter_count(p)
+    n_params = parameter_count(p if tp is None else tp.args)  # the whole model's (p: a rank's heads, under TP)
     # bytes read per decode step, as stored: every weight matrix once (the embedding table only for its rows,
     # but in full as the output layer of an unquantized tied model)
     weight_bytes = stored_bytes(model, skip=("tok_embeddings.",) if model.output is not None else ())
@@ -4523,7 +4524,7 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
     bw_measured = measure_bandwidth(dev)
     roofline = next((v for k, v in GPU_BANDWIDTH.items() if dev.type == "cuda" and k in torch.cuda.get_device_name(dev)),
                     bw_measured)
-    split = "" if tp is None else f", split over {tp.world_size} ranks ({dist.get_backend(tp.group)}; per rank:)"
+    split = "" if tp is None else f", split over {tp.world_size} ranks ({dist.get_backend(tp.group)}), per rank"
     print(f"{label}: {n_params / 1e6:.1f}M parameters{split}, {weights} ({held / 1e6:.1f} MB held), {dev}, "
           f"{torch.get_num_threads()} threads; roofline {roofline:.1f} GB/s "
           f"({'nominal' if roofline != bw_measured else 'measured'}), measured read bandwidth {bw_measured:.1f} GB/s")
@@ -4812,6 +4813,8 @@ def bench_serve(ckpt_dir: Optional[str] = None, clients: str = "1,4,8", requests
             for line in r:
                 if line.startswith(b"data: {"):
                     chunk = json.loads(line[6:])
+                    if "error" in chunk:  # the server failed this request mid-stream
+                        raise RuntimeError(f"bench_serve: the server answered {chunk['error']}")
                     if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                         ttft = time.perf_counter() - t0
                     n = chunk["usage"]["completion_tokens"] if chunk.get("usage") else n

@@ -3079,6 +3079,19 @@ def test_server_prompt_cache_reuses_a_conversation(serve_llama, llama_gqa):
     assert server.engine.prompt_cache.reused > 40  # the later turns started from the earlier ones
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_server_quantized_model(serve_llama, ckpt_gqa, mode):
+    # a quantized model (bf16 activations, integer codes in its embedding) serves as it generates; `serve` with
+    # no --ckpt_dir serves the demo this way (its cache once took the embedding codes' dtype: every request
+    # failed in prefill)
+    llama = llama31.Llama.build(ckpt_gqa, max_seq_len=128, max_batch_size=4, device="cpu", quantize=mode)
+    server, client, url = serve_llama(llama, max_batch_size=4)
+    sequential = check_concurrent_equals_sequential(llama, client, server, CONCURRENT[:4], temperature=0)
+    ref = llama.chat_completion([[{"role": "user", "content": CONCURRENT[0][1]}]], temperature=0,
+                                max_gen_len=CONCURRENT[0][2])[0]
+    assert sequential[0] == (ref["generation"]["content"], ref["finish_reason"])
+
+
 @needs_smollm2
 def test_server_smollm2(serve_llama, smollm2):
     server, client, url = serve_llama(smollm2, max_batch_size=2)
