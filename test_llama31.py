@@ -3497,7 +3497,8 @@ def test_perplexity_and_bench_commands(ckpt_mha, tmp_path):
     r = run_cli("bench", "--ckpt_dir", str(ckpt_mha), "--prompt_len", "8", "--gen_len", "4", "--batch", "2",
                 "--repeats", "1", "--device", "cpu", "--quantize", "int4")
     assert r.returncode == 0, r.stderr
-    assert "Int4Linear weights, torch.bfloat16 activations" in r.stdout and "(as stored)" in r.stdout
+    # int4 asked: the output layer int8
+    assert "Int4Linear, Int8Linear weights, torch.bfloat16 activations" in r.stdout and "(as stored)" in r.stdout
     r = run_cli("bench", "--shape", "135m", "--llamacpp")
     assert r.returncode == 1 and "pass --ckpt_dir model.gguf" in r.stderr
 
@@ -3915,9 +3916,19 @@ def test_compiled_quantized_decode_matches_eager(mode, ckpt_mha):
     compiled = llama31.Llama.build(ckpt_mha, max_seq_len=256, max_batch_size=4, device="cpu", quantize=mode,
                                    compile=True)
     eager = llama31.Llama.build(ckpt_mha, max_seq_len=256, max_batch_size=4, device="cpu", quantize=mode)
-    prompts = [[128000, 9906, 1070], [128000, 791]]
-    assert compiled.generate(prompts, max_gen_len=8, temperature=0) == eager.generate(prompts, max_gen_len=8,
-                                                                                      temperature=0)
+    # decode steps of a ragged batch, compiled and eager, each over its own cache of the same prompts: the
+    # same logits within bf16 rounding (greedy tokens of this random model, whose logits over 128256 tokens
+    # are nearly flat, can tip between the two: compiled kernels round in another order)
+    tokens = torch.tensor([[128000, 9906, 1070], [128000, 791, 0]])
+    pos = torch.tensor([3, 2])
+    caches = [llama31.KVCache(compiled.model.params, 2, 256, "cpu", torch.bfloat16) for _ in range(2)]
+    for llama, cache in zip((compiled, eager), caches):
+        llama.model.hidden_states(tokens, 0, cache)
+    for step, nxt in enumerate(([[11], [12]], [[13], [14]], [[15], [16]])):
+        nxt = torch.tensor(nxt)
+        got = compiled.compiled_decode(nxt, pos + step, caches[0])  # (2, vocab)
+        ref = eager.model(nxt, pos + step, caches[1])[:, -1]
+        assert (got - ref).abs().max() <= 0.02 * ref.abs().max()  # measured: 0.035-0.047 of max 4.4-4.9, 1-2 ulp
     assert compiled.compiled_decode.compiled is not None  # it compiled rather than fell back
 
 
