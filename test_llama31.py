@@ -1277,6 +1277,19 @@ def test_stream_equals_nonstream_sampled(llama_gqa):
     assert ["".join(s[i] or "" for s in steps) for i in range(2)] == finals
 
 
+def track_caches(monkeypatch) -> list:
+    """Weak references to every KVCache that llama31 creates from now on (the test's monkeypatch undoes it)."""
+    caches, real = [], llama31.KVCache
+
+    def cache(*args, **kwargs):
+        c = real(*args, **kwargs)
+        caches.append(weakref.ref(c))
+        return c
+
+    monkeypatch.setattr(llama31, "KVCache", cache)
+    return caches
+
+
 def test_generations_in_flight_are_independent(llama_gqa, monkeypatch):
     # each generation owns its KV cache: two streams consumed in turn, a generate() while a stream is half
     # consumed, and a stream dropped half way each give exactly what they give alone (sampled, seeded)
@@ -1298,14 +1311,7 @@ def test_generations_in_flight_are_independent(llama_gqa, monkeypatch):
     assert llama_gqa.generate([[128000, 791, 6864]], rng(3), **kw) == alone_ids
     assert head + list(a) == alone_two
     # a stream dropped half way frees its cache; the others are untouched by it
-    caches, real_cache = [], llama31.KVCache
-
-    def cache(*args, **kwargs):
-        c = real_cache(*args, **kwargs)
-        caches.append(weakref.ref(c))
-        return c
-
-    monkeypatch.setattr(llama31, "KVCache", cache)
+    caches = track_caches(monkeypatch)
     b = llama_gqa.text_completion_stream(one, rng(2), **kw)
     next(b)
     a = llama_gqa.text_completion_stream(two, rng(1), **kw)
@@ -2700,14 +2706,7 @@ def test_stop_string_ends_the_loop_and_frees_the_cache(llama_gqa, monkeypatch):
                                   logits_processor=lambda t, x: calls.append(1) or x)[0]
     assert r == {"generation": text[: text.index(stop)], "finish_reason": "stop"}
     assert len(calls) < 20  # no step after the stop string
-    caches, real = [], llama31.KVCache
-
-    def cache(*args, **kwargs):
-        c = real(*args, **kwargs)
-        caches.append(weakref.ref(c))
-        return c
-
-    monkeypatch.setattr(llama31, "KVCache", cache)
+    caches = track_caches(monkeypatch)
     stream = llama_gqa.text_completion_stream("The weather", temperature=0, max_gen_len=20, stop=stop)
     pieces = list(stream)
     gc.collect()
