@@ -3760,6 +3760,8 @@ def tp_two_ranks(folders: dict, chat_transcript: str, results: str) -> None:
                           r"collectives \(6 per step\) take [\d.]+% of an eager decode step; peak memory per rank "
                           r"after loading [\d.]+, [\d.]+ GB, over the run \(with the bandwidth probe\) "
                           r"[\d.]+, [\d.]+ GB", stdout)) == (rank == 0), stdout
+    n = llama31.parameter_count(llama31.ModelArgs.from_params(MHA))  # the whole model's, not a rank's slice's
+    assert (f"{n / 1e6:.1f}M parameters, split over 2 ranks (gloo), per rank" in stdout) == (rank == 0), stdout
     assert rank == 0 or stdout == ""
     torch.save(out, Path(results) / f"rank{rank}.pt")
 
