@@ -429,7 +429,6 @@ class KVCache:
         the model writes lands here. The server prefills each request into its own row of one shared cache
         and decodes its rows over only the positions in use."""
         view = copy.copy(self)
-        # (n_layers, rows, n_kv_heads, max_len, head_dim) each
         view.k = [k[rows, :, :max_len] for k in self.k]  # (rows, n_kv_heads, max_len, head_dim) each
         view.v = [v[rows, :, :max_len] for v in self.v]
         view.bsz, view.max_len = view.k[0].shape[0], max_len
@@ -959,8 +958,8 @@ class Llama:
         group_size: 32, 64 or 128; the output layer int8) quantizes the weight matrices while loading; "none"
         keeps full precision; None keeps a GGUF file's own quantization. tensor_parallel: None splits the model
         over the processes torchrun started, if it started several, each loading its slice; False loads the
-        whole model in every process. The loaders are in the loading section, after the reference reading (load_llama);
-        quantization and tensor parallelism have sections of their own."""
+        whole model in every process. The loaders are in the loading section, after the reference reading
+        (load_llama); quantization and tensor parallelism have sections of their own."""
         return load_llama(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed, compile,
                           quantize, group_size, tensor_parallel)
 
@@ -2912,9 +2911,8 @@ def quantize_plan(args: ModelArgs, quantize: Optional[str], group_size: int,
     but int4 keeps the output layer in int8; "none": none. None: a GGUF file holding quantized matrices keeps
     them quantized: Q4_0, Q4_1 and Q4_K as int4 in their groups of 32, every other type as int8 (so a stacked
     weight, wqkv or w13, is int4 only when all its parts are Q4 blocks); other checkpoints and F32/F16/BF16
-    files stay full precision. A
-    Q4_* tensor kept as int4 keeps its groups of 32 whatever group_size, and so do the other parts of its
-    stacked weight."""
+    files stay full precision. A Q4_* tensor kept as int4 keeps its groups of 32 whatever group_size, and so
+    do the other parts of its stacked weight."""
     full = ("F32", "F16", "BF16")
     names = matrix_names(args)
     if quantize == "none" or (quantize is None and all((types or {}).get(n, "F32") in full for n in names)):
