@@ -2245,7 +2245,9 @@ PARAMS_CASES = [  # params.json value -> the error naming it
     (dict(n_layers=10**9), RuntimeError, r"n_layers is 1000000000 but the weights hold 2 layers"),
     (dict(n_layers=3), RuntimeError, r"n_layers is 3 but the weights hold 2 layers: missing layers.2"),
     (dict(dim=2**40), RuntimeError, r"tok_embeddings.weight is \(128256, 64\), expected \(128256, 1099511627776\)"),
-    (dict(ffn_dim_multiplier=1e30), RuntimeError, r"feed_forward.w1.weight is \(192, 64\), expected"),
+    (dict(ffn_dim_multiplier=1e30), RuntimeError, r"feed_forward.w1.weight is \(192, 64\), expected \(\d{33}, 64\) "
+                                                  r"\(dim 64, .*hidden_dim \d{33} from ffn_dim_multiplier 1e\+30 and "
+                                                  r"multiple_of 32"),
 ]
 
 
@@ -2303,6 +2305,41 @@ def test_gguf_metadata_values_checked(change, error, match, tmp_path, monkeypatc
     with pytest.raises(error, match=match):
         args, weights, _, plan = llama31.load_gguf(path, {"max_seq_len": 64})
         llama31.load_weights(args, weights, "cpu", torch.float32, path, "its metadata", plan=plan)
+
+
+def test_errors_name_the_users_key_tensor_or_file(tmp_path, mha_sd, llama_mha, monkeypatch):
+    # each mistake is reported in the terms of the file it is in: its keys, its tensors' names, its files
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(llama31, "Transformer", BuildsNothing)  # all caught before anything is built
+    hf = write_hf_folder(tmp_path / "hf", dict(mha_sd, **{"layers.0.attention.wq.weight": mha_sd[
+        "layers.0.attention.wq.weight"][:32]}))
+    with pytest.raises(RuntimeError, match=r"model.safetensors does not match .*config.json: "
+                                           r"model.layers.0.self_attn.q_proj.weight is \(32, 64\), expected \(64, 64\) "
+                                           r"\(hidden_size 64, num_attention_heads 4, num_key_value_heads 4"):
+        llama31.Llama.build(hf, device="cpu")
+    extra = write_hf_folder(tmp_path / "extra", dict(mha_sd, **{"layers.7.attention_norm.weight": torch.ones(64)}))
+    with pytest.raises(RuntimeError, match=r"model.layers.7.input_layernorm.weight is of layer 7, but "
+                                           r"num_hidden_layers is 2 \(layers 0 \.\. 1\)"):
+        llama31.Llama.build(extra, device="cpu")
+    twice = write_hf_shards(tmp_path / "twice", mha_sd)
+    weight_map = json.loads((twice / "model.safetensors.index.json").read_text())["weight_map"]
+    files = sorted(set(weight_map.values()))
+    other = next(f for f in files if f != weight_map["model.norm.weight"])  # the file without the norm gets it too
+    tensors = hf_tensors(MHA, mha_sd)
+    save_file({k: tensors[k] for k, f in weight_map.items() if f == other} | {"model.norm.weight": torch.ones(64)},
+              twice / other)
+    with pytest.raises(ValueError, match=r"model.norm.weight is in both model-00001-of-00002.safetensors and "
+                                         r"model-00002-of-00002.safetensors"):
+        llama31.Llama.build(twice, TOKENIZER_PATH, device="cpu")
+    params = dict(dim=16, n_layers=2, n_heads=2, vocab_size=300, multiple_of=32)
+    gguf_path = write_gguf(tmp_path / "x.gguf", params, random_state_dict(params, seed=4), metadata={"block_count": 10**9})
+    with pytest.raises(RuntimeError, match=r"x.gguf does not match its metadata: llama.block_count is 1000000000 but "
+                                           r"the weights hold 2 layers: missing blk.2 \.\. blk.999999999"):
+        args, weights, _, plan = llama31.load_gguf(gguf_path, {"max_seq_len": 64})
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"tokens must be \(bsz, seqlen\), got shape \(3,\); one sequence t: t\[None\]"):
+        llama_mha.model.forward_inference(torch.tensor([128000, 9906, 1917]))
 
 
 def test_weight_shapes_are_the_models(tmp_path):
