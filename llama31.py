@@ -3199,7 +3199,10 @@ def cache_view(cache: KVCache, rows: slice, max_len: int) -> KVCache:
     view.v = [v[rows, :, :max_len] for v in cache.v]
     view.bsz, view.max_len = view.k[0].shape[0], max_len
     view.rows, view.key_positions = cache.rows[: view.bsz], cache.key_positions[:max_len]
-    view.mask, view.cos, view.sin = cache.mask[rows, :max_len], cache.cos[rows], cache.sin[rows]
+    # the mask is scratch that each decode step overwrites, and torch.compile refuses out= tensors that are not
+    # contiguous (torch 2.13: "non-contiguous `out=` tensor"): the view's is the first rows x max_len of cache's
+    view.mask = cache.mask.view(-1)[: view.bsz * max_len].view(view.bsz, max_len)  # (rows, max_len)
+    view.cos, view.sin = cache.cos[rows], cache.sin[rows]
     return view
 
 
@@ -3253,9 +3256,9 @@ class BatchEngine:
          generator: a seeded request's draws do not depend on the others'), and the one host sync brings the
          tokens, the non-finite flags and logprobs; each job's text advances (UTF-8, stop strings) and goes to its
          HTTP thread, a row whose logits overflowed fails its own request;
-      4. finished and cancelled rows leave: their keys and values go to the prompt cache and the last row
+      3. finished and cancelled rows leave: their keys and values go to the prompt cache and the last row
          moves into the hole (a copy of its used positions), so running rows stay 0 .. n-1;
-      5. generate's decode step (Llama.decode, compiled with serve --compile) of all rows, each at its own
+      4. generate's decode step (Llama.decode, compiled with serve --compile) of all rows, each at its own
          position, over the positions in use (a view of the cache); compiled, over rows and positions rounded up
          (powers of two, multiples of 256), so that a few shapes compile.
     A row is computed as it would be alone: its prefill is its own, and in a decode step rows are independent
@@ -3339,7 +3342,7 @@ class BatchEngine:
         self.stats["iterations"] += 1
         self.stats["peak_rows"] = max(self.stats["peak_rows"], len(self.rows))
         logits = torch.cat(([self.logits] if self.logits is not None else []) + new_logits)  # (rows, vocab)
-        # 2, 3. generate's sampling step: each row with its own settings, then the step's one host sync
+        # 2. generate's sampling step: each row with its own settings, then the step's one host sync
         n = len(self.rows)
         asked = [job.top_logprobs for job in self.rows if job.top_logprobs is not None]
         next_tok, host = self.llama.sample_step(logits, self.sample, bool(asked), max(asked, default=0))
@@ -3352,10 +3355,10 @@ class BatchEngine:
                 finished.append(i)
             elif self.advance(job, values):
                 finished.append(i)
-        # 4. finished rows leave; the last row moves into each hole
+        # 3. finished rows leave; the last row moves into each hole
         for i in reversed(finished):
             self.remove(i)
-        # 5. generate's decode step: one token per row, at each row's own position, over the positions in use
+        # 4. generate's decode step: one token per row, at each row's own position, over the positions in use
         n = len(self.rows)
         if n == 0:
             self.logits = None

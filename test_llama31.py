@@ -2597,6 +2597,32 @@ def test_server_runs_generates_decode_step(llama_mha, monkeypatch):
     assert syncs == ["tolist"] * steps and calls["check_tokens"] == 0, syncs
 
 
+@pytest.mark.skipif(not os.environ.get("LLAMA31_TEST_COMPILE"), reason="set LLAMA31_TEST_COMPILE=1 to run "
+                    "torch.compile for real (needs a C++ compiler, takes minutes on 2 cores)")
+def test_server_compiled_decode_matches_generate(ckpt_mha):
+    # serve --compile: the engine decodes with generate's compiled step, over rows rounded up to a power of two
+    # (idle rows decode at position 0) and positions to a multiple of 256; rows join and leave as they finish
+    build = dict(max_seq_len=512, max_batch_size=4, device="cpu", dtype="bfloat16")
+    compiled, eager = llama31.Llama.build(ckpt_mha, compile=True, **build), llama31.Llama.build(ckpt_mha, **build)
+    prompts = [[128000, 9906, 1070], [128000, 791], [128000, 40, 1093, 279], [128000, 1], [128000, 16, 17]]
+    budgets = [9, 3, 6, 5, 4]  # 4 rows: when the 3-token one leaves, 3 rows decode as 4, one of them idle
+    engine = llama31.BatchEngine(compiled, max_batch_size=4, prompt_cache=0)
+    try:
+        events, tokens, done = queue.Queue(), [[] for _ in prompts], 0
+        for i, (p, b) in enumerate(zip(prompts, budgets)):
+            engine.submit(llama31.Job(p, b, llama31.Sampling(temperature=0), (), None, 0, events, index=i))
+        while done < len(prompts):
+            kind, i, *rest = events.get(timeout=600)
+            assert kind != "error", rest
+            tokens[i] += [t for t, *_ in rest[1]] if kind == "piece" else []
+            done += kind == "end"
+    finally:
+        engine.stop()
+    assert compiled.decode_step.compiled is not None  # it compiled rather than fell back
+    assert engine.stats["peak_rows"] == 4 and engine.stats["joined_running"] >= 1
+    assert tokens == [eager.generate([p], max_gen_len=b, temperature=0)[0] for p, b in zip(prompts, budgets)]
+
+
 def cli_error(capsys, *argv) -> str:
     """The one line llama31.cli(argv) prints before exiting with status 1 (in this process: no model loads)."""
     with pytest.raises(SystemExit) as exit:
