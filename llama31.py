@@ -1407,10 +1407,10 @@ def rope_permute(w: torch.Tensor, n_heads: int, to_hf: bool) -> torch.Tensor:
     neighbouring features (x[2i], x[2i+1]), and Hugging Face's rotate-half layout, which pairs x[i] with
     x[i + head_dim/2] (Hugging Face's conversion script permutes them so; to_hf=False undoes it)."""
     rows, cols = w.shape
-    if to_hf:
-        w = w.view(n_heads, -1, 2, cols).transpose(1, 2)  # (n_heads, head_dim/2, 2, dim) -> (n_heads, 2, head_dim/2, dim)
-    else:
-        w = w.view(n_heads, 2, -1, cols).transpose(1, 2)  # (n_heads, 2, head_dim/2, dim) -> (n_heads, head_dim/2, 2, dim)
+    if to_hf:  # (n_heads, head_dim/2, 2, dim) -> (n_heads, 2, head_dim/2, dim)
+        w = w.view(n_heads, -1, 2, cols).transpose(1, 2)
+    else:  # (n_heads, 2, head_dim/2, dim) -> (n_heads, head_dim/2, 2, dim)
+        w = w.view(n_heads, 2, -1, cols).transpose(1, 2)
     return w.reshape(rows, cols)
 
 
@@ -3977,8 +3977,8 @@ def main(ckpt_dir: str = None, tokenizer_path: str = None, prompts: str = None, 
         try:
             logit_bias = {int(k): v for k, v in json.loads(logit_bias).items()}
         except (ValueError, AttributeError):
-            raise ValueError(f"--logit_bias must be a JSON object of token ids to numbers, e.g. '{{\"128009\": -100}}', "
-                             f"got {logit_bias!r:.80}") from None
+            raise ValueError(f"--logit_bias must be a JSON object of token ids to numbers, e.g. "
+                             f"'{{\"128009\": -100}}', got {logit_bias!r:.80}") from None
     if isinstance(stop, str):
         stop = parse_prompts(stop, "--stop")
     stop = check_stop(stop)
@@ -4345,8 +4345,8 @@ def bench(shape: str = "135m", ckpt_dir: str = None, prompt_len: int = 128, gen_
     weights = f"{dt} weights" if not kinds else f"{', '.join(kinds)} weights, {dt} activations"
     kv_bytes_per_pos = 2 * p.n_layers * p.n_kv_heads * p.head_dim * dt.itemsize
     bw_measured = measure_bandwidth(dev)
-    roofline = next((v for k, v in GPU_BANDWIDTH.items() if dev.type == "cuda" and k in torch.cuda.get_device_name(dev)),
-                    bw_measured)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    roofline = next((v for k, v in GPU_BANDWIDTH.items() if gpu is not None and k in gpu), bw_measured)
     split = "" if tp is None else f", split over {tp.world_size} ranks ({dist.get_backend(tp.group)}), per rank"
     print(f"{label}: {n_params / 1e6:.1f}M parameters{split}, {weights} ({held / 1e6:.1f} MB held), {dev}, "
           f"{torch.get_num_threads()} threads; roofline {roofline:.1f} GB/s "

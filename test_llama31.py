@@ -1069,7 +1069,7 @@ def test_vocabulary_without_chat_format(llama3_vocab, llama_mha):
 # -----------------------------------------------------------------------------
 # the reference part alone: llama31.py up to the bar "end of the reference reading", copied into a script
 
-REFERENCE_BAR = "# =============================================================================\n# end of the reference reading"
+REFERENCE_BAR = "# " + "=" * 77 + "\n# end of the reference reading"
 
 
 def reference_text() -> str:
@@ -2333,12 +2333,14 @@ def test_errors_name_the_users_key_tensor_or_file(tmp_path, mha_sd, llama_mha, m
                                          r"model-00002-of-00002.safetensors"):
         llama31.Llama.build(twice, TOKENIZER_PATH, device="cpu")
     params = dict(dim=16, n_layers=2, n_heads=2, vocab_size=300, multiple_of=32)
-    gguf_path = write_gguf(tmp_path / "x.gguf", params, random_state_dict(params, seed=4), metadata={"block_count": 10**9})
+    gguf_path = write_gguf(tmp_path / "x.gguf", params, random_state_dict(params, seed=4),
+                           metadata={"block_count": 10**9})
     with pytest.raises(RuntimeError, match=r"x.gguf does not match its metadata: llama.block_count is 1000000000 but "
                                            r"the weights hold 2 layers: missing blk.2 \.\. blk.999999999"):
         args, weights, _, plan = llama31.load_gguf(gguf_path, {"max_seq_len": 64})
     monkeypatch.undo()
-    with pytest.raises(ValueError, match=r"tokens must be \(bsz, seqlen\), got shape \(3,\); one sequence t: t\[None\]"):
+    with pytest.raises(ValueError, match=r"tokens must be \(bsz, seqlen\), got shape \(3,\); "
+                                         r"one sequence t: t\[None\]"):
         llama_mha.model.forward_inference(torch.tensor([128000, 9906, 1917]))
 
 
