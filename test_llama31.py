@@ -2625,6 +2625,51 @@ def test_server_compiled_decode_matches_generate(ckpt_mha):
     assert tokens == [eager.generate([p], max_gen_len=b, temperature=0)[0] for p, b in zip(prompts, budgets)]
 
 
+def drain(events: queue.Queue) -> list:
+    """The events a job has received so far."""
+    out = []
+    while not events.empty():
+        out.append(events.get_nowait())
+    return out
+
+
+def test_engine_runs_on_the_callers_thread(llama_mha, monkeypatch):
+    # serve's engine decodes on the thread that loaded the model (BatchEngine(thread=False), run() by the caller);
+    # it ends at stop(), and an interrupt (Ctrl-C) still fails the jobs it holds with a 503
+    import threading
+
+    real, ran_on = llama31.BatchEngine.iteration, []
+
+    def stop_when_done(self):
+        real(self)
+        ran_on.append(threading.current_thread())
+        if not self.rows:  # the job is done: stop from another thread, as the server's close() does
+            threading.Thread(target=self.stop).start()
+
+    monkeypatch.setattr(llama31.BatchEngine, "iteration", stop_when_done)
+    engine = llama31.BatchEngine(llama_mha, max_batch_size=2, prompt_cache=0, thread=False)
+    events = queue.Queue()
+    engine.submit(llama31.Job([128000, 9906], 3, llama31.Sampling(temperature=0), (), None, None, events, index=0))
+    engine.run()  # returns once stopped
+    assert engine.thread is None and set(ran_on) == {threading.current_thread()} and len(ran_on) == 3
+    kinds = [e[0] for e in drain(events)]
+    assert kinds[-1] == "end" and "error" not in kinds, kinds
+
+    def interrupted(self):
+        real(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llama31.BatchEngine, "iteration", interrupted)
+    engine = llama31.BatchEngine(llama_mha, max_batch_size=2, prompt_cache=0, thread=False)
+    engine.submit(llama31.Job([128000, 791], 50, llama31.Sampling(temperature=0), (), None, None, events, index=1))
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    last = drain(events)[-1]
+    assert last[:2] == ("error", 1) and last[2].status == 503, last
+    with pytest.raises(llama31.APIError, match="shutting down"):  # and it takes no more jobs
+        engine.submit(llama31.Job([128000], 2, llama31.Sampling(temperature=0), (), None, None, events, index=2))
+
+
 def cli_error(capsys, *argv) -> str:
     """The one line llama31.cli(argv) prints before exiting with status 1 (in this process: no model loads)."""
     with pytest.raises(SystemExit) as exit:
