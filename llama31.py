@@ -3004,12 +3004,12 @@ class TensorParallel:
                 attn, ff = layer.attention, layer.feed_forward
                 attn.n_heads, attn.n_kv_heads = self.n_heads, self.n_kv_heads
                 attn.wqkv = Linear(a.dim, (self.n_heads + 2 * self.n_kv_heads) * a.head_dim)
-                attn.wo = RowParallelLinear(self.n_heads * a.head_dim, a.dim, self)
+                attn.wo = ParallelLinear(self.n_heads * a.head_dim, a.dim, self.all_reduce)
                 ff.w13 = Linear(a.dim, 2 * self.hidden)
-                ff.w2 = RowParallelLinear(self.hidden, a.dim, self)
+                ff.w2 = ParallelLinear(self.hidden, a.dim, self.all_reduce)
             model.tok_embeddings = VocabParallelEmbedding(self.vocab_rows, a.dim, self)
             if model.output is not None:
-                model.output = VocabParallelLinear(a.dim, self.vocab_rows, self)
+                model.output = ParallelLinear(a.dim, self.vocab_rows, self.gather_vocab)
         model.params = self.local_args  # KVCache(model.params, ...) holds this rank's kv heads
         model.tp = self
         return model
@@ -3025,7 +3025,7 @@ class TensorParallel:
         """A tied model's logits come from the embedding's rows, gathered as an output layer's would be."""
         if self.args.tie_word_embeddings:
             with torch.device("meta"):
-                model.output = VocabParallelLinear(self.args.dim, self.vocab_rows, self)
+                model.output = ParallelLinear(self.args.dim, self.vocab_rows, self.gather_vocab)
             model.output.weight = model.tok_embeddings.weight
 
     def _collective(self, op, *tensors):
@@ -3080,27 +3080,17 @@ class TensorParallel:
 ALL_GATHER = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
 
-class RowParallelLinear(Linear):
-    """wo or w2 over this rank's slice of their input features: the partial products are summed over the ranks."""
+class ParallelLinear(Linear):
+    """A layer over this rank's slice, its output combined over the ranks: wo or w2 over a slice of their input
+    features (combine: tp.all_reduce, which sums the partial products), the output layer over a slice of the
+    vocabulary rows (tp.gather_vocab: each rank gets all the logits, (..., vocab_size))."""
 
-    def __init__(self, in_features: int, out_features: int, tp: TensorParallel):
+    def __init__(self, in_features: int, out_features: int, combine: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__(in_features, out_features)
-        self.tp = tp
+        self.combine = combine
 
     def forward(self, x):
-        return self.tp.all_reduce(linear(x, self.weight))
-
-
-class VocabParallelLinear(Linear):
-    """The output layer over this rank's vocabulary rows; the logits of every rank are gathered, so each rank
-    gets all of them (..., vocab_size)."""
-
-    def __init__(self, in_features: int, out_features: int, tp: TensorParallel):
-        super().__init__(in_features, out_features)
-        self.tp = tp
-
-    def forward(self, x):
-        return self.tp.gather_vocab(linear(x, self.weight))
+        return self.combine(linear(x, self.weight))
 
 
 class VocabParallelEmbedding(nn.Embedding):
