@@ -26,8 +26,7 @@ Where llama31 departs from Meta's reference code, on purpose and with the same r
 - Logits only where generation needs them; one host sync per decode step (tokens and logprobs cross together).
 - Single-query attention is two small matmuls with an fp32 softmax (Meta's arithmetic), not SDPA; fp32 matmuls on
   x86 CPUs go to oneDNN.
-- Weights load on the meta device from memory-mapped files, shards merged tensor by tensor.
-"""
+- Weights load on the meta device from memory-mapped files, shards merged tensor by tensor."""
 
 import codecs
 import itertools
@@ -662,6 +661,7 @@ def model_from_weights(args: ModelArgs, weights, device, dtype, mapped: bool = F
         with torch.device("meta"):
             model = Transformer(args)
     sd = {name: t.to(device=device, dtype=dtype, copy=mapped) for name, t in weights if t is not None}
+    stack_weights(model, sd, "")  # not by the load hook: load_state_dict's copy of sd would keep every part
     model.load_state_dict(sd, strict=True, assign=True)
     model.init_rope(device)
     return model.eval().requires_grad_(False)
@@ -2135,6 +2135,7 @@ def _load_weights(args, weights, device, dtype, source, settings, mapped, plan, 
 
     def checked():
         seen, tied_output, embedding, quantized, parts_in = set(), None, None, {}, {}  # parts_in: stacked -> [codes]
+        filling = {}  # stacked weight -> [the tensor, rows copied in so far]
         for name, t in weights:
             if name in seen:
                 raise ValueError(f"{source}: tensor {format_name(name, fmt)} appears more than once")
@@ -2167,6 +2168,17 @@ def _load_weights(args, weights, device, dtype, source, settings, mapped, plan, 
                 codes = None
                 trim_heap()
                 yield name, None
+            elif name in stacked_rows:  # copied into its rows of the stacked weight: one copy, not a copy and a cat
+                stacked, start = stacked_rows[name]
+                if stacked not in filling:
+                    filling[stacked] = [torch.empty(stacked_shapes[stacked], device=device, dtype=dtype), 0]
+                placed = filling[stacked][0][start : start + t.shape[0]]  # (the part's rows, dim)
+                placed.copy_(t)
+                check_finite(name, placed, t, source)
+                filling[stacked][1] += t.shape[0]
+                yield name, None
+                if filling[stacked][1] == stacked_shapes[stacked][0]:
+                    yield stacked, filling.pop(stacked)[0]
             else:
                 placed = t.to(device=device, dtype=dtype, copy=mapped)
                 check_finite(name, placed, t, source)

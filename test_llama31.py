@@ -1037,8 +1037,10 @@ def test_released_pages_leave_memory(tmp_path):
 def test_load_peak_memory_near_one_copy(tmp_path):
     # the README's memory claim: Llama.build of a bf16 checkpoint into bf16 (and one forward pass) peaks near
     # one copy of the weights plus the largest tensor (its file pages and its copy are both resident while it is
-    # copied) plus a fixed ~0.15 GB (the tokenizer, code); here 0.43 GB of weights, 0.26 GB of them in the embedding
-    params = dict(dim=1024, n_layers=6, n_heads=8, vocab_size=128256, multiple_of=1024, tie_word_embeddings=True)
+    # copied) plus a fixed ~0.15 GB (the tokenizer, code); here 1.12 GB of weights, 0.26 GB of them in the embedding
+    # and 0.6 GB in the parts of stacked weights (wq/wk/wv, w1/w3): kept beside their stacked copies, they would
+    # break the bound
+    params = dict(dim=1024, n_layers=32, n_heads=8, vocab_size=128256, multiple_of=1024, tie_word_embeddings=True)
     folder = write_checkpoint(tmp_path / "ckpt", params, seed=0)
     size, largest = (folder / "consolidated.00.pth").stat().st_size, 128256 * 1024 * 2
     # VmHWM: this process's peak RSS (ru_maxrss would start from pytest's own, inherited across fork)
@@ -1050,7 +1052,7 @@ def test_load_peak_memory_near_one_copy(tmp_path):
     assert r.returncode == 0, r.stderr
     base, peak = map(int, r.stdout.split())
     print(f"checkpoint {size / 1e6:.0f} MB: peak RSS grew by {(peak - base) / 1e6:.0f} MB")
-    assert size > 400e6 and peak - base < size + largest + 200e6  # without releasing pages: 2 x size
+    assert size > 1.1e9 and peak - base < size + largest + 200e6  # without releasing pages: 2 x size
 
 
 def test_vocabulary_without_chat_format(llama3_vocab, llama_mha):
