@@ -12,9 +12,9 @@ llama31.py: Meta's Llama 3.x in one PyTorch file, exact against Meta's reference
 Up to the bar "end of the reference reading" (line 1000) is the reference, in the order it runs: config -> model
 -> tokenizer (with Llama 3's chat format) -> sampling -> loading a Meta checkpoint -> generation (Llama). Copied
 alone into a script it loads Meta folders and generates as the whole file does. After the bar, each in its own
-section, extensions plug into its seams (a Linear module, a cache argument, Llama's decode_step, loader and
-controls): compiled decoding, generation controls, other formats, quantization, tensor parallelism, the OpenAI
-server, the command line, the benchmarks, and fire's entry point.
+section, extensions plug into its seams (a Linear module, a cache argument, Llama's decode_step, loader, controls
+and chat): compiled decoding, generation controls, other formats, quantization, tensor parallelism, tools
+and structured output, the OpenAI server, the command line, the benchmarks, and fire's entry point.
 
 Where llama31 departs from Meta's reference code, on purpose and with the same results:
 - wq/wk/wv and w1/w3 are stacked into one matrix each (one matmul instead of three and two); checkpoints and
@@ -278,8 +278,7 @@ class KVCache:
         self.bsz, self.max_len = bsz, max_len
         # a tensor per layer: views of one shared tensor made the compiled step copy all of it each step (2.7x slower)
         shape = (bsz, args.n_kv_heads, max_len, args.head_dim)  # heads before positions, as attention reads them
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)] for _ in "kv")
         # decoding a ragged batch writes each step's mask and RoPE rows here, in place (Transformer.step)
         self.rows, self.key_positions = torch.arange(bsz, device=device), torch.arange(max_len, device=device)
         self.mask = torch.zeros(bsz, max_len, dtype=torch.bool, device=device)  # (bsz, max_len)
@@ -563,8 +562,7 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     if 0 < top_k < probs.shape[-1]:
         probs_sort[:, top_k:] = 0.0
         p = p * probs_sort[:, :top_k].sum(dim=-1, keepdim=True)  # (bsz, 1): p of the top k's mass, undivided
-    mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
-    drop = mass_before > p
+    drop = torch.cumsum(probs_sort, dim=-1) - probs_sort > p  # the mass before a token exceeds p
     if min_p > 0:
         drop |= probs_sort < min_p * probs_sort[:, :1]
     probs_sort = probs_sort.masked_fill(drop, 0.0)
@@ -750,13 +748,12 @@ class TextStream:
 class Llama:
     """A Transformer and its Tokenizer, with text generation; Llama.build(ckpt_dir) makes one. Each generation owns
     its KV cache: any number may be in flight. With tokenizer None, generate() maps ids to ids, no stop tokens.
-    Seams (None in the reference alone): decode_step, the decode step's function (the compiled one); Llama.loader,
-    to which build hands what it does not read; Llama.controls(llama, prompt_tokens, controls, temperature, top_p,
-    rng, text) -> (sample, row, prompt_cache), for the controls beyond Meta's (top_k, min_p, logits_processor, stop,
-    penalties, logit_bias, prompt_cache): sample(each row's ids so far, logits) -> ids (bsz,); row(tokenizer) -> a
-    TextRow; prompt_cache: None or fill(kv_cache, prompts) -> the position prefill starts at, and add(ids, kv_cache)."""
-    loader: Optional[Callable] = None
-    controls: Optional[Callable] = None
+    Seams (None in the reference alone): decode_step (the compiled step); Llama.loader, to which build hands what it
+    does not read; Llama.controls(llama, prompt_tokens, controls, temperature, top_p, rng, text) -> (sample(each
+    row's ids so far, logits) -> ids (bsz,), row(tokenizer) -> TextRow, prompt_cache: None or fill(kv_cache,
+    prompts) -> prefill's start, add(ids, kv_cache)), for top_k, min_p, stop, penalties, ...; Llama.chat(llama,
+    dialogs, controls) -> (tokens, controls left, finish(results) -> results), for tools, response_format, ..."""
+    loader = controls = chat = None  # Optional[Callable] each
 
     def __init__(self, model: "Transformer", tokenizer: Optional[Tokenizer], seed: int = 1, decode_step=None):
         check_value("seed", seed, int, "an integer in [0, 2**64)", lambda s: 0 <= s < 2**64)
@@ -966,6 +963,9 @@ class Llama:
                 raise TypeError(f"prompt {i} must be a str, got {type(s).__name__}")
         return [self.tokenizer.encode(s, bos=self.tokenizer.add_bos, eos=False) for s in prompts]
 
+    def _chat(self, dialogs, controls: dict):  # Llama.chat's, or the dialogs' tokens, the controls, finish: list
+        return Llama.chat(self, dialogs, controls) if Llama.chat else (self._encode(dialogs=dialogs), controls, list)
+
     def text_completion(self, prompts: List[str], sample_rng: Optional[torch.Generator] = None,
                         temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
                         echo: bool = False, logprobs: bool = False, **controls) -> List[dict]:
@@ -985,16 +985,16 @@ class Llama:
                         temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
                         logprobs: bool = False, **controls) -> List[dict]:
         """[{"generation": {"role": "assistant", "content": reply}, "finish_reason": ...}] of each dialog (messages)."""
-        tokens = self._encode(dialogs=dialogs)
+        tokens, controls, finish = self._chat(dialogs, controls)
         stream = self._text(tokens, False, sample_rng, temperature, top_p, max_gen_len, logprobs, controls)
-        return self._results(stream, tokens, False, logprobs, "assistant")
+        return finish(self._results(stream, tokens, False, logprobs, "assistant"))
 
     def chat_completion_stream(self, dialogs, sample_rng: Optional[torch.Generator] = None, temperature: float = 0.6,
                                top_p: float = 0.9, max_gen_len: Optional[int] = None, **controls) -> TextStream:
         """Stream replies: str pieces for one dialog, per step a list of pieces for a list of dialogs."""
         single = isinstance(dialogs, (list, tuple)) and len(dialogs) > 0 and isinstance(dialogs[0], dict)
-        return self._text(self._encode(dialogs=[dialogs] if single else dialogs), single, sample_rng, temperature,
-                          top_p, max_gen_len, False, controls)
+        tokens, controls, _ = self._chat([dialogs] if single else dialogs, controls)
+        return self._text(tokens, single, sample_rng, temperature, top_p, max_gen_len, False, controls)
 
 
 # =============================================================================
@@ -1004,6 +1004,7 @@ class Llama:
 # =============================================================================
 
 # the extensions' imports, here so that the reference above, copied alone, needs only its own
+import ast  # noqa: E402
 import atexit  # noqa: E402
 import bisect  # noqa: E402
 import collections  # noqa: E402
@@ -1022,7 +1023,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from dataclasses import field, replace  # noqa: E402
-from datetime import timedelta  # noqa: E402
+from datetime import datetime, timedelta  # noqa: E402
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
 from typing import Iterable  # noqa: E402
 
@@ -1295,7 +1296,8 @@ class PromptCache:
 
 
 # the generation controls beyond Meta's sampling: Sampling's fields, stop strings (text methods) and prompt_cache
-GENERATION_CONTROLS = [f.name for f in fields(Sampling)][2:] + ["stop", "prompt_cache"]
+GENERATION_CONTROLS = [f.name for f in fields(Sampling)][2:] + ["response_format", "json_schema", "grammar", "stop",
+                                                                 "prompt_cache"]
 
 
 def generation_controls(llama: Llama, prompt_tokens, controls: dict, temperature, top_p, rng, text: bool):
@@ -1310,8 +1312,12 @@ def generation_controls(llama: Llama, prompt_tokens, controls: dict, temperature
     stop, prompt_cache = check_stop(controls.pop("stop", None)), controls.pop("prompt_cache", None)
     if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
         raise TypeError(f"prompt_cache must be a PromptCache, got {type(prompt_cache).__name__}")
+    grammar = output_grammar(*(controls.pop(k, None) for k in ("response_format", "json_schema", "grammar")))
     s = Sampling(temperature, top_p, **controls)
     s.check(llama.params.vocab_size)
+    if grammar is not None and llama.tokenizer is None:
+        raise ValueError("structured output (response_format, json_schema, grammar) needs a Llama with a tokenizer")
+    grammar = Grammar(llama.tokenizer, llama.params.vocab_size, grammar, len(prompt_tokens)) if grammar else None
     penalties = Penalties(len(prompt_tokens), llama.params.vocab_size, llama.device) if s.adjusts_logits else None
     for i in range(len(prompt_tokens) if penalties is not None else 0):
         penalties.set_row(i, s, prompt_tokens[i])
@@ -1319,6 +1325,7 @@ def generation_controls(llama: Llama, prompt_tokens, controls: dict, temperature
     def sample(tokens, logits):
         logits = logits if penalties is None else penalties(logits)
         logits = logits if s.logits_processor is None else process(s.logits_processor, tokens, logits)
+        logits = logits if grammar is None else grammar(tokens, logits)
         next_tok = sample_next(logits, s.temperature, s.top_p, rng, s.top_k, s.min_p)
         if penalties is not None:
             penalties.count(next_tok)
@@ -3187,6 +3194,510 @@ class SharedLines:
 
 
 # -----------------------------------------------------------------------------
+# tools and structured output: Llama 3.1's tool calling as Meta's llama-models writes and reads it (ChatFormat,
+# ToolUtils, the system prompt templates of its prompt formats), plugged in by Llama.chat (chat_extensions); and
+# output held to a JSON schema, token by token, by llguidance's grammar matcher (Grammar, a logits processor) in
+# generation_controls' sampling and the server's
+
+BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "code_interpreter")  # Llama 3.1's; code_interpreter: Python code
+TOOL_FORMATS = ("json", "python_list")  # custom tools offered and called as Llama 3.1's JSON, or 3.2's [f(x=1)]
+CHAT_CONTROLS = ("tools", "tool_choice", "tool_prompt_format", "parallel_tool_calls", "today",
+                 "continue_final_message")
+MESSAGE_KEYS = {"role", "content", "tool_calls", "tool_call_id", "name"}
+PYTHON_LIST_PROMPT = (  # Llama 3.2's system prompt for its pythonic tool calls (llama-models' text_prompt_format.md)
+    "You are an expert in composing functions. You are given a question and a set of possible functions.\n"
+    "Based on the question, you will need to make one or more function/tool calls to achieve the purpose.\n"
+    "If none of the function can be used, point it out. If the given question lacks the parameters required by "
+    "the function,\nalso point it out. You should only return the function call in tools call sections.\n\n"
+    "If you decide to invoke any of the function(s), you MUST put it in the format of [func_name1(params_name1="
+    "params_value1, params_name2=params_value2...), func_name2(params)]\nYou SHOULD NOT include any other text in "
+    "the response.\n\nHere is a list of functions in JSON format that you can invoke.\n\n")
+
+
+class Tools(NamedTuple):
+    """The tools a chat may call: built-in ones by name, custom functions by name -> {"name", "description",
+    "parameters": a JSON schema object}; how the functions are offered (fmt); the system prompt's today."""
+    builtins: Tuple[str, ...]
+    functions: Dict[str, dict]
+    fmt: str
+    today: str
+
+    @property
+    def names(self) -> List[str]:
+        return [*self.builtins, *self.functions]
+
+
+def check_tools(tools, fmt: str = "json", today: Optional[str] = None) -> Tools:
+    """tools (built-in names of BUILTIN_TOOLS, OpenAI function definitions {"type": "function", "function":
+    {"name", "description", "parameters"}}) as Tools, or ValueError naming the bad one."""
+    check_value("tools", tools, (list, tuple), "a non-empty list of tools", len)
+    if fmt not in TOOL_FORMATS:
+        raise ValueError(f"tool_prompt_format must be one of {', '.join(TOOL_FORMATS)}, got {fmt!r}")
+    builtins, functions = [], {}
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        if isinstance(t, str) and t in BUILTIN_TOOLS:
+            builtins.append(t)
+            continue
+        ok = isinstance(f, dict) and set(f) <= {"name", "description", "parameters", "strict"} and isinstance(
+            f.get("name"), str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", f["name"]) and isinstance(
+            f.get("description", ""), str) and isinstance(f.get("parameters", {}), dict)
+        if not ok:
+            raise ValueError(f"tools[{i}] must be one of {', '.join(BUILTIN_TOOLS)} or {{\"type\": \"function\", "
+                             f"\"function\": {{\"name\": 1-64 of [A-Za-z0-9_.-], \"description\": str, "
+                             f"\"parameters\": a JSON schema object}}}}, got {t!r:.200}")
+        if f["name"] in functions or f["name"] in builtins:
+            raise ValueError(f"tools[{i}]: the name {f['name']!r} is given twice")
+        functions[f["name"]] = {"name": f["name"], "description": f.get("description", ""),
+                                "parameters": f.get("parameters") or {"type": "object", "properties": {}}}
+    today = datetime.now().strftime("%d %B %Y") if today is None else today  # Meta's template's date
+    check_value("today", today, str, "a date as the system prompt writes it, e.g. '21 September 2024'", len)
+    return Tools(tuple(builtins), functions, fmt, today)
+
+
+def _tojson(value) -> str:  # Jinja's tojson filter, which Meta's templates render lists with
+    text = json.dumps(value, sort_keys=True)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("'", "\\u0027")
+
+
+def json_function_text(f: dict) -> str:
+    """A custom function as Meta's Llama 3.1 JSON template lists it, character for character: parameters as a list
+    of one-key objects whose "type" is always "object", names and descriptions pasted in unescaped."""
+    item = '{{\n    "{}": {{\n        "type": "object",\n        "description": "{}"\n    }}\n}}'
+    props = ",".join("\n" + "\n".join(" " * 16 + line for line in item.format(n, p.get("description")).split("\n"))
+                     for n, p in f["parameters"].get("properties", {}).items())
+    return (f'{{\n    "type": "function",\n    "function": {{\n        "name": "{f["name"]}",\n'
+            f'        "description": "{f["description"]}",\n        "parameters": {{\n            "type": "object",\n'
+            f'            "properties": [{props}\n            ],\n'
+            f'            "required": {_tojson(f["parameters"].get("required", []))}\n        }}\n    }}\n}}')
+
+
+def python_list_functions_text(functions: Dict[str, dict]) -> str:
+    """The functions as Llama 3.2's prompt format lists them: JSON, "parameters" of "type" "dict"."""
+    listed = []
+    for f in functions.values():
+        props = {n: {"type": p.get("type"), "description": p.get("description"),
+                     **({"default": p["default"]} if "default" in p else {})}
+                 for n, p in f["parameters"].get("properties", {}).items()}
+        listed.append({"name": f["name"], "description": f["description"], "parameters": {
+            "type": "dict", "required": f["parameters"].get("required", []), "properties": props}})
+    return json.dumps(listed, indent=4)
+
+
+def tool_prompts(tools: Tools, system: Optional[str]) -> Tuple[str, Optional[str]]:
+    """The system message (its text) that offers tools, the dialog's own system message last, and the user message
+    that lists the functions in the json format (Meta's Llama 3.1 prompt format: a message of its own after the
+    system one) or None; in the python_list format (Llama 3.2) the functions are in the system message."""
+    shown = [b for b in tools.builtins if b != "code_interpreter"]  # "Environment: ipython" turns it on
+    env = "Environment: ipython\n" + (f"Tools: {', '.join(shown)}" if shown else "") + "\n"
+    dates = f"Cutting Knowledge Date: December 2023\nToday Date: {tools.today}\n"
+    if tools.fmt == "python_list" and tools.functions:
+        text = (env + dates + "\n" if tools.builtins else "") + PYTHON_LIST_PROMPT + \
+            python_list_functions_text(tools.functions)
+        return text + (f"\n\n{system}" if system else ""), None
+    text = env + dates + (f"\n{system}\n" if system else "")
+    listed = None if not tools.functions else (
+        "Answer the user's question by making use of the following functions if needed.\nIf none of the function "
+        "can be used, please say so.\nHere is a list of functions in JSON format:\n" +
+        "".join(json_function_text(f) + "\n" for f in tools.functions.values()) + "\nReturn function calls in JSON "
+        "format.")
+    return text, listed
+
+
+def _python_value(v) -> str:  # a value in Meta's python_list call text (ToolUtils.encode_tool_call)
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, list):
+        return f"[{', '.join(_python_value(x) for x in v)}]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}={_python_value(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def tool_call_text(name: str, arguments: dict, fmt: str) -> str:
+    """A call as the model writes it (Meta's ToolUtils.encode_tool_call): built-ins as brave_search.call(query="..."),
+    code_interpreter as its code, functions as {"type": "function", "name", "parameters"} or [name(k=v, ...)]."""
+    if name in ("brave_search", "wolfram_alpha"):
+        return f'{name}.call(query="{arguments.get("query", "")}")'
+    if name == "code_interpreter":
+        return str(arguments.get("code", ""))
+    if fmt == "python_list":
+        return f"[{name}({', '.join(f'{k}={_python_value(v)}' for k, v in arguments.items())})]"
+    return json.dumps({"type": "function", "name": name, "parameters": arguments})
+
+
+def message_calls(m: dict, where: str, tools: Optional[Tools]) -> List[Tuple[str, str, dict]]:
+    """An assistant message's tool_calls (OpenAI's: {"id", "type": "function", "function": {"name", "arguments":
+    a JSON object as a str, or a dict}}) as (id, name, arguments), or ValueError naming the bad one."""
+    calls = m.get("tool_calls") or []
+    check_value(f"{where}: tool_calls", calls, (list, tuple), "a list of tool calls", lambda x: True)
+    out = []
+    for k, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise ValueError(f"{where}: tool call {k} must be {{\"id\", \"type\": \"function\", \"function\": "
+                             f"{{\"name\", \"arguments\"}}}}, got {c!r:.200}")
+        if tools is not None and f["name"] not in tools.names:
+            raise ValueError(f"{where}: tool call {k} calls {f['name']!r}, which is not among the tools "
+                             f"({', '.join(tools.names)})")
+        args = f.get("arguments", "{}")
+        try:
+            args = json.loads(args) if isinstance(args, str) else args
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: tool call {k}'s arguments are not valid JSON ({e}): {args!r:.200}") from None
+        if not isinstance(args, dict):
+            raise ValueError(f"{where}: tool call {k}'s arguments must be a JSON object, got {args!r:.200}")
+        out.append((str(c.get("id", "")), f["name"], args))
+    return out
+
+
+def check_chat_dialog(dialog, index: int, tools: Optional[Tools], continue_final: bool) -> List[dict]:
+    """dialog with tool calls and results, or ValueError naming the message: roles system, user, assistant (with
+    tool_calls), ipython or tool (a result, with the tool_call_id of an earlier call when the calls have ids);
+    content a str (None for an assistant message that only calls tools); the last for the assistant to answer,
+    or with continue_final the assistant's own to continue."""
+    where = f"dialog {index}"
+    check_value(where, dialog, (list, tuple), "a non-empty list of messages", len)
+    ids = set()
+    for j, m in enumerate(dialog):
+        at = f"{where}, message {j}"
+        check_value(at, m, dict, "a dict with keys 'role' and 'content' (and 'tool_calls', 'tool_call_id', 'name')",
+                    lambda m: "role" in m and ("content" in m or m.get("tool_calls")) and set(m) <= MESSAGE_KEYS)
+        if m["role"] not in CHAT_ROLES + ("tool",):
+            raise ValueError(f"{at}: unknown role {m['role']!r}; roles are {', '.join(CHAT_ROLES + ('tool',))}")
+        if m.get("tool_calls") and m["role"] != "assistant":
+            raise ValueError(f"{at}: only an assistant message has tool_calls")
+        calls = message_calls(m, at, tools) if m["role"] == "assistant" else []
+        ids.update(c[0] for c in calls)
+        content = m.get("content")
+        if not (isinstance(content, str) or content is None and calls):
+            raise ValueError(f"{at}: content must be a str (or None with tool_calls), got {content!r:.100}")
+        if m["role"] == "tool":
+            if not ids and not any(d.get("tool_calls") for d in dialog[:j]):
+                raise ValueError(f"{at}: a tool result with no tool call before it")
+            if ids - {""} and m.get("tool_call_id") not in ids:
+                raise ValueError(f"{at}: tool_call_id {m.get('tool_call_id')!r} names no earlier tool call "
+                                 f"({', '.join(sorted(ids - {''}))})")
+    last = dialog[-1]
+    if continue_final and (last["role"] != "assistant" or last.get("tool_calls")):
+        raise ValueError(f"{where}: continue_final_message needs a dialog that ends with the assistant's text")
+    if not continue_final and last["role"] == "assistant":
+        raise ValueError(f"{where} ends with an assistant message; the last message must be for the assistant "
+                         f"to answer, or pass continue_final_message=True to continue it")
+    return list(dialog)
+
+
+def calls_text(calls, fmt: str) -> List[str]:
+    """The texts of an assistant message's calls, each encoded on its own (Meta's ChatFormat); in the python_list
+    format several functions' calls are one list, [f(a=1), g(b=2)], as Llama 3.2 writes them (where Meta's
+    ChatFormat writes [f(a=1)][g(b=2)])."""
+    texts = [tool_call_text(n, a, fmt) for _, n, a in calls]
+    if fmt == "python_list" and len(calls) > 1 and not any(n in BUILTIN_TOOLS for _, n, _ in calls):
+        return ["[" + ", ".join(t[1:-1] for t in texts) + "]"]
+    return texts
+
+
+def chat_tokens(tok: Tokenizer, dialog: List[dict], tools: Optional[Tools], continue_final: bool = False):
+    """Token ids of a checked dialog as Meta's ChatFormat encodes it (llama3 vocabularies): the tools' system
+    prompt (tool_prompts) when tools are given; an assistant message's calls after its content, each encoded on
+    its own, <|python_tag|> first when the first calls code_interpreter, <|eom_id|> at its end (the model awaited a
+    result); tool results under the ipython header. Then the assistant's header, or with continue_final the last
+    message's text, left open. Other chat formats (ChatML) get the same messages as text."""
+    fmt = tools.fmt if tools is not None else "json"
+    messages = list(dialog)
+    if tools is not None:
+        system = messages.pop(0)["content"] if messages[0]["role"] == "system" else None
+        text, listed = tool_prompts(tools, system)
+        messages[:0] = [{"role": "system", "content": text, "keep": True}] + \
+            ([{"role": "user", "content": listed}] if listed else [])
+    final = messages.pop() if continue_final else None
+    llama3, tokens = tok.chat_format == "llama3", []
+    plain = []  # ChatML: the messages as text
+    for m in messages:
+        role = "ipython" if m["role"] == "tool" else m["role"]
+        content = m.get("content") or ""
+        content = content if m.get("keep") else content.strip()  # the reference strips; Meta's templates' text
+        calls = message_calls(m, "", None) if role == "assistant" else []  # keep their last newline
+        if not llama3:
+            text = "".join([content, *calls_text(calls, fmt)])
+            plain.append({"role": "tool" if role == "ipython" else role, "content": text})
+            continue
+        tokens += tok.encode_header(role)
+        if calls and calls[0][1] == "code_interpreter":
+            tokens.append(tok.python_tag_id)
+        for piece in [content, *calls_text(calls, fmt)]:
+            tokens += tok.encode(piece, bos=False, eos=False)
+        tokens.append(tok.eom_id if calls else tok.eot_id)
+    if not llama3:
+        tokens = tok.dialog_tokens(plain) if plain else tok.encode_header("assistant")
+        if final is not None:
+            tokens += tok.encode(final.get("content") or "", bos=False, eos=False)
+        return tokens
+    tokens = [tok.bos_id, *tokens, *tok.encode_header("assistant")]
+    return tokens + (tok.encode(final["content"], bos=False, eos=False) if final is not None else [])
+
+
+BUILTIN_CALL = re.compile(r'\b(?P<tool_name>\w+)\.call\(query="(?P<query>[^"]*)"\)')  # ToolUtils' two patterns
+FUNCTION_TAG_CALL = re.compile(r"<function=(?P<function_name>[^}]+)>(?P<args>{.*?})")
+
+
+def _python_list_calls(text: str) -> Optional[List[Tuple[str, dict]]]:
+    """[f(a=1), g(b="x")] as [(f, {a: 1}), (g, {b: "x"})], or None unless the text is exactly such a list."""
+    try:
+        tree = ast.parse(text.strip())
+    except SyntaxError:
+        return None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr) or not isinstance(tree.body[0].value, ast.List):
+        return None
+    calls = []
+    for node in tree.body[0].value.elts:
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+            return None
+        try:
+            calls.append((node.func.id, {k.arg: ast.literal_eval(k.value) for k in node.keywords}))
+        except ValueError:  # an argument that is not a literal
+            return None
+    return calls or None
+
+
+def _custom_calls(text: str) -> Optional[List[Tuple[str, dict]]]:
+    """Function calls as ToolUtils.maybe_extract_custom_tool_call finds them, every one where it takes the first:
+    <function=name>{...}</function> tags, JSON objects with "name" (and "parameters", or OpenAI's "arguments";
+    several may follow each other, separated by ";" or whitespace), or a python list of calls."""
+    tags = [(m.group("function_name"), m.group("args")) for m in FUNCTION_TAG_CALL.finditer(text)]
+    if tags:
+        try:
+            return [(name, json.loads(args.replace("'", '"'))) for name, args in tags]
+        except json.JSONDecodeError:
+            return None
+    objects, rest, decoder = [], text.strip(), json.JSONDecoder()
+    while rest.startswith("{"):
+        try:
+            obj, end = decoder.raw_decode(rest)
+        except json.JSONDecodeError:
+            break
+        objects.append(obj)
+        rest = rest[end:].lstrip().lstrip(";").lstrip()
+    if objects and not rest:
+        if all(isinstance(o, dict) and (o.get("type") == "function" or "name" in o) and isinstance(o.get("name"), str)
+               for o in objects):
+            return [(o["name"], o.get("parameters", o.get("arguments", {}))) for o in objects]
+        return None
+    return _python_list_calls(text)
+
+
+def parse_tool_calls(text: str, tools: Tools) -> Tuple[str, List[Tuple[str, dict]]]:
+    """(content, calls) of a reply as Meta's ChatFormat.decode_assistant_message reads it: custom function calls
+    (_custom_calls; one named after a built-in is that built-in, its first argument the query), else a built-in's
+    name.call(query="..."), else after <|python_tag|> code for code_interpreter. Calls that name no tool in tools,
+    or whose arguments are no JSON object, leave the reply as text; content is "" when there are calls."""
+    content = text.strip(" ")
+    ipython = content.startswith("<|python_tag|>")
+    content = content[len("<|python_tag|>"):] if ipython else content
+    calls = _custom_calls(content)
+    if calls is not None:
+        calls = [(n, {"query": next(iter(a.values()), "")}) if n in BUILTIN_TOOLS and isinstance(a, dict) and a and
+                 n != "code_interpreter" else (n, a) for n, a in calls]
+    elif BUILTIN_CALL.search(content):
+        m = BUILTIN_CALL.search(content)
+        calls = [(m.group("tool_name"), {"query": m.group("query")})]
+    elif ipython:
+        calls = [("code_interpreter", {"code": content})]
+    if not calls or not all(n in tools.names and isinstance(a, dict) for n, a in calls):
+        return text, []
+    return "", calls
+
+
+CALL_STARTS = ("<|python_tag|>", "{", "[", "<function=", "brave_search.call(", "wolfram_alpha.call(")
+
+
+def may_be_tool_call(text: str) -> bool:
+    """Whether a reply that begins with text may still be a tool call (parse_tool_calls reads it at its end)."""
+    t = text.lstrip()
+    return any(t.startswith(p) or p.startswith(t) for p in CALL_STARTS)
+
+
+def openai_tool_calls(calls: List[Tuple[str, dict]]) -> List[dict]:
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": name, "arguments": json.dumps(args)}} for name, args in calls]
+
+
+def import_llguidance():
+    try:
+        import llguidance
+    except ImportError as e:
+        raise RuntimeError("structured output (response_format, json_schema, tool_choice 'required' or a named "
+                           "function) needs llguidance: pip install llguidance") from e
+    return llguidance
+
+
+_LLG_TOKENIZERS = {}  # id(tokenizer) -> (tokenizer, its llguidance tokenizer): building one takes ~1 s
+
+
+def llg_tokenizer(tok: Tokenizer, vocab_size: int):
+    """llguidance's view of tok (its tokens' bytes, its special tokens, its stop tokens as end of sequence)."""
+    llguidance = import_llguidance()
+    key = (id(tok), vocab_size)
+    if key not in _LLG_TOKENIZERS or _LLG_TOKENIZERS[key][0] is not tok:
+
+        class Vocabulary:  # what llguidance.TokenizerWrapper reads
+            eos_token_id, bos_token_id = min(tok.stop_tokens), tok.bos_id
+            tokens = [tok.token_bytes(i) for i in range(tok.n_words)]
+            special_token_ids = sorted(tok.special_tokens.values())
+
+            def __call__(self, s: str) -> List[int]:
+                return tok.encode(s, bos=False, eos=False)
+
+        _LLG_TOKENIZERS[key] = (tok, llguidance.LLTokenizer(llguidance.TokenizerWrapper(Vocabulary()),
+                                                            n_vocab=vocab_size, eos_token=sorted(tok.stop_tokens)))
+    return _LLG_TOKENIZERS[key][1]
+
+
+def response_grammar(response_format) -> Optional[str]:
+    """The llguidance grammar of an OpenAI response_format: {"type": "text"} (None: no constraint),
+    {"type": "json_object"} (any JSON object), {"type": "json_schema", "json_schema": {"name", "schema", "strict",
+    "description"}}; or ValueError naming what is wrong."""
+    llguidance = import_llguidance()
+    rf = response_format
+    kinds = "{'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'schema': {...}}}"
+    if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+        raise ValueError(f"response_format must be {kinds}, got {rf!r:.200}")
+    if rf["type"] == "text":
+        return None
+    if rf["type"] == "json_object":
+        schema = {"type": "object"}
+    else:
+        js = rf.get("json_schema")
+        if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict) or set(js) - {
+                "name", "schema", "strict", "description"}:
+            raise ValueError(f"response_format's json_schema must be {{'name', 'schema': a JSON schema object, "
+                             f"'strict', 'description'}}, got {js!r:.200}")
+        schema = js.get("schema", {})
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"response_format: the JSON schema is not usable: {e}") from None
+
+
+def output_grammar(response_format=None, json_schema=None, grammar=None) -> Optional[str]:
+    """The grammar of the controls response_format (OpenAI's, see response_grammar), json_schema (a JSON schema, for
+    {"type": "json_schema", "json_schema": {"schema": json_schema}}) or grammar (llguidance's: a Lark grammar, or
+    its JSON); at most one. None: the reply is free."""
+    given = [k for k, v in (("response_format", response_format), ("json_schema", json_schema),
+                            ("grammar", grammar)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one of response_format, json_schema and grammar, not {' and '.join(given)}")
+    if json_schema is not None:
+        check_value("json_schema", json_schema, dict, "a JSON schema (a dict)", lambda x: True)
+        return response_grammar({"type": "json_schema", "json_schema": {"schema": json_schema}})
+    if grammar is not None:
+        check_value("grammar", grammar, str, "an llguidance grammar (Lark text, or its JSON)", len)
+        import_llguidance()
+        return grammar
+    return None if response_format is None else response_grammar(response_format)
+
+
+def tool_choice_grammar(tools: Tools, choice) -> Optional[str]:
+    """The grammar that makes the reply a call (json format): tool_choice "required" (any function), or
+    {"type": "function", "function": {"name"}} (that one); None for "auto" and "none"."""
+    if choice in ("auto", "none"):
+        return None
+    names = list(tools.functions) if choice == "required" else [choice["function"]["name"]]
+    if tools.fmt != "json" or not names:
+        raise ValueError(f"tool_choice {choice!r} is enforced for custom functions in the json tool format only")
+    call = [{"type": "object", "properties": {"name": {"const": n}, "parameters": tools.functions[n]["parameters"]},
+             "required": ["name", "parameters"], "additionalProperties": False} for n in names]
+    return response_grammar({"type": "json_schema", "json_schema": {"schema": {"anyOf": call}}})
+
+
+def check_tool_choice(choice, tools: Optional[Tools]):
+    """tool_choice: "auto" (default), "none", "required" or {"type": "function", "function": {"name": a tool's}}."""
+    if choice in ("auto", "none", "required") or choice is None:
+        if choice == "required" and tools is None:
+            raise ValueError("tool_choice 'required' needs tools")
+        return choice or "auto"
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
+        and isinstance(choice.get("function"), dict) else None
+    if tools is None or name not in tools.functions:
+        raise ValueError(f"tool_choice must be 'auto', 'none', 'required' or {{'type': 'function', 'function': "
+                         f"{{'name': one of the functions {list(tools.functions) if tools else []}}}}}, got "
+                         f"{choice!r:.200}")
+    return choice
+
+
+class Grammar:
+    """A logits processor (generation_controls', the server's) that keeps each row's reply inside an llguidance
+    grammar: per row a matcher is fed the row's new tokens and masks the logits to the tokens that can follow
+    (the stop tokens once the grammar is complete). Called with each row's ids so far, the first call's lengths
+    taken as the prompts'."""
+
+    def __init__(self, tok: Tokenizer, vocab_size: int, grammar: str, rows: int):
+        llguidance = import_llguidance()
+        lltok = llg_tokenizer(tok, vocab_size)
+        self.matchers = [llguidance.LLMatcher(lltok, grammar, log_level=0) for _ in range(rows)]
+        if self.matchers[0].is_error():
+            raise ValueError(f"the grammar is refused by llguidance: {self.matchers[0].get_error()}")
+        self.vocab_size, self.start, self.fed = vocab_size, None, [0] * rows
+        self.bitmask = torch.zeros(rows, (vocab_size + 31) // 32, dtype=torch.int32)  # (rows, vocab / 32) bits
+        self.bits = torch.arange(32, dtype=torch.int32)
+
+    def __call__(self, tokens, logits: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            self.start = [len(t) for t in tokens]
+        for i, m in enumerate(self.matchers):
+            new = tokens[i][self.start[i] + self.fed[i]:]
+            if new and not m.consume_tokens(new):
+                raise RuntimeError(f"row {i}: the grammar refused token(s) {new}: {m.get_error()}")
+            self.fed[i] += len(new)
+            m.unsafe_compute_mask_ptr(self.bitmask[i].data_ptr(), self.bitmask.shape[1] * 4)  # row i's bits
+        # (rows, vocab / 32, 32) bits -> (rows, vocab) allowed
+        allowed = ((self.bitmask[:, :, None] >> self.bits) & 1).view(len(self.matchers), -1)[:, : self.vocab_size]
+        return logits.masked_fill(allowed.to(logits.device) == 0, float("-inf"))
+
+
+def chat_extensions(llama: Llama, dialogs, controls: dict):
+    """Llama.chat: the chat methods' controls tools (check_tools), tool_choice, tool_prompt_format, today,
+    parallel_tool_calls and continue_final_message; dialogs with tool calls and results. Returns the dialogs'
+    tokens, the other controls (response_format: the grammar of a forced call) and finish, which reads each reply's
+    calls (parse_tool_calls) into {"role", "content", "tool_calls"} with finish_reason "tool_calls"."""
+    controls, tok = dict(controls), llama.tokenizer
+    options = {k: controls.pop(k) for k in CHAT_CONTROLS if k in controls}
+    plain = isinstance(dialogs, (list, tuple)) and all(
+        isinstance(d, (list, tuple)) and all(isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in
+                                             CHAT_ROLES for m in d) for d in dialogs)
+    if not options and plain:
+        return llama._encode(dialogs=dialogs), controls, list
+    tools = None if options.get("tools") is None else check_tools(
+        options["tools"], options.get("tool_prompt_format", "json"), options.get("today"))
+    choice = check_tool_choice(options.get("tool_choice"), tools)
+    parallel, continue_final = options.get("parallel_tool_calls", True), options.get("continue_final_message", False)
+    check_value("parallel_tool_calls", parallel, bool)
+    check_value("continue_final_message", continue_final, bool)
+    check_value("dialogs", dialogs, (list, tuple), "a non-empty list of dialogs (lists of messages)", len)
+    tokens = [chat_tokens(tok, check_chat_dialog(d, i, tools, continue_final), tools, continue_final)
+              for i, d in enumerate(dialogs)]
+    forced = tool_choice_grammar(tools, choice) if tools is not None else None
+    if forced is not None:
+        if "response_format" in controls or "json_schema" in controls:
+            raise ValueError(f"tool_choice {choice!r} and response_format cannot both hold the reply")
+        controls["grammar"] = forced
+
+    def finish(results):
+        for r in results if tools is not None and choice != "none" else []:
+            content, calls = parse_tool_calls(r["generation"]["content"], tools)
+            if calls:
+                r["generation"] = {"role": "assistant", "content": content,
+                                   "tool_calls": openai_tool_calls(calls if parallel else calls[:1])}
+                r["finish_reason"] = "tool_calls"
+        return results
+
+    return tokens, controls, finish
+
+
+Llama.chat = chat_extensions
+
+
+# -----------------------------------------------------------------------------
 # server: the OpenAI HTTP API (chat and text completions, streamed or not) with continuous batching.
 # Standard library only: http.server's ThreadingHTTPServer runs a thread per connection, which parses and
 # checks the request, tokenizes it and hands its generation (a Job) to the one engine thread that runs the model.
@@ -3223,9 +3734,9 @@ class APIError(Exception):
 @dataclass(eq=False)
 class Job:
     """One generation the engine runs: a prompt's tokens and how to continue them. The engine reports to
-    `events` (a queue the request's HTTP thread reads): ("piece", index, text, token infos) as text comes,
-    then ("end", index, finish_reason, completion_tokens), or ("error", index, APIError). Setting `cancelled`
-    (the client went away) ends it at the next step."""
+    `events` (a queue the request's HTTP thread reads): ("prompt", index, token infos) with prompt_logprobs,
+    ("piece", index, text, token infos) as text comes, then ("end", index, finish_reason, completion_tokens), or
+    ("error", index, APIError). Setting `cancelled` (the client went away) ends it at the next step."""
     prompt: List[int]
     budget: int  # most tokens it may add: max_tokens, within the context
     sampling: Sampling
@@ -3234,6 +3745,8 @@ class Job:
     top_logprobs: Optional[int]  # None: no logprobs; else how many alternatives per token (0-20)
     events: queue.Queue
     index: int = 0  # its choice in the response
+    grammar: Optional[Grammar] = None  # the reply's grammar (response_format, a forced tool call)
+    prompt_logprobs: bool = False  # report the prompt's tokens' logprobs first (echo): ("prompt", index, infos)
     cancelled: bool = False
     # the engine's state of the job while it runs
     text: Optional[TextRow] = None
@@ -3345,8 +3858,11 @@ class BatchEngine:
             if job.cancelled:
                 continue
             self.stats["joined_running"] += len(self.rows) > len(new_logits)
-            try:
-                new_logits.append(self.prefill(job))
+            try:  # a choice of the same prompt as the row before it (n > 1) copies that row's prefill
+                twin = new_logits[-1] if new_logits and self.rows[-1].prompt is job.prompt else None
+                logits = self.prefill(job, twin)
+                if logits is not None:
+                    new_logits.append(logits)
             except Exception as e:  # fails this job only: it has not taken its row yet
                 job.events.put(("error", job.index, APIError(500, f"prefill failed: {type(e).__name__}: {e}",
                                                              kind="server_error")))
@@ -3386,14 +3902,27 @@ class BatchEngine:
         for job in self.rows:
             job.fed.append(job.next_token)
 
-    def prefill(self, job: Job) -> torch.Tensor:
-        """Start job in the next free row; return its next-token logits (1, vocab)."""
-        i = len(self.rows)
+    def prefill(self, job: Job, twin: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Start job in the next free row; return its next-token logits (1, vocab), or None for a job that asks
+        for no tokens (its prompt's logprobs only). twin: the logits of the row before, of the same prompt, whose
+        keys and values are copied instead of computed."""
+        i, n = len(self.rows), len(job.prompt)
         row = cache_view(self.cache, slice(i, i + 1), self.cache.max_len)
-        start = self.prompt_cache.fill(row, [job.prompt]) if self.prompt_cache is not None else 0
-        tokens = torch.tensor([job.prompt[start:]], device=self.device)  # (1, len(prompt) - start)
-        logits = self.model.logits(self.model.hidden_states(tokens, start, row)[:, -1])  # (1, vocab)
-        self.pos[i] = len(job.prompt)
+        if twin is not None and not job.prompt_logprobs:
+            for k, v in zip(self.cache.k, self.cache.v):  # (max_batch_size, n_kv_heads, max_len, head_dim) each
+                k[i, :, :n], v[i, :, :n] = k[i - 1, :, :n], v[i - 1, :, :n]
+            logits = twin
+        else:  # the prompt's logprobs need every position computed: no prompt cache then
+            start = self.prompt_cache.fill(row, [job.prompt]) if self.prompt_cache and not job.prompt_logprobs else 0
+            tokens = torch.tensor([job.prompt[start:]], device=self.device)  # (1, len(prompt) - start)
+            h = self.model.hidden_states(tokens, start, row)  # (1, len(prompt) - start, dim)
+            if job.prompt_logprobs:
+                job.events.put(("prompt", job.index, self.prompt_infos(job, h[0])))
+            logits = self.model.logits(h[:, -1])  # (1, vocab)
+        if job.budget == 0:
+            job.events.put(("end", job.index, "length", 0))
+            return None
+        self.pos[i] = n
         if job.sampling.adjusts_logits:
             self.penalties.set_row(i, job.sampling, job.prompt)
         if job.sampling.temperature > 0:
@@ -3403,10 +3932,31 @@ class BatchEngine:
         self.rows.append(job)
         return logits
 
+    def prompt_infos(self, job: Job, h: torch.Tensor, chunk: int = 256) -> list:
+        """The prompt's tokens as the token infos of its text (job.top_logprobs alternatives each), the first
+        with no logprob; h (len(prompt), dim): the prefill's hidden states."""
+        text, k, infos = TextRow(self.llama.tokenizer), job.top_logprobs, []
+        for t in job.prompt:
+            text.add(t)
+        infos.append((job.prompt[0], None, None, 0))
+        for s in range(0, len(job.prompt) - 1, chunk):
+            e = min(s + chunk, len(job.prompt) - 1)
+            lp = torch.log_softmax(self.model.logits(h[s:e]), dim=-1)  # (e - s, vocab): tokens s+1 .. e
+            chosen = lp.gather(-1, torch.tensor(job.prompt[s + 1 : e + 1], device=lp.device)[:, None])[:, 0]
+            top = lp.topk(k, dim=-1) if k else None
+            for j, value in enumerate(chosen.tolist()):
+                alternatives = list(zip(top.indices[j].tolist(), top.values[j].tolist())) if k else []
+                infos.append((job.prompt[s + 1 + j], value, alternatives, text.offsets[s + 1 + j]))
+        return infos
+
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """The rows' next tokens (rows,), each with its own Sampling: sample_next, as every generation."""
+        """The rows' next tokens (rows,), each with its own Sampling: sample_next, as every generation; a row with
+        a grammar samples from the tokens it allows."""
         adjust = any(job.sampling.adjusts_logits for job in self.rows)
         adjusted = self.penalties(logits) if adjust else logits
+        for i, job in enumerate(self.rows):
+            if job.grammar is not None:
+                adjusted[i : i + 1] = job.grammar([job.fed], adjusted[i : i + 1])
         next_tok = torch.argmax(adjusted, dim=-1)  # (rows,) greedy rows
         for i, job in enumerate(self.rows):
             s = job.sampling
@@ -3466,7 +4016,8 @@ class BatchEngine:
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "logit_bias")
 REQUEST_FIELDS = {"model", "max_tokens", "max_completion_tokens", "stop", "stream", "stream_options", "seed",
-                  "logprobs", "n", "user", *SAMPLING_FIELDS}
+                  "logprobs", "n", "user", "response_format", *SAMPLING_FIELDS}
+CHAT_FIELDS = {"messages", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "tool_prompt_format"}
 MAX_BODY_BYTES = 16 << 20
 
 
@@ -3482,42 +4033,81 @@ def _field(body: dict, name: str, kinds, default=None, what: Optional[str] = Non
     return value
 
 
-def parse_request(body, chat: bool, llama: Llama) -> Tuple[List[List[int]], dict]:
+def request_messages(body: dict, tools: Optional[Tools]) -> Tuple[List[dict], bool]:
+    """The chat request's messages as a checked dialog (check_chat_dialog), and whether its last message is the
+    assistant's text to continue (a prefill), or an OpenAI-shaped 400 naming what is wrong."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of messages", param="messages")
+    dialog = []
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or set(m) - MESSAGE_KEYS:
+            raise APIError(400, f"message {j} must be an object with 'role' and 'content' (and 'tool_calls', "
+                                f"'tool_call_id', 'name')", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text parts are read
+            if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                       for c in content):
+                raise APIError(400, f"message {j}: only text content parts are supported", param="messages")
+            content = "".join(c["text"] for c in content)
+        role = "system" if m.get("role") == "developer" else m.get("role")  # OpenAI's newer name for system
+        dialog.append(dict(m, role=role, content=content))
+    prefill = dialog[-1].get("role") == "assistant" and not dialog[-1].get("tool_calls")
+    try:
+        return check_chat_dialog(dialog, 0, tools, prefill), prefill
+    except ValueError as e:
+        raise APIError(400, f"messages: {str(e).replace('dialog 0, ', '')}", param="messages") from None
+
+
+def request_prompts(body: dict, llama: Llama) -> List[List[int]]:
+    """A completion request's prompts: a string, a list of strings, a list of token ids, or a list of such lists."""
+    prompt, tok, vocab = body.get("prompt"), llama.tokenizer, llama.params.vocab_size
+
+    def ids(x):
+        return isinstance(x, list) and x and all(type(t) is int and 0 <= t < vocab for t in x)
+
+    if isinstance(prompt, str) or isinstance(prompt, list) and prompt and all(isinstance(s, str) for s in prompt):
+        return [tok.encode(s, bos=tok.add_bos, eos=False) for s in ([prompt] if isinstance(prompt, str) else prompt)]
+    if ids(prompt) or isinstance(prompt, list) and prompt and all(ids(t) for t in prompt):
+        return [list(prompt)] if type(prompt[0]) is int else [list(t) for t in prompt]
+    raise APIError(400, f"'prompt' must be a string, a non-empty list of strings, a list of token ids in [0, {vocab})"
+                        f" or a non-empty list of such lists", param="prompt")
+
+
+def parse_request(body, chat: bool, llama: Llama, max_n: int = 1) -> Tuple[List[List[int]], dict]:
     """Check an OpenAI chat or text completion request; return the prompts' tokens and the settings."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    allowed = REQUEST_FIELDS | ({"messages", "top_logprobs"} if chat else {"prompt"})
+    allowed = REQUEST_FIELDS | (CHAT_FIELDS if chat else {"prompt", "echo"})
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise APIError(400, f"unsupported field(s) {unknown}; this server reads {sorted(allowed)}", param=unknown[0])
     tok, max_seq_len = llama.tokenizer, llama.params.max_seq_len
+    tools, choice, parallel, echo = None, "none", True, False
+    param = "tools"
+    try:  # the tools, and the grammar the reply must follow (response_format, a forced tool call)
+        if chat and body.get("tools") is not None:
+            tools = check_tools(body["tools"], body.get("tool_prompt_format") or "json")
+        param = "tool_choice"
+        choice = check_tool_choice(body.get("tool_choice"), tools) if chat else "none"
+        param = "response_format"
+        grammar = output_grammar(response_format=body.get("response_format"))
+        if tools is not None and tool_choice_grammar(tools, choice) is not None:
+            param = "tool_choice"
+            if grammar is not None:
+                raise ValueError(f"tool_choice {choice!r} and response_format cannot both hold the reply")
+            grammar = tool_choice_grammar(tools, choice)
+        if grammar is not None:
+            Grammar(tok, llama.params.vocab_size, grammar, 1)  # refused grammars fail here, not in the engine
+    except (ValueError, RuntimeError) as e:  # RuntimeError: llguidance is not installed
+        raise APIError(400, str(e)[:300], param=param) from None
     if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "'messages' must be a non-empty list of messages", param="messages")
-        dialog = []
-        for j, m in enumerate(messages):
-            if not isinstance(m, dict) or set(m) - {"role", "content", "name"}:
-                raise APIError(400, f"message {j} must be an object with 'role' and 'content'", param="messages")
-            content = m.get("content")
-            if isinstance(content, list):  # content parts: only text parts are read
-                if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
-                           for c in content):
-                    raise APIError(400, f"message {j}: only text content parts are supported", param="messages")
-                content = "".join(c["text"] for c in content)
-            role = "system" if m.get("role") == "developer" else m.get("role")  # OpenAI's newer name for system
-            dialog.append({"role": role, "content": content})
-        try:
-            check_dialog(dialog)
-        except ValueError as e:
-            raise APIError(400, f"messages: {str(e).replace('dialog 0, ', '')}", param="messages") from None
-        prompts = [tok.dialog_tokens(dialog)]
+        dialog, prefill = request_messages(body, tools)
+        prompts = [chat_tokens(tok, dialog, tools, prefill)]
+        parallel = _field(body, "parallel_tool_calls", bool, True, "true or false")
     else:
-        prompt = body.get("prompt")
-        texts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(texts, list) or not texts or not all(isinstance(s, str) for s in texts):
-            raise APIError(400, "'prompt' must be a string or a non-empty list of strings", param="prompt")
-        prompts = [tok.encode(s, bos=tok.add_bos, eos=False) for s in texts]
+        prompts = request_prompts(body, llama)
+        echo = _field(body, "echo", bool, False, "true or false")
     where = "messages" if chat else "prompt"
     for t in prompts:
         if not t:
@@ -3527,12 +4117,13 @@ def parse_request(body, chat: bool, llama: Llama) -> Tuple[List[List[int]], dict
                                 f"(max_seq_len), leaving no room for a reply", param=where,
                            code="context_length_exceeded")
     _field(body, "model", str, None, "a string")
-    positive = "an integer >= 1"
-    max_tokens = _field(body, "max_completion_tokens", int, None, positive, lambda x: x >= 1)
-    max_tokens = _field(body, "max_tokens", int, max_tokens, positive, lambda x: x >= 1)
+    least = 1 if chat else 0  # a completion may ask for no tokens: the prompt's logprobs (echo)
+    positive = f"an integer >= {least}"
+    max_tokens = _field(body, "max_completion_tokens", int, None, positive, lambda x: x >= least)
+    max_tokens = _field(body, "max_tokens", int, max_tokens, positive, lambda x: x >= least)
     if max_tokens is None:  # OpenAI's defaults: a reply may fill the context; a completion is 16 tokens
         max_tokens = max_seq_len if chat else 16
-    _field(body, "n", int, 1, "1 (one choice per prompt)", lambda x: x == 1)
+    n = _field(body, "n", int, 1, f"an integer in [1, {max_n}] (the server's max_batch_size)", lambda x: x <= max_n)
     stop = _field(body, "stop", (str, list), (), "a non-empty string or a list of them", lambda x: isinstance(
         x, str) and x or isinstance(x, list) and all(isinstance(s, str) and s for s in x))
     stream = _field(body, "stream", bool, False, "true or false")
@@ -3563,7 +4154,8 @@ def parse_request(body, chat: bool, llama: Llama) -> Tuple[List[List[int]], dict
         raise APIError(400, str(e), param=param) from None
     settings = dict(max_tokens=max_tokens, sampling=sampling, stop=(stop,) if isinstance(stop, str) else tuple(stop),
                     stream=stream, include_usage=options.get("include_usage", False), seed=seed,
-                    top_logprobs=top_logprobs)
+                    top_logprobs=top_logprobs, n=n, grammar=grammar, echo=echo,
+                    tools=tools if choice != "none" else None, parallel_tool_calls=parallel)
     return prompts, settings
 
 
@@ -3655,29 +4247,36 @@ class APIHandler(BaseHTTPRequestHandler):
 
     def complete(self, chat: bool):
         llama, engine = self.server.llama, self.server.engine
-        prompts, s = parse_request(self.read_body(), chat, llama)
-        events = queue.Queue()
-        jobs = [Job(t, min(s["max_tokens"], llama.params.max_seq_len - len(t)), s["sampling"], s["stop"], s["seed"],
-                    s["top_logprobs"], events, index=i) for i, t in enumerate(prompts)]
+        prompts, s = parse_request(self.read_body(), chat, llama, engine.capacity)
+        events, vocab, jobs = queue.Queue(), llama.params.vocab_size, []
+        for t in prompts:
+            for k in range(s["n"]):  # n choices of one prompt: seeded ones each its own seed
+                seed = s["seed"] + k if s["seed"] is not None else None
+                jobs.append(Job(t, min(s["max_tokens"], llama.params.max_seq_len - len(t)), s["sampling"], s["stop"],
+                                seed, s["top_logprobs"], events, index=len(jobs),
+                                grammar=Grammar(llama.tokenizer, vocab, s["grammar"], 1) if s["grammar"] else None,
+                                prompt_logprobs=s["echo"] and s["top_logprobs"] is not None))
         for job in jobs:
             engine.submit(job)
         head = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()),
                     model=self.server.model_name)
         try:
             if s["stream"]:
-                self.stream(chat, jobs, events, head, s["include_usage"])
+                self.stream(chat, jobs, events, head, s)
             else:
-                self.respond(chat, jobs, events, head)
+                self.respond(chat, jobs, events, head, s)
         finally:  # a client gone, or an error: its generations stop at the next step
             for job in jobs:
                 job.cancelled = True
 
     def usage(self, jobs, completion_tokens):
-        prompt_tokens = sum(len(job.prompt) for job in jobs)
+        prompt_tokens = sum(len(p) for p in {id(job.prompt): job.prompt for job in jobs}.values())  # once per prompt
         n = sum(completion_tokens)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
 
-    def logprobs(self, chat: bool, infos: list) -> dict:
+    def logprobs(self, chat: bool, infos: list, shift: int = 0) -> dict:
+        """OpenAI's logprobs of infos (token, logprob, alternatives, text offset; a prompt's first token has no
+        logprob, nor alternatives); shift: where the choice's text begins (after the prompt, with echo)."""
         tok = self.server.llama.tokenizer
 
         def entry(t, lp):
@@ -3687,28 +4286,43 @@ class APIHandler(BaseHTTPRequestHandler):
             return {"content": [dict(entry(t, lp), top_logprobs=[entry(a, alp) for a, alp in alt])
                                 for t, lp, alt, _ in infos]}
         return {"tokens": [tok.decode([t]) for t, *_ in infos], "token_logprobs": [info[1] for info in infos],
-                "top_logprobs": [{tok.decode([a]): alp for a, alp in info[2]} for info in infos],
-                "text_offset": [info[3] for info in infos]}
+                "top_logprobs": [None if info[2] is None else {tok.decode([a]): alp for a, alp in info[2]}
+                                 for info in infos], "text_offset": [info[3] + shift for info in infos]}
 
-    def respond(self, chat, jobs, events, head):
-        texts, infos, reasons, counts = [[""] * len(jobs), [[] for _ in jobs], [None] * len(jobs), [0] * len(jobs)]
-        done = 0
+    def reply(self, text: str, s: dict) -> Tuple[dict, Optional[str]]:
+        """A chat reply's message, and "tool_calls" when it calls tools (then its finish_reason)."""
+        content, calls = parse_tool_calls(text, s["tools"]) if s["tools"] is not None else (text, [])
+        if not calls:
+            return {"role": "assistant", "content": text}, None
+        calls = openai_tool_calls(calls if s["parallel_tool_calls"] else calls[:1])
+        return {"role": "assistant", "content": content or None, "tool_calls": calls}, "tool_calls"
+
+    def respond(self, chat, jobs, events, head, s):
+        texts, infos, reasons, counts = [""] * len(jobs), [[] for _ in jobs], [None] * len(jobs), [0] * len(jobs)
+        prompt_infos, done = [[] for _ in jobs], 0
         while done < len(jobs):
             kind, i, *rest = events.get()
             if kind == "error":
                 raise rest[0]
-            if kind == "piece":
+            if kind == "prompt":
+                prompt_infos[i] = rest[0]
+            elif kind == "piece":
                 texts[i] += rest[0]
                 infos[i] += rest[1]
             else:
                 reasons[i], counts[i] = rest
                 done += 1
-        choices = []
+        choices, tok = [], self.server.llama.tokenizer
         for i, job in enumerate(jobs):
-            c = {"index": i, "message": {"role": "assistant", "content": texts[i]}} if chat else \
-                {"index": i, "text": texts[i]}
-            c.update(logprobs=self.logprobs(chat, infos[i]) if job.top_logprobs is not None else None,
-                     finish_reason=reasons[i])
+            if chat:
+                message, called = self.reply(texts[i], s)
+                c = {"index": i, "message": message}
+            else:
+                shown = tok.decode(job.prompt) if s["echo"] else ""
+                c, called = {"index": i, "text": shown + texts[i]}, None
+            lp = self.logprobs(chat, prompt_infos[i] + infos[i] if chat else prompt_infos[i] + [
+                (t, lp, alt, at + len(shown)) for t, lp, alt, at in infos[i]]) if job.top_logprobs is not None else None
+            c.update(logprobs=lp, finish_reason=called or reasons[i])
             choices.append(c)
         self.send_json(200, dict(head, object="chat.completion" if chat else "text_completion", choices=choices,
                                  usage=self.usage(jobs, counts)))
@@ -3718,39 +4332,64 @@ class APIHandler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))  # one HTTP chunk per event
         self.wfile.flush()
 
-    def stream(self, chat, jobs, events, head, include_usage):
+    def stream(self, chat, jobs, events, head, s):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         chunk = dict(head, object="chat.completion.chunk" if chat else "text_completion")
+        tok = self.server.llama.tokenizer
+        shift = [len(tok.decode(job.prompt)) if s["echo"] else 0 for job in jobs]
 
-        def choice(i, text, infos=None, reason=None):
-            c = {"index": i, "delta": {"content": text}} if chat else {"index": i, "text": text}
-            c.update(logprobs=self.logprobs(chat, infos) if infos else None, finish_reason=reason)
+        def choice(i, text, infos=None, reason=None, delta=None, prompt=False):
+            c = {"index": i, "delta": delta or {"content": text}} if chat else {"index": i, "text": text}
+            c.update(logprobs=self.logprobs(chat, infos, 0 if prompt else shift[i]) if infos else None,
+                     finish_reason=reason)
             return dict(chunk, choices=[c])
 
         if chat:
             for i in range(len(jobs)):
                 self.send_event(dict(chunk, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                                       "logprobs": None, "finish_reason": None}]))
+        for i, job in enumerate(jobs):  # echo: the prompt first (with its logprobs when they come)
+            if s["echo"] and not job.prompt_logprobs:
+                self.send_event(choice(i, tok.decode(job.prompt)))
+        # with tools, a reply is held back while it may still be a call: sent as tool_calls deltas if it is one
+        held = {i: ["", []] for i in range(len(jobs))} if chat and s["tools"] is not None else {}
         counts, done = [0] * len(jobs), 0
         while done < len(jobs):
             kind, i, *rest = events.get()
             if kind == "error":
                 self.send_event(rest[0].body())
                 break
-            if kind == "piece":
+            if kind == "prompt":
+                self.send_event(choice(i, tok.decode(jobs[i].prompt), rest[0], prompt=True))
+            elif kind == "piece" and i in held:
+                held[i][0] += rest[0]
+                held[i][1] += rest[1]
+                if not may_be_tool_call(held[i][0]):
+                    text, infos = held.pop(i)
+                    self.send_event(choice(i, text, infos))
+            elif kind == "piece":
                 self.send_event(choice(i, rest[0], rest[1]))
             else:
-                counts[i] = rest[1]
+                counts[i], reason = rest[1], rest[0]
                 done += 1
-                end = choice(i, None, reason=rest[0])
+                if i in held:
+                    text, infos = held.pop(i)
+                    message, called = self.reply(text, s)
+                    if called:
+                        deltas = [dict(c, index=k) for k, c in enumerate(message["tool_calls"])]
+                        self.send_event(choice(i, None, infos, delta={"tool_calls": deltas}))
+                        reason = called
+                    elif text or infos:
+                        self.send_event(choice(i, text, infos))
+                end = choice(i, None, reason=reason)
                 if chat:
                     end["choices"][0]["delta"] = {}
                 self.send_event(end)
-        if done == len(jobs) and include_usage:
+        if done == len(jobs) and s["include_usage"]:
             self.send_event(dict(chunk, choices=[], usage=self.usage(jobs, counts)))
         self.send_event(b"[DONE]")
         self.wfile.write(b"0\r\n\r\n")
@@ -3833,29 +4472,39 @@ def print_completions(prompts: List[str], stream, out=None):
 
 
 def chat_repl(llama: Llama, system: Optional[str], sample_rng, temperature: float, top_p: float,
-              max_gen_len: int, inp=None, out=None, stop=None, prompt_cache: bool = True, **controls):
+              max_gen_len: int, inp=None, out=None, stop=None, prompt_cache: bool = True, tools=None, **controls):
     """Multi-turn chat on a terminal (or one user turn per line of piped input), replies streamed; inp and
     out default to sys.stdin and sys.stdout as they are when called. /reset starts over (keeping the system
     prompt), /exit or end of input quits. When the conversation no longer leaves room for a reply of
     max_gen_len tokens, the oldest turns are dropped, with a notice. Each turn starts from the keys and
-    values the previous one left (a PromptCache), so only the new message is computed; controls: Sampling's
-    other fields."""
+    values the previous one left (a PromptCache), so only the new message is computed. tools (check_tools'):
+    a reply that calls them is printed as its calls, and each call's result is read as the next line; the
+    model then answers again. controls: Sampling's other fields."""
     inp, out = sys.stdin if inp is None else inp, sys.stdout if out is None else out
     if inp is None:  # python started with its standard input closed (0<&-)
         raise ValueError("--chat reads the conversation from standard input, which is closed")
     interactive = inp.isatty()
     cache = PromptCache(1) if prompt_cache else None
     base = [{"role": "system", "content": system}] if system else []
-    dialog = list(base)
+    dialog, checked = list(base), None if tools is None else check_tools(tools)
+    options = {} if tools is None else {"tools": tools, "today": checked.today}
     max_seq_len = llama.params.max_seq_len
+
+    def read(prompt: str) -> Optional[str]:
+        try:
+            line = input(prompt) if interactive else inp.readline()
+        except EOFError:
+            return None
+        return line if interactive or line else None
+
+    def length() -> int:
+        return len(chat_tokens(llama.tokenizer, dialog, checked))
+
     if interactive:
         print("chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
     while True:
-        try:
-            line = input("> ") if interactive else inp.readline()
-        except EOFError:
-            break
-        if not interactive and not line:
+        line = read("> ")
+        if line is None:
             break
         line = line.strip()
         if not line:
@@ -3867,30 +4516,40 @@ def chat_repl(llama: Llama, system: Optional[str], sample_rng, temperature: floa
             print("[conversation reset]", file=sys.stderr)
             continue
         dialog.append({"role": "user", "content": line})
-        n = len(llama.tokenizer.encode_dialog_prompt(dialog))
+        n = length()
         while n + max_gen_len > max_seq_len and len(dialog) > len(base) + 1:
-            # drop the oldest exchange (a user message and the reply to it), never the system prompt
-            dropped = 2 if dialog[len(base) + 1]["role"] == "assistant" else 1
-            del dialog[len(base) : len(base) + dropped]
-            n = len(llama.tokenizer.encode_dialog_prompt(dialog))
+            # drop the oldest exchange (a user message and what answers it), never the system prompt
+            after = next(j for j in range(len(base) + 1, len(dialog)) if dialog[j]["role"] == "user")
+            del dialog[len(base) : after]
+            n = length()
             print(f"[dropped the oldest turn to stay within max_seq_len {max_seq_len}]", file=sys.stderr)
         if n >= max_seq_len:
             print(f"[message too long: the prompt takes {n} tokens of max_seq_len {max_seq_len}; not sent]",
                   file=sys.stderr)
             dialog.pop()
             continue
-        reply = []
-        stream = llama.chat_completion_stream(dialog, sample_rng, temperature, top_p, max_gen_len, stop=stop,
-                                              prompt_cache=cache, **controls)
-        for piece in stream:
-            out.write(piece)
+        while line is not None:  # a reply; after tool calls, their results and the next reply
+            reply = []
+            stream = llama.chat_completion_stream(dialog, sample_rng, temperature, top_p, max_gen_len, stop=stop,
+                                                  prompt_cache=cache, **options, **controls)
+            for piece in stream:
+                out.write(piece)
+                out.flush()
+                reply.append(piece)
+            out.write("\n")
             out.flush()
-            reply.append(piece)
-        out.write("\n")
-        out.flush()
-        if stream.finish_reason == "length":
-            print(f"[reply cut at {max_gen_len} tokens (--max_gen_len) or the context]", file=sys.stderr)
-        dialog.append({"role": "assistant", "content": "".join(reply)})
+            if stream.finish_reason == "length":
+                print(f"[reply cut at {max_gen_len} tokens (--max_gen_len) or the context]", file=sys.stderr)
+            calls = parse_tool_calls("".join(reply), checked)[1] if checked is not None else []
+            if not calls:
+                dialog.append({"role": "assistant", "content": "".join(reply)})
+                break
+            dialog.append({"role": "assistant", "content": None, "tool_calls": openai_tool_calls(calls)})
+            for c in dialog[-1]["tool_calls"]:
+                print(f"[tool call: {c['function']['name']} {c['function']['arguments']}; type its result]",
+                      file=sys.stderr)
+                line = read("result> ")
+                dialog.append({"role": "tool", "tool_call_id": c["id"], "content": (line or "").strip()})
 
 
 # the zero-download demo: SmolLM2-135M-Instruct (Hugging Face, Apache 2.0), a Llama-architecture model that the
@@ -3937,7 +4596,7 @@ def main(ckpt_dir: str = None, tokenizer_path: str = None, prompts: str = None, 
          max_gen_len: int = None, max_batch_size: int = 4, seed: int = 1, device: str = None, dtype: str = None,
          compile: bool = False, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
          presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias: str = None, stop: str = None,
-         quantize: str = None, group_size: int = 32):
+         quantize: str = None, group_size: int = 32, tools: str = None):
     """Complete prompts with a Meta Llama 3.x checkpoint, or chat with an Instruct model (--chat).
 
     Started by torchrun with several processes, the model is split over them (tensor parallelism, each rank
@@ -3978,7 +4637,22 @@ def main(ckpt_dir: str = None, tokenizer_path: str = None, prompts: str = None, 
             layer in int8); none keeps full precision; not given, a GGUF file keeps its own quantization
             (Q4_0/Q4_1/Q4_K as int4, other types as int8) and other checkpoints load in full precision
         group_size: int4 group size, 32, 64 or 128 (a GGUF file's Q4 blocks keep their 32)
+        tools: for --chat, a JSON file of the tools the model may call: a list of built-in names
+            (brave_search, wolfram_alpha, code_interpreter) and OpenAI function definitions; each call is
+            printed and its result read as the next line of input
     """
+    if tools is not None:
+        if not chat:
+            raise ValueError("--tools is for --chat")
+        path = Path(tools).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--tools file not found: {path}")
+        try:
+            tools = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot parse the --tools file {path}: {e}") from None
+        tools = tools.get("tools") if isinstance(tools, dict) else tools  # {"tools": [...]}, as in a request
+        check_tools(tools)
     if prompts is None:
         prompts = DEFAULT_PROMPTS
     elif isinstance(prompts, str):
@@ -4018,7 +4692,7 @@ def main(ckpt_dir: str = None, tokenizer_path: str = None, prompts: str = None, 
         rng = torch.Generator(device=llama.device).manual_seed(seed)
         if chat:
             chat_repl(llama, system, rng, temperature, top_p, min(max_gen_len, max_seq_len - 1),
-                      inp=None if tp is None else SharedLines(tp), out=out, stop=stop, **controls)
+                      inp=None if tp is None else SharedLines(tp), out=out, stop=stop, tools=tools, **controls)
             return
         for i in range(0, len(prompts), max_batch_size):
             batch = list(prompts[i : i + max_batch_size])

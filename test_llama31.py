@@ -3173,10 +3173,11 @@ def test_server_errors(serve_llama, llama_mha):
                         ({"messages": HI, "max_tokens": 0}, "max_tokens"),
                         ({"messages": HI, "max_completion_tokens": 1.5}, "max_completion_tokens"),
                         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
-                        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]},
-                         "messages"),
+                        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                                                                           "tool_calls": [call("f", {})]}]},
+                         "messages"),  # a call to answer: its result is missing (a last text is continued)
                         ({"messages": []}, "messages"), ({}, "messages"),
-                        ({"messages": HI, "n": 2}, "n"), ({"messages": HI, "stop": [""]}, "stop"),
+                        ({"messages": HI, "n": 9}, "n"), ({"messages": HI, "stop": [""]}, "stop"),
                         ({"messages": HI, "top_p": 1.5}, "top_p"), ({"messages": HI, "top_k": -1}, "top_k"),
                         ({"messages": HI, "stream": "yes"}, "stream"),
                         ({"messages": HI, "top_logprobs": 2}, "top_logprobs"),
@@ -3418,6 +3419,520 @@ def test_bench_serve_and_chat_commands(ckpt_chain):
                 "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert [line.split()[0] for line in r.stdout.splitlines()[-2:]] == ["1", "2"]
+
+
+# -----------------------------------------------------------------------------
+# tools and structured output: Llama 3.1 tool calls against Meta's llama-models, JSON schemas with llguidance,
+# the request fields of agents and eval harnesses
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Get weather info for places",
+                                            "parameters": {"type": "object", "required": ["city"], "properties": {
+                                                "city": {"type": "string", "description": "The city's name"},
+                                                "metric": {"type": "string", "description": "celsius or fahrenheit",
+                                                           "default": "celsius"}}}}}
+SONGS = {"type": "function", "function": {"name": "trending_songs",
+                                          "description": "Returns the trending songs on a Music site",
+                                          "parameters": {"type": "object", "required": ["n"], "properties": {
+                                              "n": {"type": "int", "description": "The number of songs to return"},
+                                              "genre": {"type": "str",
+                                                        "description": "The genre of the songs to return"}}}}}
+
+
+def call(name, arguments, id="c1"):
+    return {"id": id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+def meta_messages(dialog):
+    """Our OpenAI-shaped messages as Meta's RawMessage list (the oracle's input)."""
+    from llama_models.datatypes import BuiltinTool, RawMessage, StopReason, ToolCall
+
+    out = []
+    for m in dialog:
+        calls = [ToolCall(call_id=c["id"], tool_name=BuiltinTool[c["function"]["name"]] if c["function"]["name"] in
+                          BuiltinTool.__members__ else c["function"]["name"],
+                          arguments=json.loads(c["function"]["arguments"])) for c in m.get("tool_calls", [])]
+        out.append(RawMessage(role="tool" if m["role"] == "ipython" else m["role"], content=m.get("content") or "",
+                              tool_calls=calls,
+                              stop_reason=StopReason.end_of_message if calls else StopReason.end_of_turn))
+    return out
+
+
+TOOL_DIALOGS = [  # (tools, format, dialog): each form of call and result Meta's ChatFormat encodes
+    (None, "json", [{"role": "user", "content": "Hi"}]),
+    (["brave_search", "wolfram_alpha"], "json", [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Search the web for the latest price of 1oz gold?"}]),
+    (["brave_search"], "json", [
+        {"role": "user", "content": "Price of gold?"},
+        {"role": "assistant", "content": None, "tool_calls": [call("brave_search", {"query": "gold price"})]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"price": "2650 USD"}'}]),
+    (["wolfram_alpha"], "json", [
+        {"role": "user", "content": "What is the 100th decimal of pi?"},
+        {"role": "assistant", "content": "", "tool_calls": [call("wolfram_alpha", {"query": "100th decimal of pi"})]},
+        {"role": "ipython", "content": "7"},
+        {"role": "assistant", "content": "The 100th decimal of pi is 7."},
+        {"role": "user", "content": "And the 101st?"}]),
+    (["code_interpreter"], "json", [
+        {"role": "user", "content": "Is 7 prime? Use code."},
+        {"role": "assistant", "content": None, "tool_calls": [call("code_interpreter", {
+            "code": "def is_prime(n):\n    return n > 1 and all(n % i for i in range(2, n))\nprint(is_prime(7))"})]},
+        {"role": "tool", "tool_call_id": "c1", "content": "True"}]),
+    ([SONGS], "json", [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Use tools to get latest trending songs"}]),
+    ([SONGS, WEATHER], "json", [
+        {"role": "user", "content": "Top 10 songs, and the weather in Paris"},
+        {"role": "assistant", "content": None, "tool_calls": [call("trending_songs", {"n": 10, "genre": "all"}),
+                                                              call("get_weather", {"city": "Paris"}, "c2")]},
+        {"role": "tool", "tool_call_id": "c1", "content": '["a", "b"]'},
+        {"role": "tool", "tool_call_id": "c2", "content": "sunny, 21 C"}]),
+    ([WEATHER], "python_list", [
+        {"role": "user", "content": "What is the weather in SF?"}]),
+    ([WEATHER], "python_list", [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is the weather in SF?"},
+        {"role": "assistant", "content": None, "tool_calls": [call("get_weather", {
+            "city": "San Francisco", "metric": "celsius", "days": 3, "hourly": False, "tags": ["a", 1]})]},
+        {"role": "tool", "tool_call_id": "c1", "content": "foggy"}]),
+    ([WEATHER, "brave_search"], "json", [
+        {"role": "user", "content": "Weather in Rome, then search for news"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [call("get_weather", {"city": "Rome"})]},
+        {"role": "tool", "tool_call_id": "c1", "content": "rain"},
+        {"role": "assistant", "content": None, "tool_calls": [call("brave_search", {"query": "Rome news"}, "c2")]},
+        {"role": "tool", "tool_call_id": "c2", "content": "nothing new"}]),
+    (["brave_search", "wolfram_alpha", "code_interpreter"], "json", [
+        {"role": "user", "content": "Plot sin(x)"},
+        {"role": "assistant", "content": None, "tool_calls": [call("code_interpreter", {"code": "import math"})]},
+        {"role": "ipython", "content": ""}]),
+]
+
+
+@pytest.mark.parametrize("case", range(len(TOOL_DIALOGS)))
+def test_tool_dialog_tokens_equal_metas_chat_format(case, tokenizer, meta_tokenizer):
+    # Meta's ChatFormat (llama-models) encodes the same messages, the tools' system prompt and function list given
+    # to it as messages (its templates run outside ChatFormat): the token ids must be equal
+    from llama_models.datatypes import RawMessage, ToolPromptFormat
+    from llama_models.llama3.chat_format import ChatFormat
+
+    tools, fmt, dialog = TOOL_DIALOGS[case]
+    t = llama31.check_tools(tools, fmt, "21 September 2024") if tools else None
+    ours = llama31.chat_tokens(tokenizer, llama31.check_chat_dialog(dialog, 0, t, False), t)
+    messages = meta_messages(dialog)
+    if t is not None:
+        system = dialog[0]["content"] if dialog[0]["role"] == "system" else None
+        text, listed = llama31.tool_prompts(t, system)
+        messages = [RawMessage(role="system", content=text)] + (
+            [RawMessage(role="user", content=listed)] if listed else []) + messages[system is not None:]
+    fmt = {"json": ToolPromptFormat.json, "python_list": ToolPromptFormat.python_list}[fmt]
+    assert ours == ChatFormat(meta_tokenizer).encode_dialog_prompt(messages, fmt).tokens
+
+
+def prompt_format_blocks(name: str):
+    """The "Input Prompt Format" examples of llama-models' prompt format document `name` (its rendered prompts)."""
+    text = (TOKENIZER_PATH.parent.parent / name).read_text()
+    return re.findall(r"##### Input Prompt Format\n```\n(.*?)\n```", text, re.S)  # the fence's own newline out
+
+
+def test_tool_system_prompts_equal_metas_prompt_formats(tokenizer, meta_tokenizer):
+    # the prompts llama-models documents for Llama 3.1's built-in and JSON custom tools and Llama 3.2's python list
+    # calls, rendered by its templates: ours, decoded, is the same text, and its ids are Meta's encoding of it
+    blocks31, blocks32 = prompt_format_blocks("llama3_1/prompt_format.md"), prompt_format_blocks(
+        "llama3_2/text_prompt_format.md")
+    builtin = next(b for b in blocks31 if "Tools: brave_search, wolfram_alpha\nCutting" in b)
+    custom = next(b for b in blocks31 if "Here is a list of functions in JSON format" in b)
+    python_list = next(b for b in blocks32 if "You are an expert in composing functions" in b)
+    cases = [(["brave_search", "wolfram_alpha"], "json", "21 September 2024", [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Search the web for the latest price of 1oz gold?"}], builtin),
+        ([SONGS], "json", "21 September 2024", [{"role": "system", "content": "You are a helpful assistant."},
+                                                {"role": "user", "content": "Use tools to get latest trending songs"}],
+         custom),
+        ([dict(WEATHER, function=dict(WEATHER["function"], parameters={
+            "type": "object", "required": ["city"], "properties": {
+                "city": {"type": "string", "description": "The name of the city to get the weather for"},
+                "metric": {"type": "string", "description": "The metric for weather. Options are: celsius, fahrenheit",
+                           "default": "celsius"}}}))],
+         "python_list", "", [{"role": "user", "content": "What is the weather in SF and Seattle?"}], python_list)]
+    for tools, fmt, today, dialog, expected in cases:
+        t = llama31.check_tools(tools, fmt, today or None)
+        ours = llama31.chat_tokens(tokenizer, dialog, t)
+        assert tokenizer.decode(ours) == expected
+        assert ours == meta_tokenizer.encode(expected, bos=False, eos=False, allowed_special="all")
+
+
+PARSE_CASES = [  # (reply text, tools): read by Meta's ChatFormat.decode_assistant_message_from_content too
+    ('<|python_tag|>brave_search.call(query="latest price of 1oz gold")', ["brave_search"]),
+    ('wolfram_alpha.call(query="100th decimal of pi")', ["wolfram_alpha"]),
+    ("<|python_tag|>def f(n):\n    return n\nprint(f(7))", ["code_interpreter"]),
+    ('<|python_tag|>{"type": "function", "name": "trending_songs", "parameters": {"n": "10", "genre": "all"}}',
+     [SONGS]),
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}}', [WEATHER]),
+    ('<function=trending_songs>{"n": 10}</function>', [SONGS]),
+    ("[get_weather(city='San Francisco', metric='celsius'), get_weather(city='Seattle')]", [WEATHER]),
+    ('{"type": "function", "name": "brave_search", "parameters": {"q": "news"}}', ["brave_search"]),
+    ("The weather is nice today.", [WEATHER]),
+    ("[1, 2, 3]", [WEATHER]),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PARSE_CASES)))
+def test_tool_call_parse_equals_metas(case, meta_tokenizer):
+    from llama_models.datatypes import StopReason
+    from llama_models.llama3.chat_format import ChatFormat
+
+    text, tools = PARSE_CASES[case]
+    content, calls = llama31.parse_tool_calls(text, llama31.check_tools(tools))
+    meta = ChatFormat(meta_tokenizer).decode_assistant_message_from_content(text, StopReason.end_of_turn)
+    assert [(str(getattr(c.tool_name, "value", c.tool_name)), c.arguments) for c in meta.tool_calls] == calls[:1]
+    assert content == meta.content if calls else content == text
+    if "Seattle" in text:  # Meta reads the first call of a list; we read them all
+        assert calls[1] == ("get_weather", {"city": "Seattle"})
+
+
+def script_processor(script):
+    """A logits_processor that makes every row write `script` (token ids), then its last token forever."""
+    start = {}
+
+    def processor(rows, logits):
+        out = torch.full_like(logits, -1e9)
+        for i, row in enumerate(rows):
+            n = len(row) - start.setdefault(i, len(row))
+            out[i, script[min(n, len(script) - 1)]] = 0.0
+        return out
+    return processor
+
+
+def test_chat_completion_reads_tool_calls(llama_gqa, tokenizer):
+    # a reply scripted to be each form of call comes back as OpenAI's tool_calls with finish_reason "tool_calls";
+    # the same text without tools, or calling an unknown tool, stays the reply's text
+    tag = tokenizer.special_tokens["<|python_tag|>"]
+    cases = [([tag] + tokenizer.encode('{"name": "get_weather", "parameters": {"city": "Paris"}}', bos=False,
+                                       eos=False), [WEATHER], "json", [("get_weather", {"city": "Paris"})]),
+             (tokenizer.encode("[get_weather(city='Rome'), get_weather(city='Oslo', metric='kelvin')]", bos=False,
+                               eos=False), [WEATHER], "python_list",
+              [("get_weather", {"city": "Rome"}), ("get_weather", {"city": "Oslo", "metric": "kelvin"})]),
+             ([tag] + tokenizer.encode('wolfram_alpha.call(query="2+2")', bos=False, eos=False),
+              ["wolfram_alpha", WEATHER], "json", [("wolfram_alpha", {"query": "2+2"})])]
+    for script, tools, fmt, expected in cases:
+        script = script + [tokenizer.eom_id]
+        dialog = [{"role": "user", "content": "Weather?"}]
+        r = llama_gqa.chat_completion([dialog], temperature=0, max_gen_len=64, tools=tools, tool_prompt_format=fmt,
+                                      logits_processor=script_processor(script))[0]
+        assert r["finish_reason"] == "tool_calls" and r["generation"]["content"] == ""
+        calls = r["generation"]["tool_calls"]
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == expected
+        assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+        one = llama_gqa.chat_completion([dialog], temperature=0, max_gen_len=64, tools=tools, tool_prompt_format=fmt,
+                                        parallel_tool_calls=False, logits_processor=script_processor(script))[0]
+        assert len(one["generation"]["tool_calls"]) == 1
+        plain = llama_gqa.chat_completion([dialog], temperature=0, max_gen_len=64,
+                                          logits_processor=script_processor(script))[0]
+        assert plain["finish_reason"] == "stop" and plain["generation"] == {
+            "role": "assistant", "content": tokenizer.decode(script[:-1])}
+        # the next round: the call and its result in the dialog encode as Meta's ChatFormat does (tested above)
+        follow = dialog + [r["generation"], {"role": "tool", "tool_call_id": calls[0]["id"], "content": "sunny"}]
+        r2 = llama_gqa.chat_completion([follow], temperature=0, max_gen_len=3, tools=tools, tool_prompt_format=fmt)
+        assert r2[0]["finish_reason"] in ("length", "stop")
+    other = [("get_time", {})]
+    r = llama_gqa.chat_completion([[{"role": "user", "content": "Time?"}]], temperature=0, max_gen_len=64,
+                                  tools=[WEATHER], logits_processor=script_processor(tokenizer.encode(
+                                      '{"name": "get_time", "parameters": {}}', bos=False, eos=False) + [128009]))[0]
+    assert r["finish_reason"] == "stop" and "tool_calls" not in r["generation"], other
+
+
+def test_chat_dialog_errors_name_the_message(llama_gqa):
+    user = {"role": "user", "content": "Weather?"}
+    bad = [([user, {"role": "assistant", "content": None, "tool_calls": [call("get_time", {})]}],
+            "calls 'get_time', which is not among the tools"),
+           ([user, {"role": "assistant", "content": None, "tool_calls": [
+               {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris"}}]}],
+            "arguments are not valid JSON"),
+           ([user, {"role": "tool", "tool_call_id": "c1", "content": "sunny"}], "a tool result with no tool call"),
+           ([user, {"role": "assistant", "content": None, "tool_calls": [call("get_weather", {"city": "Rome"})]},
+             {"role": "tool", "tool_call_id": "c9", "content": "sunny"}], "tool_call_id 'c9' names no earlier"),
+           ([user, {"role": "assistant", "content": "Sure"}], "ends with an assistant message"),
+           ([{"role": "robot", "content": "x"}], "unknown role 'robot'")]
+    for dialog, message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            llama_gqa.chat_completion([dialog], max_gen_len=2, tools=[WEATHER])
+    with pytest.raises(ValueError, match="tools\\[0\\] must be one of brave_search"):
+        llama_gqa.chat_completion([[user]], tools=[{"type": "function", "function": {"name": "has space"}}])
+    with pytest.raises(ValueError, match="tool_prompt_format must be one of json, python_list"):
+        llama_gqa.chat_completion([[user]], tools=[WEATHER], tool_prompt_format="xml")
+    with pytest.raises(ValueError, match="tool_choice must be"):
+        llama_gqa.chat_completion([[user]], tools=[WEATHER], tool_choice={"type": "function",
+                                                                          "function": {"name": "nope"}})
+
+
+def test_continue_final_message_continues_the_assistant_text(llama_gqa, tokenizer):
+    # the prompt is the dialog up to the assistant's text, left open: no <|eot_id|>, no new header; the reply goes on
+    # from there exactly as a raw completion of those tokens
+    dialog = [{"role": "user", "content": "Count"}, {"role": "assistant", "content": "1, 2, 3,"}]
+    tokens = tokenizer.encode_dialog_prompt(dialog[:1]) + tokenizer.encode("1, 2, 3,", bos=False, eos=False)
+    r = llama_gqa.chat_completion([dialog], temperature=0, max_gen_len=6, continue_final_message=True)[0]
+    ref = llama_gqa.generate([tokens], max_gen_len=6, temperature=0)[0]
+    assert r["generation"]["content"] == tokenizer.decode(ref)
+
+
+def test_structured_output_follows_the_schema(llama_gqa):
+    # random weights, greedy and sampled, batched: every reply parses and validates against its schema
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    schemas = [
+        {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                          "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+         "required": ["name", "age"], "additionalProperties": False},
+        {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                          "tags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3}},
+         "required": ["color", "tags"], "additionalProperties": False},
+        {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "minItems": 1, "maxItems": 4},
+    ]
+    dialogs = [[{"role": "user", "content": f"Give me JSON number {i}"}] for i in range(3)]
+    for schema in schemas:
+        for temperature in (0.0, 1.0):
+            rs = llama_gqa.chat_completion(dialogs, temperature=temperature, max_gen_len=96, json_schema=schema,
+                                           sample_rng=torch.Generator().manual_seed(3))
+            for r in rs:
+                assert r["finish_reason"] == "stop", r
+                jsonschema.validate(json.loads(r["generation"]["content"]), schema)
+    rs = llama_gqa.text_completion(["{", "The answer:"], temperature=1.0, max_gen_len=64,
+                                   response_format={"type": "json_schema", "json_schema": {"schema": schemas[1]}})
+    for r in rs:
+        jsonschema.validate(json.loads(r["generation"]), schemas[1])
+    with pytest.raises(ValueError, match="response_format must be"):
+        llama_gqa.text_completion(["x"], response_format={"type": "yaml"})
+    with pytest.raises(ValueError, match="give one of response_format, json_schema and grammar"):
+        llama_gqa.text_completion(["x"], json_schema={}, response_format={"type": "json_object"})
+
+
+@needs_smollm2
+def test_structured_output_on_the_demo(smollm2):
+    # a real model (SmolLM2, ChatML): JSON objects and a schema, greedy and sampled, two dialogs in a batch
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "population": {
+        "type": "integer", "minimum": 0, "maximum": 50_000_000}}, "required": ["city", "population"], "additionalProperties": False}
+    dialogs = [[{"role": "user", "content": "Describe Paris as JSON."}],
+               [{"role": "user", "content": "Give the largest city of Japan and its population, as JSON."}]]
+    # greedy: a free JSON object and the schema; sampled: the schema (a free object, sampled, can run on inside a
+    # string with a 135M model)
+    for temperature, kind in ((0.0, "json_object"), (0.0, "json_schema"), (0.8, "json_schema")):
+        rf = {"type": kind} if kind == "json_object" else {"type": kind, "json_schema": {"schema": schema}}
+        rs = smollm2.chat_completion(dialogs, temperature=temperature, max_gen_len=160, response_format=rf,
+                                     sample_rng=torch.Generator().manual_seed(0))
+        for r in rs:
+            assert r["finish_reason"] == "stop", r
+            value = json.loads(r["generation"]["content"])
+            assert isinstance(value, dict)
+            if kind == "json_schema":
+                jsonschema.validate(value, schema)
+
+
+def test_tool_choice_required_makes_a_call(llama_gqa):
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "days": {
+            "type": "integer", "minimum": 1, "maximum": 7}}, "required": ["city", "days"],
+        "additionalProperties": False}}}, {"type": "function", "function": {"name": "get_time", "parameters": {
+            "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}]
+    dialog = [{"role": "user", "content": "Weather in Rome for 3 days?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = llama_gqa.chat_completion([dialog, dialog], temperature=1.0, max_gen_len=96, tools=tools,
+                                      tool_choice=choice)
+        for x in r:
+            assert x["finish_reason"] == "tool_calls", x
+            (c,) = x["generation"]["tool_calls"]
+            if choice != "required":
+                assert c["function"]["name"] == "get_weather"
+            schema = {t["function"]["name"]: t["function"]["parameters"] for t in tools}[c["function"]["name"]]
+            jsonschema.validate(json.loads(c["function"]["arguments"]), schema)
+
+
+@pytest.fixture(scope="module")
+def ckpt_caller(tmp_path_factory, tokenizer):
+    """After the assistant header, writes the python-list call [get_weather(city='Rome')] then <|eom_id|>; its
+    tokens are all different, so a first-order chain (write_chain_checkpoint) writes it."""
+    call_ids = tokenizer.encode("[get_weather(city='Rome')]", bos=False, eos=False)
+    assert len(set(call_ids)) == len(call_ids)
+    seq = [271] + call_ids + [tokenizer.eom_id]
+    return write_chain_checkpoint(tmp_path_factory.mktemp("caller"), dict(zip(seq, seq[1:])))
+
+
+@pytest.fixture(scope="module")
+def llama_caller(ckpt_caller):
+    return llama31.Llama.build(ckpt_caller, max_seq_len=1024, max_batch_size=4, device="cpu")
+
+
+def test_cli_chat_tool_round_trip(ckpt_caller, tmp_path):
+    # --chat --tools FILE: the reply's call is printed, the next line is its result, and the model answers again
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps({"tools": [WEATHER]}))
+    r = subprocess.run([sys.executable, str(HERE / "llama31.py"), "--ckpt_dir", str(ckpt_caller), "--chat",
+                        "--tools", str(tools), "--temperature", "0", "--max_gen_len", "20", "--device", "cpu"],
+                       input="Weather in Rome?\nsunny\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count('[tool call: get_weather {"city": "Rome"}; type its result]') == 2, r.stderr
+    assert r.stdout.count("get_weather(city='Rome')") == 2  # the call, the result, the call again, end of input
+    r = run_cli("--ckpt_dir", str(ckpt_caller), "--tools", str(tools), "--device", "cpu")
+    assert r.returncode == 1 and "--tools is for --chat" in r.stderr
+    r = run_cli("--ckpt_dir", str(ckpt_caller), "--chat", "--tools", str(tmp_path / "none.json"))
+    assert r.returncode == 1 and "--tools file not found" in r.stderr
+
+
+def test_server_tool_loop_with_the_openai_client(serve_llama, llama_caller, tokenizer):
+    # two rounds of a tool loop, streamed and not: the call comes back as tool_calls (finish_reason "tool_calls"),
+    # the follow-up request with the call and its result is encoded as the Python API encodes it
+    server, client, url = serve_llama(llama_caller)
+    tools = [WEATHER]
+    messages = [{"role": "user", "content": "Weather in Rome?"}]
+    extra = {"tool_prompt_format": "python_list"}
+    r = client.chat.completions.create(model="m", messages=messages, tools=tools, temperature=0, extra_body=extra)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (c,) = choice.message.tool_calls
+    assert (c.type, c.function.name, json.loads(c.function.arguments)) == ("function", "get_weather", {"city": "Rome"})
+    stream = client.chat.completions.create(model="m", messages=messages, tools=tools, temperature=0,
+                                            extra_body=extra, stream=True)
+    deltas, reasons = [], []
+    for chunk in stream:
+        deltas += chunk.choices[0].delta.tool_calls or [] if chunk.choices else []
+        reasons += [chunk.choices[0].finish_reason] if chunk.choices and chunk.choices[0].finish_reason else []
+    assert reasons == ["tool_calls"] and len(deltas) == 1
+    assert (deltas[0].function.name, json.loads(deltas[0].function.arguments)) == ("get_weather", {"city": "Rome"})
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": c.id, "content": "sunny, 24 C"}]
+    r2 = client.chat.completions.create(model="m", messages=messages, tools=tools, temperature=0, extra_body=extra)
+    expected = llama31.chat_tokens(tokenizer, messages, llama31.check_tools(tools, "python_list", None))
+    assert r2.usage.prompt_tokens == len(expected) and r2.choices[0].finish_reason == "tool_calls"
+    # tool_choice "none": the same reply is text
+    r3 = client.chat.completions.create(model="m", messages=messages[:1], tools=tools, temperature=0,
+                                        tool_choice="none", extra_body=extra)
+    assert r3.choices[0].message.content == "[get_weather(city='Rome')]" and r3.choices[0].finish_reason == "stop"
+
+
+def test_server_structured_output_and_forced_calls(serve_llama, llama_gqa):
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    server, client, url = serve_llama(llama_gqa, max_batch_size=4)
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 6},
+                                               "sure": {"type": "boolean"}}, "required": ["answer", "sure"],
+              "additionalProperties": False}
+    rf = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}
+    r = client.chat.completions.create(model="m", messages=HI, response_format=rf, temperature=1.0, n=3, seed=5,
+                                       max_tokens=96)
+    assert len(r.choices) == 3
+    for c in r.choices:
+        jsonschema.validate(json.loads(c.message.content), schema)
+    r = client.chat.completions.create(model="m", messages=HI, response_format={"type": "json_object"},
+                                       temperature=0, max_tokens=96)  # random weights: a string may not end
+    content = r.choices[0].message.content
+    assert content.startswith("{") and (r.choices[0].finish_reason == "length" or isinstance(json.loads(content),
+                                                                                             dict))
+    tool = {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["n"],
+        "additionalProperties": False}}}
+    for stream in (False, True):
+        r = client.chat.completions.create(model="m", messages=HI, tools=[tool], tool_choice="required",
+                                           temperature=1.0, max_tokens=64, stream=stream)
+        if stream:
+            chunks = list(r)
+            calls = [d for ch in chunks if ch.choices for d in ch.choices[0].delta.tool_calls or []]
+            assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == [
+                "tool_calls"]
+        else:
+            calls = r.choices[0].message.tool_calls
+            assert r.choices[0].finish_reason == "tool_calls"
+        assert len(calls) == 1 and calls[0].function.name == "pick"
+        assert 1 <= json.loads(calls[0].function.arguments)["n"] <= 9
+    # tool_choice "auto": a streamed reply that is no call comes as text, the same as unstreamed
+    whole = client.chat.completions.create(model="m", messages=HI, tools=[tool], temperature=0, max_tokens=12)
+    chunks = list(client.chat.completions.create(model="m", messages=HI, tools=[tool], temperature=0,
+                                                 max_tokens=12, stream=True))
+    assert whole.choices[0].message.tool_calls is None and whole.choices[0].finish_reason == "length"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == \
+        whole.choices[0].message.content
+
+
+def test_server_n_choices_share_the_prompt(serve_llama, llama_gqa):
+    server, client, url = serve_llama(llama_gqa, max_batch_size=4)
+    one = client.chat.completions.create(model="m", messages=HI, temperature=0, max_tokens=8)
+    r = client.chat.completions.create(model="m", messages=HI, temperature=0, max_tokens=8, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.message.content for c in r.choices] == [one.choices[0].message.content] * 3
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens and r.usage.completion_tokens == 24
+    sampled = client.completions.create(model="m", prompt=["a", "b"], temperature=1.0, max_tokens=8, n=2, seed=1)
+    assert [c.index for c in sampled.choices] == [0, 1, 2, 3]
+    again = client.completions.create(model="m", prompt=["a", "b"], temperature=1.0, max_tokens=8, n=2, seed=1)
+    assert [c.text for c in sampled.choices] == [c.text for c in again.choices]  # seeded: reproducible
+    status, err = http_json(url + "/v1/chat/completions", "POST", {"messages": HI, "n": 5})
+    assert status == 400 and err["error"]["param"] == "n" and "[1, 4]" in err["error"]["message"]
+
+
+def test_server_lm_eval_loglikelihood_requests(serve_llama, llama_gqa, tokenizer):
+    # the requests lm-evaluation-harness's local-completions sends for loglikelihood: token-id prompts, echo,
+    # logprobs 1, max_tokens 1 (and 0); the prompt's logprobs equal forward_loss's on the same tokens
+    server, client, url = serve_llama(llama_gqa)
+    context, continuation = tokenizer.encode("The capital of France is", bos=True, eos=False), \
+        tokenizer.encode(" Paris, a city", bos=False, eos=False)
+    prompts = [context + continuation, context[:3]]
+    for max_tokens in (1, 0):
+        status, r = http_json(url + "/v1/completions", "POST", {
+            "model": "m", "prompt": prompts, "temperature": 0, "max_tokens": max_tokens, "logprobs": 1, "echo": True,
+            "seed": 1234})
+        assert status == 200
+        for choice, p in zip(sorted(r["choices"], key=lambda c: c["index"]), prompts):
+            lp = choice["logprobs"]
+            assert len(lp["token_logprobs"]) == len(p) + max_tokens
+            assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+            tokens = torch.tensor([p])
+            with torch.no_grad():
+                nll = F.cross_entropy(llama_gqa.model.forward(tokens[:, :-1])[0].float(), tokens[0, 1:],
+                                      reduction="none")
+            assert max(abs(a + b) for a, b in zip(lp["token_logprobs"][1 : len(p)], nll.tolist())) < 1e-4
+            assert lp["tokens"][: len(p)] == [tokenizer.decode([t]) for t in p]
+            text = tokenizer.decode(p)
+            assert choice["text"].startswith(text) and lp["text_offset"][: len(p)] == [
+                len(tokenizer.decode(p[:i])) for i in range(len(p))]
+            for top, t in zip(lp["top_logprobs"][1 : len(p)], lp["tokens"][1 : len(p)]):
+                assert len(top) == 1
+    # the continuation's summed logprob is forward_loss's on the same tokens
+    status, r = http_json(url + "/v1/completions", "POST", {"prompt": [prompts[0]], "max_tokens": 1, "logprobs": 1,
+                                                            "echo": True, "temperature": 0})
+    summed = sum(r["choices"][0]["logprobs"]["token_logprobs"][len(context) : len(prompts[0])])
+    targets = torch.tensor([[-100] * (len(context) - 1) + continuation])
+    loss = llama_gqa.model.forward_loss(torch.tensor([prompts[0][:-1]]), targets)
+    assert abs(summed + loss.item() * len(continuation)) < 1e-3
+    status, err = http_json(url + "/v1/completions", "POST", {"prompt": [[1, 2, 10 ** 9]]})
+    assert status == 400 and err["error"]["param"] == "prompt"
+
+
+def test_server_prefill_and_request_errors(serve_llama, llama_gqa):
+    server, client, url = serve_llama(llama_gqa)
+    dialog = [{"role": "user", "content": "Count"}, {"role": "assistant", "content": "1, 2, 3,"}]
+    r = client.chat.completions.create(model="m", messages=dialog, temperature=0, max_tokens=6)
+    ref = llama_gqa.chat_completion([dialog], temperature=0, max_gen_len=6, continue_final_message=True)[0]
+    assert r.choices[0].message.content == ref["generation"]["content"]
+    user = {"role": "user", "content": "Weather?"}
+    cases = [({"messages": [user, {"role": "assistant", "content": None, "tool_calls": [call("get_time", {})]},
+                            {"role": "tool", "tool_call_id": "c1", "content": "noon"}], "tools": [WEATHER]},
+              "messages", "not among the tools"),
+             ({"messages": [user, {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+                 "name": "get_weather", "arguments": "{oops"}}]}, {"role": "tool", "tool_call_id": "c1",
+                                                                     "content": "x"}], "tools": [WEATHER]},
+              "messages", "not valid JSON"),
+             ({"messages": [user, {"role": "tool", "tool_call_id": "c1", "content": "x"}]}, "messages",
+              "no tool call before it"),
+             ({"messages": [user], "tools": [{"type": "function", "function": {"name": ""}}]}, "tools", "tools[0]"),
+             ({"messages": [user], "tools": [WEATHER], "tool_choice": {"type": "function", "function": {
+                 "name": "nope"}}}, "tool_choice", "tool_choice must be"),
+             ({"messages": [user], "response_format": {"type": "json_schema", "json_schema": {
+                 "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}}, "response_format", ""),
+             ({"messages": [user], "response_format": {"type": "xml"}}, "response_format", "response_format must be")]
+    for body, param, message in cases:
+        status, err = http_json(url + "/v1/chat/completions", "POST", body)
+        assert status == 400 and err["error"]["param"] == param and message in err["error"]["message"], err
+    assert http_json(url + "/health")[0] == 200  # the engine goes on
 
 
 # -----------------------------------------------------------------------------
