@@ -13,8 +13,8 @@ Up to the bar "end of the reference reading" (line 1000) is the reference, in th
 -> tokenizer (with Llama 3's chat format) -> sampling -> loading a Meta checkpoint -> generation (Llama). Copied
 alone into a script it loads Meta folders and generates as the whole file does. After the bar, each in its own
 section, extensions plug into its seams (a Linear module, a cache argument, Llama's decode_step, loader, controls
-and chat): compiled decoding, generation controls, other formats, quantization, tensor parallelism, tools
-and structured output, the OpenAI server, the command line, the benchmarks, and fire's entry point.
+and chat): compiled decoding, generation controls, formats, quantization, tensor parallelism, speculative
+decoding, tools and structured output, the OpenAI server, the command line, the benchmarks, fire's entry point.
 
 Where llama31 departs from Meta's reference code, on purpose and with the same results:
 - wq/wk/wv and w1/w3 are stacked into one matrix each (one matmul instead of three and two); checkpoints and
@@ -552,21 +552,25 @@ class Tokenizer:
 # sampling
 
 
-def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None, top_k: int = 0,
-                 min_p: float = 0.0) -> torch.Tensor:
-    """Meta's nucleus sampling: drop each token whose preceding cumulative mass (sorted) exceeds p, renormalise, draw
-    one: probs (bsz, vocab) -> (bsz, 1). top_k > 0 keeps the k most likely first (p of their mass, as Hugging Face
-    and llama.cpp), min_p > 0 drops tokens less than min_p times as likely as the most likely."""
+def top_p_filter(probs: torch.Tensor, p: float, top_k: int = 0, min_p: float = 0.0) -> Tuple[torch.Tensor, ...]:
+    """Meta's nucleus rule: drop each token whose preceding cumulative mass (sorted) exceeds p, renormalise: probs
+    (bsz, vocab) -> the kept probabilities, sorted, and their ids (bsz, vocab) each. top_k > 0 keeps the k most likely
+    first (p of their mass, as Hugging Face and llama.cpp), min_p > 0 drops tokens under min_p x the most likely's."""
     check_value("top_p", p, float, "in [0, 1]", lambda x: 0 <= x <= 1)
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (bsz, vocab) each
     if 0 < top_k < probs.shape[-1]:
         probs_sort[:, top_k:] = 0.0
         p = p * probs_sort[:, :top_k].sum(dim=-1, keepdim=True)  # (bsz, 1): p of the top k's mass, undivided
     drop = torch.cumsum(probs_sort, dim=-1) - probs_sort > p  # the mass before a token exceeds p
-    if min_p > 0:
-        drop |= probs_sort < min_p * probs_sort[:, :1]
+    drop |= probs_sort < min_p * probs_sort[:, :1]  # min_p 0: none
     probs_sort = probs_sort.masked_fill(drop, 0.0)
-    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
+    return probs_sort / probs_sort.sum(dim=-1, keepdim=True), probs_idx
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None, top_k: int = 0,
+                 min_p: float = 0.0) -> torch.Tensor:
+    """Meta's nucleus sampling, one draw from top_p_filter's distribution: probs (bsz, vocab) -> ids (bsz, 1)."""
+    probs_sort, probs_idx = top_p_filter(probs, p, top_k, min_p)
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (bsz, 1) sorted index
     return torch.gather(probs_idx, -1, next_token)  # (bsz, 1) token id
 
@@ -577,11 +581,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
     return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator, top_k, min_p).squeeze(-1)
-
-
-def check_sampling(temperature, top_p) -> None:
-    check_value("temperature", temperature, float, "a finite number >= 0", lambda x: x >= 0)
-    check_value("top_p", top_p, float, "in [0, 1]", lambda x: 0 <= x <= 1)
 
 
 # -----------------------------------------------------------------------------
@@ -750,9 +749,9 @@ class Llama:
     its KV cache: any number may be in flight. With tokenizer None, generate() maps ids to ids, no stop tokens.
     Seams (None in the reference alone): decode_step (the compiled step); Llama.loader, to which build hands what it
     does not read; Llama.controls(llama, prompt_tokens, controls, temperature, top_p, rng, text) -> (sample(each
-    row's ids so far, logits) -> ids (bsz,), row(tokenizer) -> TextRow, prompt_cache: None or fill(kv_cache,
-    prompts) -> prefill's start, add(ids, kv_cache)), for top_k, min_p, stop, penalties, ...; Llama.chat(llama,
-    dialogs, controls) -> (tokens, controls left, finish(results) -> results), for tools, response_format, ..."""
+    row's ids so far, logits) -> ids, row(tokenizer) -> TextRow, prompt_cache (None, or fill(kv_cache, prompts) ->
+    prefill's start and add(ids, kv_cache)), steps: _steps or another loop), for top_k, stop, speculation, ...;
+    Llama.chat(llama, dialogs, controls) -> (tokens, controls left, finish(results)), for tools, response_format."""
     loader = controls = chat = None  # Optional[Callable] each
 
     def __init__(self, model: "Transformer", tokenizer: Optional[Tokenizer], seed: int = 1, decode_step=None):
@@ -803,7 +802,8 @@ class Llama:
             if j is not None:
                 raise ValueError(f"prompt {i}, position {j}: token id {t[j]} is outside the vocabulary [0, "
                                  f"{p.vocab_size})")
-        check_sampling(temperature, top_p)
+        check_value("temperature", temperature, float, "a finite number >= 0", lambda x: x >= 0)
+        check_value("top_p", top_p, float, "in [0, 1]", lambda x: 0 <= x <= 1)
         good_rng = isinstance(sample_rng, torch.Generator) and sample_rng.device.type == self.device.type
         if sample_rng is not None and not good_rng:
             raise TypeError(f"sample_rng must be a torch.Generator on the model's {self.device}, got {sample_rng!r}")
@@ -817,9 +817,9 @@ class Llama:
         if controls and Llama.controls is None:
             raise TypeError(f"unknown generation argument(s) {sorted(controls)}: the full llama31.py's controls "
                             f"(top_k, min_p, logits_processor, stop, penalties, logit_bias, prompt_cache)")
-        sample, row, prompt_cache = Llama.controls(self, prompt_tokens, controls, temperature, top_p, rng, text) \
-            if controls else (sample, TextRow, None)
-        return row, self._steps(prompt_tokens, sample, prompt_cache, max_gen_len, logprobs)
+        sample, row, prompt_cache, steps = Llama.controls(self, prompt_tokens, controls, temperature, top_p, rng,
+                                                          text) if controls else (sample, TextRow, None, self._steps)
+        return row, steps(prompt_tokens, sample, prompt_cache, max_gen_len, logprobs)
 
     @torch.inference_mode()
     def _steps(self, prompt_tokens, sample: Callable, prompt_cache, max_gen_len: int, logprobs: bool):
@@ -1109,7 +1109,8 @@ class Sampling:
 
     def check(self, vocab_size: int):
         """Raise ValueError (TypeError for a logits_processor that cannot be called) naming the bad setting."""
-        check_sampling(self.temperature, self.top_p)
+        check_value("temperature", self.temperature, float, "a finite number >= 0", lambda x: x >= 0)
+        check_value("top_p", self.top_p, float, "in [0, 1]", lambda x: 0 <= x <= 1)
         check_value("top_k", self.top_k, int, "an integer >= 0 (0: off)", lambda x: x >= 0)
         check_value("min_p", self.min_p, float, "a number in [0, 1]", lambda x: 0 <= x <= 1)
         check_value("repetition_penalty", self.repetition_penalty, float)  # a finite number > 0
@@ -1296,8 +1297,8 @@ class PromptCache:
 
 
 # the generation controls beyond Meta's sampling: Sampling's fields, stop strings (text methods) and prompt_cache
-GENERATION_CONTROLS = [f.name for f in fields(Sampling)][2:] + ["response_format", "json_schema", "grammar", "stop",
-                                                                 "prompt_cache"]
+GENERATION_CONTROLS = [f.name for f in fields(Sampling)][2:] + ["response_format", "json_schema", "grammar",
+                                                                 "speculate", "stop", "prompt_cache"]
 
 
 def generation_controls(llama: Llama, prompt_tokens, controls: dict, temperature, top_p, rng, text: bool):
@@ -1313,11 +1314,20 @@ def generation_controls(llama: Llama, prompt_tokens, controls: dict, temperature
     if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
         raise TypeError(f"prompt_cache must be a PromptCache, got {type(prompt_cache).__name__}")
     grammar = output_grammar(*(controls.pop(k, None) for k in ("response_format", "json_schema", "grammar")))
+    spec = controls.pop("speculate", None)
     s = Sampling(temperature, top_p, **controls)
     s.check(llama.params.vocab_size)
     if grammar is not None and llama.tokenizer is None:
         raise ValueError("structured output (response_format, json_schema, grammar) needs a Llama with a tokenizer")
     grammar = Grammar(llama.tokenizer, llama.params.vocab_size, grammar, len(prompt_tokens)) if grammar else None
+    if spec is not None:  # the rule needs the target's and the draft's distributions: sample_next's, unadjusted
+        spec = check_speculate(llama, spec)
+        other = [name for name, on in (("penalties or logit_bias", s.adjusts_logits), ("logits_processor",
+                 s.logits_processor is not None), ("a grammar", grammar is not None), ("prompt_cache",
+                 prompt_cache is not None)) if on]
+        if other:
+            raise ValueError(f"speculate samples with temperature, top_p, top_k and min_p only, not with "
+                             f"{' or '.join(other)}")
     penalties = Penalties(len(prompt_tokens), llama.params.vocab_size, llama.device) if s.adjusts_logits else None
     for i in range(len(prompt_tokens) if penalties is not None else 0):
         penalties.set_row(i, s, prompt_tokens[i])
@@ -1331,7 +1341,8 @@ def generation_controls(llama: Llama, prompt_tokens, controls: dict, temperature
             penalties.count(next_tok)
         return next_tok
 
-    return sample, functools.partial(StopRow, stop=stop) if stop else TextRow, prompt_cache
+    steps = functools.partial(speculative_steps, llama, spec, s, rng) if spec else llama._steps
+    return sample, functools.partial(StopRow, stop=stop) if stop else TextRow, prompt_cache, steps
 
 
 Llama.controls = generation_controls
@@ -3194,6 +3205,246 @@ class SharedLines:
 
 
 # -----------------------------------------------------------------------------
+# speculative decoding: a draft (a smaller Llama or Transformer with the same vocabulary) or prompt lookup proposes
+# k tokens per row, the target checks them all in one forward pass over its cache, and the standard rule (Leviathan
+# et al. 2023, Chen et al. 2023) keeps exactly what the target would have produced: greedy, its argmax token for
+# token; sampled, its distribution. Plugged in by generation_controls as the generation's loop (Llama's steps seam).
+
+
+@dataclass(eq=False)
+class Speculate:
+    """The control speculate=: a draft (Llama or Transformer; its own decode step, compiled or not) or lookup=True
+    (prompt lookup: the k tokens that followed the latest earlier match of the row's last ngram (down to 1) tokens,
+    as Hugging Face's prompt_lookup_num_tokens and llama.cpp's lookup decoding), and k, the tokens proposed per
+    step. A generation adds its counts: proposed, accepted (acceptance = accepted / proposed) and verify steps.
+    A batch advances by its live rows' least accepted count (every row then stays one step of the same loop)."""
+    draft: Optional[Union["Llama", Transformer]] = None
+    k: int = 4
+    lookup: bool = False
+    ngram: int = 3
+    proposed: int = 0
+    accepted: int = 0
+    steps: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+
+def same_vocabulary(a: Optional[Tokenizer], b: Optional[Tokenizer]) -> bool:
+    """Whether two tokenizers map ids to the same bytes (every 61st id and the special tokens) and encode alike."""
+    if a is None or b is None or a is b:
+        return True
+    probe = "Hello, world! 12345 \u00e9\u65e5\U0001F600\n\tdef f(x): return x"
+    return a.n_words == b.n_words and a.stop_tokens == b.stop_tokens and a.encode(probe, bos=False, eos=False) == \
+        b.encode(probe, bos=False, eos=False) and all(a.token_bytes(i) == b.token_bytes(i) for i in
+                                                     range(0, a.n_words, 61))
+
+
+def check_speculate(llama: "Llama", spec) -> Speculate:
+    """spec, its draft a Llama, or a TypeError / ValueError naming what does not fit the target, before anything
+    runs: another vocabulary or tokenizer, another device, a shorter context, k < 1 or beyond the context."""
+    if not isinstance(spec, Speculate):
+        raise TypeError(f"speculate must be a llama31.Speculate, got {type(spec).__name__}")
+    p = llama.params
+    check_value("speculate k", spec.k, int, f"an integer in [1, {p.max_seq_len - 1}] (max_seq_len - 1)",
+                lambda k: 1 <= k < p.max_seq_len)
+    check_value("speculate lookup", spec.lookup, bool)
+    check_value("speculate ngram", spec.ngram, int)
+    if (spec.draft is None) == (not spec.lookup):
+        raise ValueError("speculate needs a draft (a Llama or Transformer) or lookup=True, and not both")
+    if getattr(llama.model, "tp", None) is not None:
+        raise ValueError("speculative decoding does not run under tensor parallelism (torchrun); decode plainly")
+    if spec.draft is None:
+        return spec
+    draft = Llama(spec.draft, llama.tokenizer) if isinstance(spec.draft, Transformer) else spec.draft
+    if not isinstance(draft, Llama):
+        raise TypeError(f"the draft must be a Llama or a Transformer, got {type(spec.draft).__name__}")
+    d = draft.params
+    if d.vocab_size != p.vocab_size or not same_vocabulary(llama.tokenizer, draft.tokenizer):
+        raise ValueError(f"the draft's vocabulary ({d.vocab_size} ids) is not the target's ({p.vocab_size} ids, its "
+                         f"tokenizer): a draft must tokenize alike (Llama 3.2 1B/3B draft for Llama 3.1)")
+    if draft.device != llama.device:
+        raise ValueError(f"the draft is on {draft.device}, the target on {llama.device}: load both on one device")
+    if d.max_seq_len < p.max_seq_len:
+        raise ValueError(f"the draft's max_seq_len {d.max_seq_len} is shorter than the target's {p.max_seq_len}")
+    if getattr(draft.model, "tp", None) is not None:
+        raise ValueError("a tensor-parallel draft is not supported")
+    spec.draft = draft
+    return spec
+
+
+class VerifyCache(KVCache):
+    """A KVCache that also stores several tokens per row at each row's own positions (pos (bsz, seqlen)): the
+    target's cache in speculative decoding. Rejected tokens need no undo: a row's next step writes over them and
+    the mask hides every key past a query's position."""
+
+    def update(self, layer_id: int, step: Step, xk: torch.Tensor, xv: torch.Tensor):
+        if step.pos is None or step.pos.dim() == 1:
+            return super().update(layer_id, step, xk, xv)
+        k, v, bsz = self.k[layer_id], self.v[layer_id], xk.shape[0]  # (bsz, n_kv_heads, max_len, head_dim)
+        rows = self.rows[:bsz, None]  # (bsz, 1): row b's tokens at positions pos[b]
+        k[rows, :, step.pos] = xk.transpose(1, 2)  # (bsz, seqlen, n_kv_heads, head_dim)
+        v[rows, :, step.pos] = xv.transpose(1, 2)
+        return k[:bsz, :, : step.kv_len], v[:bsz, :, : step.kv_len]
+
+
+def verify_logits(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cache: VerifyCache) -> torch.Tensor:
+    """fp32 logits (bsz, seqlen, vocab) of tokens (bsz, seqlen), row b's at positions pos[b] .. pos[b] + seqlen - 1:
+    Transformer.hidden_states with per-row positions for several tokens (its step takes one then)."""
+    bsz, seqlen = tokens.shape
+    at = pos[:, None] + torch.arange(seqlen, device=pos.device)  # (bsz, seqlen) each token's position
+    cos = model.freqs_cos[at].view(bsz, seqlen, 1, -1)  # (bsz, seqlen, 1, head_dim/2)
+    sin = model.freqs_sin[at].view(bsz, seqlen, 1, -1)
+    mask = cache.key_positions <= at[:, :, None]  # (bsz, seqlen, max_len): a query sees keys up to its position
+    step = Step(cos, sin, None, at, cache.max_len, mask[:, None])  # mask (bsz, 1, seqlen, max_len)
+    h = model.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+    for layer in model.layers:
+        h = layer(h, step, cache)
+    return model.logits(model.norm(h))
+
+
+def sampling_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """The distribution sample_next draws from at s's temperature, top_k, top_p and min_p: (n, vocab) -> (n, vocab)."""
+    kept, ids = top_p_filter(torch.softmax(logits / s.temperature, dim=-1), s.top_p, s.top_k, s.min_p)
+    return torch.zeros_like(kept).scatter_(-1, ids, kept)
+
+
+def lookup_proposal(seq: Sequence[int], k: int, ngram: int) -> List[int]:
+    """Up to k tokens that followed an earlier occurrence of seq's last n tokens (n = ngram .. 1): the latest one
+    that k tokens follow, else the earliest (the most tokens follow it)."""
+    for n in range(min(ngram, len(seq) - 1), 0, -1):
+        tail, best = list(seq[-n:]), None
+        for start in range(len(seq) - n - 1, -1, -1):
+            if seq[start : start + n] == tail:
+                best = start
+                if start + n + k <= len(seq):
+                    break
+        if best is not None:
+            return list(seq[best + n : best + n + k])
+    return []
+
+
+@torch.inference_mode()
+def speculative_steps(llama: "Llama", spec: Speculate, s: Sampling, rng: torch.Generator, prompt_tokens, sample,
+                      prompt_cache, max_gen_len: int, logprobs: bool):
+    """Llama._steps' loop with speculation, yielding what it yields: the prompts' logprobs, then per step per row
+    (token, logprob, last) or None. Each round: the proposals (the draft's k decode steps, or lookup's), one verify
+    pass of the target over each row's last token and proposals, the rule's accepted tokens and next token, one
+    host sync; then the batch yields as many steps as its live rows' least count."""
+    p, tok, device, model = llama.params, llama.tokenizer, llama.device, llama.model
+    draft, greedy = spec.draft, s.temperature == 0
+    bsz, lens = len(prompt_tokens), [len(t) for t in prompt_tokens]
+    total_len = min(p.max_seq_len, max(lens) + max_gen_len)
+    budgets = [min(max_gen_len, p.max_seq_len - n) for n in lens]
+    pad_id, stop_tokens = (tok.pad_id, tok.stop_tokens) if tok is not None else (0, set())
+    tokens = torch.full((bsz, max(lens)), pad_id, dtype=torch.long)
+    for i, t in enumerate(prompt_tokens):
+        tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+    tokens = tokens.to(device)
+    cache = VerifyCache(p, bsz, total_len, device, model.dtype)
+    h = model.hidden_states(tokens, 0, cache)  # (bsz, max_prompt_len, dim)
+    yield llama._prompt_logprobs(h, tokens, lens) if logprobs else None
+    logits = model.logits(h[torch.arange(bsz, device=device), torch.tensor(lens, device=device) - 1])
+    del h
+    if draft is not None:  # its cache as _steps sizes it: 256-rounded lengths for a compiled step
+        dlen = min(draft.params.max_seq_len, -(-total_len // 256) * 256) if draft.decode_step else total_len
+        dcache = KVCache(draft.params, bsz, dlen, device, draft.model.dtype)
+        draft.model.hidden_states(tokens, 0, dcache)
+    fed = [list(t) for t in prompt_tokens]
+    generated, alive = [0] * bsz, [b > 0 for b in budgets]
+
+    def step_out(values, logps):  # one step's items, as _steps yields them
+        out = []
+        for i, t in enumerate(values):
+            alive[i] = alive[i] and t not in stop_tokens
+            generated[i] += alive[i]
+            out.append((t, logps[i] if logprobs else None, generated[i] == budgets[i]) if alive[i] else None)
+            if alive[i]:
+                fed[i].append(t)
+            alive[i] = alive[i] and generated[i] < budgets[i]
+        return out
+
+    next_tok, host = llama.sample_step(logits, lambda x: sample(fed, x), logprobs)  # the first token, as _steps
+    if not all(host[i][1] for i in range(bsz) if alive[i]):
+        raise llama.nonfinite([i for i in range(bsz) if alive[i] and not host[i][1]], "decode step 0")
+    yield step_out([int(r[0]) for r in host], [r[2] if logprobs else None for r in host])
+    last, rows = next_tok, torch.arange(bsz, device=device)
+    while any(alive):
+        live = [i for i in range(bsz) if alive[i]]
+        k = min(spec.k, min(budgets[i] - generated[i] for i in live) - 1)  # proposals the budgets can take
+        # each live row's last token at position lens + generated - 1; finished rows idle at position 0
+        here = [lens[i] + generated[i] - 1 if alive[i] else 0 for i in range(bsz)]
+        at = torch.tensor(here, device=device)
+        # every row at one position (batch 1): the slice path, attending over the positions in use only, as _steps
+        one = here[0] if len(set(here)) == 1 else None
+        q, valid = None, None  # the draft's distributions (bsz, k, vocab); which lookup proposals exist
+        if k > 0 and draft is not None:
+            x, proposals, qs = last, [], []
+            for j in range(k + 1):  # the k + 1st step only writes the last proposal's keys into the draft's cache
+                dlogits = draft.decode(x[:, None], one + j if one is not None and not draft.decode_step else at + j,
+                                       dcache)  # (bsz, vocab)
+                if j == k:
+                    break
+                if greedy:
+                    x = torch.argmax(dlogits, dim=-1)
+                else:
+                    qs.append(sampling_probs(dlogits, s))
+                    x = torch.multinomial(qs[-1], 1, generator=rng)[:, 0]
+                proposals.append(x)
+            proposals = torch.stack(proposals, dim=1)  # (bsz, k)
+            q = torch.stack(qs, dim=1) if qs else None
+        elif k > 0:
+            found = [lookup_proposal(fed[i], k, spec.ngram) if alive[i] else [] for i in range(bsz)]
+            k = max(map(len, found))  # no match in any row: a plain step (a wider pass costs more than one token)
+            valid = torch.tensor([[j < len(f) for j in range(k)] for f in found], dtype=torch.bool, device=device)
+            proposals = torch.tensor([f + [0] * (k - len(f)) for f in found], dtype=torch.long, device=device)
+            q = None if greedy else F.one_hot(proposals, p.vocab_size).float() * valid[..., None]  # surely; none
+        else:
+            proposals = torch.zeros(bsz, 0, dtype=torch.long, device=device)
+        fed_now = torch.cat([last[:, None], proposals], dim=1)  # (bsz, k + 1)
+        logits = model.logits(model.hidden_states(fed_now, one, cache)) if one is not None else \
+            verify_logits(model, fed_now, at, cache)  # (bsz, k + 1, vocab)
+        finite = torch.isfinite(logits).all(dim=-1).all(dim=-1)  # (bsz,)
+        logits = torch.where(finite[:, None, None], logits, 0.0)
+        if greedy:  # a proposal stands while it is the target's argmax; the next token is the target's argmax
+            target = torch.argmax(logits, dim=-1)  # (bsz, k+1)
+            ok = proposals == target[:, :k]
+            out = target
+        else:  # accept proposal j with probability min(1, p/q); on rejection draw from max(0, p - q) renormalised
+            probs = sampling_probs(logits.flatten(0, 1), s).view(bsz, k + 1, -1)  # (bsz, k+1, vocab)
+            pj = probs[:, :k].gather(-1, proposals[..., None])[..., 0]  # (bsz, k)
+            qj = q.gather(-1, proposals[..., None])[..., 0] if k else pj
+            ok = torch.rand(bsz, k, device=device, generator=rng) * qj < pj
+        if valid is not None:
+            ok &= valid
+        accepted = ok.long().cumprod(dim=1).sum(dim=1)  # (bsz,) leading proposals that stand
+        if not greedy:
+            resid = probs.clone()  # at the first rejected j: max(0, p - q) renormalised (all zero: p itself)
+            resid[:, :k] = (probs[:, :k] - q).clamp(min=0) if k else resid[:, :k]
+            mass = resid.sum(dim=-1, keepdim=True)
+            resid = torch.where(mass > 0, resid / mass.clamp(min=1e-30), probs)
+            nxt = torch.multinomial(resid[rows, accepted], 1, generator=rng)[:, 0]  # (bsz,)
+            out = torch.cat([proposals, nxt[:, None]], dim=1)  # (bsz, k+1): the accepted proposals, then nxt
+            out[rows, accepted] = nxt
+        cols = [accepted.float(), finite.float(), out.float()]  # ids < 2^24 are exact in fp32: one transfer
+        if logprobs:
+            cols.append(torch.log_softmax(logits, dim=-1).gather(-1, out[..., None])[..., 0])
+        host = torch.cat([c.view(bsz, -1) for c in cols], dim=1).tolist()  # the round's one host sync
+        if not all(host[i][1] for i in live):
+            raise llama.nonfinite([i for i in live if not host[i][1]], f"a verify step after {max(generated)} tokens")
+        n = min(int(host[i][0]) + 1 for i in live)  # the batch's steps this round
+        spec.steps += 1
+        spec.proposed += k * len(live)
+        spec.accepted += sum(min(int(host[i][0]), n) for i in live)
+        for j in range(n):
+            yield step_out([int(r[2 + j]) for r in host], [r[2 + (k + 1) + j] if logprobs else None for r in host])
+            if not any(alive):
+                return
+        last = out[:, n - 1]
+
+
+# -----------------------------------------------------------------------------
 # tools and structured output: Llama 3.1's tool calling as Meta's llama-models writes and reads it (ChatFormat,
 # ToolUtils, the system prompt templates of its prompt formats), plugged in by Llama.chat (chat_extensions); and
 # output held to a JSON schema, token by token, by llguidance's grammar matcher (Grammar, a logits processor) in
@@ -3782,13 +4033,20 @@ class BatchEngine:
     prefill delays the running rows' next step (prompts are not split into chunks)."""
 
     def __init__(self, llama: Llama, max_batch_size: int = 8, prompt_cache: int = 8, seed: int = 1,
-                 thread: bool = True):
+                 thread: bool = True, speculate: Optional[Speculate] = None):
         check_value("max_batch_size", max_batch_size, int)
         check_value("prompt_cache", prompt_cache, int, "an integer >= 0 (entries kept; 0: off)", lambda x: x >= 0)
         p, device = llama.params, llama.device
         self.llama, self.model, self.device, self.capacity = llama, llama.model, device, max_batch_size
         self.stop_tokens = llama.tokenizer.stop_tokens
-        self.cache = KVCache(p, max_batch_size, p.max_seq_len, device, llama.model.dtype)
+        # speculate: greedy requests decode speculatively (speculative_round); the cache then takes several
+        # tokens per row, and a draft has a cache of its own, its rows moving with the target's
+        self.spec = None if speculate is None else check_speculate(llama, speculate)
+        self.cache = (KVCache if speculate is None else VerifyCache)(p, max_batch_size, p.max_seq_len, device,
+                                                                     llama.model.dtype)
+        draft = None if self.spec is None else self.spec.draft
+        self.dcache = None if draft is None else KVCache(draft.params, max_batch_size, p.max_seq_len, device,
+                                                         draft.model.dtype)
         self.pos = torch.zeros(max_batch_size, dtype=torch.long, device=device)  # (rows,) position of the next token
         self.tok = torch.zeros(max_batch_size, dtype=torch.long, device=device)  # (rows,) the next token to feed
         self.penalties = Penalties(max_batch_size, p.vocab_size, device)
@@ -3892,6 +4150,8 @@ class BatchEngine:
         if n == 0:
             self.logits = None
             return
+        if self.spec is not None and any(self.speculates(job) for job in self.rows):
+            return self.speculative_round()
         rows, used = n, max(len(job.fed) for job in self.rows) + 1
         if self.llama.decode_step is not None:  # compiled: the same shapes for many steps, few to compile
             rows, used = min(1 << (n - 1).bit_length(), self.capacity), min(-(-used // 256) * 256, self.cache.max_len)
@@ -3901,6 +4161,70 @@ class BatchEngine:
         self.pos[:n] += 1
         for job in self.rows:
             job.fed.append(job.next_token)
+
+    def speculates(self, job: Job) -> bool:
+        """Whether job's tokens may be proposed: greedy, nothing adjusting its logits, no logprobs (the server
+        speculates what it can keep exact with argmax alone)."""
+        s = job.sampling
+        return s.temperature == 0 and not s.adjusts_logits and job.grammar is None and job.top_logprobs is None
+
+    def speculative_round(self):
+        """Step 4 with speculation: every row's last token and up to k proposals (the draft's k decode steps over
+        all rows, or prompt lookup in each job's tokens) in one verify pass over the cache; in a row that
+        speculates, the proposals that equal the target's argmax stand and are reported now (stop tokens, stop
+        strings and budgets as ever), and the logits after them are the row's next; a row that does not
+        speculates none and gets the plain step's logits. Rows accept their own counts."""
+        n, spec, device = len(self.rows), self.spec, self.device
+        room = [min(job.budget - len(job.text.tokens), self.cache.max_len - 1 - len(job.fed)) - 1
+                for job in self.rows]
+        k = max(0, min(spec.k, max(r for job, r in zip(self.rows, room) if self.speculates(job)),
+                       min(self.cache.max_len - 1 - len(job.fed) for job in self.rows)))  # every row's writes fit
+        at, last = self.pos[:n], self.tok[:n]
+        if spec.draft is not None:
+            x, proposals = last, []
+            view = cache_view(self.dcache, slice(0, n), min(max(len(job.fed) for job in self.rows) + k + 1,
+                                                            self.dcache.max_len))
+            for j in range(k + 1):  # the k + 1st step only writes the last proposal's keys into the draft's cache
+                dlogits = spec.draft.decode(x[:, None], (at + j).clamp(max=view.max_len - 1), view)
+                if j < k:
+                    x = torch.argmax(dlogits, dim=-1)
+                    proposals.append(x)
+            proposals = torch.stack(proposals, dim=1) if k else torch.zeros(n, 0, dtype=torch.long, device=device)
+            counts = [k] * n
+        else:
+            found = [lookup_proposal(job.fed + [job.next_token], k, spec.ngram) if self.speculates(job) else []
+                     for job in self.rows]
+            found = [f[: max(r, 0)] for f, r in zip(found, room)]
+            k = max(map(len, found))  # no match in any row: a plain step (a wider pass costs more than one token)
+            counts = [len(f) for f in found]
+            proposals = torch.tensor([f + [0] * (k - len(f)) for f in found], dtype=torch.long, device=device)
+        counts = [min(c, max(r, 0)) if self.speculates(job) else 0 for c, r, job in zip(counts, room, self.rows)]
+        used = min(max(len(job.fed) for job in self.rows) + k + 1, self.cache.max_len)
+        logits = verify_logits(self.model, torch.cat([last[:, None], proposals], dim=1), at,
+                               cache_view(self.cache, slice(0, n), used))  # (n, k + 1, vocab)
+        target = torch.argmax(logits, dim=-1)  # (n, k + 1)
+        valid = torch.arange(k, device=device) < torch.tensor(counts, device=device)[:, None]  # (n, k)
+        accepted = ((proposals == target[:, :k]) & valid).long().cumprod(dim=1).sum(dim=1)  # (n,)
+        host = torch.cat([accepted[:, None], proposals], dim=1).tolist()  # the round's one host sync
+        spec.steps += 1
+        spec.proposed += sum(counts)
+        self.logits = logits[torch.arange(n, device=device), accepted]  # (n, vocab): after the kept proposals
+        finished = []
+        for i, job in enumerate(self.rows):
+            a = int(host[i][0])
+            spec.accepted += a
+            job.fed.append(job.next_token)
+            for t in host[i][1 : 1 + a]:  # the stood proposals, token by token as the sampling step reports them
+                if self.advance(job, [t, 1.0]):
+                    finished.append(i)
+                    break
+                job.fed.append(t)
+            self.pos[i] += 1 + a
+            self.tok[i] = job.next_token
+        order = {id(job): i for i, job in enumerate(self.rows)}
+        for i in reversed(finished):
+            self.remove(i)
+        self.logits = self.logits[[order[id(job)] for job in self.rows]] if self.rows else None
 
     def prefill(self, job: Job, twin: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Start job in the next free row; return its next-token logits (1, vocab), or None for a job that asks
@@ -3922,6 +4246,13 @@ class BatchEngine:
         if job.budget == 0:
             job.events.put(("end", job.index, "length", 0))
             return None
+        if self.dcache is not None:  # the draft prefills the whole prompt into its row (or copies its twin's)
+            if twin is not None and not job.prompt_logprobs:
+                for k, v in zip(self.dcache.k, self.dcache.v):
+                    k[i, :, :n], v[i, :, :n] = k[i - 1, :, :n], v[i - 1, :, :n]
+            else:
+                self.spec.draft.model.hidden_states(torch.tensor([job.prompt], device=self.device), 0,
+                                                    cache_view(self.dcache, slice(i, i + 1), n))
         self.pos[i] = n
         if job.sampling.adjusts_logits:
             self.penalties.set_row(i, job.sampling, job.prompt)
@@ -4004,7 +4335,8 @@ class BatchEngine:
             self.prompt_cache.add([job.fed], cache_view(self.cache, slice(i, i + 1), len(job.fed)))
         if i != last:
             used = len(self.rows[last].fed)
-            for k, v in zip(self.cache.k, self.cache.v):  # (max_batch_size, n_kv_heads, max_len, head_dim) each
+            caches = [self.cache] + ([self.dcache] if self.dcache is not None else [])
+            for k, v in ((k, v) for c in caches for k, v in zip(c.k, c.v)):  # (max_batch_size, heads, len, dim)
                 k[i, :, :used], v[i, :, :used] = k[last, :, :used], v[last, :, :used]
             self.pos[i], self.tok[i] = self.pos[last], self.tok[last]
             self.penalties.move_row(last, i)
@@ -4406,14 +4738,14 @@ class APIServer(ThreadingHTTPServer):
 
     def __init__(self, llama: Llama, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
                  max_batch_size: int = 8, model_name: str = "llama31", prompt_cache: int = 8, seed: int = 1,
-                 quiet: bool = False, engine_thread: bool = True):
+                 quiet: bool = False, engine_thread: bool = True, speculate: Optional[Speculate] = None):
         if llama.tokenizer is None:
             raise ValueError("the server needs a Llama with a tokenizer")
         if api_key is not None and (not isinstance(api_key, str) or not api_key):
             raise ValueError("api_key must be a non-empty string or None")
         self.llama, self.api_key, self.model_name, self.quiet = llama, api_key, model_name, quiet
         self.created = int(time.time())
-        self.engine = BatchEngine(llama, max_batch_size, prompt_cache, seed, thread=engine_thread)
+        self.engine = BatchEngine(llama, max_batch_size, prompt_cache, seed, thread=engine_thread, speculate=speculate)
         try:
             super().__init__((host, port), APIHandler)
         except OSError:
@@ -4596,7 +4928,8 @@ def main(ckpt_dir: str = None, tokenizer_path: str = None, prompts: str = None, 
          max_gen_len: int = None, max_batch_size: int = 4, seed: int = 1, device: str = None, dtype: str = None,
          compile: bool = False, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
          presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias: str = None, stop: str = None,
-         quantize: str = None, group_size: int = 32, tools: str = None):
+         quantize: str = None, group_size: int = 32, tools: str = None, draft_ckpt_dir: str = None,
+         speculate_k: int = 4, prompt_lookup: bool = False):
     """Complete prompts with a Meta Llama 3.x checkpoint, or chat with an Instruct model (--chat).
 
     Started by torchrun with several processes, the model is split over them (tensor parallelism, each rank
@@ -4640,6 +4973,13 @@ def main(ckpt_dir: str = None, tokenizer_path: str = None, prompts: str = None, 
         tools: for --chat, a JSON file of the tools the model may call: a list of built-in names
             (brave_search, wolfram_alpha, code_interpreter) and OpenAI function definitions; each call is
             printed and its result read as the next line of input
+        draft_ckpt_dir: a draft model for speculative decoding, any format, the same vocabulary (Llama 3.2 1B
+            for Llama 3.1 8B, or a quantized copy of the model itself); it proposes --speculate_k tokens per
+            step and the model keeps exactly what it would have generated (greedy token for token, sampled in
+            its distribution)
+        speculate_k: tokens proposed per step, by the draft or by --prompt_lookup
+        prompt_lookup: speculative decoding without a draft, proposing the tokens that followed the last words'
+            earlier occurrence in the prompt or reply (pays off when the reply copies its input, as edits do)
     """
     if tools is not None:
         if not chat:
@@ -4678,21 +5018,31 @@ def main(ckpt_dir: str = None, tokenizer_path: str = None, prompts: str = None, 
     check_value("seed", seed, int, "an integer in [0, 2**64)", lambda s: 0 <= s < 2**64)
     if chat and sys.stdin is None:  # python started with its standard input closed (0<&-)
         raise ValueError("--chat reads the conversation from standard input, which is closed")
+    check_value("speculate_k", speculate_k, int)
+    check_value("prompt_lookup", prompt_lookup, bool)
+    if draft_ckpt_dir is not None and prompt_lookup:
+        raise ValueError("give --draft_ckpt_dir or --prompt_lookup, not both")
     if ckpt_dir is None:
         ckpt_dir = demo_checkpoint()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         device=device, dtype=dtype, seed=seed, compile=compile, quantize=quantize,
                         group_size=group_size)
+    if draft_ckpt_dir is not None or prompt_lookup:
+        draft = None if prompt_lookup else Llama.build(draft_ckpt_dir, max_seq_len=max_seq_len, max_batch_size=
+                                                       max_batch_size, device=llama.device, compile=compile)
+        controls["speculate"] = check_speculate(llama, Speculate(draft, speculate_k, prompt_lookup))
     tp = getattr(llama.model, "tp", None)  # tensor parallel: every rank generates, rank 0 prints
     with contextlib.ExitStack() as stack:
         out = sys.stdout if tp is None or tp.rank == 0 else stack.enter_context(open(os.devnull, "w"))
         if tp is not None:
             stack.callback(tp.close)
-        Sampling(temperature, top_p, **controls).check(llama.params.vocab_size)  # logit_bias's ids, before a prompt
+        Sampling(temperature, top_p, **{k: v for k, v in controls.items() if k != "speculate"}).check(
+            llama.params.vocab_size)  # logit_bias's ids, before a prompt
         rng = torch.Generator(device=llama.device).manual_seed(seed)
         if chat:
             chat_repl(llama, system, rng, temperature, top_p, min(max_gen_len, max_seq_len - 1),
-                      inp=None if tp is None else SharedLines(tp), out=out, stop=stop, tools=tools, **controls)
+                      inp=None if tp is None else SharedLines(tp), out=out, stop=stop, tools=tools,
+                      prompt_cache="speculate" not in controls, **controls)  # speculation prefills whole prompts
             return
         for i in range(0, len(prompts), max_batch_size):
             batch = list(prompts[i : i + max_batch_size])
@@ -4703,7 +5053,7 @@ def main(ckpt_dir: str = None, tokenizer_path: str = None, prompts: str = None, 
 def serve(ckpt_dir: str = None, tokenizer_path: str = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str = None, max_batch_size: int = 8, max_seq_len: int = 2048, prompt_cache: int = 8,
           model_name: str = None, seed: int = 1, device: str = None, dtype: str = None, compile: bool = False,
-          quiet: bool = False):
+          quiet: bool = False, draft_ckpt_dir: str = None, speculate_k: int = 4, prompt_lookup: bool = False):
     """Serve a checkpoint over OpenAI's HTTP API: POST /v1/chat/completions and /v1/completions (streamed with
     "stream": true), GET /v1/models, GET /health. Requests that arrive while others run are batched.
 
@@ -4726,19 +5076,33 @@ def serve(ckpt_dir: str = None, tokenizer_path: str = None, host: str = "127.0.0
         compile: decode under torch.compile, the same compiled step as --compile's (batch sizes rounded up to
             powers of two and context lengths to 256, each shape compiled once)
         quiet: do not log each request on stderr
+        draft_ckpt_dir: a draft model: greedy requests (temperature 0, no penalties, biases, grammar or
+            logprobs) decode speculatively, each row keeping its own count of proposals; others decode plainly
+        speculate_k: tokens proposed per step, by the draft or by --prompt_lookup
+        prompt_lookup: speculate greedy requests by prompt lookup (no draft)
     """
+    check_value("speculate_k", speculate_k, int)
+    check_value("prompt_lookup", prompt_lookup, bool)
+    if draft_ckpt_dir is not None and prompt_lookup:
+        raise ValueError("give --draft_ckpt_dir or --prompt_lookup, not both")
     if ckpt_dir is None:
         ckpt_dir = demo_checkpoint()
     api_key = api_key if api_key is not None else os.environ.get("LLAMA31_API_KEY") or None
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         device=device, dtype=dtype, seed=seed, compile=compile)
+    speculate = None
+    if draft_ckpt_dir is not None or prompt_lookup:
+        draft = None if prompt_lookup else Llama.build(draft_ckpt_dir, max_seq_len=max_seq_len,
+                                                       max_batch_size=max_batch_size, device=llama.device)
+        speculate = Speculate(draft, speculate_k, prompt_lookup)
     name = model_name or Path(ckpt_dir).name.removesuffix(".gguf")
     # The engine decodes on this thread, which loaded the model, and HTTP is answered in others. On CPU, torch's
     # OpenMP (libgomp) keeps a pool of worker threads per thread that runs parallel ops; with a second pool (an
     # engine thread's) the threads outnumber the cores and libgomp stops spinning between parallel regions, so
     # each region waits to wake its workers: 2 cores, SmolLM2 demo, one client: 29 tok/s in a thread, 46 here.
     server = start_server(llama, host=host, port=port, api_key=api_key, max_batch_size=max_batch_size,
-                          model_name=name, prompt_cache=prompt_cache, seed=seed, quiet=quiet, engine_thread=False)
+                          model_name=name, prompt_cache=prompt_cache, seed=seed, quiet=quiet, engine_thread=False,
+                          speculate=speculate)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"llama31: serving on {host} without an API key: anyone who can reach it can use it", file=sys.stderr)
     print(f"llama31: serving {name} at http://{host}:{server.server_address[1]}/v1 (Ctrl-C stops)", file=sys.stderr)
@@ -5294,6 +5658,101 @@ def bench_chat(ckpt_dir: str = None, turns: int = 5, max_gen_len: int = 64, repe
         print(f"{t + 1:4d} {lens[t]:13d} {full:22.1f} {reused:15.1f} {full / reused:7.2f}x")
 
 
+# bench_speculative's prompts: "edit" asks for its input back, changed a little (prompt lookup's case)
+SPECULATIVE_TASKS = {
+    "story": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "edit": "Correct the spelling mistakes in this passage and write out the whole corrected passage, nothing "
+            "else:\n\nThe lighthouse stood on a rocky ilsand at the edge of the bay. Every evening the keeper "
+            "climbed the hundred and twelve steps to light the lamp, and every morning he wrote the wether in his "
+            "log book. One stormy night a small boat came too close to the rocks, and the keeper rang the bell "
+            "untill the sailors turned away. In the morning he found a bottle on the beach with a leter inside."}
+
+
+def bench_speculative(ckpt_dir: str = None, draft_ckpt_dir: str = None, prompt_lookup: bool = False,
+                      speculate_k: int = 4, task: str = "story", quantize: str = None, shape: str = None,
+                      draft_layers: int = 2, gen_len: int = 128, repeats: int = 3, device: str = None,
+                      dtype: str = None, compile: bool = False, seed: int = 0):
+    """Plain against speculative decoding of one greedy reply, alternating runs: tokens/s of each (prefill
+    included), the acceptance (accepted / proposed), tokens per verify step, the speedup; the replies must match.
+
+    Args:
+        ckpt_dir: the target (default: the SmolLM2 demo); with --shape, random weights of that shape instead
+        draft_ckpt_dir: the draft model (e.g. the demo file, quantized, for the demo with --quantize none); with
+            --shape and no --prompt_lookup, a random draft of the target's shape with --draft_layers layers
+        prompt_lookup: speculate by prompt lookup instead of a draft
+        speculate_k: tokens proposed per step
+        task: story (free writing) or edit (the reply copies the prompt: where prompt lookup pays off)
+        quantize: the target's weights: int8, int4 or none (not given: a GGUF file's own)
+        shape: 135m, 1b or 8b: random target weights (random prompts of 64 tokens)
+        draft_layers: layers of the random draft (--shape)
+        gen_len: most tokens per reply
+        repeats: timed runs per mode after one warm-up; medians are reported
+        device: cuda, mps or cpu (autodetected)
+        dtype: float32, bfloat16 or float16 (bf16 on GPUs, fp32 on CPU by default; bf16 for quantized weights)
+        compile: the compiled decode step, for plain decoding and the draft
+        seed: seed of the random weights and prompts
+    """
+    if task not in SPECULATIVE_TASKS or repeats < 1 or gen_len < 2:
+        raise ValueError(f"bench_speculative needs task in {sorted(SPECULATIVE_TASKS)}, repeats >= 1, gen_len >= 2")
+    if shape is not None:
+        if shape not in BENCH_SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(BENCH_SHAPES)}")
+        dev = resolve_device_dtype(device)[0]
+        dt = activation_dtype(dev, dtype, quantize in ("int8", "int4"))
+        args = ModelArgs(**BENCH_SHAPES[shape], max_seq_len=64 + gen_len, max_batch_size=1)
+        model = random_model(args, dev, dt, seed)
+        model = quantize_model(model, quantize) if quantize in ("int8", "int4") else model
+        llama = Llama(model, None, decode_step=CompiledDecode(model) if compile else None)
+        prompt = torch.randint(args.vocab_size, (64,), generator=torch.Generator().manual_seed(seed)).tolist()
+        if not prompt_lookup and draft_ckpt_dir is None:
+            dmodel = random_model(replace(args, n_layers=draft_layers), dev, dt, seed + 1)
+            draft = Llama(dmodel, None, decode_step=CompiledDecode(dmodel) if compile else None)
+        label = f"random {shape} ({dt})"
+    else:
+        llama = Llama.build(ckpt_dir or demo_checkpoint(), max_seq_len=2048, max_batch_size=1, device=device,
+                            dtype=dtype, compile=compile, quantize=quantize)
+        prompt = llama.tokenizer.dialog_tokens([{"role": "user", "content": SPECULATIVE_TASKS[task]}])
+        label = f"{Path(ckpt_dir or demo_checkpoint()).name} ({llama.model.dtype}{', ' + quantize if quantize else ''})"
+    if shape is None and draft_ckpt_dir is None and not prompt_lookup:
+        raise ValueError("bench_speculative needs --draft_ckpt_dir or --prompt_lookup (or --shape: a random draft)")
+    if draft_ckpt_dir is not None:
+        draft = Llama.build(draft_ckpt_dir, max_seq_len=llama.params.max_seq_len, max_batch_size=1,
+                            device=llama.device, compile=compile)
+    elif prompt_lookup:
+        draft = None
+
+    def run(spec):
+        _sync(llama.device)
+        t0 = time.perf_counter()
+        out = llama.generate([prompt], max_gen_len=gen_len, temperature=0, speculate=spec) if spec else \
+            llama.generate([prompt], max_gen_len=gen_len, temperature=0)
+        _sync(llama.device)
+        return time.perf_counter() - t0, out[0]
+
+    times, specs = {"plain": [], "speculative": []}, []
+    for r in range(repeats + 1):  # run 0 warms up (and compiles); the modes alternate
+        t, plain = run(None)
+        specs.append(check_speculate(llama, Speculate(draft, speculate_k, prompt_lookup)))
+        ts, spoken = run(specs[-1])
+        if r > 0:
+            times["plain"].append(t)
+            times["speculative"].append(ts)
+        if spoken != plain:
+            print(f"note: run {r}: the speculative reply differs from the plain one after "
+                  f"{next((i for i, (a, b) in enumerate(zip(plain, spoken)) if a != b), min(len(plain), len(spoken)))}"
+                  f" tokens (last-bit differences of a {speculate_k + 1}-token pass changed a greedy token)")
+    median = {k: sorted(v)[repeats // 2] for k, v in times.items()}
+    spec, n = specs[-1], len(plain)
+    how = "prompt lookup" if prompt_lookup else f"draft {Path(draft_ckpt_dir).name if draft_ckpt_dir else ''}" \
+        f"{'' if draft_ckpt_dir else f'random, {draft_layers} layers'}"
+    print(f"{label} on {llama.device}, task {task if shape is None else 'random prompt'}: greedy reply of {n} "
+          f"tokens, {how}, k={speculate_k}, median of {repeats}")
+    print(f"{'decoding':>12} {'tok/s':>8} {'acceptance':>10} {'tokens/step':>11} {'speedup':>8}")
+    print(f"{'plain':>12} {n / median['plain']:8.1f} {'':>10} {1.0:11.2f} {1.0:7.2f}x")
+    print(f"{'speculative':>12} {n / median['speculative']:8.1f} {spec.acceptance:10.2f} "
+          f"{n / max(spec.steps + 1, 1):11.2f} {median['plain'] / median['speculative']:7.2f}x")
+
+
 def bench_serve(ckpt_dir: str = None, clients: str = "1,4,8", requests: int = 16, max_tokens: int = 64,
                 max_batch_size: int = 8, device: str = None, dtype: str = None, compile: bool = False):
     """Throughput and latency of the HTTP server under concurrent clients, batched (up to max_batch_size
@@ -5396,7 +5855,7 @@ def bench_serve(ckpt_dir: str = None, clients: str = "1,4,8", requests: int = 16
 # an unknown flag, and reads values as Python literals ("Hello, world" a tuple, "#" a comment, "nan" a string).
 
 COMMANDS = {"generate": main, "serve": serve, "perplexity": perplexity, "bench": bench, "bench_serve": bench_serve,
-            "bench_chat": bench_chat}
+            "bench_chat": bench_chat, "bench_speculative": bench_speculative}
 # other tools' names for these flags (transformers, llama.cpp), to name ours when one is typed
 FLAG_SYNONYMS = {"max_new_tokens": "max_gen_len", "max_tokens": "max_gen_len", "n_predict": "max_gen_len",
                  "model": "ckpt_dir", "model_path": "ckpt_dir", "checkpoint": "ckpt_dir", "ctx_size": "max_seq_len",

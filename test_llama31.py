@@ -3936,6 +3936,170 @@ def test_server_prefill_and_request_errors(serve_llama, llama_gqa):
 
 
 # -----------------------------------------------------------------------------
+# speculative decoding: greedy token for token as plain decoding, sampled as the target's distribution
+
+@pytest.fixture(scope="module")
+def llama_draft(ckpt_mha):
+    """A smaller random model with Llama 3's vocabulary and llama_gqa's context: a draft for llama_gqa."""
+    return llama31.Llama.build(ckpt_mha, max_seq_len=1280, max_batch_size=8, device="cpu", dtype=torch.float32)
+
+
+def test_speculative_greedy_equals_plain_decoding(llama_gqa, llama_draft, tokenizer):
+    # ragged prompts, each k, a draft (a different model, the target itself) and prompt lookup: the same tokens and
+    # logprobs as plain decoding; a prompt near the context's end caps the proposals
+    prompts = [tokenizer.encode(t, bos=True, eos=False) for t in (
+        "The quick brown fox", "One two three one two three one two", "Hello")]
+    plain, plain_lp = llama_gqa.generate(prompts, max_gen_len=24, temperature=0, logprobs=True)
+    for spec in (llama31.Speculate(llama_draft, 3), llama31.Speculate(llama_gqa, 5), llama31.Speculate(
+            llama_draft.model, 1), llama31.Speculate(lookup=True, k=4)):
+        out, lp = llama_gqa.generate(prompts, max_gen_len=24, temperature=0, logprobs=True, speculate=spec)
+        assert out == plain
+        assert max(abs(a - b) for x, y in zip(lp, plain_lp) for a, b in zip(x, y)) < 1e-4
+        assert spec.steps > 0 and 0 <= spec.accepted <= spec.proposed
+    # the target as its own draft: every proposal stands
+    spec = llama31.Speculate(llama_gqa, 4)
+    assert llama_gqa.generate(prompts[:1], max_gen_len=20, temperature=0, speculate=spec) == [plain[0][:20]]
+    assert spec.acceptance == 1.0
+    long = [tokenizer.encode("word " * 600, bos=True, eos=False)[: llama_gqa.params.max_seq_len - 3]]
+    assert llama_gqa.generate(long, max_gen_len=8, temperature=0, speculate=llama31.Speculate(llama_draft, 6)) == \
+        llama_gqa.generate(long, max_gen_len=8, temperature=0)
+
+
+def test_speculative_stops_and_text_methods(llama_chain, llama_loop, tokenizer):
+    # stop tokens (the chain ends with <|eot_id|>), stop strings, streams, chat; prompt lookup on a loop accepts
+    # nearly every proposal
+    dialogs = [[{"role": "user", "content": "Hi there"}], [{"role": "system", "content": "Be nice."},
+                                                           {"role": "user", "content": "Greet me"}]]
+    spec = llama31.Speculate(lookup=True, k=3)
+    assert llama_chain.chat_completion(dialogs, temperature=0, speculate=spec) == llama_chain.chat_completion(
+        dialogs, temperature=0)
+    assert llama_chain.text_completion(["x"], temperature=0, max_gen_len=9, stop=["é"], speculate=llama31.Speculate(
+        llama_chain, 2)) == llama_chain.text_completion(["x"], temperature=0, max_gen_len=9, stop=["é"])
+    spec = llama31.Speculate(lookup=True, k=6)
+    stream = llama_loop.text_completion_stream("xyxyxyxy", temperature=0, max_gen_len=100, speculate=spec)
+    assert "".join(stream) == "".join(llama_loop.text_completion_stream("xyxyxyxy", temperature=0, max_gen_len=100))
+    assert stream.finish_reason == "length" and spec.acceptance > 0.75 and spec.steps < 25  # plain: 100 steps
+
+
+def test_speculative_bad_input(llama_gqa, llama_mha, llama_draft):
+    with pytest.raises(ValueError, match="max_seq_len 256 is shorter than the target's 1280"):
+        llama_gqa.generate([[1, 2]], speculate=llama31.Speculate(llama_mha))
+    with pytest.raises(ValueError, match="speculate k must be an integer in \\[1, 1279\\]"):
+        llama_gqa.generate([[1, 2]], speculate=llama31.Speculate(llama_draft, 0))
+    with pytest.raises(ValueError, match="needs a draft .* or lookup=True, and not both"):
+        llama_gqa.generate([[1, 2]], speculate=llama31.Speculate(llama_draft, lookup=True))
+    with pytest.raises(TypeError, match="speculate must be a llama31.Speculate"):
+        llama_gqa.generate([[1, 2]], speculate=llama_draft)
+    with pytest.raises(ValueError, match="not with penalties or logit_bias"):
+        llama_gqa.generate([[1, 2]], speculate=llama31.Speculate(llama_draft), repetition_penalty=1.2)
+    other = llama31.Llama(llama31.Transformer(llama31.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=50,
+                                                                max_seq_len=2048)).eval(), None)
+    with pytest.raises(ValueError, match="the draft's vocabulary \\(50 ids\\)"):
+        llama_gqa.generate([[1, 2]], speculate=llama31.Speculate(other))
+
+
+def test_cli_speculative_flags(ckpt_mha, ckpt_gqa):
+    # the same completions as plain decoding, with a draft (another model of the vocabulary) and with prompt lookup
+    common = ["--ckpt_dir", str(ckpt_gqa), "--prompts", '["Hello there", "One two one two one"]', "--temperature",
+              "0", "--max_gen_len", "8", "--device", "cpu"]
+    plain = run_cli(*common)
+    assert plain.returncode == 0, plain.stderr
+    for extra in (["--draft_ckpt_dir", str(ckpt_mha), "--speculate_k", "3"], ["--prompt_lookup"]):
+        r = run_cli(*common, *extra)
+        assert r.returncode == 0 and r.stdout == plain.stdout, r.stderr
+    r = run_cli(*common, "--prompt_lookup", "--draft_ckpt_dir", str(ckpt_mha))
+    assert r.returncode == 1 and "give --draft_ckpt_dir or --prompt_lookup, not both" in r.stderr
+    r = run_cli(*common, "--prompt_lookup", "--speculate_k", "0")
+    assert r.returncode == 1 and "speculate_k must be an integer >= 1" in r.stderr
+    r = run_cli("serve", "--ckpt_dir", str(ckpt_gqa), "--prompt_lookup", "--draft_ckpt_dir", str(ckpt_mha))
+    assert r.returncode == 1 and "give --draft_ckpt_dir or --prompt_lookup, not both" in r.stderr
+
+
+def test_server_speculates_greedy_requests(serve_llama, llama_gqa, llama_draft, llama_loop):
+    # concurrent requests on a speculating server (prompt lookup, then a draft): greedy replies equal the Python
+    # API's plain ones, with stop strings and budgets; a sampled request is served plainly next to them
+    import concurrent.futures
+
+    texts = ["One two three one two three one two three", "The quick brown fox", "a b a b a b a b a b", "Hello"]
+    dialogs = [[{"role": "user", "content": t}] for t in texts]
+    plain = [r["generation"]["content"] for r in llama_gqa.chat_completion(dialogs, temperature=0, max_gen_len=24)]
+    stopped = llama_gqa.chat_completion(dialogs[:1], temperature=0, max_gen_len=24, stop=[plain[0][5:8]])
+    for spec in (llama31.Speculate(llama_draft, 3), llama31.Speculate(llama_gqa, 4)):  # rejected; all stand
+        server, client, url = serve_llama(llama_gqa, max_batch_size=4, speculate=spec)
+
+        def ask(i):
+            return client.chat.completions.create(model="m", messages=dialogs[i], temperature=0, max_tokens=24)
+
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            sampled = pool.submit(lambda: client.chat.completions.create(model="m", messages=HI, temperature=1.0,
+                                                                         max_tokens=24, seed=3))
+            replies = list(pool.map(ask, range(len(dialogs))))
+        assert [r.choices[0].message.content for r in replies] == plain
+        assert sampled.result().usage.completion_tokens == 24
+        r = client.chat.completions.create(model="m", messages=dialogs[0], temperature=0, max_tokens=24,
+                                           stop=[plain[0][5:8]])
+        assert r.choices[0].message.content == stopped[0]["generation"]["content"]
+        assert spec.steps > 0 and 0 <= spec.accepted <= spec.proposed and (spec.draft.model is not llama_gqa.model
+                                                                            or spec.acceptance == 1.0), spec
+    # prompt lookup where the reply repeats itself: most proposals stand
+    spec = llama31.Speculate(lookup=True, k=5)
+    server, client, url = serve_llama(llama_loop, max_batch_size=2, speculate=spec)
+    r = client.completions.create(model="m", prompt=["xyxyxy", "yxyx"], temperature=0, max_tokens=60)
+    assert [c.text for c in r.choices] == [x["generation"] for x in llama_loop.text_completion(
+        ["xyxyxy", "yxyx"], temperature=0, max_gen_len=60)]
+    assert spec.acceptance > 0.7 and spec.steps < 30, spec
+
+
+def tiny_llama(seed: int, vocab: int = 8, rows: int = 20_000) -> "llama31.Llama":
+    """A random model over a vocabulary of 8 ids (no tokenizer: ids in, ids out), logits of order 1."""
+    args = llama31.ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=vocab, multiple_of=16, max_seq_len=16,
+                             max_batch_size=rows)
+    model, g = llama31.Transformer(args), torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            t.copy_(torch.ones_like(t) if "norm" in name else 2 * torch.randn(t.shape, generator=g) / t.shape[-1] ** 0.5)
+    return llama31.Llama(model.eval(), None)
+
+
+@pytest.mark.parametrize("draft", ["model", "target", "lookup"])
+def test_speculative_sampling_follows_the_target_distribution(draft):
+    # the joint distribution of three sampled tokens after a fixed prompt, over 20,000 rows in one batch, against
+    # the target's own softmax products computed here: a chi-square bound at p = 1e-5 over the 8^3 cells
+    target = tiny_llama(0)
+    spec = {"model": llama31.Speculate(tiny_llama(1), 2), "target": llama31.Speculate(target, 2),
+            "lookup": llama31.Speculate(lookup=True, k=2, ngram=1)}[draft]
+    prompt, n, temperature = [3, 1, 3, 5, 3], 20_000, 0.8
+    out = target.generate([prompt] * n, sample_rng=torch.Generator().manual_seed(7), max_gen_len=3,
+                          temperature=temperature, top_p=1.0, speculate=spec)
+    counts = torch.zeros(8, 8, 8, dtype=torch.float64)
+    for t in out:
+        counts[t[0], t[1], t[2]] += 1
+    with torch.no_grad():
+        def probs(seq):
+            return torch.softmax(target.model(torch.tensor([seq]))[0, -1].double() / temperature, dim=-1)
+        expected = torch.zeros(8, 8, 8, dtype=torch.float64)
+        p1 = probs(prompt)
+        for a in range(8):
+            p2 = probs(prompt + [a])
+            for b in range(8):
+                expected[a, b] = p1[a] * p2[b] * probs(prompt + [a, b])
+    expected *= n
+    keep = expected > 5  # cells with too few expected draws are pooled
+    observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    wanted = torch.cat([expected[keep], expected[~keep].sum()[None]])
+    chi2 = ((observed - wanted) ** 2 / wanted).sum().item()
+    df = len(wanted) - 1
+    bound = df * (1 - 2 / (9 * df) + 4.26 * math.sqrt(2 / (9 * df))) ** 3  # Wilson-Hilferty, p = 1e-5
+    assert chi2 < bound, (chi2, bound, df)
+    assert spec.proposed > 0 and (draft != "target" or spec.acceptance == 1.0)
+    # seeded: the same draws again
+    again = target.generate([prompt] * 64, sample_rng=torch.Generator().manual_seed(7), max_gen_len=3,
+                            temperature=temperature, top_p=1.0, speculate=dataclasses.replace(spec, proposed=0))
+    assert again == target.generate([prompt] * 64, sample_rng=torch.Generator().manual_seed(7), max_gen_len=3,
+                                    temperature=temperature, top_p=1.0, speculate=dataclasses.replace(spec))
+
+
+# -----------------------------------------------------------------------------
 # quantization: int8 and int4 weights in memory, GGUF's quantized blocks, perplexity
 
 BF16_REL = 2**-8  # bf16 keeps 8 significant bits: round to nearest is off by at most 2^-8 of the value
