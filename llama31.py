@@ -756,8 +756,7 @@ class Llama:
 
     def __init__(self, model: "Transformer", tokenizer: Optional[Tokenizer], seed: int = 1, decode_step=None):
         check_value("seed", seed, int, "an integer in [0, 2**64)", lambda s: 0 <= s < 2**64)
-        self.model, self.tokenizer, self.decode_step = model, tokenizer, decode_step
-        self.seed, self.rng = seed, None  # rng: calls without sample_rng draw from it, seeded once at first use
+        self.model, self.tokenizer, self.decode_step, self.seed, self.rng = model, tokenizer, decode_step, seed, None
 
     @staticmethod
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch_size: int = 4, device=None,
@@ -821,19 +820,20 @@ class Llama:
                                                           text) if controls else (sample, TextRow, None, self._steps)
         return row, steps(prompt_tokens, sample, prompt_cache, max_gen_len, logprobs)
 
-    @torch.inference_mode()
-    def _steps(self, prompt_tokens, sample: Callable, prompt_cache, max_gen_len: int, logprobs: bool):
-        p, tok, device = self.params, self.tokenizer, self.device
-        bsz, lens = len(prompt_tokens), [len(t) for t in prompt_tokens]
-        total_len = min(p.max_seq_len, max(lens) + max_gen_len)
-        # as in Meta's: each row may add what is left of max_gen_len and of max_seq_len after its own prompt
-        budgets = [min(max_gen_len, p.max_seq_len - n) for n in lens]
-        # right-padded into one (bsz, max_prompt_len) batch, each token where it would be alone; pads never attended
-        pad_id, stop_tokens = (tok.pad_id, tok.stop_tokens) if tok is not None else (0, set())
-        tokens = torch.full((bsz, max(lens)), pad_id, dtype=torch.long)
+    def _batch(self, prompt_tokens, max_gen_len: int):
+        """Prompts right-padded (bsz, max_len) on the device, lens, total_len, budgets (Meta's: what each leaves)."""
+        p, lens = self.params, [len(t) for t in prompt_tokens]
+        tokens = torch.full((len(lens), max(lens)), self.tokenizer.pad_id if self.tokenizer else 0, dtype=torch.long)
         for i, t in enumerate(prompt_tokens):
             tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        tokens, pos = tokens.to(device), torch.tensor(lens, device=device)  # pos: each row's first new position
+        return tokens.to(self.device), lens, min(p.max_seq_len, max(lens) + max_gen_len), [
+            min(max_gen_len, p.max_seq_len - n) for n in lens]
+
+    @torch.inference_mode()
+    def _steps(self, prompt_tokens, sample: Callable, prompt_cache, max_gen_len: int, logprobs: bool):
+        p, device, stop_tokens = self.params, self.device, self.tokenizer.stop_tokens if self.tokenizer else set()
+        tokens, lens, total_len, budgets = self._batch(prompt_tokens, max_gen_len)
+        bsz, pos = len(lens), torch.tensor(lens, device=device)  # pos: each row's first new position
         # its own KV cache; a decode_step (compiled) gets per-row positions, 256-rounded lengths: few shapes to compile
         static = self.decode_step is not None
         cache = KVCache(p, bsz, min(p.max_seq_len, -(-total_len // 256) * 256) if static else total_len, device,
@@ -875,8 +875,8 @@ class Llama:
                 prompt_cache.add(fed, cache)
 
     def decode(self, tokens: torch.Tensor, pos, cache: KVCache) -> torch.Tensor:
-        """Every loop's decode step: logits (bsz, vocab) of tokens (bsz, 1) at pos over cache (forward without its id
-        check, a host sync: the ids are sampled), or self.decode_step's."""
+        """Every loop's decode step: logits (bsz, vocab) of tokens (bsz, 1) at pos; decode_step's, or forward's
+        without its id check (a host sync: the ids are sampled)."""
         if self.decode_step is not None:
             return self.decode_step(tokens, pos, cache)
         return self.model.logits(self.model.hidden_states(tokens, pos, cache))[:, -1]
@@ -3332,16 +3332,10 @@ def speculative_steps(llama: "Llama", spec: Speculate, s: Sampling, rng: torch.G
     (token, logprob, last) or None. Each round: the proposals (the draft's k decode steps, or lookup's), one verify
     pass of the target over each row's last token and proposals, the rule's accepted tokens and next token, one
     host sync; then the batch yields as many steps as its live rows' least count."""
-    p, tok, device, model = llama.params, llama.tokenizer, llama.device, llama.model
-    draft, greedy = spec.draft, s.temperature == 0
-    bsz, lens = len(prompt_tokens), [len(t) for t in prompt_tokens]
-    total_len = min(p.max_seq_len, max(lens) + max_gen_len)
-    budgets = [min(max_gen_len, p.max_seq_len - n) for n in lens]
-    pad_id, stop_tokens = (tok.pad_id, tok.stop_tokens) if tok is not None else (0, set())
-    tokens = torch.full((bsz, max(lens)), pad_id, dtype=torch.long)
-    for i, t in enumerate(prompt_tokens):
-        tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-    tokens = tokens.to(device)
+    p, device, model, draft, greedy = llama.params, llama.device, llama.model, spec.draft, s.temperature == 0
+    stop_tokens = llama.tokenizer.stop_tokens if llama.tokenizer else set()
+    tokens, lens, total_len, budgets = llama._batch(prompt_tokens, max_gen_len)
+    bsz = len(lens)
     cache = VerifyCache(p, bsz, total_len, device, model.dtype)
     h = model.hidden_states(tokens, 0, cache)  # (bsz, max_prompt_len, dim)
     yield llama._prompt_logprobs(h, tokens, lens) if logprobs else None
