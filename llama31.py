@@ -1019,6 +1019,7 @@ import mmap  # noqa: E402
 import os  # noqa: E402
 import queue  # noqa: E402
 import re  # noqa: E402
+import struct  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
@@ -1725,9 +1726,30 @@ def hf_weights(paths: List[Path], args: ModelArgs, tp: Optional["TensorParallel"
                 release_pages(src)
 
 
-def read_gguf(path: Path):
-    """A gguf.GGUFReader on path (memory-mapped), or ValueError naming the file when it is no GGUF file or is
-    cut short. The gguf package (llama.cpp's own reader) is needed for GGUF files only."""
+class GGUFTensor(NamedTuple):
+    """A tensor of a GGUF file, as the gguf package's reader describes one: its data a read-only numpy view of the
+    mapped file (quantized types: uint8 rows of their blocks), shape in GGUF's order (ne: innermost first)."""
+    name: str
+    tensor_type: object  # gguf.GGMLQuantizationType
+    shape: Tuple[int, ...]
+    n_bytes: int
+    data_offset: int
+    data: object  # numpy.ndarray
+
+
+# GGUF's metadata value types (gguf.GGUFValueType) as struct formats; 8: string, 9: array
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUF_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
+              12: "<f8"}
+
+
+def read_gguf(path: Path) -> Tuple[dict, dict, Dict[str, GGUFTensor]]:
+    """(metadata: key -> str, int, float, bool or a list of them; their types: key -> (GGUF value type, the
+    type of an array's entries or None); tensors: name -> GGUFTensor) of a GGUF file,
+    memory-mapped, or ValueError naming the file when it is no GGUF file, is cut short, or claims more than it
+    holds (every count is checked against the bytes left before anything is allocated). Read here, not by the
+    gguf package's GGUFReader, which builds a Python object per array element: 8 of the demo's 9 s of loading
+    (49K tokens, 48K merges; Llama 3 has 128K and 280K). The gguf package still names the types and sizes."""
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     with open(path, "rb") as f:
@@ -1737,17 +1759,90 @@ def read_gguf(path: Path):
                              + (f": {path.parent}" if path.suffix in (".json", ".pth", ".safetensors") else ""))
     try:
         import gguf
+        import numpy as np
     except ImportError as e:
         raise RuntimeError(f"reading {path} needs the gguf package: pip install gguf") from e
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # ValueError for a bad magic or version, IndexError/struct errors when cut short, ...
-        raise ValueError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from e
-    # the reader maps tensor data lazily: a file cut inside its last tensors still opens, so check the sizes
-    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if end > path.stat().st_size:
-        raise ValueError(f"{path} is truncated: its tensors need {end} bytes, the file has {path.stat().st_size}")
-    return reader
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    mv, size, at = memoryview(buf), len(buf), [4]
+
+    def take(fmt: str):
+        n = struct.calcsize(fmt)
+        if at[0] + n > size:
+            raise ValueError(f"{path} is not a readable GGUF file: cut short at byte {at[0]} (of {size})")
+        value = struct.unpack_from(fmt, mv, at[0])[0]
+        at[0] += n
+        return value
+
+    def string() -> str:
+        n = take("<Q")
+        if at[0] + n > size:
+            raise ValueError(f"{path} is not a readable GGUF file: a string of {n} bytes at byte {at[0]} (of {size})")
+        text, at[0] = bytes(mv[at[0] : at[0] + n]).decode("utf-8"), at[0] + n
+        return text
+
+    def value(kind: int):
+        if kind in GGUF_SCALARS:
+            return take(GGUF_SCALARS[kind])
+        if kind == 8:
+            return string()
+        if kind != 9:
+            raise ValueError(f"{path} is not a readable GGUF file: unknown value type {kind} at byte {at[0]}")
+        sub, count = take("<I"), take("<Q")
+        least = 8 if sub == 8 else struct.calcsize(GGUF_SCALARS.get(sub, "<Q")) if sub != 9 else 12
+        if count * least > size - at[0]:  # refused from the header: no list of a billion entries is built
+            raise ValueError(f"{path} is not a readable GGUF file: an array of {count} entries at byte {at[0]} "
+                             f"needs more than the {size - at[0]} bytes left")
+        if sub in GGUF_NUMPY:
+            out = np.frombuffer(buf, dtype=GGUF_NUMPY[sub], count=count, offset=at[0]).tolist()
+            at[0] += count * struct.calcsize(GGUF_SCALARS[sub])
+            return out
+        return [value(sub) for _ in range(count)]
+
+    version, n_tensors, n_kv = take("<I"), take("<Q"), take("<Q")
+    if version not in (2, 3):
+        raise ValueError(f"{path} is not a readable GGUF file: version {version} (this reader knows 2 and 3)")
+    if (n_tensors + n_kv) * 12 > size:
+        raise ValueError(f"{path} is not a readable GGUF file: {n_tensors} tensors and {n_kv} metadata keys "
+                         f"cannot fit in its {size} bytes")
+    meta, types = {}, {}
+    for _ in range(n_kv):
+        key, kind = string(), take("<I")
+        sub = struct.unpack_from("<I", mv, at[0])[0] if kind == 9 and at[0] + 4 <= size else None
+        meta[key], types[key] = value(kind), (kind, sub)
+    infos = []
+    for _ in range(n_tensors):
+        name, dims = string(), take("<I")
+        if dims > 8:
+            raise ValueError(f"{path} is not a readable GGUF file: tensor {name} has {dims} dimensions")
+        shape = tuple(take("<Q") for _ in range(dims))
+        infos.append((name, shape, take("<I"), take("<Q")))
+    align = meta.get("general.alignment", 32)
+    start = -(-at[0] // align) * align
+    tensors = {}
+    for name, shape, kind, offset in infos:
+        if name in tensors:
+            raise ValueError(f"{path} is not a readable GGUF file: tensor {name} appears twice")
+        try:
+            qtype = gguf.GGMLQuantizationType(kind)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise ValueError(f"{path}: tensor {name} has unknown type {kind}") from None
+        n = math.prod(shape)
+        n_bytes, data_offset = n * type_size // block, start + offset
+        if data_offset + n_bytes > size:  # data is mapped lazily: a file cut inside its tensors must be caught
+            end = max(start + o + math.prod(sh) * gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(k)][1] //
+                      gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(k)][0] for _, sh, k, o in infos)
+            raise ValueError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}")
+        rows = tuple(reversed(shape))
+        plain = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+                 "I32": np.int32, "I64": np.int64}.get(qtype.name)
+        if plain is not None:
+            data = np.frombuffer(buf, dtype=plain, count=n, offset=data_offset).reshape(rows)
+        else:  # quantized: each row's blocks as bytes, as the gguf package's reader gives them
+            data = np.frombuffer(buf, dtype=np.uint8, count=n_bytes, offset=data_offset).reshape(
+                gguf.quants.quant_shape_to_byte_shape(rows, qtype))
+        tensors[name] = GGUFTensor(name, qtype, shape, n_bytes, data_offset, data)
+    return meta, types, tensors
 
 
 # the GGUF metadata keys read (after "llama."), as check_value checks them
@@ -1818,11 +1913,9 @@ def load_gguf(path: Path, limits: dict, quantize: Optional[str] = None, group_si
     attn_q/attn_k of the llama architecture in Meta's interleaved RoPE layout (its converter undoes Hugging
     Face's permutation), so they load as they are: checked against transformers' own GGUF loading of SmolLM2
     (test_smollm2_greedy_equals_transformers)."""
-    reader = read_gguf(path)  # says how to install gguf when it is missing
+    meta, _, tensors = read_gguf(path)  # says how to install gguf when it is missing
     import gguf
 
-    meta = {name: field.contents() for name, field in reader.fields.items()}
-    tensors = {t.name: t for t in reader.tensors}
     shapes = {name: tuple(reversed([int(n) for n in t.shape])) for name, t in tensors.items()}  # (out, in) order
     try:
         args = ModelArgs.from_params(params_from_gguf(meta, shapes))
@@ -5541,7 +5634,7 @@ def save_gguf(model: Transformer, path, qtype: str = "F16", like=None) -> Path:
     (tokenizer.* metadata) is copied from the GGUF file `like`; without one, a placeholder vocabulary of the
     model's size (the 256 bytes, one merge, control tokens) serves random weights. A quantized model is
     written from its dequantized weights."""
-    reader = read_gguf(Path(like)) if like is not None else None  # says how to install gguf when it is missing
+    vocab = read_gguf(Path(like))[:2] if like is not None else None  # says how to install gguf when it is missing
     import gguf
     import numpy as np
 
@@ -5560,11 +5653,11 @@ def save_gguf(model: Transformer, path, qtype: str = "F16", like=None) -> Path:
     w.add_rope_dimension_count(p.head_dim)
     w.add_vocab_size(p.vocab_size)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if reader is not None:
-        for key, value in reader.fields.items():
+    if vocab is not None:
+        for key, value in vocab[0].items():
             if key.startswith("tokenizer."):
-                array = value.types[0] == gguf.GGUFValueType.ARRAY
-                w.add_key_value(key, value.contents(), value.types[0], value.types[-1] if array else None)
+                kind, sub = vocab[1][key]
+                w.add_key_value(key, value, gguf.GGUFValueType(kind), None if sub is None else gguf.GGUFValueType(sub))
     else:  # bytes as GPT-2's byte alphabet, "  " made by the one merge, then control tokens
         tokens = [*gpt2_byte_chars(), "\u0120\u0120"]
         tokens += [f"<|placeholder_{i}|>" for i in range(p.vocab_size - len(tokens))]

@@ -3706,6 +3706,39 @@ def test_structured_output_follows_the_schema(llama_gqa):
 
 
 @needs_smollm2
+def test_gguf_reader_equals_the_gguf_package(tmp_path):
+    # llama31's own GGUF reader (not the gguf package's GGUFReader: a Python object per vocabulary entry) reads the
+    # demo file exactly as the package does: every metadata value and type, every tensor's type, shape and bytes;
+    # and it refuses counts the file cannot hold from the header, before building anything
+    import struct
+
+    import numpy as np
+
+    path = llama31.demo_checkpoint()
+    meta, types, tensors = llama31.read_gguf(path)
+    reader = gguf.GGUFReader(path)
+    fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert meta.keys() == fields.keys()
+    for key, f in fields.items():
+        assert meta[key] == f.contents() and type(meta[key]) is type(f.contents()), key
+        assert types[key] == (int(f.types[0]), int(f.types[-1]) if len(f.types) > 1 else None), key
+    assert tensors.keys() == {t.name for t in reader.tensors}
+    for t in reader.tensors:
+        ours = tensors[t.name]
+        assert (ours.tensor_type, list(ours.shape), ours.n_bytes, ours.data_offset) == (
+            t.tensor_type, t.shape.tolist(), t.n_bytes, t.data_offset)
+        assert ours.data.shape == t.data.shape and ours.data.dtype == t.data.dtype and np.array_equal(ours.data,
+                                                                                                     t.data)
+    head = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"x"
+    for name, body, message in [("array.gguf", struct.pack("<IIQ", 9, 4, 2**40), "an array of 1099511627776 entries"),
+                                ("string.gguf", struct.pack("<IQ", 8, 2**50), "a string of 1125899906842624 bytes"),
+                                ("kind.gguf", struct.pack("<I", 77), "unknown value type 77")]:
+        (tmp_path / name).write_bytes(head + body + b"\0" * 64)
+        with pytest.raises(ValueError, match=f"{name} is not a readable GGUF file: {message}"):
+            llama31.read_gguf(tmp_path / name)
+
+
+@needs_smollm2
 def test_structured_output_on_the_demo(smollm2):
     # a real model (SmolLM2, ChatML): JSON objects and a schema, greedy and sampled, two dialogs in a batch
     jsonschema = pytest.importorskip("jsonschema")
