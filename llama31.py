@@ -149,7 +149,7 @@ class RMSNorm(nn.Module):
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     """The head_dim/2 rotation frequencies, with Llama 3.1's scaling when args.use_scaled_rope."""
     hd = args.head_dim
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))  # (head_dim/2,)
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device="cpu")[: hd // 2].float() / hd))  # (hd/2,)
     if not args.use_scaled_rope:
         return freqs
     # Llama 3.1 stretches the context 8x: long wavelengths are divided by the factor, short kept, the band blended
@@ -342,7 +342,8 @@ class Transformer(nn.Module):
 
     def init_rope(self, device=None):
         """cos, sin of position * frequency (max_seq_len, head_dim/2) in fp32, on the CPU (the same bits everywhere)."""
-        angles = torch.outer(torch.arange(self.params.max_seq_len, dtype=torch.float32), rope_frequencies(self.params))
+        positions = torch.arange(self.params.max_seq_len, dtype=torch.float32, device="cpu")  # also in a meta context
+        angles = torch.outer(positions, rope_frequencies(self.params))
         self.freqs_cos, self.freqs_sin = torch.cos(angles).to(device), torch.sin(angles).to(device)
 
     def _apply(self, fn, *args, **kwargs):
@@ -747,11 +748,10 @@ class TextStream:
 class Llama:
     """A Transformer and its Tokenizer, with text generation; Llama.build(ckpt_dir) makes one. Each generation owns
     its KV cache: any number may be in flight. With tokenizer None, generate() maps ids to ids, no stop tokens.
-    Seams (None in the reference alone): decode_step (the compiled step); Llama.loader, to which build hands what it
-    does not read; Llama.controls(llama, prompt_tokens, controls, temperature, top_p, rng, text) -> (sample(each
-    row's ids so far, logits) -> ids, row(tokenizer) -> TextRow, prompt_cache (None, or fill(kv_cache, prompts) ->
-    prefill's start and add(ids, kv_cache)), steps: _steps or another loop), for top_k, stop, speculation, ...;
-    Llama.chat(llama, dialogs, controls) -> (tokens, controls left, finish(results)), for tools, response_format."""
+    Seams (None in the reference alone): decode_step (the compiled step); Llama.loader (build hands it what it does
+    not read); Llama.controls(llama, prompt_tokens, controls, temperature, top_p, rng, text) -> (sample(the rows'
+    ids so far, logits) -> ids, row(tokenizer) -> TextRow, prompt_cache (None, or a PromptCache), steps: the loop),
+    for top_k, stop, speculate, ...; Llama.chat(llama, dialogs, controls) -> (tokens, controls left, finish)."""
     loader = controls = chat = None  # Optional[Callable] each
 
     def __init__(self, model: "Transformer", tokenizer: Optional[Tokenizer], seed: int = 1, decode_step=None):
@@ -2231,10 +2231,24 @@ def load_weights(args: ModelArgs, weights: Iterable[Tuple[str, torch.Tensor]], d
                            f"{args.max_seq_len} take 2 x {args.max_seq_len} x {args.head_dim // 2} fp32") from e
 
 
+class SkipInit(torch.overrides.TorchFunctionMode):
+    """Modules built under it skip their random initialisation (torch.nn.init's fills return the tensor as it is):
+    a Transformer built on the meta device to be loaded. There the fills run torch._refs, which import
+    torch._dynamo on first use: 1.3 s of a fresh process's first load (torch 2.13; RoPE's tables are made on
+    the CPU for the same reason)."""
+    fills = (nn.init.normal_, nn.init.uniform_, nn.init.kaiming_uniform_, nn.init.trunc_normal_)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.fills:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def _load_weights(args, weights, device, dtype, source, settings, mapped, plan, model, fmt) -> Transformer:
     if model is None:
         expected = weight_shapes(args)
-        with torch.device("meta"):
+        with torch.device("meta"), SkipInit():
             model = Transformer(args)
     else:  # the slices the rank's modules hold, by Meta's names
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}

@@ -1114,6 +1114,16 @@ def test_reference_part_is_short_and_names_nothing_below_the_bar():
                         "typing", "tiktoken", "torch"}, imported  # the card's packages, and the standard library
 
 
+def test_loading_does_not_import_dynamo(ckpt_mha):
+    # building the model on the meta device once ran nn.init's fills and RoPE's arange there, whose torch._refs
+    # import torch._dynamo: 1.3 s of every fresh process's first load (torch 2.13)
+    code = ("import sys, llama31; llama31.Llama.build(sys.argv[1], device='cpu'); "
+            "print('torch._dynamo' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(ckpt_mha)], capture_output=True, text=True, timeout=300,
+                       cwd=HERE)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
 def test_reference_part_runs_alone(ckpt_mha, tmp_path):
     # exec'd alone, the reference loads a Meta folder (one file; model-parallel shards, here 4 of them holding 2 kv
     # heads twice each) and generates token for token as the whole module does: generate, text and chat
