@@ -2730,7 +2730,11 @@ class Int4Linear(nn.Module):
         self.kernel = int4_kernel(w.q.device, self.out_features, self.in_features, self.group_size, dtype)
         rows = -(-self.out_features // 64) * 64 if self.kernel == 0 else self.out_features
         q = F.pad(w.q, (0, 0, 0, rows - self.out_features))  # (rows, K)
-        if self.kernel == 0:  # packed 64 rows at a time (the packing is per 64 rows): small int32 temporaries
+        if self.kernel == 0 and cpu_int4_layout_known():  # the layout unpack_cpu_int4 reads, written directly:
+            # no int32 copy, no call per 64 rows (a third of a quantized GGUF file's load time)
+            b = q.to(torch.uint8).view(rows // 64, 2, 32, self.in_features)  # (blocks, low/high rows, 32, K)
+            packed = (b[:, 0] | b[:, 1] << 4).transpose(1, 2).contiguous().view(rows, self.in_features // 2)
+        elif self.kernel == 0:  # packed 64 rows at a time (the packing is per 64 rows): small int32 temporaries
             packed = torch.empty(rows, self.in_features // 2, dtype=torch.uint8)
             step = 64 * max(1, 2**14 // self.in_features)
             for r in range(0, rows, step):

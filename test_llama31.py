@@ -1114,6 +1114,21 @@ def test_reference_part_is_short_and_names_nothing_below_the_bar():
                         "typing", "tiktoken", "torch"}, imported  # the card's packages, and the standard library
 
 
+def test_int4_direct_packing_equals_torchs(monkeypatch):
+    # Int4Linear writes torch's CPU int4 layout itself (no int32 copy, no call per 64 rows): the same bytes as
+    # torch._convert_weight_to_int4pack_for_cpu, which it falls back to where the layout is not the known one
+    if not llama31.cpu_int4_layout_known():
+        pytest.skip("this machine's int4 CPU packing is not the layout Int4Linear writes directly")
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((64, 64), (100, 576), (192, 1536)):
+        w = llama31.quantize_int4(torch.randn(n, k, generator=g), 32, torch.bfloat16)
+        direct = llama31.Int4Linear(w, torch.bfloat16)
+        with monkeypatch.context() as m:
+            m.setattr(llama31, "cpu_int4_layout_known", lambda: False)
+            converted = llama31.Int4Linear(w, torch.bfloat16)
+        assert torch.equal(direct.weight, converted.weight) and direct.weight.shape == (-(-n // 64) * 64, k // 2)
+
+
 def test_loading_does_not_import_dynamo(ckpt_mha):
     # building the model on the meta device once ran nn.init's fills and RoPE's arange there, whose torch._refs
     # import torch._dynamo: 1.3 s of every fresh process's first load (torch 2.13)
