@@ -3436,6 +3436,27 @@ def lookup_proposal(seq: Sequence[int], k: int, ngram: int) -> List[int]:
     return []
 
 
+def draft_proposals(draft: "Llama", last: torch.Tensor, position: Callable, cache: KVCache, k: int,
+                    s: Optional[Sampling] = None, rng: Optional[torch.Generator] = None):
+    """k proposals per row (bsz, k) from the draft's decode steps, fed each row's last token (bsz,) first at
+    position(0), then each proposal at position(j): greedy, or with s drawn from sampling_probs, whose
+    distributions (bsz, k, vocab) come back too (else None). The k + 1st step only writes the last proposal's keys
+    into the draft's cache, which then holds every proposal whatever the target keeps."""
+    x, proposals, qs = last, [], []
+    for j in range(k + 1):
+        dlogits = draft.decode(x[:, None], position(j), cache)  # (bsz, vocab)
+        if j == k:
+            break
+        if s is None:
+            x = torch.argmax(dlogits, dim=-1)
+        else:
+            qs.append(sampling_probs(dlogits, s))
+            x = torch.multinomial(qs[-1], 1, generator=rng)[:, 0]
+        proposals.append(x)
+    proposals = torch.stack(proposals, dim=1) if k else torch.zeros(len(last), 0, dtype=torch.long, device=last.device)
+    return proposals, torch.stack(qs, dim=1) if qs else None
+
+
 @torch.inference_mode()
 def speculative_steps(llama: "Llama", spec: Speculate, s: Sampling, rng: torch.Generator, prompt_tokens, sample,
                       prompt_cache, max_gen_len: int, logprobs: bool):
@@ -3485,20 +3506,8 @@ def speculative_steps(llama: "Llama", spec: Speculate, s: Sampling, rng: torch.G
         one = here[0] if len(set(here)) == 1 else None
         q, valid = None, None  # the draft's distributions (bsz, k, vocab); which lookup proposals exist
         if k > 0 and draft is not None:
-            x, proposals, qs = last, [], []
-            for j in range(k + 1):  # the k + 1st step only writes the last proposal's keys into the draft's cache
-                dlogits = draft.decode(x[:, None], one + j if one is not None and not draft.decode_step else at + j,
-                                       dcache)  # (bsz, vocab)
-                if j == k:
-                    break
-                if greedy:
-                    x = torch.argmax(dlogits, dim=-1)
-                else:
-                    qs.append(sampling_probs(dlogits, s))
-                    x = torch.multinomial(qs[-1], 1, generator=rng)[:, 0]
-                proposals.append(x)
-            proposals = torch.stack(proposals, dim=1)  # (bsz, k)
-            q = torch.stack(qs, dim=1) if qs else None
+            proposals, q = draft_proposals(draft, last, lambda j: one + j if one is not None and not draft.decode_step
+                                           else at + j, dcache, k, None if greedy else s, rng)
         elif k > 0:
             found = [lookup_proposal(fed[i], k, spec.ngram) if alive[i] else [] for i in range(bsz)]
             k = max(map(len, found))  # no match in any row: a plain step (a wider pass costs more than one token)
@@ -4286,15 +4295,9 @@ class BatchEngine:
                        min(self.cache.max_len - 1 - len(job.fed) for job in self.rows)))  # every row's writes fit
         at, last = self.pos[:n], self.tok[:n]
         if spec.draft is not None:
-            x, proposals = last, []
             view = cache_view(self.dcache, slice(0, n), min(max(len(job.fed) for job in self.rows) + k + 1,
                                                             self.dcache.max_len))
-            for j in range(k + 1):  # the k + 1st step only writes the last proposal's keys into the draft's cache
-                dlogits = spec.draft.decode(x[:, None], (at + j).clamp(max=view.max_len - 1), view)
-                if j < k:
-                    x = torch.argmax(dlogits, dim=-1)
-                    proposals.append(x)
-            proposals = torch.stack(proposals, dim=1) if k else torch.zeros(n, 0, dtype=torch.long, device=device)
+            proposals, _ = draft_proposals(spec.draft, last, lambda j: (at + j).clamp(max=view.max_len - 1), view, k)
             counts = [k] * n
         else:
             found = [lookup_proposal(job.fed + [job.next_token], k, spec.ngram) if self.speculates(job) else []
@@ -4337,9 +4340,9 @@ class BatchEngine:
         keys and values are copied instead of computed."""
         i, n = len(self.rows), len(job.prompt)
         row = cache_view(self.cache, slice(i, i + 1), self.cache.max_len)
-        if twin is not None and not job.prompt_logprobs:
-            for k, v in zip(self.cache.k, self.cache.v):  # (max_batch_size, n_kv_heads, max_len, head_dim) each
-                k[i, :, :n], v[i, :, :n] = k[i - 1, :, :n], v[i - 1, :, :n]
+        copied = twin is not None and not job.prompt_logprobs
+        if copied:  # the twin's keys and values, the draft's too
+            self.copy_row(i - 1, i, n)
             logits = twin
         else:  # the prompt's logprobs need every position computed: no prompt cache then
             start = self.prompt_cache.fill(row, [job.prompt]) if self.prompt_cache and not job.prompt_logprobs else 0
@@ -4351,13 +4354,9 @@ class BatchEngine:
         if job.budget == 0:
             job.events.put(("end", job.index, "length", 0))
             return None
-        if self.dcache is not None:  # the draft prefills the whole prompt into its row (or copies its twin's)
-            if twin is not None and not job.prompt_logprobs:
-                for k, v in zip(self.dcache.k, self.dcache.v):
-                    k[i, :, :n], v[i, :, :n] = k[i - 1, :, :n], v[i - 1, :, :n]
-            else:
-                self.spec.draft.model.hidden_states(torch.tensor([job.prompt], device=self.device), 0,
-                                                    cache_view(self.dcache, slice(i, i + 1), n))
+        if self.dcache is not None and not copied:  # the draft prefills the whole prompt into its row
+            self.spec.draft.model.hidden_states(torch.tensor([job.prompt], device=self.device), 0,
+                                                cache_view(self.dcache, slice(i, i + 1), n))
         self.pos[i] = n
         if job.sampling.adjusts_logits:
             self.penalties.set_row(i, job.sampling, job.prompt)
@@ -4434,15 +4433,18 @@ class BatchEngine:
         job.events.put(("end", job.index, text.finish_reason, len(text.tokens)))
         return True
 
+    def copy_row(self, src: int, dst: int, n: int):
+        """Row src's keys and values at positions 0 .. n - 1 into row dst, in the cache and the draft's."""
+        for cache in [self.cache] + ([self.dcache] if self.dcache is not None else []):
+            for k, v in zip(cache.k, cache.v):  # (max_batch_size, n_kv_heads, max_len, head_dim) each
+                k[dst, :, :n], v[dst, :, :n] = k[src, :, :n], v[src, :, :n]
+
     def remove(self, i: int):
         job, last = self.rows[i], len(self.rows) - 1
         if self.prompt_cache is not None:
             self.prompt_cache.add([job.fed], cache_view(self.cache, slice(i, i + 1), len(job.fed)))
         if i != last:
-            used = len(self.rows[last].fed)
-            caches = [self.cache] + ([self.dcache] if self.dcache is not None else [])
-            for k, v in ((k, v) for c in caches for k, v in zip(c.k, c.v)):  # (max_batch_size, heads, len, dim)
-                k[i, :, :used], v[i, :, :used] = k[last, :, :used], v[last, :, :used]
+            self.copy_row(last, i, len(self.rows[last].fed))
             self.pos[i], self.tok[i] = self.pos[last], self.tok[last]
             self.penalties.move_row(last, i)
             self.rows[i] = self.rows[last]
@@ -4527,13 +4529,14 @@ def parse_request(body, chat: bool, llama: Llama, max_n: int = 1) -> Tuple[List[
             tools = check_tools(body["tools"], body.get("tool_prompt_format") or "json")
         param = "tool_choice"
         choice = check_tool_choice(body.get("tool_choice"), tools) if chat else "none"
+        forced = tool_choice_grammar(tools, choice) if tools is not None else None
         param = "response_format"
         grammar = output_grammar(response_format=body.get("response_format"))
-        if tools is not None and tool_choice_grammar(tools, choice) is not None:
+        if forced is not None:
             param = "tool_choice"
             if grammar is not None:
                 raise ValueError(f"tool_choice {choice!r} and response_format cannot both hold the reply")
-            grammar = tool_choice_grammar(tools, choice)
+            grammar = forced
         if grammar is not None:
             Grammar(tok, llama.params.vocab_size, grammar, 1)  # refused grammars fail here, not in the engine
     except (ValueError, RuntimeError) as e:  # RuntimeError: llguidance is not installed
@@ -4908,6 +4911,26 @@ def print_completions(prompts: List[str], stream, out=None):
     out.write(separator(cur))
 
 
+def check_speculate_flags(draft_ckpt_dir, speculate_k: int, prompt_lookup: bool) -> None:
+    """The speculation flags' errors, before anything loads."""
+    check_value("speculate_k", speculate_k, int)
+    check_value("prompt_lookup", prompt_lookup, bool)
+    if draft_ckpt_dir is not None and prompt_lookup:
+        raise ValueError("give --draft_ckpt_dir or --prompt_lookup, not both")
+
+
+def speculate_from_flags(llama: Llama, draft_ckpt_dir, speculate_k: int, prompt_lookup: bool,
+                         compile: bool = False) -> Optional[Speculate]:
+    """The Speculate of --draft_ckpt_dir (loaded for llama's context, batch and device) or --prompt_lookup, or None."""
+    if draft_ckpt_dir is None and not prompt_lookup:
+        return None
+    p = llama.params
+    draft = None if prompt_lookup else Llama.build(draft_ckpt_dir, max_seq_len=p.max_seq_len,
+                                                   max_batch_size=p.max_batch_size, device=llama.device,
+                                                   compile=compile)
+    return check_speculate(llama, Speculate(draft, speculate_k, prompt_lookup))
+
+
 def chat_repl(llama: Llama, system: Optional[str], sample_rng, temperature: float, top_p: float,
               max_gen_len: int, inp=None, out=None, stop=None, prompt_cache: bool = True, tools=None, **controls):
     """Multi-turn chat on a terminal (or one user turn per line of piped input), replies streamed; inp and
@@ -5123,26 +5146,20 @@ def main(ckpt_dir: str = None, tokenizer_path: str = None, prompts: str = None, 
     check_value("seed", seed, int, "an integer in [0, 2**64)", lambda s: 0 <= s < 2**64)
     if chat and sys.stdin is None:  # python started with its standard input closed (0<&-)
         raise ValueError("--chat reads the conversation from standard input, which is closed")
-    check_value("speculate_k", speculate_k, int)
-    check_value("prompt_lookup", prompt_lookup, bool)
-    if draft_ckpt_dir is not None and prompt_lookup:
-        raise ValueError("give --draft_ckpt_dir or --prompt_lookup, not both")
+    check_speculate_flags(draft_ckpt_dir, speculate_k, prompt_lookup)
     if ckpt_dir is None:
         ckpt_dir = demo_checkpoint()
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         device=device, dtype=dtype, seed=seed, compile=compile, quantize=quantize,
                         group_size=group_size)
-    if draft_ckpt_dir is not None or prompt_lookup:
-        draft = None if prompt_lookup else Llama.build(draft_ckpt_dir, max_seq_len=max_seq_len, max_batch_size=
-                                                       max_batch_size, device=llama.device, compile=compile)
-        controls["speculate"] = check_speculate(llama, Speculate(draft, speculate_k, prompt_lookup))
+    speculate = speculate_from_flags(llama, draft_ckpt_dir, speculate_k, prompt_lookup, compile)
     tp = getattr(llama.model, "tp", None)  # tensor parallel: every rank generates, rank 0 prints
     with contextlib.ExitStack() as stack:
         out = sys.stdout if tp is None or tp.rank == 0 else stack.enter_context(open(os.devnull, "w"))
         if tp is not None:
             stack.callback(tp.close)
-        Sampling(temperature, top_p, **{k: v for k, v in controls.items() if k != "speculate"}).check(
-            llama.params.vocab_size)  # logit_bias's ids, before a prompt
+        Sampling(temperature, top_p, **controls).check(llama.params.vocab_size)  # logit_bias's ids, before a prompt
+        controls.update({"speculate": speculate} if speculate is not None else {})
         rng = torch.Generator(device=llama.device).manual_seed(seed)
         if chat:
             chat_repl(llama, system, rng, temperature, top_p, min(max_gen_len, max_seq_len - 1),
@@ -5186,20 +5203,13 @@ def serve(ckpt_dir: str = None, tokenizer_path: str = None, host: str = "127.0.0
         speculate_k: tokens proposed per step, by the draft or by --prompt_lookup
         prompt_lookup: speculate greedy requests by prompt lookup (no draft)
     """
-    check_value("speculate_k", speculate_k, int)
-    check_value("prompt_lookup", prompt_lookup, bool)
-    if draft_ckpt_dir is not None and prompt_lookup:
-        raise ValueError("give --draft_ckpt_dir or --prompt_lookup, not both")
+    check_speculate_flags(draft_ckpt_dir, speculate_k, prompt_lookup)
     if ckpt_dir is None:
         ckpt_dir = demo_checkpoint()
     api_key = api_key if api_key is not None else os.environ.get("LLAMA31_API_KEY") or None
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         device=device, dtype=dtype, seed=seed, compile=compile)
-    speculate = None
-    if draft_ckpt_dir is not None or prompt_lookup:
-        draft = None if prompt_lookup else Llama.build(draft_ckpt_dir, max_seq_len=max_seq_len,
-                                                       max_batch_size=max_batch_size, device=llama.device)
-        speculate = Speculate(draft, speculate_k, prompt_lookup)
+    speculate = speculate_from_flags(llama, draft_ckpt_dir, speculate_k, prompt_lookup)
     name = model_name or Path(ckpt_dir).name.removesuffix(".gguf")
     # The engine decodes on this thread, which loaded the model, and HTTP is answered in others. On CPU, torch's
     # OpenMP (libgomp) keeps a pool of worker threads per thread that runs parallel ops; with a second pool (an

@@ -3986,7 +3986,9 @@ def test_server_prefill_and_request_errors(serve_llama, llama_gqa):
                  "name": "nope"}}}, "tool_choice", "tool_choice must be"),
              ({"messages": [user], "response_format": {"type": "json_schema", "json_schema": {
                  "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}}, "response_format", ""),
-             ({"messages": [user], "response_format": {"type": "xml"}}, "response_format", "response_format must be")]
+             ({"messages": [user], "response_format": {"type": "xml"}}, "response_format", "response_format must be"),
+             ({"messages": [user], "tools": [WEATHER], "tool_choice": "required", "tool_prompt_format": "python_list"},
+              "tool_choice", "json tool format only")]
     for body, param, message in cases:
         status, err = http_json(url + "/v1/chat/completions", "POST", body)
         assert status == 400 and err["error"]["param"] == param and message in err["error"]["message"], err
