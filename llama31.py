@@ -2639,20 +2639,100 @@ def blockwise_linear(x: torch.Tensor, rows, n: int, block: int = DEQUANTIZE_ROWS
     return torch.cat([F.linear(x, rows(r, min(r + block, n))) for r in range(0, n, block)], dim=-1)  # (tokens, n)
 
 
+# Where int8 weights take oneDNN's u8s8 GEMM rather than torch's int8 kernel (_weight_int8pack_mm, which converts
+# each weight to floating point and applies the scale per element): matrices of at least this many output rows and
+# weights, on an x86 CPU with 8-bit dot-product instructions. Measured per matrix, decode (1 token, 2 threads, the
+# activation split included, see onednn_int8_mm), int8pack -> oneDNN: 2-core AMD EPYC (Zen 4, AVX512-VNNI)
+# 49152x576 (SmolLM2's output layer) 2.99 -> 1.22 ms, 16384x2048 (a 1B w13) 1.78 -> 1.31 ms, 128256x2048 (1B's
+# output layer) 17.8 -> 14.7 ms, but 2048x2048 0.11 -> 0.14 ms and 3072x576 0.05 -> 0.12 ms: on small matrices
+# oneDNN's fixed cost per call (~30 us) and the split (~60 us in eager) outweigh the faster reads. 2048x8192 (a w2)
+# went either way between runs here (0.9-1.5x) and lost on an Intel Xeon (0.6x, reported in issue 22): hence the
+# row bound. Without VNNI (or AMX), oneDNN's int8 GEMM emulates the dot products: not taken.
+ONEDNN_INT8_MIN_ROWS, ONEDNN_INT8_MIN_WEIGHTS = 8192, 2**23
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has 8-bit dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8), read from
+    /proc/cpuinfo's flags (Linux on x86; elsewhere False: int8 weights keep torch's int8 kernel)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def onednn_int8_wins(device: torch.device, n: int, k: int) -> bool:
+    """Whether an (n, k) int8 weight on device is packed for oneDNN's u8s8 GEMM (see ONEDNN_INT8_MIN_ROWS)."""
+    big = n >= ONEDNN_INT8_MIN_ROWS and n * k >= ONEDNN_INT8_MIN_WEIGHTS
+    return device.type == "cpu" and big and cpu_has_int8_dot()
+
+
+def onednn_int8_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor
+                   ) -> torch.Tensor:
+    """x (M, K) @ w.T (M, N) in x's dtype, for w = q * scales[:, None] with q prepacked by qlinear_prepack. The
+    GEMM takes unsigned 8-bit activations: each row of x becomes P rows of codes, with s = max |x| / 127 per row,
+    c0 = round(x / s) and each next c = round((the previous remainder) * 254), all stored + 128 (the zero point):
+    x = s * (c0 + c1 / 254 + c2 / 254^2 ...) within s / (2 * 254^(P - 1)). P = 2 for bf16 and fp16 inputs (about
+    15 bits, finer than bf16's 8; one int8 row per token instead costs SmolLM2 4.2% perplexity, issue 22), 3 for
+    fp32 (about 23 bits). One GEMM of the P * M rows reads the weight once; y = s * (y0 + (y1 + y2 / 254) / 254),
+    in fp32 until the end (int32 sums scaled by scales)."""
+    m, parts = x.shape[0], 3 if x.dtype == torch.float32 else 2
+    xf = x.float()
+    s = xf.abs().amax(dim=1, keepdim=True).div_(127).clamp_(min=torch.finfo(torch.float32).tiny)  # (M, 1)
+    r, codes = xf / s, []  # r in [-127, 127]
+    for i in range(parts):
+        codes.append(r.round())  # |r - round(r)| <= 1/2: the next remainder * 254 is in [-127, 127]
+        r = (r - codes[-1]).mul_(254) if i + 1 < parts else None
+    q = torch.cat(codes).add_(128).to(torch.uint8)  # (P * M, K)
+    y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, scales, zero_points, None, 1.0, 0, torch.float32,
+                                           "none", [], "")  # (P * M, N)
+    acc = y[(parts - 1) * m :]
+    for i in reversed(range(parts - 1)):
+        acc = torch.add(y[i * m : (i + 1) * m], acc, alpha=1 / 254)  # (M, N)
+    return acc.mul_(s).to(x.dtype)
+
+
 class Int8Linear(nn.Module):
     """A Linear holding int8 weights (out_features, in_features) and a scale per output channel (in the
-    activation dtype). Kernel: torch._weight_int8pack_mm on CPU and MPS (on CPU for up to
-    QUANTIZED_KERNEL_MAX_TOKENS["int8"] tokens, blocks of converted rows beyond); elsewhere the weight is
-    converted to the activation dtype for the matmul and the scales applied to its output (torch.compile
-    fuses the conversion into the matmul). tied: the output layer of a tied model, sharing the embedding's tensors."""
+    activation dtype). Kernel: on CPU, oneDNN's u8s8 GEMM for large matrices where it is faster
+    (onednn_int8_wins: the weight held only prepacked for it, scales in fp32; every token count), else
+    torch._weight_int8pack_mm on CPU and MPS (on CPU for up to QUANTIZED_KERNEL_MAX_TOKENS["int8"] tokens,
+    blocks of converted rows beyond); elsewhere the weight is converted to the activation dtype for the matmul
+    and the scales applied to its output (torch.compile fuses the conversion into the matmul). tied: the
+    output layer of a tied model, sharing the embedding's tensors (unless packed for oneDNN: then the
+    embedding keeps its own codes, the only second copy)."""
 
     def __init__(self, w: QuantizedWeight, dtype: torch.dtype, tied: bool = False):
         super().__init__()
         self.out_features, self.in_features = w.q.shape
         self.tied = tied
+        self.onednn = onednn_int8_wins(w.q.device, self.out_features, self.in_features)
         # buffers, not parameters: no gradients; not saved as they are (see _quantized_state_dict)
-        self.register_buffer("weight", w.q, persistent=False)
-        self.register_buffer("scales", w.scales.to(dtype), persistent=False)
+        if self.onednn:  # an opaque oneDNN tensor (blocked for its kernel, the layout chosen for 2-row inputs)
+            self.register_buffer("weight", torch.ops.onednn.qlinear_prepack(w.q, [2, self.in_features]),
+                                 persistent=False)
+            self.register_buffer("scales", w.scales.to(dtype).float(), persistent=False)  # the values stored in dtype
+            zero = torch.zeros(1, dtype=torch.int32).expand(self.out_features)  # (N,): the weights' zero points, 0
+            self.register_buffer("zero_points", zero, persistent=False)
+        else:
+            self.register_buffer("weight", w.q, persistent=False)
+            self.register_buffer("scales", w.scales.to(dtype), persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        if self.onednn:  # model.to(dtype) must not round the fp32 scales the oneDNN kernel takes
+            scales, self.scales = self.scales, None
+            try:
+                super()._apply(fn, *args, **kwargs)
+            except (NotImplementedError, RuntimeError) as e:  # torch: "Unsupported device type for mkldnn layout"
+                raise RuntimeError("int8 weights packed for oneDNN stay on the CPU; load the checkpoint again with "
+                                   "the device wanted (Llama.build(..., device=...))") from e
+            finally:
+                self.scales = scales
+            return self
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features).contiguous()  # (tokens, in_features), as the kernels read it
@@ -2660,7 +2740,9 @@ class Int8Linear(nn.Module):
         # multiple of 16 (measured with bf16 and fp32 inputs): those layers take the general path
         kernel = self.in_features % 16 == 0 and (x.device.type == "mps" or (
             x.device.type == "cpu" and x2.shape[0] <= QUANTIZED_KERNEL_MAX_TOKENS["int8"]))
-        if kernel:
+        if self.onednn:
+            y = onednn_int8_mm(x2, self.weight, self.scales, self.zero_points)
+        elif kernel:
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales)  # (tokens, out_features)
         elif x.device.type == "cpu":
             y = blockwise_linear(x2, lambda r0, r1: self.weight[r0:r1].to(x.dtype), self.out_features) * self.scales
@@ -2669,7 +2751,9 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def dequantize(self) -> torch.Tensor:
-        return QuantizedWeight(self.weight, self.scales).dequantize()
+        """The weight (out_features, in_features) in fp32 (a oneDNN packing read back as its (K, N) codes)."""
+        q = self.weight.to_dense().T if self.onednn else self.weight  # (N, K)
+        return QuantizedWeight(q, self.scales).dequantize()
 
     _save_to_state_dict = _quantized_state_dict
     _load_from_state_dict = _quantized_load_refused
@@ -2875,8 +2959,8 @@ def quantized_modules(name: str, w: QuantizedWeight, dtype: torch.dtype, tied: b
         return {"tok_embeddings": QuantizedEmbedding(w, dtype)}
     if w.zeros is None:
         output = Int8Linear(w, dtype, tied=True)
-        return {"tok_embeddings": QuantizedEmbedding(QuantizedWeight(output.weight, output.scales), dtype),
-                "output": output}
+        codes = QuantizedWeight(w.q, w.scales) if output.onednn else QuantizedWeight(output.weight, output.scales)
+        return {"tok_embeddings": QuantizedEmbedding(codes, dtype), "output": output}
     output = Int4Linear(w, dtype, tied=True)
     return {"tok_embeddings": QuantizedEmbedding(w, dtype, tied=output), "output": output}
 
@@ -2928,10 +3012,12 @@ def stored_bytes(model: nn.Module, skip: Tuple[str, ...] = ()) -> int:
     """Bytes of weights the model holds (parameters and buffers, shared tensors once, RoPE tables aside),
     leaving out tensors whose names start with one of skip (e.g. an embedding table, of which a decode step
     reads a few rows) unless another module shares them (a tied int8 output layer)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for name, t in itertools.chain(model.named_parameters(remove_duplicate=False),
-                                               model.named_buffers(remove_duplicate=False))
-                if not name.startswith(("freqs_", *skip))}
+    storages = {}
+    for name, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                   model.named_buffers(remove_duplicate=False)):
+        if not name.startswith(("freqs_", *skip)):  # a oneDNN-packed weight is opaque: no storage to ask
+            key = id(t) if t.is_mkldnn else t.untyped_storage().data_ptr()
+            storages[key] = t.nbytes if t.is_mkldnn else t.untyped_storage().nbytes()
     return sum(storages.values())
 
 

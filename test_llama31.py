@@ -695,6 +695,11 @@ def write_sharded_checkpoint(folder: Path, params: dict, seed: int, n: int) -> P
     return folder
 
 
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """t, or a oneDNN-packed int8 weight as its plain (K, N) codes (torch.equal cannot read the packing)."""
+    return t.to_dense() if t.is_mkldnn else t
+
+
 def max_logit_diff(a, b, tokens) -> float:
     """Largest |logit difference| of two models (llama31 or Hugging Face) on tokens."""
     with torch.no_grad():
@@ -1152,7 +1157,7 @@ def test_reference_part_runs_alone(ckpt_mha, tmp_path):
         full = llama31.Llama.build(folder, max_seq_len=64, max_batch_size=4, device="cpu", seed=7)
         assert isinstance(alone, ref.Llama) and not isinstance(alone, llama31.Llama)
         a, b = alone.model.state_dict(), full.model.state_dict()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert a.keys() == b.keys() and all(torch.equal(plain(a[k]), plain(b[k])) for k in a), name
         assert dataclasses.asdict(alone.model.params) == dataclasses.asdict(full.model.params), name
         for kw in (dict(temperature=0), dict(temperature=0.8, top_p=0.95)):
             def runs(llama):
@@ -4310,7 +4315,10 @@ def test_quantized_model_equals_its_dequantized_twin(mode, tied, ckpt_gqa, ckpt_
     assert isinstance(model.tok_embeddings, llama31.QuantizedEmbedding) and isinstance(model.output, llama31.Int8Linear)
     assert model.tok_embeddings.group_size == (32 if mode == "int4" and not tied else None)
     assert model.output.tied == tied and model.params.tie_word_embeddings == tied
-    if tied:  # one tensor of codes serves the embedding and the output layer
+    # one tensor of codes serves the embedding and the output layer, unless the output layer is packed for
+    # oneDNN (an opaque layout the embedding cannot look rows up in: it keeps its own codes)
+    shared = tied and not model.output.onednn
+    if shared:
         assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
     twin = dequantized_twin(model)
     assert ("output.weight" in twin.state_dict()) != tied
@@ -4326,7 +4334,8 @@ def test_quantized_model_equals_its_dequantized_twin(mode, tied, ckpt_gqa, ckpt_
     # layer int8 in both
     n, n_out = llama31.parameter_count(model.params), model.params.vocab_size * model.params.dim
     per_weight = {"int8": 1 + 2 / 128, "int4": 0.5 + 4 / 32}[mode]
-    assert llama31.stored_bytes(model) <= 1.02 * ((n - n_out) * per_weight + n_out * (1 + 2 / 128))
+    copy = n_out * (1 + 2 / 128) if tied and not shared else 0
+    assert llama31.stored_bytes(model) <= 1.02 * ((n - n_out) * per_weight + n_out * (1 + 2 / 128) + copy)
     # generation, batched and ragged, equals itself alone (batch invariance under the int kernels)
     prompts = [[128000, 9906, 1070, 11], [128000, 791]]
     both = llama.generate(prompts, max_gen_len=6, temperature=0)
@@ -4345,6 +4354,43 @@ def test_quantized_greedy_follows_rigged_chain(mode, ckpt_chain, llama_chain):
         llama_chain.generate(prompts, max_gen_len=12, temperature=0)
 
 
+needs_int8_dot = pytest.mark.skipif(not llama31.cpu_has_int8_dot(), reason="oneDNN's int8 GEMM is taken only on "
+                                    "x86 CPUs with VNNI or AMX, which this machine lacks")
+
+
+@needs_int8_dot
+def test_onednn_int8_matches_exact_product(monkeypatch):
+    # large int8 matrices take oneDNN's u8s8 GEMM, each activation row split into two u8 rows (three for fp32):
+    # against the exact product of the same weights, as accurate as torch's int8 kernel in bf16 (whose bf16
+    # output rounding both share) and near fp32's own rounding with fp32 inputs; the weight is held only packed,
+    # and reads back exactly (dequantize, state_dict)
+    g = torch.Generator().manual_seed(0)
+    assert llama31.onednn_int8_wins(torch.device("cpu"), 49152, 576)  # SmolLM2's output layer
+    assert not llama31.onednn_int8_wins(torch.device("cpu"), 3072, 576)  # its w13: torch's kernel
+    assert not llama31.onednn_int8_wins(torch.device("meta"), 49152, 576)
+    monkeypatch.setattr(llama31, "ONEDNN_INT8_MIN_ROWS", 0)  # small matrices, so the test runs fast
+    monkeypatch.setattr(llama31, "ONEDNN_INT8_MIN_WEIGHTS", 0)
+    w = llama31.quantize_int8(torch.randn(300, 256, generator=g), torch.bfloat16)
+    layer = llama31.Int8Linear(w, torch.bfloat16)
+    assert layer.onednn and layer.weight.is_mkldnn and layer.weight.shape == (256, 300)
+    assert torch.equal(layer.dequantize(), w.dequantize())
+    assert torch.equal(layer.state_dict()["weight"], w.dequantize())
+    exact = w.dequantize().double()
+    for tokens in (1, 3, 40):  # 40: beyond QUANTIZED_KERNEL_MAX_TOKENS (prefill), the same kernel
+        x = torch.randn(tokens, 256, generator=g) * torch.logspace(-2, 1, tokens)[:, None]  # rows of any scale
+        ref = x.bfloat16().double() @ exact.T
+        err = ((layer(x.bfloat16()).double() - ref).abs() / ref.abs().amax(1, keepdim=True)).max()
+        pack = torch._weight_int8pack_mm(x.bfloat16(), w.q, w.scales).double()
+        assert err <= 1.1 * ((pack - ref).abs() / ref.abs().amax(1, keepdim=True)).max()  # bf16 output rounding
+        ref32 = x.double() @ exact.T
+        err32 = ((layer(x).double() - ref32).abs() / ref32.abs().amax(1, keepdim=True)).max()
+        assert layer(x).dtype == torch.float32 and err32 <= 1e-6  # 3 rows: ~2^-23 of each row's max
+    zero = layer(torch.zeros(2, 256, dtype=torch.bfloat16))  # an all-zero row has scale 0: zeros, not NaN
+    assert torch.equal(zero, torch.zeros(2, 300, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="packed for oneDNN"):
+        layer.to("meta")
+
+
 def test_quantized_sharded_and_hf_checkpoints_equal_single_file(tmp_path):
     # the same weights in Meta's shards and in a Hugging Face folder quantize to the same codes
     single = llama31.Llama.build(write_checkpoint(tmp_path / "one", GQA, seed=2), max_seq_len=64, device="cpu",
@@ -4352,14 +4398,14 @@ def test_quantized_sharded_and_hf_checkpoints_equal_single_file(tmp_path):
     sharded = llama31.Llama.build(write_sharded_checkpoint(tmp_path / "four", GQA, seed=2, n=4), max_seq_len=64,
                                   device="cpu", quantize="int4")
     a, b = dict(single.model.named_buffers()), dict(sharded.model.named_buffers())
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(plain(a[k]), plain(b[k])) for k in a)
     params, save_kwargs = HF_CASES["sharded"]  # tied, intermediate_size off Meta's formula, RoPE factor 32
     hf_model(params, random_state_dict(params, 7)).save_pretrained(tmp_path / "hf", **save_kwargs)
     hf = llama31.Llama.build(tmp_path / "hf", TOKENIZER_PATH, max_seq_len=64, device="cpu", quantize="int8")
     meta = llama31.Llama.build(write_checkpoint(tmp_path / "meta", params, seed=7), max_seq_len=64, device="cpu",
                                quantize="int8")
     a, b = dict(hf.model.named_buffers()), dict(meta.model.named_buffers())
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and hf.model.output.tied
+    assert a.keys() == b.keys() and all(torch.equal(plain(a[k]), plain(b[k])) for k in a) and hf.model.output.tied
 
 
 @needs_gguf
@@ -4510,7 +4556,9 @@ def test_smollm2_quantized_as_its_file(smollm2):
     llama = llama31.Llama.build(llama31.demo_checkpoint(), max_seq_len=256, device="cpu")
     m = llama.model
     assert isinstance(m.layers[0].attention.wqkv, llama31.Int4Linear) and isinstance(m.output, llama31.Int8Linear)
-    assert llama31.stored_bytes(m) <= 1.05 * llama31.demo_checkpoint().stat().st_size
+    # an output layer packed for oneDNN cannot lend its codes to the embedding: those are the one second copy
+    copy = m.tok_embeddings.weight.nbytes if m.output.onednn else 0
+    assert llama31.stored_bytes(m) <= 1.05 * llama31.demo_checkpoint().stat().st_size + copy
     out = llama.text_completion(["The capital of France is"], temperature=0, max_gen_len=4)
     assert out[0]["generation"].startswith(" Paris")
     tokens = torch.tensor([llama.tokenizer.encode("The capital of France is Paris. The capital of Italy is Rome.",
