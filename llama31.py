@@ -2285,10 +2285,12 @@ def _load_weights(args, weights, device, dtype, source, settings, mapped, plan, 
                 raise ValueError(f"{source}: tensor {format_name(name, fmt)} appears more than once")
             seen.add(name)
             check_weight_shape(name, t.shape, args, expected, source, settings, fmt)
-            if isinstance(t, (QuantizedWeight, GGUFInt4)):  # a GGUF file's int4 codes: finite scales and zeros
+            if isinstance(t, GGUFInt4) and not t.finite():  # a GGUF file's int4 codes: finite scales and zeros
+                raise ValueError(f"{source}: tensor {name} holds NaN or infinite values")
+            if isinstance(t, QuantizedWeight):
                 for part in (t.scales, t.zeros):
                     check_finite(name, part, part, source)
-            else:
+            elif not isinstance(t, GGUFInt4):
                 check_weight_tensor(name, t, source)
             if name == "output.weight" and args.tie_word_embeddings:
                 # a tied model needs no output weight; some exports still carry it, and then it must be the embedding
@@ -2587,11 +2589,15 @@ class GGUFInt4(NamedTuple):
     blocks: the weight codes() gives, for Int4Linear to pack for the CPU kernel straight from the blocks
     (cpu_int4_packing) without a byte per code for the whole matrix, and its unpacking, then packing, took most
     of a quantized file's load (4 of a 1B-shape Q4_0's 7 s, measured). blocks: (N, bytes per row) uint8 numpy
-    (the file's mapping, or a copy); scales and zeros (N, K / 32) as QuantizedWeight's, on the CPU."""
+    (the file's mapping, or a copy); scales and zeros (N, K / 32) as QuantizedWeight's, fp32 numpy, rounded to
+    dtype where the kernels take them (scales_and_zeros) or codes() gives them. Numpy, not torch: on a busy
+    2-core host every parallel torch op waits for its second thread, and the few ops per tensor on the scales
+    took 0.5-1.4 s each over a 1B-shape file, 0.02-0.13 s in one thread (measured, 2-core AMD EPYC)."""
     blocks: object  # numpy.ndarray
     type_name: str
-    scales: torch.Tensor
-    zeros: torch.Tensor
+    scales: object  # numpy.ndarray
+    zeros: object
+    dtype: torch.dtype = torch.float32
 
     @property
     def shape(self) -> torch.Size:
@@ -2610,10 +2616,25 @@ class GGUFInt4(NamedTuple):
         codes = self.blocks.reshape(n, k // per, width)[..., at:]  # (N, blocks, code bytes)
         runs = codes.reshape(n, k // per, -1, 1, s)  # (N, blocks, runs, 1, S)
         q = np.concatenate([runs & 15, runs >> 4], axis=3).reshape(n, k)  # low nibbles, then high: (N, K)
-        return QuantizedWeight(torch.from_numpy(q), self.scales, self.zeros)
+        return QuantizedWeight(torch.from_numpy(q), *(torch.from_numpy(x).to(self.dtype) for x in (self.scales,
+                                                                                                  self.zeros)))
 
     def dequantize(self) -> torch.Tensor:
         return self.codes().dequantize()
+
+    def finite(self) -> bool:
+        import numpy as np
+
+        return bool(np.isfinite(self.scales).all() and np.isfinite(self.zeros).all())
+
+    def scales_and_zeros(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """int4_scales_and_zeros(self.codes(), dtype, rows): (G, rows, 2), rows >= N padded with 0."""
+        import numpy as np
+
+        n, g = self.scales.shape
+        sz = np.zeros((g, rows, 2), dtype=np.float32)  # (G, rows, 2)
+        sz[:, :n, 0], sz[:, :n, 1] = self.scales.T, self.zeros.T  # (G, N) each
+        return torch.from_numpy(sz).to(self.dtype).to(dtype)  # one conversion where the dtypes agree
 
     def cpu_int4_packing(self, rows: int) -> torch.Tensor:
         """codes() packed as _convert_weight_to_int4pack_for_cpu packs them (unpack_cpu_int4's layout), padded
@@ -2677,7 +2698,7 @@ def gguf_int4_blocks(blocks, type_name: str, shape: Tuple[int, int]) -> GGUFInt4
     else:
         scale = f16(0)  # (N, K / 32)
         zero = np.zeros_like(scale) if type_name == "Q4_0" else f16(1) + 8 * scale
-    return GGUFInt4(b, type_name, torch.from_numpy(scale), torch.from_numpy(zero))
+    return GGUFInt4(b, type_name, scale, zero)
 
 
 def gguf_int4_codes(blocks, type_name: str, shape: Tuple[int, int]) -> QuantizedWeight:
@@ -2688,11 +2709,11 @@ def gguf_int4_codes(blocks, type_name: str, shape: Tuple[int, int]) -> Quantized
 def stack_quantized(parts: list):
     """Quantized weights (QuantizedWeight, GGUFInt4) stacked by rows in the order given: GGUF blocks of one
     type stay blocks (packed once, straight from them), any other mix as QuantizedWeight."""
-    if all(isinstance(p, GGUFInt4) and p.type_name == parts[0].type_name for p in parts):
+    if all(isinstance(p, GGUFInt4) and p[1::3] == parts[0][1::3] for p in parts):  # type_name, dtype
         import numpy as np
 
         return GGUFInt4(np.concatenate([p.blocks for p in parts]), parts[0].type_name,
-                        torch.cat([p.scales for p in parts]), torch.cat([p.zeros for p in parts]))
+                        *(np.concatenate([getattr(p, f) for p in parts]) for f in ("scales", "zeros")), parts[0].dtype)
     parts = [p.codes() if isinstance(p, GGUFInt4) else p for p in parts]
     return QuantizedWeight(*(None if f[0] is None else torch.cat(f) for f in zip(*parts)))
 
@@ -2703,7 +2724,7 @@ def quantize_weight(w, mode: str, group_size: int, device, dtype, name: str) -> 
     zero rounded to dtype: the only change to the file's values; on the CPU still in the file's blocks, which
     Int4Linear packs from). ValueError naming `name` where the groups do not divide the row."""
     if isinstance(w, GGUFInt4) and torch.device(device).type == "cpu":
-        return w._replace(scales=w.scales.to(dtype), zeros=w.zeros.to(dtype))
+        return w._replace(dtype=dtype)
     if isinstance(w, GGUFInt4):
         w = w.codes()
     if isinstance(w, QuantizedWeight):
@@ -2796,6 +2817,8 @@ def int4_scales_and_zeros(w, dtype: torch.dtype, rows: int) -> torch.Tensor:
     """w's (QuantizedWeight, GGUFInt4) scales and zeros as the int4 kernels take them, (G, rows, 2) in dtype,
     rows >= N padded with 0. Written in place, transposed as they are copied: a third of the time of stacking,
     padding and transposing (measured, 2-core AMD EPYC)."""
+    if isinstance(w, GGUFInt4):
+        return w.scales_and_zeros(rows, dtype)
     n, g = w.scales.shape
     sz = torch.empty(g, rows, 2, dtype=dtype, device=w.scales.device)  # (G, rows, 2)
     sz[:, n:] = 0
@@ -2838,7 +2861,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = w.shape
         self.group_size, self.tied = w.group_size, tied
-        device = w.scales.device
+        device = torch.device("cpu") if isinstance(w, GGUFInt4) else w.scales.device
         self.kernel = int4_kernel(device, self.out_features, self.in_features, self.group_size, dtype)
         rows = -(-self.out_features // 64) * 64 if self.kernel == 0 else self.out_features
         direct = self.kernel == 0 and cpu_int4_layout_known()

@@ -4240,6 +4240,9 @@ def test_gguf_int4_packs_straight_from_blocks(qtype):
             codes, torch.bfloat16)
         assert torch.equal(emb.dequantize(), ref.dequantize())
         assert torch.equal(llama31.QuantizedEmbedding(stored, torch.bfloat16).dequantize(), ref.dequantize())
+    bad = blocks._replace(scales=blocks.scales.copy())
+    bad.scales[0, 0] = np.nan
+    assert blocks.finite() and not bad.finite()  # what the loader checks of a file's scales and zeros
     parts = [llama31.gguf_int4_blocks(gguf_tensor(qtype, (m, 512), seed=m)[0], qtype, (m, 512)) for m in (96, 40, 40)]
     stacked = llama31.stack_quantized(parts)
     assert isinstance(stacked, llama31.GGUFInt4)
