@@ -4217,6 +4217,47 @@ def test_gguf_4bit_blocks_become_int4_exactly(qtype):
 
 
 @needs_gguf
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
+def test_gguf_int4_packs_straight_from_blocks(qtype):
+    # Int4Linear packs a GGUF file's Q4 blocks for the CPU kernel without unpacking a byte per code: the same
+    # bytes as torch._convert_weight_to_int4pack_for_cpu on the codes, the same scales and zeros, row counts that
+    # are not a multiple of 64 (padded with code 0) and stacked parts (wqkv: one type's blocks concatenated)
+    # included; the tied embedding reads the same rows as from the codes
+    if not llama31.cpu_int4_layout_known():
+        pytest.skip("this machine's int4 CPU packing is not the layout Int4Linear writes directly")
+    for n, k, seed in ((48, 512, 1), (100, 256, 2), (64, 768, 3), (200, 2048, 4)):
+        data, _ = gguf_tensor(qtype, (n, k), seed=seed)
+        blocks = llama31.gguf_int4_blocks(data, qtype, (n, k))
+        codes = llama31.gguf_int4_codes(data, qtype, (n, k))
+        assert torch.equal(blocks.codes().q, codes.q) and blocks.shape == codes.shape == (n, k)
+        stored = llama31.quantize_weight(blocks, "int4", 32, "cpu", torch.bfloat16, "w")
+        assert isinstance(stored, llama31.GGUFInt4)  # still the file's blocks
+        fast = llama31.Int4Linear(stored, torch.bfloat16)
+        rows = -(-n // 64) * 64
+        q = torch.nn.functional.pad(codes.q, (0, 0, 0, rows - n)).to(torch.int32)  # (rows, K)
+        assert torch.equal(fast.weight, torch._convert_weight_to_int4pack_for_cpu(q, 1))
+        slow = llama31.Int4Linear(llama31.quantize_weight(codes, "int4", 32, "cpu", torch.bfloat16, "w"),
+                                  torch.bfloat16)
+        assert torch.equal(fast.scales_and_zeros, slow.scales_and_zeros)
+        assert torch.equal(fast.dequantize(), slow.dequantize())
+        tied = llama31.Int4Linear(stored, torch.bfloat16, tied=True)
+        emb, ref = llama31.QuantizedEmbedding(stored, torch.bfloat16, tied=tied), llama31.QuantizedEmbedding(
+            codes, torch.bfloat16)
+        assert torch.equal(emb.dequantize(), ref.dequantize())
+        assert torch.equal(llama31.QuantizedEmbedding(stored, torch.bfloat16).dequantize(), ref.dequantize())
+    bad = blocks._replace(scales=blocks.scales.copy())
+    bad.scales[0, 0] = np.nan
+    assert blocks.finite() and not bad.finite()  # what the loader checks of a file's scales and zeros
+    parts = [llama31.gguf_int4_blocks(gguf_tensor(qtype, (m, 512), seed=m)[0], qtype, (m, 512)) for m in (96, 40, 40)]
+    stacked = llama31.stack_quantized(parts)
+    assert isinstance(stacked, llama31.GGUFInt4)
+    want = llama31.QuantizedWeight(*(torch.cat(f) for f in zip(*(p.codes() for p in parts))))
+    assert all(torch.equal(a, b) for a, b in zip(stacked.codes(), want))
+    assert torch.equal(llama31.Int4Linear(stacked, torch.float32).dequantize(),
+                       llama31.Int4Linear(want, torch.float32).dequantize())
+
+
+@needs_gguf
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K"])
 def test_gguf_other_types_become_int8_per_channel(qtype):
     # requantized to int8 with a scale per row: |w - q * scale| <= scale / 2, scale = max |row| / 127 (its
