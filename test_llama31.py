@@ -3759,6 +3759,12 @@ def test_gguf_reader_equals_the_gguf_package(tmp_path):
             t.tensor_type, t.shape.tolist(), t.n_bytes, t.data_offset)
         assert ours.data.shape == t.data.shape and ours.data.dtype == t.data.dtype and np.array_equal(ours.data,
                                                                                                      t.data)
+    # Q8_0 values (the demo's embedding) as llama31 computes them, in few numpy calls: the package's exactly
+    embd = tensors["token_embd.weight"]
+    shape = tuple(reversed([int(n) for n in embd.shape]))
+    values = llama31.gguf_q8_0_values(embd.data, shape, rows=1000)  # 1000: a last, partial chunk
+    assert embd.tensor_type.name == "Q8_0" and values.dtype == torch.float32 and values.shape == shape
+    assert np.array_equal(values.numpy(), gguf.quants.dequantize(embd.data, embd.tensor_type).reshape(shape))
     head = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"x"
     for name, body, message in [("array.gguf", struct.pack("<IIQ", 9, 4, 2**40), "an array of 1099511627776 entries"),
                                 ("string.gguf", struct.pack("<IQ", 8, 2**50), "a string of 1125899906842624 bytes"),
