@@ -1363,11 +1363,16 @@ def release_pages(t: torch.Tensor) -> None:
     on ordinary memory it zeroes them, hence only for tensors read from a file (torch.load(mmap=True), safe_open)
     that nothing reads from again. Only pages wholly inside t's storage are released. Advice only: where madvise
     is missing (Windows) or refuses, the pages stay until the file is unmapped."""
-    if t.device.type != "cpu" or getattr(mmap, "MADV_DONTNEED", None) is None:
+    if t.device.type == "cpu":
+        release_range(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+
+
+def release_range(address: int, nbytes: int) -> None:
+    """release_pages for the memory-mapped file bytes address .. address + nbytes (the pages wholly inside)."""
+    if getattr(mmap, "MADV_DONTNEED", None) is None:
         return
-    storage = t.untyped_storage()
-    start = -(-storage.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # first page boundary inside the storage
-    end = (storage.data_ptr() + storage.nbytes()) // mmap.PAGESIZE * mmap.PAGESIZE
+    start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE  # first page boundary inside the range
+    end = (address + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
     if end > start:
         ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
@@ -1980,9 +1985,16 @@ def load_gguf(path: Path, limits: dict, quantize: Optional[str] = None, group_si
 
     if "rope_freqs.weight" in tensors:
         args = replace(args, **gguf_rope_scaling(weight("rope_freqs.weight").float(), args, meta, path))
-    weights = ((names[name], weight(name)) for name in names)
+    def weights():
+        for name in names:
+            yield names[name], weight(name)
+            # consumed (copied, converted or packed): its file pages need not stay resident (llama.cpp's whole
+            # file is its model; here the file would otherwise sit in RSS beside the model built from it, until
+            # unmapped); a page read again comes back from the file
+            release_range(tensors[name].data.ctypes.data, tensors[name].data.nbytes)
+
     tokenizer = GGUFTokenizer(meta, str(path)) if "tokenizer.ggml.model" in meta else None
-    return args, weights, tokenizer, plan
+    return args, weights(), tokenizer, plan
 
 
 # Pre-tokenizer regexes (tiktoken syntax) of GGUF vocabularies, by llama.cpp's tokenizer.ggml.pre name.

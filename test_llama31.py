@@ -4597,6 +4597,18 @@ def test_perplexity_and_bench_commands(ckpt_mha, tmp_path):
 
 
 @needs_smollm2
+def test_gguf_load_releases_each_tensors_file_pages(monkeypatch):
+    # every tensor's bytes in the mapped file are released once consumed: else the whole file stays resident
+    # beside the model built from it (measured: the demo's peak RSS 430 -> 316 MB, a 1B-shape Q8_0's 3.78 ->
+    # 2.73 GB); the model is unchanged, as released pages read again come back from the file
+    released = []
+    monkeypatch.setattr(llama31, "release_range", lambda address, nbytes: released.append(nbytes))
+    llama31.Llama.build(llama31.demo_checkpoint(), max_seq_len=64, device="cpu")
+    tensors = llama31.read_gguf(llama31.demo_checkpoint())[2]
+    assert sorted(released) == sorted(t.data.nbytes for name, t in tensors.items() if name != "rope_freqs.weight")
+
+
+@needs_smollm2
 def test_smollm2_quantized_as_its_file(smollm2):
     # the demo as llama.cpp holds it: Q4_1 layers as int4 (the file's codes), the Q8_0 embedding as int8,
     # tied: about the file's size in memory; greedy text still right
