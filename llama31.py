@@ -2315,21 +2315,22 @@ def _load_weights(args, weights, device, dtype, source, settings, mapped, plan, 
                 raise ValueError(f"{source}: tensor {format_name(name, fmt)} appears more than once")
             seen.add(name)
             check_weight_shape(name, t.shape, args, expected, source, settings, fmt)
-            if isinstance(t, GGUFInt4) and not t.finite():  # a GGUF file's int4 codes: finite scales and zeros
+            coded = isinstance(t, (QuantizedWeight, GGUFInt4))  # a GGUF file's int4 codes
+            if isinstance(t, GGUFInt4) and not t.finite():  # their scales and zeros must be finite
                 raise ValueError(f"{source}: tensor {name} holds NaN or infinite values")
             if isinstance(t, QuantizedWeight):
                 for part in (t.scales, t.zeros):
                     check_finite(name, part, part, source)
-            elif not isinstance(t, GGUFInt4):
+            elif not coded:
                 check_weight_tensor(name, t, source)
             if name == "output.weight" and args.tie_word_embeddings:
                 # a tied model needs no output weight; some exports still carry it, and then it must be the embedding
-                tied_output = t if isinstance(t, (QuantizedWeight, GGUFInt4)) else t.to(device=device, dtype=dtype)
-                if not isinstance(t, (QuantizedWeight, GGUFInt4)):
+                tied_output = t if coded else t.to(device=device, dtype=dtype)
+                if not coded:
                     check_finite(name, tied_output, t, source)
                 yield name, None
             elif plan is not None and name in plan:  # quantized now, its module made once the weight is whole
-                if not isinstance(t, (QuantizedWeight, GGUFInt4)):
+                if not coded:
                     check_finite(name, t, t, source)  # before rounding to codes could hide a NaN
                 codes = quantize_weight(t, *plan[name], device, dtype, f"{source}: {name}")
                 if name in stacked_rows:
@@ -2731,11 +2732,6 @@ def gguf_int4_blocks(blocks, type_name: str, shape: Tuple[int, int]) -> GGUFInt4
     return GGUFInt4(b, type_name, scale, zero)
 
 
-def gguf_int4_codes(blocks, type_name: str, shape: Tuple[int, int]) -> QuantizedWeight:
-    """gguf_int4_blocks(blocks, type_name, shape).codes(): the straightforward unpacking, a byte per code."""
-    return gguf_int4_blocks(blocks, type_name, shape).codes()
-
-
 def stack_quantized(parts: list):
     """Quantized weights (QuantizedWeight, GGUFInt4) stacked by rows in the order given: GGUF blocks of one
     type stay blocks (packed once, straight from them), any other mix as QuantizedWeight."""
@@ -3131,8 +3127,8 @@ def quantized_modules(name: str, w: QuantizedWeight, dtype: torch.dtype, tied: b
         return {"tok_embeddings": QuantizedEmbedding(w, dtype)}
     if w.zeros is None:
         output = Int8Linear(w, dtype, tied=True)
-        codes = QuantizedWeight(w.q, w.scales) if output.onednn else QuantizedWeight(output.weight, output.scales)
-        return {"tok_embeddings": QuantizedEmbedding(codes, dtype), "output": output}
+        # w's own tensors: the output layer's too, unless it packed them for oneDNN
+        return {"tok_embeddings": QuantizedEmbedding(w, dtype), "output": output}
     output = Int4Linear(w, dtype, tied=True)
     return {"tok_embeddings": QuantizedEmbedding(w, dtype, tied=output), "output": output}
 

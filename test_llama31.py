@@ -4210,7 +4210,7 @@ def test_gguf_4bit_blocks_become_int4_exactly(qtype):
     # the file's own 4-bit codes with its scale and minimum turned into the kernels' scale and zero: exact in
     # fp32; stored for bf16 activations, the scale and zero are rounded to bf16 and nothing else changes
     data, ref = gguf_tensor(qtype, (48, 512), seed=1)
-    codes = llama31.gguf_int4_codes(data, qtype, (48, 512))
+    codes = llama31.gguf_int4_blocks(data, qtype, (48, 512)).codes()
     assert codes.group_size == 32 and codes.q.dtype == torch.uint8 and int(codes.q.max()) <= 15
     exact = codes.dequantize().numpy()
     assert np.abs(exact - ref).max() <= 1e-6 * np.abs(ref).max()
@@ -4234,7 +4234,7 @@ def test_gguf_int4_packs_straight_from_blocks(qtype):
     for n, k, seed in ((48, 512, 1), (100, 256, 2), (64, 768, 3), (200, 2048, 4)):
         data, _ = gguf_tensor(qtype, (n, k), seed=seed)
         blocks = llama31.gguf_int4_blocks(data, qtype, (n, k))
-        codes = llama31.gguf_int4_codes(data, qtype, (n, k))
+        codes = llama31.gguf_int4_blocks(data, qtype, (n, k)).codes()
         assert torch.equal(blocks.codes().q, codes.q) and blocks.shape == codes.shape == (n, k)
         stored = llama31.quantize_weight(blocks, "int4", 32, "cpu", torch.bfloat16, "w")
         assert isinstance(stored, llama31.GGUFInt4)  # still the file's blocks
@@ -4434,6 +4434,9 @@ def test_onednn_int8_matches_exact_product(monkeypatch):
         assert layer(x).dtype == torch.float32 and err32 <= 1e-6  # 3 rows: ~2^-23 of each row's max
     zero = layer(torch.zeros(2, 256, dtype=torch.bfloat16))  # an all-zero row has scale 0: zeros, not NaN
     assert torch.equal(zero, torch.zeros(2, 300, dtype=torch.bfloat16))
+    y = layer(x)
+    layer.to(torch.float16)  # model.to(dtype): the kernel's fp32 scales stay as they are
+    assert layer.scales.dtype == torch.float32 and torch.equal(layer(x), y)
     with pytest.raises(RuntimeError, match="packed for oneDNN"):
         layer.to("meta")
 
@@ -4479,14 +4482,15 @@ def test_gguf_keeps_its_quantization(tmp_path):
     assert isinstance(m.layers[0].feed_forward.w2, llama31.Int8Linear)
     assert m.tok_embeddings.group_size == 32 and isinstance(m.output, llama31.Int4Linear) and m.output.tied
     w1 = "layers.1.feed_forward.w1.weight"
-    codes = llama31.gguf_int4_codes(raw[w1], "Q4_K", tuple(sd[w1].shape))
+    codes = llama31.gguf_int4_blocks(raw[w1], "Q4_K", tuple(sd[w1].shape)).codes()
     assert torch.equal(llama31.unpack_cpu_int4(m.layers[1].feed_forward.w13.weight)[: codes.shape[0]], codes.q)
     # every weight within the stated rounding of what gguf reads from the file
     twin = dequantized_twin(m)
     got = twin.state_dict()
     for name, ref in sd.items():
         if ref.ndim == 2 and types[name] == "Q4_K" and not name.endswith(("wq.weight", "wk.weight")):
-            c = llama31.gguf_int4_codes(raw[name], "Q4_K", tuple(ref.shape))  # scale and zero rounded to bf16 only
+            # scale and zero rounded to bf16 only
+            c = llama31.gguf_int4_blocks(raw[name], "Q4_K", tuple(ref.shape)).codes()
             bound = (8 * c.scales.abs() + c.zeros.abs()).repeat_interleave(32, dim=1) * BF16_REL
             assert ((got[name] - ref).abs() <= bound + 1e-7).all(), name
         elif ref.ndim == 2:  # int8 requantized: half a step of the row's scale
