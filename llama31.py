@@ -2667,31 +2667,32 @@ class GGUFInt4(NamedTuple):
         sz[:, :n, 0], sz[:, :n, 1] = self.scales.T, self.zeros.T  # (G, N) each
         return torch.from_numpy(sz).to(self.dtype).to(dtype)  # one conversion where the dtypes agree
 
-    def cpu_int4_packing(self, rows: int) -> torch.Tensor:
-        """codes() packed as _convert_weight_to_int4pack_for_cpu packs them (unpack_cpu_int4's layout), padded
-        with code 0 to rows (a multiple of 64): (rows, K / 2) uint8. In a 64-row block, byte (k, j) holds row j's
-        code k low and row 32 + j's high; in the file, a run's byte i holds codes i low and S + i high, so the
-        bytes of rows j and 32 + j make those of codes i and S + i by shifts and masks, then move to column j.
-        Done in numpy a few 64-row blocks at a time (its temporaries stay in the cache): 10 times faster than
-        unpacking and packing the codes, and than the same in torch (measured, 2-core AMD EPYC)."""
+    def cpu_int4_packing(self, rows: int, block: int) -> torch.Tensor:
+        """codes() packed as _convert_weight_to_int4pack_for_cpu packs them in blocks of `block` rows
+        (unpack_cpu_int4's layout), padded with code 0 to rows (a multiple of 64): (rows, K / 2) uint8. In a
+        block, with h = block / 2, byte (k, j) holds row j's code k low and row h + j's high; in the file, a
+        run's byte i holds codes i low and S + i high, so the bytes of rows j and h + j make those of codes i
+        and S + i by shifts and masks, then move to column j. Done in numpy a few blocks at a time (its
+        temporaries stay in the cache): 10 times faster than unpacking and packing the codes, and than the
+        same in torch (measured, 2-core AMD EPYC)."""
         import numpy as np
 
         n, k = self.shape
         per, width, at, s = GGUF_INT4_BLOCKS[self.type_name]
-        blocks, runs = k // per, per // (2 * s)  # per row, and runs per block
+        blocks, runs, h = k // per, per // (2 * s), block // 2  # per row, runs per block, half a row block
         codes = self.blocks.reshape(n, blocks, width)[..., at:].reshape(n, blocks, runs, s)  # (N, blocks, runs, S)
-        # (64-row blocks, blocks, runs, codes i / S + i, S, row j of 32)
-        out = np.empty((rows // 64, blocks, runs, 2, s, 32), dtype=np.uint8)
+        # (row blocks, blocks, runs, codes i / S + i, S, row j of h)
+        out = np.empty((rows // block, blocks, runs, 2, s, h), dtype=np.uint8)
         step = 64 * max(1, 2**13 // k)  # rows at a time, about 256 KB of codes: 256 rows of K = 2048
         for r in range(0, rows, step):
             x = codes[r : r + step]  # (m, blocks, runs, S)
             m = min(step, rows - r)
             if x.shape[0] < m:  # the rows padding N to a multiple of 64: code 0
                 x = np.concatenate([x, np.zeros((m - x.shape[0], *x.shape[1:]), dtype=np.uint8)])
-            x = x.reshape(m // 64, 2, 32, blocks, runs, s)  # (64-row blocks, rows j / 32 + j, j, blocks, runs, S)
-            lo, hi = x[:, 0], x[:, 1]  # (m / 64, 32, blocks, runs, S)
-            o = out[r // 64 : (r + m) // 64]  # (m / 64, blocks, runs, low/high, S, 32)
-            o[:, :, :, 0] = ((lo & 15) | (hi << 4)).transpose(0, 2, 3, 4, 1)  # codes i: (m / 64, blocks, runs, S, 32)
+            x = x.reshape(m // block, 2, h, blocks, runs, s)  # (row blocks, rows j / h + j, j, blocks, runs, S)
+            lo, hi = x[:, 0], x[:, 1]  # (m / block, h, blocks, runs, S)
+            o = out[r // block : (r + m) // block]  # (m / block, blocks, runs, low/high, S, h)
+            o[:, :, :, 0] = ((lo & 15) | (hi << 4)).transpose(0, 2, 3, 4, 1)  # codes i: (m / block, blocks, runs, S, h)
             o[:, :, :, 1] = ((lo >> 4) | (hi & 0xF0)).transpose(0, 2, 3, 4, 1)  # codes S + i
         return torch.from_numpy(out.reshape(rows, k // 2))  # (rows, K / 2)
 
@@ -2941,20 +2942,24 @@ def int4_nibbles(q: torch.Tensor) -> torch.Tensor:
     return q[:, 0::2] | (q[:, 1::2] << 4)
 
 
-def unpack_cpu_int4(packed: torch.Tensor) -> torch.Tensor:
-    """The codes (N, K) of a weight packed by _convert_weight_to_int4pack_for_cpu, N a multiple of 64: each
-    block of 64 rows is K x 32 bytes, byte (k, j) holding row j in its low and row 32 + j in its high nibble
-    (torch's AVX-512 layout; cpu_int4_layout_known checks it on this machine)."""
+def unpack_cpu_int4(packed: torch.Tensor, block: Optional[int] = None) -> torch.Tensor:
+    """The codes (N, K) of a weight packed by _convert_weight_to_int4pack_for_cpu in blocks of `block` rows
+    (None: this machine's, cpu_int4_block), N a multiple of 64: each block is K x block / 2 bytes, byte (k, j)
+    holding row j in its low and row block / 2 + j in its high nibble."""
+    block = block or cpu_int4_block()
     n, k = packed.shape[0], packed.shape[1] * 2
-    b = packed.view(n // 64, k, 32)  # (blocks, K, 32)
+    b = packed.view(n // block, k, block // 2)  # (blocks, K, block / 2)
     return torch.cat([b & 15, b >> 4], dim=2).transpose(1, 2).reshape(n, k)  # (N, K)
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_int4_layout_known() -> bool:
-    """Whether this machine's int4 CPU packing is the layout unpack_cpu_int4 reads (checked on a probe)."""
+def cpu_int4_block() -> Optional[int]:
+    """The rows per block of this machine's int4 CPU packing in unpack_cpu_int4's layout: 64 where torch's kernel
+    is its AVX-512 one, 32 for its AVX2 one (ATEN_CPU_CAPABILITY picks), None for any other (the scalar
+    kernel pairs adjacent rows instead). Checked on a probe, not assumed from the CPU."""
     q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    return torch.equal(unpack_cpu_int4(torch._convert_weight_to_int4pack_for_cpu(q, 1)).int(), q)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    return next((b for b in (64, 32) if torch.equal(unpack_cpu_int4(packed, b).int(), q)), None)
 
 
 class Int4Linear(nn.Module):
@@ -2974,15 +2979,15 @@ class Int4Linear(nn.Module):
         device = torch.device("cpu") if isinstance(w, GGUFInt4) else w.scales.device
         self.kernel = int4_kernel(device, self.out_features, self.in_features, self.group_size, dtype)
         rows = -(-self.out_features // 64) * 64 if self.kernel == 0 else self.out_features
-        direct = self.kernel == 0 and cpu_int4_layout_known()
-        if isinstance(w, GGUFInt4) and not direct:
+        block = cpu_int4_block() if self.kernel == 0 else None
+        if isinstance(w, GGUFInt4) and not block:
             w = w.codes()
         q = None if isinstance(w, GGUFInt4) else F.pad(w.q, (0, 0, 0, rows - self.out_features))  # (rows, K)
         if q is None:
-            packed = w.cpu_int4_packing(rows)
-        elif direct:  # the layout unpack_cpu_int4 reads, written directly:
+            packed = w.cpu_int4_packing(rows, block)
+        elif block:  # the layout unpack_cpu_int4 reads, written directly:
             # no int32 copy, no call per 64 rows (a third of a quantized GGUF file's load time)
-            b = q.to(torch.uint8).view(rows // 64, 2, 32, self.in_features)  # (blocks, low/high rows, 32, K)
+            b = q.to(torch.uint8).view(rows // block, 2, block // 2, self.in_features)  # (blocks, lo/hi, rows, K)
             packed = (b[:, 0] | b[:, 1] << 4).transpose(1, 2).contiguous().view(rows, self.in_features // 2)
         elif self.kernel == 0:  # packed 64 rows at a time (the packing is per 64 rows): small int32 temporaries
             packed = torch.empty(rows, self.in_features // 2, dtype=torch.uint8)
@@ -3006,7 +3011,7 @@ class Int4Linear(nn.Module):
 
     def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         """Weight rows r0 .. r1 - 1 in dtype (CPU packing, r0 a multiple of 64, or the codes two per byte)."""
-        if self.kernel == 0:
+        if self.kernel == 0:  # r0 a multiple of 64, so of any block
             q = unpack_cpu_int4(self.weight[r0 : -(-r1 // 64) * 64])[: r1 - r0]  # (r1 - r0, K)
         else:
             codes = self.weight[r0:r1]
@@ -3018,7 +3023,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features).contiguous()  # (tokens, in_features), as the kernels read it
-        many = x2.shape[0] > QUANTIZED_KERNEL_MAX_TOKENS["int4"] and cpu_int4_layout_known()
+        many = x2.shape[0] > QUANTIZED_KERNEL_MAX_TOKENS["int4"] and cpu_int4_block() is not None
         if self.kernel == 0 and not many:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
         elif self.kernel:
@@ -3031,7 +3036,7 @@ class Int4Linear(nn.Module):
         """The weight (out_features, in_features) in fp32. A packing unpack_cpu_int4 cannot read is read back
         through the kernel itself, an identity matrix at a time (rounded to bf16 by the CUDA/MPS kernel)."""
         n, k = self.out_features, self.in_features
-        if self.kernel is None or (self.kernel == 0 and cpu_int4_layout_known()):
+        if self.kernel is None or (self.kernel == 0 and cpu_int4_block()):
             return self.rows(0, n, torch.float32)
         out = torch.empty(k, n, device=self.weight.device)  # (K, N): rows of the identity through the kernel
         for r in range(0, k, 1024):
@@ -3059,7 +3064,8 @@ class QuantizedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = w.shape
         self.dtype = dtype
         self.group_size = None if w.zeros is None else w.group_size  # None: int8
-        self.packed = tied is not None and tied.kernel == 0 and cpu_int4_layout_known()  # the CPU kernel's layout
+        # rows per block of the CPU kernel's layout, read in place (None: codes of its own)
+        self.packed = cpu_int4_block() if tied is not None and tied.kernel == 0 else None
         if isinstance(w, GGUFInt4) and not self.packed:  # codes two per byte, row-major: unpacked first
             w = w.codes()
         if w.zeros is None:
@@ -3075,10 +3081,11 @@ class QuantizedEmbedding(nn.Module):
         """The embeddings of tokens (any shape), in fp32: (*tokens.shape, embedding_dim)."""
         if self.group_size is None:
             return self.weight[tokens].float() * self.scales[tokens, None].float()
-        if self.packed:  # row r: column r % 32 of its block of 64 rows, in the high nibbles from row 32 on
-            blocks = self.weight.view(-1, self.embedding_dim, 32)  # (V / 64, D, 32)
-            codes = blocks[tokens // 64, :, tokens % 32]  # (*tokens.shape, D)
-            q = (codes >> (tokens // 32 % 2 * 4).to(torch.uint8)[..., None]) & 15
+        if self.packed:  # row r: column r % h of its block of 2h rows, in the high nibbles from row h on
+            h = self.packed // 2
+            blocks = self.weight.view(-1, self.embedding_dim, h)  # (V / 2h, D, h)
+            codes = blocks[tokens // (2 * h), :, tokens % h]  # (*tokens.shape, D)
+            q = (codes >> (tokens // h % 2 * 4).to(torch.uint8)[..., None]) & 15
         else:
             codes = self.weight[tokens]  # (*tokens.shape, D / 2)
             q = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)  # (*tokens.shape, D)

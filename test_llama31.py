@@ -1122,16 +1122,34 @@ def test_reference_part_is_short_and_names_nothing_below_the_bar():
 def test_int4_direct_packing_equals_torchs(monkeypatch):
     # Int4Linear writes torch's CPU int4 layout itself (no int32 copy, no call per 64 rows): the same bytes as
     # torch._convert_weight_to_int4pack_for_cpu, which it falls back to where the layout is not the known one
-    if not llama31.cpu_int4_layout_known():
+    if not llama31.cpu_int4_block():
         pytest.skip("this machine's int4 CPU packing is not the layout Int4Linear writes directly")
     g = torch.Generator().manual_seed(0)
     for n, k in ((64, 64), (100, 576), (192, 1536)):
         w = llama31.quantize_int4(torch.randn(n, k, generator=g), 32, torch.bfloat16)
         direct = llama31.Int4Linear(w, torch.bfloat16)
         with monkeypatch.context() as m:
-            m.setattr(llama31, "cpu_int4_layout_known", lambda: False)
+            m.setattr(llama31, "cpu_int4_block", lambda: None)
             converted = llama31.Int4Linear(w, torch.bfloat16)
         assert torch.equal(direct.weight, converted.weight) and direct.weight.shape == (-(-n // 64) * 64, k // 2)
+
+
+def test_int4_layouts_of_both_x86_kernels():
+    # torch's CPU int4 kernel packs 64-row blocks in its AVX-512 build and 32-row ones in its AVX2 build
+    # (cpu_int4_block finds which): the tests that read or write the packing directly run again under the other
+    # one where this CPU can run both (ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine), so CI checks both layouts
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip(f"the CPU runs torch's {torch.backends.cpu.get_cpu_capability()} kernels only: this run tests "
+                    f"that layout itself")
+    r = subprocess.run([sys.executable, "-c", "import llama31; print(llama31.cpu_int4_block())"], capture_output=True,
+                       text=True, timeout=120, cwd=HERE, env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"})
+    assert r.returncode == 0 and r.stdout.split()[-1] == "32", r.stderr
+    tests = ("int4_direct_packing or int4_packs_straight or 4bit_blocks_become or gguf_keeps_its_quantization or "
+             "quantized_linear_equals or quantized_model_equals_its_dequantized_twin")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_llama31.py", "-k",
+                        tests], capture_output=True, text=True, timeout=600, cwd=HERE,
+                       env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"})
+    assert r.returncode == 0 and " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-3000:]
 
 
 def test_loading_does_not_import_dynamo(ckpt_mha):
@@ -4229,7 +4247,7 @@ def test_gguf_int4_packs_straight_from_blocks(qtype):
     # bytes as torch._convert_weight_to_int4pack_for_cpu on the codes, the same scales and zeros, row counts that
     # are not a multiple of 64 (padded with code 0) and stacked parts (wqkv: one type's blocks concatenated)
     # included; the tied embedding reads the same rows as from the codes
-    if not llama31.cpu_int4_layout_known():
+    if not llama31.cpu_int4_block():
         pytest.skip("this machine's int4 CPU packing is not the layout Int4Linear writes directly")
     for n, k, seed in ((48, 512, 1), (100, 256, 2), (64, 768, 3), (200, 2048, 4)):
         data, _ = gguf_tensor(qtype, (n, k), seed=seed)
@@ -4483,7 +4501,8 @@ def test_gguf_keeps_its_quantization(tmp_path):
     assert m.tok_embeddings.group_size == 32 and isinstance(m.output, llama31.Int4Linear) and m.output.tied
     w1 = "layers.1.feed_forward.w1.weight"
     codes = llama31.gguf_int4_blocks(raw[w1], "Q4_K", tuple(sd[w1].shape)).codes()
-    assert torch.equal(llama31.unpack_cpu_int4(m.layers[1].feed_forward.w13.weight)[: codes.shape[0]], codes.q)
+    if llama31.cpu_int4_block():  # the packing is readable (else the values below still are)
+        assert torch.equal(llama31.unpack_cpu_int4(m.layers[1].feed_forward.w13.weight)[: codes.shape[0]], codes.q)
     # every weight within the stated rounding of what gguf reads from the file
     twin = dequantized_twin(m)
     got = twin.state_dict()
