@@ -2783,13 +2783,33 @@ def _quantized_load_refused(module, state_dict, prefix, local_metadata, strict, 
 # again for every token, fast for the few tokens of a decode step, slower than a matmul for many tokens (up to
 # 4x for 64 tokens in int8 on large weights, measured). Unpacking int4 codes costs more than converting int8
 # ones, so int4 switches later (measured: from a few hundred tokens on).
+# Where oneDNN has no bf16 kernels (AVX2-only CPUs: cpu_bf16_matmul_fast), a bf16 matmul is 4-6x slower than the
+# int8/int4 kernels at any token count, so that path computes in fp32, which passes the int8 kernel only from a few
+# hundred tokens (measured, 2-core AVX2 AMD EPYC, int8 kernel -> fp32: 3072x576 at 256 tokens 10.8 -> 10.2 ms, at
+# 1024 48 -> 37 ms; 49152x576 at 33 tokens 34 -> 53 ms): there both switch at QUANTIZED_KERNEL_MAX_TOKENS["int4"].
 QUANTIZED_KERNEL_MAX_TOKENS = {"int8": 32, "int4": 256}
 DEQUANTIZE_ROWS = 2048  # output rows dequantized at a time on that path (a few MB each)
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_matmul_fast() -> bool:
+    """Whether this CPU's bf16 matmuls run on oneDNN's bf16 kernels (AVX-512 or AMX), not a slow fallback."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def quantized_kernel_max_tokens(kind: str, device: torch.device) -> int:
+    """The most tokens per matmul that take the int8 or int4 kernel on device (see QUANTIZED_KERNEL_MAX_TOKENS)."""
+    slow = device.type == "cpu" and not cpu_bf16_matmul_fast()
+    return QUANTIZED_KERNEL_MAX_TOKENS["int4" if slow else kind]
+
+
 def blockwise_linear(x: torch.Tensor, rows, n: int, block: int = DEQUANTIZE_ROWS) -> torch.Tensor:
-    """x (tokens, in) @ w.T for a weight w (n, in) of which rows(r0, r1) gives rows r0 .. r1 - 1 in x's dtype."""
-    return torch.cat([F.linear(x, rows(r, min(r + block, n))) for r in range(0, n, block)], dim=-1)  # (tokens, n)
+    """x (tokens, in) @ w.T for a weight w (n, in) of which rows(r0, r1, dtype) gives rows r0 .. r1 - 1 in dtype: x's,
+    or fp32 for bf16/fp16 x on a CPU whose bf16 matmuls are slow (cpu_bf16_matmul_fast); the result in that dtype."""
+    slow = x.device.type == "cpu" and x.dtype != torch.float32 and not cpu_bf16_matmul_fast()
+    dt = torch.float32 if slow else x.dtype
+    x = x.to(dt)
+    return torch.cat([F.linear(x, rows(r, min(r + block, n), dt)) for r in range(0, n, block)], dim=-1)  # (tokens, n)
 
 
 # Where int8 weights take oneDNN's u8s8 GEMM rather than torch's int8 kernel (_weight_int8pack_mm, which converts
@@ -2852,7 +2872,7 @@ class Int8Linear(nn.Module):
     """A Linear holding int8 weights (out_features, in_features) and a scale per output channel (in the
     activation dtype). Kernel: on CPU, oneDNN's u8s8 GEMM for large matrices where it is faster
     (onednn_int8_wins: the weight held only prepacked for it, scales in fp32; every token count), else
-    torch._weight_int8pack_mm on CPU and MPS (on CPU for up to QUANTIZED_KERNEL_MAX_TOKENS["int8"] tokens,
+    torch._weight_int8pack_mm on CPU and MPS (on CPU for up to quantized_kernel_max_tokens("int8") tokens,
     blocks of converted rows beyond); elsewhere the weight is converted to the activation dtype for the matmul
     and the scales applied to its output (torch.compile fuses the conversion into the matmul). tied: the
     output layer of a tied model, sharing the embedding's tensors (unless packed for oneDNN: then the
@@ -2892,13 +2912,14 @@ class Int8Linear(nn.Module):
         # Workaround: in torch 2.13 the CPU kernel returns wrong values, or crashes, when in_features is not a
         # multiple of 16 (measured with bf16 and fp32 inputs): those layers take the general path
         kernel = self.in_features % 16 == 0 and (x.device.type == "mps" or (
-            x.device.type == "cpu" and x2.shape[0] <= QUANTIZED_KERNEL_MAX_TOKENS["int8"]))
+            x.device.type == "cpu" and x2.shape[0] <= quantized_kernel_max_tokens("int8", x.device)))
         if self.onednn:
             y = onednn_int8_mm(x2, self.weight, self.scales, self.zero_points)
         elif kernel:
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales)  # (tokens, out_features)
         elif x.device.type == "cpu":
-            y = blockwise_linear(x2, lambda r0, r1: self.weight[r0:r1].to(x.dtype), self.out_features) * self.scales
+            y = (blockwise_linear(x2, lambda r0, r1, dt: self.weight[r0:r1].to(dt), self.out_features) *
+                 self.scales).to(x.dtype)
         else:
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
         return y.view(*x.shape[:-1], self.out_features)
@@ -2966,7 +2987,7 @@ class Int4Linear(nn.Module):
     """A Linear holding int4 weights in groups (a scale and a zero per group of group_size inputs, in the
     activation dtype), packed for the device's kernel: _convert_weight_to_int4pack_for_cpu and
     _weight_int4pack_mm_for_cpu on CPU (rows padded with zeros to a multiple of 64, whose outputs are
-    dropped; beyond QUANTIZED_KERNEL_MAX_TOKENS["int4"] tokens, blocks of rows unpacked and dequantized for a
+    dropped; beyond quantized_kernel_max_tokens("int4") tokens, blocks of rows unpacked and dequantized for a
     bf16 matmul); _convert_weight_to_int4pack and _weight_int4pack_mm on CUDA and MPS with bf16 inputs; elsewhere
     the 4-bit codes are kept two per byte and dequantized for each matmul. w: QuantizedWeight, or GGUFInt4
     (packed for the CPU kernel straight from the file's blocks). tied: the output layer of a tied model (its
@@ -3023,13 +3044,13 @@ class Int4Linear(nn.Module):
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features).contiguous()  # (tokens, in_features), as the kernels read it
-        many = x2.shape[0] > QUANTIZED_KERNEL_MAX_TOKENS["int4"] and cpu_int4_block() is not None
+        many = x2.shape[0] > quantized_kernel_max_tokens("int4", x.device) and cpu_int4_block() is not None
         if self.kernel == 0 and not many:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
         elif self.kernel:
             y = torch._weight_int4pack_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
         else:
-            y = blockwise_linear(x2, lambda r0, r1: self.rows(r0, r1, x.dtype), self.out_features)
+            y = blockwise_linear(x2, lambda r0, r1, dt: self.rows(r0, r1, dt), self.out_features).to(x.dtype)
         return y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self) -> torch.Tensor:

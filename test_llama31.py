@@ -4320,11 +4320,15 @@ def test_quantizers_error_bounds():
         llama31.quantize_weight(w, "int4", 128, "cpu", torch.bfloat16, "layers.0.x")
 
 
+@pytest.mark.parametrize("bf16_fast", [True, False])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_linear_equals_dequantized_matmul(mode):
-    # the kernels (torch's int8/int4 CPU kernels for a few tokens, dequantized row blocks for many) against a
-    # float64 matmul with the dequantized weight, on odd shapes: rows not a multiple of 16 or 64 (int4 pads
-    # them), int8 inputs not a multiple of 16 (the general path), 3-D and non-contiguous inputs
+def test_quantized_linear_equals_dequantized_matmul(mode, bf16_fast, monkeypatch):
+    # the kernels (torch's int8/int4 CPU kernels for a few tokens, dequantized row blocks for many: in bf16, or
+    # in fp32 where bf16 matmuls are slow) against a float64 matmul with the dequantized weight, on odd shapes:
+    # rows not a multiple of 16 or 64 (int4 pads them), int8 inputs not a multiple of 16 (the general path), 3-D
+    # and non-contiguous inputs
+    monkeypatch.setattr(llama31, "cpu_bf16_matmul_fast", lambda: bf16_fast)
+    assert llama31.quantized_kernel_max_tokens("int8", torch.device("cpu")) == (32 if bf16_fast else 256)
     g = torch.Generator().manual_seed(1)
     shapes = [(300, 96), (7, 64), (33, 128), (1100, 2048)] + ([(21, 40)] if mode == "int8" else [])
     for (n, k), dtype in itertools.product(shapes, (torch.bfloat16, torch.float32)):
