@@ -4223,6 +4223,29 @@ def gguf_tensor(qtype: str, shape: tuple, seed: int):
 
 
 @needs_gguf
+def test_gguf_q8_0_requantized_from_its_blocks():
+    # a Q8_0 tensor goes to int8 per row straight from its blocks, a chunk of rows at a time: the same codes and
+    # scales as quantize_int8 on its values (which equal the gguf package's), chunk boundaries, all-zero rows and
+    # the code -128 (no quantizer writes it, a file may hold it) included; a non-finite block scale is caught
+    for (n, k), dtype in itertools.product([(37, 512), (300, 96), (5, 2048)], (torch.bfloat16, torch.float32)):
+        data, ref = gguf_tensor("Q8_0", (n, k), seed=n)
+        blocks = data.copy().reshape(n, k // 32, 34)
+        blocks[1] = 0  # an all-zero row
+        blocks[2, 0, 2] = 0x80  # code -128
+        t = llama31.GGUFQ8_0(blocks.reshape(n, -1), (n, k))
+        values = t.values()
+        assert np.array_equal(values.numpy()[3:], ref[3:]) and t.finite()
+        want = llama31.quantize_int8(values, dtype)
+        for rows in (None, 7, 1):
+            got = t.int8(dtype, rows=rows)
+            assert torch.equal(got.q, want.q) and torch.equal(got.scales, want.scales), (n, k, dtype, rows)
+        stored = llama31.quantize_weight(t, "int8", 32, "cpu", dtype, "w")
+        assert torch.equal(stored.q, want.q) and stored.scales.dtype == dtype
+    blocks[0, 0, :2] = np.frombuffer(np.float16(np.inf).tobytes(), dtype=np.uint8)
+    assert not llama31.GGUFQ8_0(blocks.reshape(blocks.shape[0], -1), (5, 2048)).finite()
+
+
+@needs_gguf
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
 def test_gguf_4bit_blocks_become_int4_exactly(qtype):
     # the file's own 4-bit codes with its scale and minimum turned into the kernels' scale and zero: exact in
