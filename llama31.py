@@ -5992,7 +5992,7 @@ def save_gguf(model: Transformer, path, qtype: str = "F16", like=None) -> Path:
     BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; every matrix, the embedding included), norms in F32, attn_q/attn_k
     in Meta's RoPE layout as llama.cpp keeps them, Llama 3.1's RoPE scaling as rope_freqs. The vocabulary
     (tokenizer.* metadata) is copied from the GGUF file `like`; without one, a placeholder vocabulary of the
-    model's size (the 256 bytes, one merge, control tokens) serves random weights. A quantized model is
+    model's size (the 256 bytes, one merge, bos and eos, unused tokens) serves random weights. A quantized model is
     written from its dequantized weights."""
     vocab = read_gguf(Path(like))[:2] if like is not None else None  # says how to install gguf when it is missing
     import gguf
@@ -6018,13 +6018,15 @@ def save_gguf(model: Transformer, path, qtype: str = "F16", like=None) -> Path:
             if key.startswith("tokenizer."):
                 kind, sub = vocab[1][key]
                 w.add_key_value(key, value, gguf.GGUFValueType(kind), None if sub is None else gguf.GGUFValueType(sub))
-    else:  # bytes as GPT-2's byte alphabet, "  " made by the one merge, then control tokens
+    else:  # bytes as GPT-2's byte alphabet, "  " made by the one merge, bos and eos, then unused tokens: as
+        # control tokens (before) the 128K placeholders of a 1B shape made tiktoken build a regex of them (1.6 s
+        # of every load), where a real Llama 3 vocabulary has 256 control tokens
         tokens = [*gpt2_byte_chars(), "\u0120\u0120"]
         tokens += [f"<|placeholder_{i}|>" for i in range(p.vocab_size - len(tokens))]
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("gpt-2")
         w.add_token_list(tokens)
-        w.add_token_types([1] * 257 + [3] * (p.vocab_size - 257))
+        w.add_token_types([1] * 257 + [3] * 2 + [5] * (p.vocab_size - 259))
         w.add_token_merges(["\u0120 \u0120"])
         w.add_bos_token_id(257)
         w.add_eos_token_id(258)
