@@ -2847,17 +2847,17 @@ def cpu_bf16_matmul_fast() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def quantized_kernel_max_tokens(kind: str, device: torch.device) -> int:
-    """The most tokens per matmul that take the int8 or int4 kernel on device (see QUANTIZED_KERNEL_MAX_TOKENS)."""
-    slow = device.type == "cpu" and not cpu_bf16_matmul_fast()
-    return QUANTIZED_KERNEL_MAX_TOKENS["int4" if slow else kind]
+def quantized_kernel_max_tokens(kind: str) -> int:
+    """The most tokens per matmul that take the CPU int8 or int4 kernel here (see QUANTIZED_KERNEL_MAX_TOKENS).
+    Quantized layers ask once, when built: torch.compile cannot trace the probe (a skipped mkldnn function)."""
+    return QUANTIZED_KERNEL_MAX_TOKENS[kind if cpu_bf16_matmul_fast() else "int4"]
 
 
-def blockwise_linear(x: torch.Tensor, rows, n: int, block: int = DEQUANTIZE_ROWS) -> torch.Tensor:
+def blockwise_linear(x: torch.Tensor, rows, n: int, fp32: bool, block: int = DEQUANTIZE_ROWS) -> torch.Tensor:
     """x (tokens, in) @ w.T for a weight w (n, in) of which rows(r0, r1, dtype) gives rows r0 .. r1 - 1 in dtype: x's,
-    or fp32 for bf16/fp16 x on a CPU whose bf16 matmuls are slow (cpu_bf16_matmul_fast); the result in that dtype."""
-    slow = x.device.type == "cpu" and x.dtype != torch.float32 and not cpu_bf16_matmul_fast()
-    dt = torch.float32 if slow else x.dtype
+    or with fp32 (a CPU whose bf16 matmuls are slow, not cpu_bf16_matmul_fast) fp32 for bf16/fp16 x on CPU; the
+    result in that dtype."""
+    dt = torch.float32 if fp32 and x.device.type == "cpu" and x.dtype != torch.float32 else x.dtype
     x = x.to(dt)
     return torch.cat([F.linear(x, rows(r, min(r + block, n), dt)) for r in range(0, n, block)], dim=-1)  # (tokens, n)
 
@@ -2933,6 +2933,8 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = w.q.shape
         self.tied = tied
         self.onednn = onednn_int8_wins(w.q.device, self.out_features, self.in_features)
+        # how many tokens take the CPU kernel, in which dtype the rows beyond are multiplied: asked here, once
+        self.max_tokens, self.fp32_rows = quantized_kernel_max_tokens("int8"), not cpu_bf16_matmul_fast()
         # buffers, not parameters: no gradients; not saved as they are (see _quantized_state_dict)
         if self.onednn:  # an opaque oneDNN tensor (blocked for its kernel, the layout chosen for 2-row inputs)
             self.register_buffer("weight", torch.ops.onednn.qlinear_prepack(w.q, [2, self.in_features]),
@@ -2962,14 +2964,14 @@ class Int8Linear(nn.Module):
         # Workaround: in torch 2.13 the CPU kernel returns wrong values, or crashes, when in_features is not a
         # multiple of 16 (measured with bf16 and fp32 inputs): those layers take the general path
         kernel = self.in_features % 16 == 0 and (x.device.type == "mps" or (
-            x.device.type == "cpu" and x2.shape[0] <= quantized_kernel_max_tokens("int8", x.device)))
+            x.device.type == "cpu" and x2.shape[0] <= self.max_tokens))
         if self.onednn:
             y = onednn_int8_mm(x2, self.weight, self.scales, self.zero_points)
         elif kernel:
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales)  # (tokens, out_features)
         elif x.device.type == "cpu":
-            y = (blockwise_linear(x2, lambda r0, r1, dt: self.weight[r0:r1].to(dt), self.out_features) *
-                 self.scales).to(x.dtype)
+            y = (blockwise_linear(x2, lambda r0, r1, dt: self.weight[r0:r1].to(dt), self.out_features,
+                                  self.fp32_rows) * self.scales).to(x.dtype)
         else:
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
         return y.view(*x.shape[:-1], self.out_features)
@@ -3050,7 +3052,10 @@ class Int4Linear(nn.Module):
         device = torch.device("cpu") if isinstance(w, GGUFInt4) else w.scales.device
         self.kernel = int4_kernel(device, self.out_features, self.in_features, self.group_size, dtype)
         rows = -(-self.out_features // 64) * 64 if self.kernel == 0 else self.out_features
-        block = cpu_int4_block() if self.kernel == 0 else None
+        # the CPU packing's rows per block (None: unknown), how many tokens take the kernel, in which dtype the
+        # rows beyond are multiplied: asked here, once (torch.compile cannot trace the probes)
+        self.block = block = cpu_int4_block() if self.kernel == 0 else None
+        self.max_tokens, self.fp32_rows = quantized_kernel_max_tokens("int4"), not cpu_bf16_matmul_fast()
         if isinstance(w, GGUFInt4) and not block:
             w = w.codes()
         q = None if isinstance(w, GGUFInt4) else F.pad(w.q, (0, 0, 0, rows - self.out_features))  # (rows, K)
@@ -3083,7 +3088,7 @@ class Int4Linear(nn.Module):
     def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         """Weight rows r0 .. r1 - 1 in dtype (CPU packing, r0 a multiple of 64, or the codes two per byte)."""
         if self.kernel == 0:  # r0 a multiple of 64, so of any block
-            q = unpack_cpu_int4(self.weight[r0 : -(-r1 // 64) * 64])[: r1 - r0]  # (r1 - r0, K)
+            q = unpack_cpu_int4(self.weight[r0 : -(-r1 // 64) * 64], self.block)[: r1 - r0]  # (r1 - r0, K)
         else:
             codes = self.weight[r0:r1]
             q = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(1)  # (r1 - r0, K)
@@ -3094,20 +3099,21 @@ class Int4Linear(nn.Module):
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features).contiguous()  # (tokens, in_features), as the kernels read it
-        many = x2.shape[0] > quantized_kernel_max_tokens("int4", x.device) and cpu_int4_block() is not None
+        many = x2.shape[0] > self.max_tokens and self.block is not None
         if self.kernel == 0 and not many:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
         elif self.kernel:
             y = torch._weight_int4pack_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
         else:
-            y = blockwise_linear(x2, lambda r0, r1, dt: self.rows(r0, r1, dt), self.out_features).to(x.dtype)
+            y = blockwise_linear(x2, lambda r0, r1, dt: self.rows(r0, r1, dt), self.out_features,
+                                 self.fp32_rows).to(x.dtype)
         return y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self) -> torch.Tensor:
         """The weight (out_features, in_features) in fp32. A packing unpack_cpu_int4 cannot read is read back
         through the kernel itself, an identity matrix at a time (rounded to bf16 by the CUDA/MPS kernel)."""
         n, k = self.out_features, self.in_features
-        if self.kernel is None or (self.kernel == 0 and cpu_int4_block()):
+        if self.kernel is None or (self.kernel == 0 and self.block):
             return self.rows(0, n, torch.float32)
         out = torch.empty(k, n, device=self.weight.device)  # (K, N): rows of the identity through the kernel
         for r in range(0, k, 1024):

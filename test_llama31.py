@@ -4351,7 +4351,7 @@ def test_quantized_linear_equals_dequantized_matmul(mode, bf16_fast, monkeypatch
     # rows not a multiple of 16 or 64 (int4 pads them), int8 inputs not a multiple of 16 (the general path), 3-D
     # and non-contiguous inputs
     monkeypatch.setattr(llama31, "cpu_bf16_matmul_fast", lambda: bf16_fast)
-    assert llama31.quantized_kernel_max_tokens("int8", torch.device("cpu")) == (32 if bf16_fast else 256)
+    assert llama31.quantized_kernel_max_tokens("int8") == (32 if bf16_fast else 256)
     g = torch.Generator().manual_seed(1)
     shapes = [(300, 96), (7, 64), (33, 128), (1100, 2048)] + ([(21, 40)] if mode == "int8" else [])
     for (n, k), dtype in itertools.product(shapes, (torch.bfloat16, torch.float32)):
