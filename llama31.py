@@ -1925,22 +1925,6 @@ def gguf_rope_scaling(freq_factors: torch.Tensor, args: ModelArgs, meta: dict, p
     return dict(scaling, use_scaled_rope=True)
 
 
-def gguf_q8_0_values(blocks, shape: Tuple[int, int], rows: int = 4096) -> torch.Tensor:
-    """A Q8_0 tensor's values (N, K) in fp32, exact (an fp16 scale times a small integer). Block layout
-    (ggml-quants), 32 weights: fp16 d, then 32 int8 codes q; w = d * q. Written here because the gguf package's
-    dequantize splits the work into many small numpy calls (0.45 s of the demo's 1.9 s load, for its 28M-weight
-    embedding); `rows` rows at a time keep the temporaries small."""
-    import numpy as np
-
-    n, k = shape
-    b = np.asarray(blocks, dtype=np.uint8).reshape(n, k // 32, 34)  # (N, K / 32, 34)
-    out = np.empty((n, k // 32, 32), dtype=np.float32)  # (N, K / 32, 32)
-    for r in range(0, n, rows):
-        d = np.ascontiguousarray(b[r : r + rows, :, :2]).view(np.float16).astype(np.float32)  # (rows, K / 32, 1)
-        np.multiply(b[r : r + rows, :, 2:].view(np.int8), d, out=out[r : r + rows])
-    return torch.from_numpy(out.reshape(n, k))  # (N, K)
-
-
 def load_gguf(path: Path, limits: dict, quantize: Optional[str] = None, group_size: int = 32):
     """(ModelArgs with the runtime limits (max_seq_len, max_batch_size), its Meta-named weights, GGUFTokenizer
     or None, the quantization plan (quantize_plan: None for a full-precision model)) of a GGUF file, its
@@ -1969,12 +1953,12 @@ def load_gguf(path: Path, limits: dict, quantize: Optional[str] = None, group_si
     plan = quantize_plan(args, quantize, group_size, {names[n]: tensors[n].tensor_type.name for n in names})
 
     def weight(name: str):
-        t = tensors[name]
-        if plan and plan.get(names.get(name), ("",))[0] == "int4" and t.tensor_type.name in GGUF_INT4_TYPES:
+        t, mode = tensors[name], plan.get(names.get(name), ("",))[0] if plan else None
+        if mode == "int4" and t.tensor_type.name in GGUF_INT4_TYPES:
             return gguf_int4_blocks(t.data, t.tensor_type.name, shapes[name])  # the file's 4-bit codes
         if t.tensor_type.name == "Q8_0":  # to int8: requantized from the blocks (GGUFQ8_0)
             held = GGUFQ8_0(t.data, shapes[name])
-            return held if plan and plan.get(names.get(name), ("",))[0] == "int8" else held.values()
+            return held if mode == "int8" else held.values()
         try:
             values = gguf.quants.dequantize(t.data, t.tensor_type)  # fp32 numpy, rows of the (out, in) matrix
         except NotImplementedError as e:
@@ -2735,26 +2719,42 @@ def gguf_int4_blocks(blocks, type_name: str, shape: Tuple[int, int]) -> GGUFInt4
 
 
 class GGUFQ8_0(NamedTuple):
-    """A Q8_0 tensor of a GGUF file (blocks of 32 weights: fp16 d, 32 int8 codes q; w = d * q) on its way to
-    int8 with a scale per row: int8() requantizes a few hundred rows at a time straight from the blocks, with the
-    same operations as quantize_int8(gguf_q8_0_values(...)) (so the same codes) but without the whole matrix in
-    fp32 and the many small torch calls (3.0 + 1.6 s of a 1B-shape Q8_0 file's 7.4 s load; the 1 GB fp32 copy
-    of its embedding is gone from the peak; measured, 2-core AMD EPYC). blocks: (N, K / 32 * 34) uint8 numpy."""
+    """A Q8_0 tensor of a GGUF file (blocks of 32 weights, ggml-quants: fp16 d, then 32 int8 codes q; w = d * q).
+    values(): its values in fp32, exact (an fp16 scale times a small integer), in a few numpy calls per chunk of
+    rows (the gguf package's dequantize makes many small ones: 0.45 s of the demo's 1.9 s load, for its
+    28M-weight embedding). int8(): int8 with a scale per row, requantized a few hundred rows at a time straight
+    from the blocks with the same operations as quantize_int8(values()) (so the same codes), without the whole
+    matrix in fp32 and the many small torch calls (3.0 + 1.6 s of a 1B-shape Q8_0 file's 7.4 s load; the 1 GB
+    fp32 copy of its embedding is gone from the peak; measured, 2-core AMD EPYC). blocks: (N, K / 32 * 34) uint8
+    numpy (the file's mapping, or a copy)."""
     blocks: object  # numpy.ndarray
     shape: Tuple[int, int]
 
-    def _scales(self, b):  # the fp16 d of each block of b (rows, K / 32, 34), in fp32: (rows, K / 32, 1)
+    def _blocks(self):  # (N, K / 32, 34)
         import numpy as np
 
-        return b.view(np.uint16)[..., :1].view(np.float16).astype(np.float32)  # 34-byte blocks: d at half 0
+        return np.asarray(self.blocks, dtype=np.uint8).reshape(self.shape[0], self.shape[1] // 32, 34)
+
+    def _values(self, b, out):  # the values of blocks b (rows, K / 32, 34) into out (rows, K / 32, 32) fp32
+        import numpy as np
+
+        d = b.view(np.uint16)[..., :1].view(np.float16).astype(np.float32)  # 34-byte blocks: d at half 0
+        np.multiply(b[..., 2:].view(np.int8), d, out=out)
 
     def finite(self) -> bool:
         import numpy as np
 
-        return bool(np.isfinite(self._scales(self.blocks.reshape(self.shape[0], -1, 34))).all())
+        return bool(np.isfinite(self._blocks().view(np.uint16)[..., :1].view(np.float16)).all())
 
-    def values(self) -> torch.Tensor:
-        return gguf_q8_0_values(self.blocks, self.shape)
+    def values(self, rows: int = 4096) -> torch.Tensor:
+        """The values (N, K) in fp32, `rows` rows at a time (the temporaries stay small)."""
+        import numpy as np
+
+        n, k = self.shape
+        b, out = self._blocks(), np.empty((n, k // 32, 32), dtype=np.float32)  # (N, K / 32, 32)
+        for r in range(0, n, rows):
+            self._values(b[r : r + rows], out[r : r + rows])
+        return torch.from_numpy(out.reshape(n, k))  # (N, K)
 
     def int8(self, dtype: torch.dtype, rows: Optional[int] = None) -> QuantizedWeight:
         """quantize_int8(self.values(), dtype), `rows` rows at a time (default: about 2^18 weights, in cache)."""
@@ -2762,13 +2762,13 @@ class GGUFQ8_0(NamedTuple):
 
         n, k = self.shape
         rows = rows or max(1, 2**18 // k)
-        b = np.asarray(self.blocks, dtype=np.uint8).reshape(n, k // 32, 34)  # (N, K / 32, 34)
+        b = self._blocks()
         q, scales = np.empty((n, k), dtype=np.int8), torch.empty(n, dtype=dtype)
         x = np.empty((rows, k // 32, 32), dtype=np.float32)  # (rows, K / 32, 32): one chunk's values
         for r in range(0, n, rows):
             m = min(rows, n - r)
             v = x[:m]
-            np.multiply(b[r : r + m, :, 2:].view(np.int8), self._scales(b[r : r + m]), out=v)  # exact, as values()
+            self._values(b[r : r + m], v)  # exact, as values()
             v = v.reshape(m, k)
             s = _stored_scale(torch.from_numpy(np.abs(v).max(axis=1)) / 127, dtype)  # (m,) as quantize_int8
             scales[r : r + m] = s
@@ -3040,10 +3040,10 @@ class Int4Linear(nn.Module):
     activation dtype), packed for the device's kernel: _convert_weight_to_int4pack_for_cpu and
     _weight_int4pack_mm_for_cpu on CPU (rows padded with zeros to a multiple of 64, whose outputs are
     dropped; beyond quantized_kernel_max_tokens("int4") tokens, blocks of rows unpacked and dequantized for a
-    bf16 matmul); _convert_weight_to_int4pack and _weight_int4pack_mm on CUDA and MPS with bf16 inputs; elsewhere
-    the 4-bit codes are kept two per byte and dequantized for each matmul. w: QuantizedWeight, or GGUFInt4
-    (packed for the CPU kernel straight from the file's blocks). tied: the output layer of a tied model (its
-    embedding holds the same codes)."""
+    bf16 matmul, fp32 where bf16 ones are slow); _convert_weight_to_int4pack and _weight_int4pack_mm on CUDA and
+    MPS with bf16 inputs; elsewhere the 4-bit codes are kept two per byte and dequantized for each matmul. w:
+    QuantizedWeight, or GGUFInt4 (packed for the CPU kernel straight from the file's blocks). tied: the output
+    layer of a tied model (its embedding holds the same codes)."""
 
     def __init__(self, w, dtype: torch.dtype, tied: bool = False):
         super().__init__()
@@ -3142,7 +3142,7 @@ class QuantizedEmbedding(nn.Module):
         self.dtype = dtype
         self.group_size = None if w.zeros is None else w.group_size  # None: int8
         # rows per block of the CPU kernel's layout, read in place (None: codes of its own)
-        self.packed = cpu_int4_block() if tied is not None and tied.kernel == 0 else None
+        self.packed = tied.block if tied is not None else None
         if isinstance(w, GGUFInt4) and not self.packed:  # codes two per byte, row-major: unpacked first
             w = w.codes()
         if w.zeros is None:

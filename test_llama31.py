@@ -3780,7 +3780,7 @@ def test_gguf_reader_equals_the_gguf_package(tmp_path):
     # Q8_0 values (the demo's embedding) as llama31 computes them, in few numpy calls: the package's exactly
     embd = tensors["token_embd.weight"]
     shape = tuple(reversed([int(n) for n in embd.shape]))
-    values = llama31.gguf_q8_0_values(embd.data, shape, rows=1000)  # 1000: a last, partial chunk
+    values = llama31.GGUFQ8_0(embd.data, shape).values(rows=1000)  # 1000: a last, partial chunk
     assert embd.tensor_type.name == "Q8_0" and values.dtype == torch.float32 and values.shape == shape
     assert np.array_equal(values.numpy(), gguf.quants.dequantize(embd.data, embd.tensor_type).reshape(shape))
     head = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"x"
