@@ -4223,6 +4223,24 @@ def gguf_tensor(qtype: str, shape: tuple, seed: int):
 
 
 @needs_gguf
+def test_save_gguf_placeholder_vocabulary(tmp_path):
+    # random weights written without a vocabulary to copy: the 256 bytes, one merge, bos and eos as the only
+    # control tokens, the rest unused (as 128K control tokens, tiktoken built a regex of them: 1.6 s per load)
+    args = llama31.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=1000, multiple_of=32, max_seq_len=32)
+    model = llama31.random_model(args, "cpu", torch.float32)
+    path = llama31.save_gguf(model, tmp_path / "random.gguf", "F32")
+    meta = llama31.read_gguf(path)[0]
+    assert meta["tokenizer.ggml.token_type"] == [1] * 257 + [3, 3] + [5] * 741
+    llama = llama31.Llama.build(path, max_seq_len=32, device="cpu")
+    tok = llama.tokenizer
+    assert tok.special_tokens == {"<|placeholder_0|>": 257, "<|placeholder_1|>": 258}
+    assert (tok.bos_id, tok.eos_id, tok.n_words) == (257, 258, 1000)
+    assert tok.decode(tok.encode("  unused <|placeholder_9|>", bos=False, eos=False)) == "  unused <|placeholder_9|>"
+    sd = llama.model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())  # F32: the weights exactly
+
+
+@needs_gguf
 def test_gguf_q8_0_requantized_from_its_blocks():
     # a Q8_0 tensor goes to int8 per row straight from its blocks, a chunk of rows at a time: the same codes and
     # scales as quantize_int8 on its values (which equal the gguf package's), chunk boundaries, all-zero rows and
