@@ -2594,6 +2594,28 @@ def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype, rows: Op
     return QuantizedWeight(q, scales, zeros)
 
 
+@functools.lru_cache(maxsize=None)
+def _loading_pool(threads: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(threads, thread_name_prefix="llama31-load")  # made at the first use, kept
+
+
+def in_threads(work: Callable[[object], None], chunks) -> None:
+    """work(c) for each c of chunks (of rows, writing disjoint outputs), on torch.get_num_threads() Python
+    threads: numpy and torch release the GIL inside their loops, and the numpy loops of GGUF loading run in one
+    thread each (packing a 16384x2048 Q4_0 weight: 22 ms in one thread, 13 ms in two, 2-core Intel Xeon)."""
+    chunks = list(chunks)
+    threads = min(torch.get_num_threads(), len(chunks))
+    if threads <= 1:
+        for c in chunks:
+            work(c)
+        return
+    pool = _loading_pool(threads)
+    for f in [pool.submit(lambda part: [work(c) for c in part], chunks[i::threads]) for i in range(threads)]:
+        f.result()  # re-raises a chunk's exception
+
+
 # GGUF's 4-bit blocks (ggml-quants): (weights per block, bytes per block, the first byte of the codes, S): the
 # codes come in runs of S bytes, byte i of a run holding weight i of the run's 2S weights in its low nibble and
 # weight S + i in its high one
@@ -2605,11 +2627,13 @@ class GGUFInt4(NamedTuple):
     blocks: the weight codes() gives, for Int4Linear to pack for the CPU kernel straight from the blocks
     (cpu_int4_packing) without a byte per code for the whole matrix, and its unpacking, then packing, took most
     of a quantized file's load (4 of a 1B-shape Q4_0's 7 s, measured). blocks: (N, bytes per row) uint8 numpy
-    (the file's mapping, or a copy); scales and zeros (N, K / 32) as QuantizedWeight's, fp32 numpy, rounded to
-    dtype where the kernels take them (scales_and_zeros) or codes() gives them. Numpy, not torch: on a busy
-    2-core host every parallel torch op waits for its second thread, and the few ops per tensor on the scales
-    took 0.5-1.4 s each over a 1B-shape file, 0.02-0.13 s in one thread (measured, 2-core AMD EPYC)."""
-    blocks: object  # numpy.ndarray
+    (the file's mapping, or a copy), or a tuple of such parts stacked by rows (stack_quantized: packed from
+    where they lie, not copied together first); scales and zeros (N, K / 32) as QuantizedWeight's, fp32 numpy,
+    rounded to dtype where the kernels take them (scales_and_zeros) or codes() gives them. Numpy, not torch,
+    until then: on a busy 2-core host every parallel torch op waits for its second thread, and the few ops per
+    tensor on the scales took 0.5-1.4 s each over a 1B-shape file, 0.02-0.13 s in one thread (measured, 2-core
+    AMD EPYC)."""
+    blocks: object  # numpy.ndarray, or a tuple of them
     type_name: str
     scales: object  # numpy.ndarray
     zeros: object
@@ -2629,7 +2653,8 @@ class GGUFInt4(NamedTuple):
 
         n, k = self.shape
         per, width, at, s = GGUF_INT4_BLOCKS[self.type_name]
-        codes = self.blocks.reshape(n, k // per, width)[..., at:]  # (N, blocks, code bytes)
+        blocks = np.concatenate(self.blocks) if isinstance(self.blocks, tuple) else self.blocks  # (N, bytes per row)
+        codes = blocks.reshape(n, k // per, width)[..., at:]  # (N, blocks, code bytes)
         runs = codes.reshape(n, k // per, -1, 1, s)  # (N, blocks, runs, 1, S)
         q = np.concatenate([runs & 15, runs >> 4], axis=3).reshape(n, k)  # low nibbles, then high: (N, K)
         return QuantizedWeight(torch.from_numpy(q), *(torch.from_numpy(x).to(self.dtype) for x in (self.scales,
@@ -2644,13 +2669,16 @@ class GGUFInt4(NamedTuple):
         return bool(np.isfinite(self.scales).all() and np.isfinite(self.zeros).all())
 
     def scales_and_zeros(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
-        """int4_scales_and_zeros(self.codes(), dtype, rows): (G, rows, 2), rows >= N padded with 0."""
-        import numpy as np
-
+        """int4_scales_and_zeros(self.codes(), dtype, rows): (G, rows, 2), rows >= N padded with 0. Built (rows, G,
+        2) in dtype, then transposed with each (scale, zero) pair moved as one 4- or 8-byte integer: 2.3 ms for a
+        16384x2048 weight where transposing fp32 pairs in numpy and converting took 15 ms (2-core Intel Xeon)."""
         n, g = self.scales.shape
-        sz = np.zeros((g, rows, 2), dtype=np.float32)  # (G, rows, 2)
-        sz[:, :n, 0], sz[:, :n, 1] = self.scales.T, self.zeros.T  # (G, N) each
-        return torch.from_numpy(sz).to(self.dtype).to(dtype)  # one conversion where the dtypes agree
+        sz = torch.empty(rows, g, 2, dtype=dtype)  # (rows, G, 2)
+        sz[n:] = 0
+        # one rounding to self.dtype, then dtype: exact where they agree
+        sz[:n, :, 0], sz[:n, :, 1] = (torch.from_numpy(x).to(self.dtype) for x in (self.scales, self.zeros))
+        pair = {2: torch.int32, 4: torch.int64}[dtype.itemsize]  # a (scale, zero) pair as one integer
+        return sz.view(pair).view(rows, g).T.contiguous().view(dtype).view(g, rows, 2)  # (G, rows, 2)
 
     def cpu_int4_packing(self, rows: int, block: int) -> torch.Tensor:
         """codes() packed as _convert_weight_to_int4pack_for_cpu packs them in blocks of `block` rows
@@ -2665,13 +2693,22 @@ class GGUFInt4(NamedTuple):
         n, k = self.shape
         per, width, at, s = GGUF_INT4_BLOCKS[self.type_name]
         blocks, runs, h = k // per, per // (2 * s), block // 2  # per row, runs per block, half a row block
-        codes = self.blocks.reshape(n, blocks, width)[..., at:].reshape(n, blocks, runs, s)  # (N, blocks, runs, S)
         # (row blocks, blocks, runs, codes i / S + i, S, row j of h)
         out = np.empty((rows // block, blocks, runs, 2, s, h), dtype=np.uint8)
         step = 64 * max(1, 2**13 // k)  # rows at a time, about 256 KB of codes: 256 rows of K = 2048
-        for r in range(0, rows, step):
-            x = codes[r : r + step]  # (m, blocks, runs, S)
-            m = min(step, rows - r)
+        # chunks of rows (a part's codes, its first row, the output's, rows), within parts: stack_quantized's
+        # parts but the last hold whole 64-row blocks; the last chunk takes the padding rows
+        chunks, r0 = [], 0
+        parts = self.blocks if isinstance(self.blocks, tuple) else (self.blocks,)
+        for i, part in enumerate(parts):
+            codes = part.reshape(-1, blocks, width)[..., at:].reshape(-1, blocks, runs, s)  # (N_i, blocks, runs, S)
+            end = r0 + codes.shape[0] if i + 1 < len(parts) else rows
+            chunks += [(codes, r - r0, r, min(step, end - r)) for r in range(r0, end, step)]
+            r0 += codes.shape[0]
+
+        def pack(chunk):
+            codes, first, r, m = chunk
+            x = codes[first : first + m]  # (m, blocks, runs, S)
             if x.shape[0] < m:  # the rows padding N to a multiple of 64: code 0
                 x = np.concatenate([x, np.zeros((m - x.shape[0], *x.shape[1:]), dtype=np.uint8)])
             x = x.reshape(m // block, 2, h, blocks, runs, s)  # (row blocks, rows j / h + j, j, blocks, runs, S)
@@ -2679,6 +2716,8 @@ class GGUFInt4(NamedTuple):
             o = out[r // block : (r + m) // block]  # (m / block, blocks, runs, low/high, S, h)
             o[:, :, :, 0] = ((lo & 15) | (hi << 4)).transpose(0, 2, 3, 4, 1)  # codes i: (m / block, blocks, runs, S, h)
             o[:, :, :, 1] = ((lo >> 4) | (hi & 0xF0)).transpose(0, 2, 3, 4, 1)  # codes S + i
+
+        in_threads(pack, chunks)
         return torch.from_numpy(out.reshape(rows, k // 2))  # (rows, K / 2)
 
 
@@ -2714,7 +2753,7 @@ def gguf_int4_blocks(blocks, type_name: str, shape: Tuple[int, int]) -> GGUFInt4
         zero = 8 * scale - (dmin * mn).reshape(n, -1)
     else:
         scale = f16(0)  # (N, K / 32)
-        zero = np.zeros_like(scale) if type_name == "Q4_0" else f16(1) + 8 * scale
+        zero = np.zeros(scale.shape, np.float32) if type_name == "Q4_0" else f16(1) + 8 * scale  # calloc'd
     return GGUFInt4(b, type_name, scale, zero)
 
 
@@ -2757,17 +2796,19 @@ class GGUFQ8_0(NamedTuple):
         return torch.from_numpy(out.reshape(n, k))  # (N, K)
 
     def int8(self, dtype: torch.dtype, rows: Optional[int] = None) -> QuantizedWeight:
-        """quantize_int8(self.values(), dtype), `rows` rows at a time (default: about 2^18 weights, in cache)."""
+        """quantize_int8(self.values(), dtype), `rows` rows at a time (default: about 2^18 weights, in cache), on
+        in_threads' threads. Their torch ops (a chunk's scales) are too small to start an OpenMP region, which on
+        a second thread would start a second OpenMP pool (that slows decoding afterwards, see serve)."""
         import numpy as np
 
         n, k = self.shape
         rows = rows or max(1, 2**18 // k)
         b = self._blocks()
         q, scales = np.empty((n, k), dtype=np.int8), torch.empty(n, dtype=dtype)
-        x = np.empty((rows, k // 32, 32), dtype=np.float32)  # (rows, K / 32, 32): one chunk's values
-        for r in range(0, n, rows):
+
+        def requantize(r):
             m = min(rows, n - r)
-            v = x[:m]
+            v = np.empty((m, k // 32, 32), dtype=np.float32)  # (m, K / 32, 32): one chunk's values
             self._values(b[r : r + m], v)  # exact, as values()
             v = v.reshape(m, k)
             s = _stored_scale(torch.from_numpy(np.abs(v).max(axis=1)) / 127, dtype)  # (m,) as quantize_int8
@@ -2775,16 +2816,22 @@ class GGUFQ8_0(NamedTuple):
             np.divide(v, s.float().clamp(min=torch.finfo(torch.float32).tiny).numpy()[:, None], out=v)
             np.clip(np.rint(v, out=v), -127, 127, out=v)  # rint: to even, as torch.round
             q[r : r + m] = v
+
+        in_threads(requantize, range(0, n, rows))
         return QuantizedWeight(torch.from_numpy(q), scales)
 
 
 def stack_quantized(parts: list):
     """Quantized weights (QuantizedWeight, GGUFInt4) stacked by rows in the order given: GGUF blocks of one
-    type stay blocks (packed once, straight from them), any other mix as QuantizedWeight."""
+    type stay blocks (packed once, straight from them: where the parts but the last hold whole 64-row blocks,
+    from where they lie, not copied together: 0.3 s of a 1B-shape Q4_0 file's load), any other mix as
+    QuantizedWeight."""
     if all(isinstance(p, GGUFInt4) and p[1::3] == parts[0][1::3] for p in parts):  # type_name, dtype
         import numpy as np
 
-        return GGUFInt4(np.concatenate([p.blocks for p in parts]), parts[0].type_name,
+        blocks = [b for p in parts for b in (p.blocks if isinstance(p.blocks, tuple) else (p.blocks,))]
+        whole = all(b.shape[0] % 64 == 0 for b in blocks[:-1])
+        return GGUFInt4(tuple(blocks) if whole else np.concatenate(blocks), parts[0].type_name,
                         *(np.concatenate([getattr(p, f) for p in parts]) for f in ("scales", "zeros")), parts[0].dtype)
     parts = [p.codes() if isinstance(p, GGUFInt4) else p for p in parts]
     return QuantizedWeight(*(None if f[0] is None else torch.cat(f) for f in zip(*parts)))

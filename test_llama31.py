@@ -4290,7 +4290,7 @@ def test_gguf_int4_packs_straight_from_blocks(qtype):
     # included; the tied embedding reads the same rows as from the codes
     if not llama31.cpu_int4_block():
         pytest.skip("this machine's int4 CPU packing is not the layout Int4Linear writes directly")
-    for n, k, seed in ((48, 512, 1), (100, 256, 2), (64, 768, 3), (200, 2048, 4)):
+    for n, k, seed in ((48, 512, 1), (100, 256, 2), (64, 768, 3), (200, 2048, 4), (600, 2048, 5)):  # 600: 3 chunks
         data, _ = gguf_tensor(qtype, (n, k), seed=seed)
         blocks = llama31.gguf_int4_blocks(data, qtype, (n, k))
         codes = llama31.gguf_int4_blocks(data, qtype, (n, k)).codes()
@@ -4313,13 +4313,18 @@ def test_gguf_int4_packs_straight_from_blocks(qtype):
     bad = blocks._replace(scales=blocks.scales.copy())
     bad.scales[0, 0] = np.nan
     assert blocks.finite() and not bad.finite()  # what the loader checks of a file's scales and zeros
-    parts = [llama31.gguf_int4_blocks(gguf_tensor(qtype, (m, 512), seed=m)[0], qtype, (m, 512)) for m in (96, 40, 40)]
-    stacked = llama31.stack_quantized(parts)
-    assert isinstance(stacked, llama31.GGUFInt4)
-    want = llama31.QuantizedWeight(*(torch.cat(f) for f in zip(*(p.codes() for p in parts))))
-    assert all(torch.equal(a, b) for a, b in zip(stacked.codes(), want))
-    assert torch.equal(llama31.Int4Linear(stacked, torch.float32).dequantize(),
-                       llama31.Int4Linear(want, torch.float32).dequantize())
+    # parts of whole 64-row blocks (but the last) are packed where they lie, others copied together first
+    for sizes, apart in (((96, 40, 40), False), ((128, 64, 40), True), ((320, 64, 64), True)):
+        parts = [llama31.gguf_int4_blocks(gguf_tensor(qtype, (m, 512), seed=m)[0], qtype, (m, 512)) for m in sizes]
+        stacked = llama31.stack_quantized(parts)
+        assert isinstance(stacked, llama31.GGUFInt4) and isinstance(stacked.blocks, tuple) == apart
+        want = llama31.QuantizedWeight(*(torch.cat(f) for f in zip(*(p.codes() for p in parts))))
+        assert all(torch.equal(a, b) for a, b in zip(stacked.codes(), want))
+        rows = -(-sum(sizes) // 64) * 64
+        q = torch.nn.functional.pad(want.q, (0, 0, 0, rows - sum(sizes))).to(torch.int32)  # (rows, K)
+        fast = llama31.Int4Linear(stacked, torch.float32)
+        assert torch.equal(fast.weight, torch._convert_weight_to_int4pack_for_cpu(q, 1))
+        assert torch.equal(fast.dequantize(), llama31.Int4Linear(want, torch.float32).dequantize())
 
 
 @needs_gguf
