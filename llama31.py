@@ -24,8 +24,8 @@ Where llama31 departs from Meta's reference code, on purpose and with the same r
 - Prompts of different lengths are prefilled in one pass, right-padded; each row then decodes at its own position
   (per-row RoPE rows and mask), so a row gives exactly what it gives alone.
 - Logits only where generation needs them; one host sync per decode step (tokens and logprobs cross together).
-- Single-query attention is two small matmuls with an fp32 softmax (Meta's arithmetic), not SDPA; fp32 matmuls on
-  x86 CPUs go to oneDNN.
+- Single-query attention is two small matmuls with an fp32 softmax (Meta's arithmetic), not SDPA (on CPU their bf16
+  products are computed as fp32 matmuls and rounded: faster); fp32 matmuls on x86 CPUs go to oneDNN.
 - Weights load on the meta device from memory-mapped files, shards merged tensor by tensor."""
 
 import codecs
@@ -206,14 +206,15 @@ class Step(NamedTuple):
 
 def decode_attention(xq, xk, xv, mask=None):
     """One query per row, xq (bsz, n_heads, 1, head_dim), over xk, xv (bsz, n_kv_heads, kv_len, head_dim), mask (bsz,
-    1, 1, kv_len) or None, in Meta's arithmetic. Not SDPA: for one query these few ops compile into a faster step."""
-    bsz, n_heads, _, head_dim = xq.shape
-    n_kv_heads, kv_len = xk.shape[1], xk.shape[2]
+    1, 1, kv_len) or None, in Meta's arithmetic: products in the inputs' dtype (fp32 sums, rounded; on CPU as fp32
+    matmuls, 2-6x faster than bf16 ones for one query), fp32 softmax. Not SDPA: it compiles into a faster step."""
+    (bsz, n_heads, _, head_dim), (n_kv_heads, kv_len) = xq.shape, xk.shape[1:3]
+    mm = (lambda a, b: (a.float() @ b.float()).to(a.dtype)) if xq.device.type == "cpu" else operator.matmul
     q = xq.view(bsz, n_kv_heads, n_heads // n_kv_heads, head_dim)  # (bsz, n_kv_heads, group, head_dim)
-    scores = (q @ xk.transpose(2, 3)).float() / math.sqrt(head_dim)  # (bsz, n_kv_heads, group, kv_len)
+    scores = mm(q, xk.transpose(2, 3)).float() / math.sqrt(head_dim)  # (bsz, n_kv_heads, group, kv_len)
     if mask is not None:
         scores = scores.masked_fill(~mask.view(bsz, 1, 1, kv_len), float("-inf"))
-    y = scores.softmax(dim=-1).type_as(xv) @ xv  # (bsz, n_kv_heads, group, head_dim)
+    y = mm(scores.softmax(dim=-1).type_as(xv), xv)  # (bsz, n_kv_heads, group, head_dim)
     return y.view(bsz, n_heads, 1, head_dim)
 
 
