@@ -25,7 +25,7 @@ Where llama31 departs from Meta's reference code, on purpose and with the same r
   (per-row RoPE rows and mask), so a row gives exactly what it gives alone.
 - Logits only where generation needs them; one host sync per decode step (tokens and logprobs cross together).
 - Single-query attention is two small matmuls with an fp32 softmax (Meta's arithmetic), not SDPA (on CPU their bf16
-  products are computed as fp32 matmuls and rounded: faster); fp32 matmuls on x86 CPUs go to oneDNN.
+  products are fp32 matmuls, rounded: faster); fp32 matmuls on x86 CPUs go to oneDNN (on Intel's from 2 rows).
 - Weights load on the meta device from memory-mapped files, shards merged tensor by tensor."""
 
 import codecs
@@ -126,8 +126,7 @@ class ModelArgs:
         # Meta's SwiGLU sizing: 2/3 of 4*dim (three matrices instead of two: a 4*dim MLP's parameters), times
         # ffn_dim_multiplier, rounded up to multiple_of. 3.1 8B: int(2 * 16384 / 3) = 10922 -> 14198 -> 14336
         hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
+        hidden = hidden if self.ffn_dim_multiplier is None else int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
 
@@ -171,15 +170,16 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return out.flatten(-2).type_as(x)  # (bsz, seqlen, n_heads, head_dim)
 
 
-# oneDNN's matmul, which torch.compile's CPU backend calls for linear layers; absent from some builds, measured on x86
+# fp32 matmuls of >= this many rows take oneDNN's on x86 (0: none in this build); 2 on Intel: its MKL gemv is faster
+_CPUINFO = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""  # Linux's; else unknown
 ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+                 and hasattr(torch.ops.mkldnn, "_linear_pointwise")) * (2 if "GenuineIntel" in _CPUINFO else 1)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T, the matmul of every layer. Workaround: in fp32 on x86 CPUs F.linear reaches MKL, which streams a decode
-    step's weights about half as fast as oneDNN's matmul (README, Performance); oneDNN's has no backward."""
-    if (ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu"
+    step's weights about half as fast as oneDNN's matmul on AMD's (README, Performance); oneDNN's has no backward."""
+    if (x.dtype == torch.float32 and x.device.type == "cpu" and 0 < ONEDNN_LINEAR * x.shape[-1] <= x.numel()
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
         return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
     return F.linear(x, w)
