@@ -2641,6 +2641,10 @@ class GGUFInt4(NamedTuple):
     dtype: torch.dtype = torch.float32
 
     @property
+    def parts(self) -> tuple:  # blocks as a tuple of parts stacked by rows (one part: the whole tensor)
+        return self.blocks if isinstance(self.blocks, tuple) else (self.blocks,)
+
+    @property
     def shape(self) -> torch.Size:
         return torch.Size((self.scales.shape[0], self.scales.shape[1] * 32))
 
@@ -2700,7 +2704,7 @@ class GGUFInt4(NamedTuple):
         # chunks of rows (a part's codes, its first row, the output's, rows), within parts: stack_quantized's
         # parts but the last hold whole 64-row blocks; the last chunk takes the padding rows
         chunks, r0 = [], 0
-        parts = self.blocks if isinstance(self.blocks, tuple) else (self.blocks,)
+        parts = self.parts
         for i, part in enumerate(parts):
             codes = part.reshape(-1, blocks, width)[..., at:].reshape(-1, blocks, runs, s)  # (N_i, blocks, runs, S)
             end = r0 + codes.shape[0] if i + 1 < len(parts) else rows
@@ -2830,7 +2834,7 @@ def stack_quantized(parts: list):
     if all(isinstance(p, GGUFInt4) and p[1::3] == parts[0][1::3] for p in parts):  # type_name, dtype
         import numpy as np
 
-        blocks = [b for p in parts for b in (p.blocks if isinstance(p.blocks, tuple) else (p.blocks,))]
+        blocks = [b for p in parts for b in p.parts]
         whole = all(b.shape[0] % 64 == 0 for b in blocks[:-1])
         return GGUFInt4(tuple(blocks) if whole else np.concatenate(blocks), parts[0].type_name,
                         *(np.concatenate([getattr(p, f) for p in parts]) for f in ("scales", "zeros")), parts[0].dtype)
@@ -2925,14 +2929,11 @@ ONEDNN_INT8_MIN_ROWS, ONEDNN_INT8_MIN_WEIGHTS = 8192, 2**23
 @functools.lru_cache(maxsize=None)
 def cpu_has_int8_dot() -> bool:
     """Whether this CPU has 8-bit dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8), read from
-    /proc/cpuinfo's flags (Linux on x86; elsewhere False: int8 weights keep torch's int8 kernel)."""
+    /proc/cpuinfo's flags, as the reference read them (Linux on x86; elsewhere False: int8 weights keep torch's
+    int8 kernel)."""
     if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
         return False
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return bool(set(_CPUINFO.split()) & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def onednn_int8_wins(device: torch.device, n: int, k: int) -> bool:
