@@ -1598,6 +1598,48 @@ def test_decode_attention_equals_sdpa():
         assert (llama31.decode_attention(q, k, v, m) - ref).abs().max() < 1e-5
     # row 2 sees only key 0: its output is that key's value
     assert torch.allclose(llama31.decode_attention(q, k, v, mask)[2], v[2, :, :1].repeat_interleave(4, 0))
+    # bf16 on CPU: both products are fp32 matmuls rounded to bf16 (Meta's bf16 values, from fp32 sums): the
+    # result is bf16, within one bf16 rounding of Meta's bf16 formula, and equals that formula's ops spelled out
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    for m in (None, mask):
+        out = llama31.decode_attention(qb, kb, vb, m)
+        assert out.dtype == torch.bfloat16 and out.shape == (3, 8, 1, 16)
+        qg = qb.view(3, 2, 4, 16)  # (bsz, n_kv_heads, group, head_dim)
+        scores = (qg.float() @ kb.float().transpose(2, 3)).bfloat16().float() / 4  # sqrt(16)
+        if m is not None:
+            scores = scores.masked_fill(~m.view(3, 1, 1, 11), float("-inf"))
+        spelled = (scores.softmax(-1).bfloat16().float() @ vb.float()).bfloat16().view(3, 8, 1, 16)
+        assert torch.equal(out, spelled)
+        meta = (qg @ kb.transpose(2, 3)).float() / 4
+        meta = (meta if m is None else meta.masked_fill(~m.view(3, 1, 1, 11), float("-inf"))).softmax(-1)
+        meta = (meta.bfloat16() @ vb).view(3, 8, 1, 16)
+        assert ((out.float() - meta.float()).abs() <= meta.float().abs() * 2**-7 + 1e-6).all()
+
+
+def test_linear_routing_and_in_threads():
+    # fp32 matmuls take oneDNN's matmul from ONEDNN_LINEAR rows (2 on Intel CPUs, whose MKL gemv is faster at one
+    # row; 1 elsewhere on x86; 0: never), F.linear below that: checked by the op the profiler records
+    from torch.profiler import profile
+
+    w = torch.randn(64, 32)
+    for rows in (1, 2, 5):
+        with profile() as p:
+            llama31.linear(torch.randn(rows, 32), w)
+        onednn = any("_linear_pointwise" in e.key for e in p.key_averages())
+        assert onednn == (0 < llama31.ONEDNN_LINEAR <= rows), (rows, llama31.ONEDNN_LINEAR)
+    if platform.machine() == "x86_64" and Path("/proc/cpuinfo").is_file():
+        assert llama31.ONEDNN_LINEAR == (2 if "GenuineIntel" in Path("/proc/cpuinfo").read_text() else 1)
+    # in_threads: every chunk once, however many threads; a chunk's exception reaches the caller
+    seen = []
+    llama31.in_threads(seen.append, range(37))
+    assert sorted(seen) == list(range(37))
+
+    def fail(c):
+        if c == 5:
+            raise ValueError("chunk 5")
+
+    with pytest.raises(ValueError, match="chunk 5"):
+        llama31.in_threads(fail, range(9))
 
 
 def test_model_trains_and_reloads():
