@@ -5156,6 +5156,60 @@ def test_compiled_quantized_decode_matches_eager(mode, ckpt_mha):
     assert compiled.decode_step.compiled is not None  # it compiled rather than fell back
 
 
+def test_layer_twins_run_the_layers_with_their_caches(ckpt_mha):
+    # what a layer group's compiled graph runs, eagerly: twins (layer_id 0) each given its layer's LayerCache write
+    # and read the layers' own cache entries, so the step equals the model's; only quantized layers on CPU group
+    llama = llama31.Llama.build(ckpt_mha, max_seq_len=64, device="cpu", quantize="int4")
+    model = llama.model
+    decode = llama31.CompiledDecode(model)
+    assert decode.group == llama31.layer_group(2) == 2 and llama31.compiles_by_layer_group(model)
+    (twins,) = decode.twins  # one group of 2
+    assert [t.attention.layer_id for t in twins] == [0, 0] and model.layers[1].attention.layer_id == 1
+    assert twins[1].attention.wqkv is model.layers[1].attention.wqkv  # the same modules and weights
+    assert [llama31.layer_group(n) for n in (1, 16, 30, 32, 126, 13)] == [1, 8, 6, 8, 7, 1]
+    tokens, pos = torch.tensor([[128000, 9906, 1070], [128000, 791, 0]]), torch.tensor([3, 2])
+    caches = [llama31.KVCache(model.params, 2, 16, "cpu", torch.bfloat16) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            model.hidden_states(tokens, 0, cache)
+        nxt = torch.tensor([[11], [12]])
+        ref = model(nxt, pos, caches[0])[:, -1]
+        step, h = model.step(nxt, pos, caches[1]), model.tok_embeddings(nxt)
+        layer_caches = tuple(llama31.LayerCache(caches[1], i) for i in range(2))
+        h = llama31.run_layers(twins, h, step, layer_caches)
+        assert torch.equal(decode.head(h), ref)
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        assert torch.equal(a, b)
+    assert layer_caches[1].k[0] is caches[1].k[1]  # a view of the cache's own tensors, nothing allocated
+    # full-precision layers compile in the whole step (freezing repacks their weights)
+    assert llama31.CompiledDecode(model_of(MHA, 1)).group is None
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMA31_TEST_COMPILE"), reason="set LLAMA31_TEST_COMPILE=1 to run "
+                    "torch.compile for real (needs a C++ compiler, takes minutes on 2 cores)")
+def test_compiled_layer_groups_share_one_graph(ckpt_mha, monkeypatch):
+    # groups of one layer: both layers run one compiled graph (the head another), each on its own cache entries
+    monkeypatch.setattr(llama31, "LAYER_GROUP_MAX", 1)
+    build = dict(max_seq_len=256, max_batch_size=4, device="cpu", quantize="int8")
+    compiled, eager = llama31.Llama.build(ckpt_mha, compile=True, **build), llama31.Llama.build(ckpt_mha, **build)
+    assert compiled.decode_step.group == 1
+    torch._dynamo.reset()  # graphs of earlier tests with these shapes would be reused, not counted
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    tokens, pos = torch.tensor([[128000, 9906, 1070], [128000, 791, 0]]), torch.tensor([3, 2])
+    caches = [llama31.KVCache(compiled.model.params, 2, 256, "cpu", torch.bfloat16) for _ in range(2)]
+    for llama, cache in zip((compiled, eager), caches):
+        llama.model.hidden_states(tokens, 0, cache)
+    for step, nxt in enumerate(([[11], [12]], [[13], [14]])):
+        nxt = torch.tensor(nxt)
+        got = compiled.decode_step(nxt, pos + step, caches[0])  # (2, vocab)
+        ref = eager.model(nxt, pos + step, caches[1])[:, -1]
+        assert (got - ref).abs().max() <= 0.02 * ref.abs().max()  # bf16 rounding, as the test above
+    assert compiled.decode_step.compiled is not None  # it compiled rather than fell back
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 2  # one layer graph, one head graph
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):  # each layer wrote its own entries
+        assert (a.float() - b.float()).abs().max() <= 0.02 * b.float().abs().max()
+
+
 def test_tensor_parallel_compiled_decode(ckpt_mha, llama_mha, tmp_path):
     results = rank_generations(spawn_ranks(2, f"t.tp_compiled({str(ckpt_mha)!r}, {str(tmp_path)!r})", tmp_path,
                                            timeout=900), tmp_path)
