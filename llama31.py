@@ -1023,6 +1023,7 @@ import re  # noqa: E402
 import struct  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+import types  # noqa: E402
 import uuid  # noqa: E402
 from dataclasses import field, replace  # noqa: E402
 from datetime import datetime, timedelta  # noqa: E402
@@ -1037,15 +1038,14 @@ import torch.distributed as dist  # noqa: E402
 
 
 # Compiled decoding on CPU of a model whose layers hold quantized weights compiles a group of at most this many
-# layers once, and runs that graph for every group (see CompiledDecode). Measured on the demo (30 layers, 2-core Intel
-# Xeon, empty inductor cache): the whole step 70-90 s to compile, decoding in 8.5-9 ms; groups of 6 layers 22 s
-# (6.5 s with inductor's cache warm), 9.7-10.2 ms; of 10, 30 s, 9.3 ms; of 1, 6 s, 12-13 ms: each call of a group's
-# graph costs ~90 us of guards and wrappers, the compile grows with the layers in a group.
-LAYER_GROUP_MAX = 8
+# layers once, and runs that graph for every group (see CompiledDecode): compiling takes about the group's share of
+# the whole step's time, and each group's call costs ~0.1 ms of dynamo's frame entry, guards and wrappers (README,
+# Performance: groups of 6, 10 and 15 layers against the whole step).
+LAYER_GROUP_MAX = 10
 
 
 def layer_group(n_layers: int) -> int:
-    """Layers per compiled group: the largest divisor of n_layers up to LAYER_GROUP_MAX, so that all groups are alike."""
+    """Layers per compiled group: the largest divisor of n_layers up to LAYER_GROUP_MAX (all groups alike)."""
     return max(g for g in range(1, min(n_layers, LAYER_GROUP_MAX) + 1) if n_layers % g == 0)
 
 
@@ -1107,7 +1107,15 @@ class CompiledDecode:
         self.twins = [tuple(twins[i : i + g]) for i in range(0, len(twins), g or 1)]  # a tuple per group
         try:
             compile = functools.partial(torch.compile, fullgraph=True, dynamic=False)
-            self.compiled = compile(run_layers) if grouped else compile(self.step)
+            if grouped:
+                # this model's own copy of run_layers (torch.compile keeps its graphs per code object), whose
+                # guards skip the modules: the graphs of one Transformer, whose modules stay as they are
+                # (quantized layers refuse load_state_dict), differ only in what inputs tell apart (batch,
+                # cache length, dtype); checking each layer's modules and weights cost ~47 us per layer per step
+                own = types.FunctionType(run_layers.__code__.replace(), run_layers.__globals__, "run_layers")
+                self.compiled = compile(own, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            else:
+                self.compiled = compile(self.step)
             self.compiled_head = compile(self.head) if grouped else None
         except Exception as e:  # e.g. torch.compile unsupported on this Python or platform
             print(f"llama31: torch.compile unavailable ({type(e).__name__}: {e}); decoding eagerly", file=sys.stderr)
@@ -2488,7 +2496,8 @@ def load_llama(ckpt_dir, tokenizer_path=None, max_seq_len: int = 2048, max_batch
                 group_size)
         with all_or_none(ranks):  # every rank copies its weights, or none goes on
             if tp is None:
-                model = load_weights(args, weights, device, dtype, source, settings, mapped, plan, fmt=fmt)
+                model = pack_linears(load_weights(args, weights, device, dtype, source, settings, mapped, plan,
+                                                  fmt=fmt))
             else:
                 model = tp.load_weights(weights, dtype, source, settings, fmt)
     except BaseException:
@@ -3310,6 +3319,90 @@ class QuantizedEmbedding(nn.Module):
 
     _save_to_state_dict = _quantized_state_dict
     _load_from_state_dict = _quantized_load_refused
+
+
+def packs_bf16(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether full-precision Linear weights in dtype on device are held packed for oneDNN (PackedLinear): bf16 on a CPU
+    with oneDNN's bf16 kernels (cpu_bf16_matmul_fast). There a decode step's matmuls read packed weights 1.1-2.3x faster
+    than F.linear reads row-major ones (measured per matrix at one row, weights beyond the caches, 2-core Intel Xeon,
+    AVX-512 without bf16 instructions: 960x576 130 -> 112 us, 16384x2048 4.2 -> 2.7 ms, 128256x2048 34 -> 21 ms; 4 to
+    32 rows 1.05-1.4x), what inductor's freezing does for the compiled step. Two rows lose (16384x2048: 4.4 -> 5.6 ms,
+    F.linear reads the weight once for both): the price, at batch 2, of the faster single row."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and cpu_bf16_matmul_fast() and hasattr(
+        torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class PackedLinear(nn.Module):
+    """A Linear whose weight (out_features, in_features) is held only in oneDNN's packed layout for its bf16 matmul
+    (torch.ops.mkldnn._reorder_linear_weight: an opaque tensor), where packs_bf16. state_dict() gives the weight
+    back exactly (to_dense); load_state_dict and model.to(...) pack again, or keep a plain weight (and the reference's
+    linear) where packing does not apply. tied: the output layer of a tied model, a packed copy of the embedding
+    (the one second copy; the embedding's row lookups read the plain one): not saved, packed again after a load."""
+
+    def __init__(self, weight: torch.Tensor, tied: bool = False):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.tied = tied
+        self.hold(weight)
+
+    def hold(self, w: torch.Tensor) -> None:
+        """Hold plain weight w, packed where packs_bf16. packed says which, a bool for torch.compile to read: it
+        traces with fake tensors, which are never mkldnn."""
+        self.packed = packs_bf16(w.device, w.dtype)
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(w, None) if self.packed else w,
+                             persistent=False)
+
+    def dense(self) -> torch.Tensor:  # (out_features, in_features)
+        return self.weight.to_dense() if self.packed else self.weight
+
+    def forward(self, x):
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        return linear(x, self.weight)
+
+    def _apply(self, fn, *args, **kwargs):  # an opaque tensor moves nowhere: the plain weight moves, packed again
+        self.weight, self.packed = self.dense(), False
+        super()._apply(fn, *args, **kwargs)
+        self.hold(self.weight)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self.tied:
+            destination[prefix + "weight"] = self.dense()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        w = state_dict.get(prefix + "weight")
+        if w is None:
+            if strict and not self.tied:
+                missing_keys.append(prefix + "weight")
+        elif tuple(w.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"size mismatch for {prefix}weight: copying a param with shape {tuple(w.shape)}, the "
+                              f"shape in current model is {(self.out_features, self.in_features)}")
+        else:
+            dense = self.dense()
+            self.hold(w.detach().to(dense.device, dense.dtype))
+
+
+def pack_linears(model: Transformer) -> Transformer:
+    """model with its Linear layers (and a tied model's output layer) as PackedLinear, where packs_bf16: the
+    loaders' last step, as it is for quantized weights. Each is packed as it is replaced: memory peaks at one matrix
+    above the model (and the tied copy)."""
+    if not packs_bf16(model.norm.weight.device, model.norm.weight.dtype):
+        return model
+    # by name: a list of the modules would keep every plain weight alive until the last is packed
+    for name in [name for name, module in model.named_modules() if type(module) is Linear]:  # not a ParallelLinear
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, PackedLinear(model.get_submodule(name).weight))
+    if model.output is None and type(model.tok_embeddings) is nn.Embedding:
+        model.output = PackedLinear(model.tok_embeddings.weight, tied=True)
+        model.register_load_state_dict_post_hook(_pack_tied_output)
+    return model
+
+
+def _pack_tied_output(model: Transformer, incompatible_keys) -> None:
+    # load_state_dict replaced or overwrote the embedding: its packed copy, the output layer, follows
+    model.output.load_state_dict({"weight": model.tok_embeddings.weight})
 
 
 def trim_heap() -> None:
@@ -5964,8 +6057,7 @@ def bench(shape: str = "135m", ckpt_dir: str = None, prompt_len: int = 128, gen_
         if tp is not None and quantizing:
             raise ValueError("quantized weights do not run under tensor parallelism yet: drop --quantize")
         model = random_model(args, dev if tp is None else tp.device, dt, seed, tp)
-        if quantizing:
-            model = quantize_model(model, quantize, group_size)
+        model = quantize_model(model, quantize, group_size) if quantizing else pack_linears(model)
         llama = Llama(model, None, decode_step=CompiledDecode(model) if compile else None)
         label = f"random {shape}"
     model, dev = llama.model, llama.device
@@ -5979,7 +6071,8 @@ def bench(shape: str = "135m", ckpt_dir: str = None, prompt_len: int = 128, gen_
     # but in full as the output layer of an unquantized tied model)
     weight_bytes = stored_bytes(model, skip=("tok_embeddings.",) if model.output is not None else ())
     held = stored_bytes(model)
-    kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))})
+    kinds = sorted({type(m).__name__ for m in model.modules()
+                    if isinstance(m, (Int8Linear, Int4Linear, PackedLinear))})
     weights = f"{dt} weights" if not kinds else f"{', '.join(kinds)} weights, {dt} activations"
     kv_bytes_per_pos = 2 * p.n_layers * p.n_kv_heads * p.head_dim * dt.itemsize
     bw_measured = measure_bandwidth(dev)

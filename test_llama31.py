@@ -1764,7 +1764,9 @@ def test_bench_command(ckpt_mha):
     r = run_cli("bench", "--shape", "135m", "--prompt_len", "4", "--gen_len", "2", "--batch", "1", "--repeats", "1",
                 "--device", "cpu", "--dtype", "bfloat16")
     assert r.returncode == 0, r.stderr
-    assert "random 135m: 134.5M parameters, torch.bfloat16" in r.stdout
+    packed = llama31.packs_bf16(torch.device("cpu"), torch.bfloat16)  # weights packed for oneDNN where it has bf16
+    weights = "PackedLinear weights, torch.bfloat16 activations" if packed else "torch.bfloat16 weights"
+    assert f"random 135m: 134.5M parameters, {weights}" in r.stdout
     assert "weights read per decode step 269.0 MB" in r.stdout  # tied: the embedding read once, as the output
     assert any(l.split()[:2] == ["llama31", "1"] for l in r.stdout.splitlines())
 
@@ -2276,7 +2278,8 @@ def test_nonfinite_weights_name_file_and_tensor(tmp_path, mha_sd):
     folder = write_meta_folder(tmp_path / "big", sd)
     with pytest.raises(ValueError, match=r"output.weight has values beyond torch.float16's range .*1.311e\+05"):
         llama31.Llama.build(folder, device="cpu", dtype=torch.float16)
-    assert llama31.Llama.build(folder, device="cpu", dtype=torch.bfloat16).model.output.weight[0, 0] == 2.0**17
+    bf16 = llama31.Llama.build(folder, device="cpu", dtype=torch.bfloat16).model
+    assert bf16.state_dict()["output.weight"][0, 0] == 2.0**17
 
 
 @needs_gguf
@@ -4551,6 +4554,61 @@ def test_onednn_int8_matches_exact_product(monkeypatch):
         layer.to("meta")
 
 
+needs_bf16_packing = pytest.mark.skipif(not llama31.packs_bf16(torch.device("cpu"), torch.bfloat16),
+                                        reason="this CPU has no oneDNN bf16 kernels: bf16 weights stay row-major")
+
+
+@needs_bf16_packing
+@pytest.mark.parametrize("tied", [False, True])
+def test_packed_bf16_linears_equal_plain_ones(tied, tmp_path):
+    # bf16 weights on CPU are held only in oneDNN's packed layout (a tied model's output layer too, a packed copy
+    # of the embedding); the logits of a prompt and of decode steps equal a plain-weight twin's up to the kernels'
+    # rounding, state_dict() gives the weights back exactly, load_state_dict and model.to() pack again
+    params = dict(GQA, tie_word_embeddings=tied)
+    llama = llama31.Llama.build(write_checkpoint(tmp_path / "ckpt", params, seed=3), max_seq_len=64, device="cpu",
+                                dtype="bfloat16")
+    model, plain = llama.model, model_of(params, 3, torch.bfloat16)
+    packed = [m for m in model.modules() if isinstance(m, llama31.PackedLinear)]
+    assert len(packed) == 4 * GQA["n_layers"] + 1 and all(m.weight.is_mkldnn for m in packed)
+    assert not any(type(m) is llama31.Linear for m in model.modules()) and model.output.tied == tied
+    sd, plain_sd = model.state_dict(), plain.state_dict()
+    assert sd.keys() == plain_sd.keys() and all(torch.equal(sd[k], plain_sd[k]) for k in sd)
+    tokens = torch.tensor([[128000, 9906, 1070, 11, 279], [128000, 791, 1, 2, 3]])
+
+    def logits(m):  # a prompt, then three decode steps over a cache
+        cache = llama31.KVCache(m.params, 2, 16, "cpu", m.dtype)
+        out = [m(tokens, 0, cache)]
+        for i in range(3):
+            out.append(m(tokens[:, i : i + 1] + 7, 5 + i, cache))
+        return torch.cat(out, dim=1)
+
+    with torch.inference_mode():
+        got, ref = logits(model), logits(plain)
+        assert (got - ref).abs().max() <= 0.02 * ref.abs().max()  # bf16 rounding of another kernel's sums
+        other = model_of(params, 4, torch.bfloat16)  # loading other weights packs them again
+        model.load_state_dict(other.state_dict(), strict=True)
+        assert torch.equal(model.state_dict()["layers.0.attention.wq.weight"],
+                           other.state_dict()["layers.0.attention.wq.weight"])
+        assert (logits(model) - logits(other)).abs().max() <= 0.02 * logits(other).abs().max()
+        model.float()  # unpacked: the reference's linear in fp32, exactly the plain model's
+        assert not any(m.weight.is_mkldnn for m in packed) and torch.equal(logits(model), logits(other.float()))
+        model.bfloat16()
+        assert all(m.weight.is_mkldnn for m in packed)
+    bad = {**other.state_dict(), "layers.0.attention.wo.weight": torch.zeros(3, 3)}
+    with pytest.raises(RuntimeError, match=r"size mismatch for layers\.0\.attention\.wo\.weight"):
+        model.load_state_dict(bad)
+
+
+def test_bf16_linears_stay_plain_without_onednn_bf16(ckpt_mha, monkeypatch):
+    # where oneDNN has no bf16 kernels (AVX2-only CPUs), and in fp32, the weights stay as they are
+    monkeypatch.setattr(llama31, "cpu_bf16_matmul_fast", lambda: False)
+    llama = llama31.Llama.build(ckpt_mha, max_seq_len=64, device="cpu", dtype="bfloat16")
+    assert not any(isinstance(m, llama31.PackedLinear) for m in llama.model.modules())
+    monkeypatch.undo()
+    fp32 = llama31.Llama.build(ckpt_mha, max_seq_len=64, device="cpu")
+    assert not any(isinstance(m, llama31.PackedLinear) for m in fp32.model.modules())
+
+
 def test_quantized_sharded_and_hf_checkpoints_equal_single_file(tmp_path):
     # the same weights in Meta's shards and in a Hugging Face folder quantize to the same codes
     single = llama31.Llama.build(write_checkpoint(tmp_path / "one", GQA, seed=2), max_seq_len=64, device="cpu",
@@ -5166,7 +5224,7 @@ def test_layer_twins_run_the_layers_with_their_caches(ckpt_mha):
     (twins,) = decode.twins  # one group of 2
     assert [t.attention.layer_id for t in twins] == [0, 0] and model.layers[1].attention.layer_id == 1
     assert twins[1].attention.wqkv is model.layers[1].attention.wqkv  # the same modules and weights
-    assert [llama31.layer_group(n) for n in (1, 16, 30, 32, 126, 13)] == [1, 8, 6, 8, 7, 1]
+    assert [llama31.layer_group(n) for n in (1, 16, 30, 32, 126, 13)] == [1, 8, 10, 8, 9, 1]
     tokens, pos = torch.tensor([[128000, 9906, 1070], [128000, 791, 0]]), torch.tensor([3, 2])
     caches = [llama31.KVCache(model.params, 2, 16, "cpu", torch.bfloat16) for _ in range(2)]
     with torch.inference_mode():
