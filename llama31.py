@@ -1113,7 +1113,8 @@ class CompiledDecode:
                 # (quantized layers refuse load_state_dict), differ only in what inputs tell apart (batch,
                 # cache length, dtype); checking each layer's modules and weights cost ~47 us per layer per step
                 own = types.FunctionType(run_layers.__code__.replace(), run_layers.__globals__, "run_layers")
-                self.compiled = compile(own, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+                skip = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+                self.compiled = compile(own, options={"guard_filter_fn": skip})
             else:
                 self.compiled = compile(self.step)
             self.compiled_head = compile(self.head) if grouped else None
@@ -3322,12 +3323,12 @@ class QuantizedEmbedding(nn.Module):
 
 
 def packs_bf16(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether full-precision Linear weights in dtype on device are held packed for oneDNN (PackedLinear): bf16 on a CPU
-    with oneDNN's bf16 kernels (cpu_bf16_matmul_fast). There a decode step's matmuls read packed weights 1.1-2.3x faster
-    than F.linear reads row-major ones (measured per matrix at one row, weights beyond the caches, 2-core Intel Xeon,
-    AVX-512 without bf16 instructions: 960x576 130 -> 112 us, 16384x2048 4.2 -> 2.7 ms, 128256x2048 34 -> 21 ms; 4 to
-    32 rows 1.05-1.4x), what inductor's freezing does for the compiled step. Two rows lose (16384x2048: 4.4 -> 5.6 ms,
-    F.linear reads the weight once for both): the price, at batch 2, of the faster single row."""
+    """Whether full-precision Linear weights in dtype on device are held packed for oneDNN (PackedLinear): bf16 on a
+    CPU with oneDNN's bf16 kernels (cpu_bf16_matmul_fast). There a decode step's matmuls read packed weights 1.1-2.3x
+    faster than F.linear reads row-major ones (measured per matrix at one row, weights beyond the caches, 2-core Intel
+    Xeon, AVX-512 without bf16 instructions: 960x576 130 -> 112 us, 16384x2048 4.2 -> 2.7 ms, 128256x2048 34 -> 21
+    ms; 4 to 32 rows 1.05-1.4x), what inductor's freezing does for the compiled step. Two rows lose (16384x2048: 4.4
+    -> 5.6 ms, F.linear reads the weight once for both): the price, at batch 2, of the faster single row."""
     return device.type == "cpu" and dtype == torch.bfloat16 and cpu_bf16_matmul_fast() and hasattr(
         torch.ops.mkldnn, "_reorder_linear_weight")
 
