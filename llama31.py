@@ -3380,9 +3380,8 @@ class PackedLinear(nn.Module):
         elif tuple(w.shape) != (self.out_features, self.in_features):
             error_msgs.append(f"size mismatch for {prefix}weight: copying a param with shape {tuple(w.shape)}, the "
                               f"shape in current model is {(self.out_features, self.in_features)}")
-        else:
-            dense = self.dense()
-            self.hold(w.detach().to(dense.device, dense.dtype))
+        else:  # in the dtype held (an opaque tensor tells its device and dtype: no plain copy needed to ask)
+            self.hold(w.detach().to(self.weight.device, self.weight.dtype))
 
 
 def pack_linears(model: Transformer) -> Transformer:
@@ -3393,8 +3392,7 @@ def pack_linears(model: Transformer) -> Transformer:
         return model
     # by name: a list of the modules would keep every plain weight alive until the last is packed
     for name in [name for name, module in model.named_modules() if type(module) is Linear]:  # not a ParallelLinear
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, PackedLinear(model.get_submodule(name).weight))
+        model.set_submodule(name, PackedLinear(model.get_submodule(name).weight))
     if model.output is None and type(model.tok_embeddings) is nn.Embedding:
         model.output = PackedLinear(model.tok_embeddings.weight, tied=True)
         model.register_load_state_dict_post_hook(_pack_tied_output)
