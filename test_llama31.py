@@ -2567,6 +2567,17 @@ def test_gguf_vocabulary_checked_at_load():
     bad = {"tokenizer.ggml.tokens": tokens + ["<|im_end|>"] * 2}
     with pytest.raises(ValueError, match=r"tiny.gguf: tokens 257 and 258 are both the special token '<\|im_end\|>'"):
         llama31.Tokenizer.from_gguf(dict(tiny_gguf_vocab(), **bad), "tiny.gguf")
+    # the first bad token or merge is named (the vocabulary is checked in whole-list calls, the message found after)
+    for edit, match in [({"tokens": tokens[:100] + [" ab"] + tokens[101:] + ["<|im_start|>", "<|im_end|>"]},
+                         r"token 100 ' ab' is not in GPT-2's byte-level alphabet"),  # a plain space: GPT-2 has Ġ
+                        ({"tokens": tokens[:256] + ["a\U0001F600", "<|im_start|>", "<|im_end|>"]},
+                         r"token 256 'a\U0001f600' is not in GPT-2's byte-level alphabet"),  # beyond UTF-16's BMP
+                        ({"token_type": [1] * 100 + [7] + [1] * 156 + [3, 3]}, r"token 100 has unknown token type 7"),
+                        ({"merges": ["a b", "a c"]}, r"merge 'a c' does not join two tokens into a third"),
+                        ({"merges": ["a b", "ab"]}, r"merge 'ab' does not join two tokens into a third")]:
+        with pytest.raises(ValueError, match=r"tiny.gguf: " + match):
+            llama31.Tokenizer.from_gguf(dict(tiny_gguf_vocab(), **{f"tokenizer.ggml.{k}": v for k, v in edit.items()}),
+                                        "tiny.gguf")
     for key, value in [("merges", [1, 2]), ("merges", "a b"), ("tokens", None), ("token_type", ["1"] * 259)]:
         with pytest.raises(ValueError, match=rf"tiny.gguf: tokenizer.ggml.{key} must be a non-empty list of"):
             llama31.Tokenizer.from_gguf(dict(tiny_gguf_vocab(), **{f"tokenizer.ggml.{key}": value}), "tiny.gguf")
