@@ -292,9 +292,10 @@ class KVCache:
         if step.pos is None:  # every row at the same positions: a slice
             k[:bsz, :, step.start_pos : step.start_pos + seqlen] = xk
             v[:bsz, :, step.start_pos : step.start_pos + seqlen] = xv
-        else:  # one token per row, row b at position pos[b]
+        else:  # one token per row, row b at position pos[b]; it reads the whole cache (kv_len: max_len), masked
             k[self.rows[:bsz], :, step.pos] = xk[:, :, 0]  # (bsz, n_kv_heads, head_dim) into each row's slot
             v[self.rows[:bsz], :, step.pos] = xv[:, :, 0]
+            return k[:bsz], v[:bsz]
         return k[:bsz, :, : step.kv_len], v[:bsz, :, : step.kv_len]
 
 
@@ -364,7 +365,7 @@ class Transformer(nn.Module):
             cos = torch.index_select(self.freqs_cos, 0, start_pos, out=cache.cos[:bsz]).view(bsz, 1, 1, -1)
             sin = torch.index_select(self.freqs_sin, 0, start_pos, out=cache.sin[:bsz]).view(bsz, 1, 1, -1)
             mask = torch.le(cache.key_positions, start_pos[:, None], out=cache.mask[:bsz])  # row b: keys <= pos[b]
-            return Step(cos, sin, None, start_pos, cache.max_len, mask.view(bsz, 1, 1, -1))  # (bsz, 1, 1, max_len)
+            return Step(cos, sin, None, start_pos, mask.shape[1], mask.view(bsz, 1, 1, -1))  # (bsz, 1, 1, max_len)
         end = start_pos + seqlen
         if start_pos < 0 or end > self.params.max_seq_len:
             raise ValueError(f"positions {start_pos}..{end - 1} exceed max_seq_len {self.params.max_seq_len}")
@@ -835,10 +836,9 @@ class Llama:
         p, device, stop_tokens = self.params, self.device, self.tokenizer.stop_tokens if self.tokenizer else set()
         tokens, lens, total_len, budgets = self._batch(prompt_tokens, max_gen_len)
         bsz, pos = len(lens), torch.tensor(lens, device=device)  # pos: each row's first new position
-        # its own KV cache; a decode_step (compiled) gets per-row positions, 256-rounded lengths: few shapes to compile
-        static = self.decode_step is not None
-        cache = KVCache(p, bsz, min(p.max_seq_len, -(-total_len // 256) * 256) if static else total_len, device,
-                        self.model.dtype)
+        # its own KV cache; a decode_step (compiled) gets per-row positions: the same shapes at every step
+        per_row = self.decode_step is not None
+        cache = KVCache(p, bsz, total_len, device, self.model.dtype)
         reuse = prompt_cache is not None and not logprobs  # logprobs need every prompt position computed
         start, fed = prompt_cache.fill(cache, prompt_tokens) if reuse else 0, None  # fed: the tokens cached
         try:
@@ -849,7 +849,7 @@ class Llama:
             logits = self.model.logits(h[torch.arange(bsz, device=device), pos - 1 - start])  # (bsz, vocab)
             del h
             # 2. decode, a token per row per step: an int position for rows at one (a slice, no mask), else each row's
-            uniform = len(set(lens)) == 1 and not static
+            uniform = len(set(lens)) == 1 and not per_row
             generated, alive = [0] * bsz, [b > 0 for b in budgets]
             for step in range(max(budgets)):
                 next_tok, host = self.sample_step(logits, lambda x: sample(fed, x), logprobs)
@@ -1025,6 +1025,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 import types  # noqa: E402
 import uuid  # noqa: E402
+import weakref  # noqa: E402
 from dataclasses import field, replace  # noqa: E402
 from datetime import datetime, timedelta  # noqa: E402
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
@@ -1090,15 +1091,18 @@ def run_layers(layers: Tuple[TransformerBlock, ...], h: torch.Tensor, step: Step
 class CompiledDecode:
     """Llama's decode step under torch.compile, plugged in as Llama(..., decode_step=CompiledDecode(model)): logits
     (bsz, vocab) of tokens (bsz, 1) at per-row positions pos (bsz,), attending over the whole cache, so that every step
-    of a generation has the same shapes and one compiled graph serves them all. Compiles at the first call (and
-    again for each new batch size or cache length: the server rounds both up; the README says how long); where
-    compilation fails, says so once and runs eagerly. On CPU a model whose layers are quantized
+    of a generation has the same shapes and one compiled graph serves them all. The cache's length is a dynamic
+    dimension of the graph (mark_cache_length): one graph serves every length, so generations of other lengths and a
+    chat's growing dialog do not compile again (with lengths static, each one did: 20-90 s each on 2 CPU cores).
+    Compiles at the first call (and again for each new batch size: the server rounds it up; the README says how
+    long); where compilation fails, says so once and runs eagerly. On CPU a model whose layers are quantized
     (compiles_by_layer_group) compiles one group of layer_group() layers, its weights inputs, and runs it for every
     group, the final norm and output layer apart, frozen; the embedding and positions run eagerly: a fraction of the
     whole step's compile time for about its speed (LAYER_GROUP_MAX). Elsewhere the whole step compiles, frozen."""
 
     def __init__(self, model: Transformer):
         self.model = model
+        self.marked = None  # a weak reference to the last cache given, whose length is marked dynamic
         self.loads = 0  # load_state_dict calls on the model: each compiles the step again (see step)
         model.register_load_state_dict_post_hook(self._count_load)
         grouped = compiles_by_layer_group(model)
@@ -1137,9 +1141,22 @@ class CompiledDecode:
             raise AssertionError("unreachable")
         return self.model.logits(self.model.norm(h))[:, -1]
 
+    def mark_cache_length(self, cache: KVCache) -> None:
+        """Mark the length dimension of cache's tensors dynamic for torch.compile (once per cache: ~2 us a tensor).
+        maybe_mark_dynamic: where a length would be specialized after all (a cache of 1 position), that length
+        compiles a graph of its own instead of failing."""
+        if self.marked is not None and self.marked() is cache:
+            return
+        for t in (*cache.k, *cache.v):  # (bsz, n_kv_heads, max_len, head_dim)
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        torch._dynamo.maybe_mark_dynamic(cache.mask, 1)  # (bsz, max_len)
+        torch._dynamo.maybe_mark_dynamic(cache.key_positions, 0)  # (max_len,)
+        self.marked = weakref.ref(cache)
+
     def grouped_step(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         m, g = self.model, self.group
         step, h = m.step(tokens, pos, cache), m.tok_embeddings(tokens)  # (bsz, 1, dim)
+        torch._dynamo.maybe_mark_dynamic(step.mask, 3)  # (bsz, 1, 1, max_len), made here: a graph input
         caches = tuple(LayerCache(cache, i) for i in range(m.params.n_layers))
         with torch._inductor.config.patch(freezing=False, cpp_wrapper=True):  # the weights are inputs
             for i, twins in enumerate(self.twins):
@@ -1152,6 +1169,8 @@ class CompiledDecode:
             return self.step(tokens, pos, cache)
         try:
             import torch._inductor.config
+
+            self.mark_cache_length(cache)
 
             if self.group is not None:
                 return self.grouped_step(tokens, pos, cache)
@@ -4084,9 +4103,8 @@ def speculative_steps(llama: "Llama", spec: Speculate, s: Sampling, rng: torch.G
     yield llama._prompt_logprobs(h, tokens, lens) if logprobs else None
     logits = model.logits(h[torch.arange(bsz, device=device), torch.tensor(lens, device=device) - 1])
     del h
-    if draft is not None:  # its cache as _steps sizes it: 256-rounded lengths for a compiled step
-        dlen = min(draft.params.max_seq_len, -(-total_len // 256) * 256) if draft.decode_step else total_len
-        dcache = KVCache(draft.params, bsz, dlen, device, draft.model.dtype)
+    if draft is not None:
+        dcache = KVCache(draft.params, bsz, total_len, device, draft.model.dtype)
         draft.model.hidden_states(tokens, 0, dcache)
     fed = [list(t) for t in prompt_tokens]
     generated, alive = [0] * bsz, [b > 0 for b in budgets]
@@ -4751,8 +4769,8 @@ class BatchEngine:
       3. finished and cancelled rows leave: their keys and values go to the prompt cache and the last row
          moves into the hole (a copy of its used positions), so running rows stay 0 .. n-1;
       4. generate's decode step (Llama.decode, compiled with serve --compile) of all rows, each at its own
-         position, over the positions in use (a view of the cache); compiled, over rows and positions rounded up
-         (powers of two, multiples of 256), so that a few shapes compile.
+         position, over the positions in use (a view of the cache); compiled, over rows rounded up to powers of
+         two (a graph each) and positions to multiples of 256 (one view for up to 256 steps, its length dynamic).
     A row is computed as it would be alone: its prefill is its own, and in a decode step rows are independent
     (per-row positions and masks), so a greedy response equals the request's response alone. A long prompt's
     prefill delays the running rows' next step (prompts are not split into chunks)."""
@@ -4779,6 +4797,7 @@ class BatchEngine:
         self.seeds = torch.Generator().manual_seed(seed)  # seeds of the jobs that give none
         self.rows: List[Job] = []  # the running jobs, row i of the cache holding rows[i]
         self.logits = None  # (len(rows), vocab): each running row's next-token logits
+        self.view = None  # the cache view the last decode step read (cache_view)
         self.waiting = collections.deque()
         self.cond = threading.Condition()
         self.stopping = False
@@ -4881,8 +4900,10 @@ class BatchEngine:
         if self.llama.decode_step is not None:  # compiled: the same shapes for many steps, few to compile
             rows, used = min(1 << (n - 1).bit_length(), self.capacity), min(-(-used // 256) * 256, self.cache.max_len)
             self.pos[n:rows] = 0  # idle rows decode at position 0 of their own rows: written before any use
-        self.logits = self.llama.decode(self.tok[:rows, None], self.pos[:rows],
-                                        cache_view(self.cache, slice(0, rows), used))[:n]
+        if self.view is None or (self.view.bsz, self.view.max_len) != (rows, used):
+            # kept while the shape lasts (compiled: up to 256 steps), so the compiled step marks its lengths once
+            self.view = cache_view(self.cache, slice(0, rows), used)
+        self.logits = self.llama.decode(self.tok[:rows, None], self.pos[:rows], self.view)[:n]
         self.pos[:n] += 1
         for job in self.rows:
             job.fed.append(job.next_token)
@@ -5695,8 +5716,8 @@ def main(ckpt_dir: str = None, tokenizer_path: str = None, prompts: str = None, 
         dtype: float32, bfloat16 or float16; bf16 on GPUs that support it, fp32 on CPU when not given (bf16
             for quantized weights, as torch's int8/int4 CPU kernels are fast with bf16 activations and many
             times slower with fp32)
-        compile: run the decode step under torch.compile (static shapes; compiles on the first prompt, falls
-            back to eager with a message where it cannot)
+        compile: run the decode step under torch.compile (compiles on the first prompt, once per batch size:
+            every cache length runs the same graph; falls back to eager with a message where it cannot)
         top_k: sample only from the k most likely tokens; 0 means all
         min_p: sample only from tokens at least min_p times as likely as the most likely one; 0 means all
         repetition_penalty: divide (multiply, if negative) the logits of tokens already in the prompt or reply
@@ -5807,7 +5828,7 @@ def serve(ckpt_dir: str = None, tokenizer_path: str = None, host: str = "127.0.0
         device: cuda, mps or cpu; autodetected in that order when not given
         dtype: float32, bfloat16 or float16; bf16 on GPUs that support it, fp32 on CPU when not given
         compile: decode under torch.compile, the same compiled step as --compile's (batch sizes rounded up to
-            powers of two and context lengths to 256, each shape compiled once)
+            powers of two, each compiled once; every context length runs the same graph)
         quiet: do not log each request on stderr
         draft_ckpt_dir: a draft model: greedy requests (temperature 0, no penalties, biases, grammar or
             logprobs) decode speculatively, each row keeping its own count of proposals; others decode plainly

@@ -1739,8 +1739,12 @@ def test_compiled_decode_matches_eager(ckpt_mha, llama_mha):
                                    compile=True)
     eager = llama31.Llama.build(ckpt_mha, max_seq_len=256, max_batch_size=4, device="cpu", dtype="bfloat16")
     prompts = [[128000, 9906, 1070], [128000, 791]]
-    assert compiled.generate(prompts, max_gen_len=8, temperature=0) == eager.generate(prompts, max_gen_len=8,
-                                                                                      temperature=0)
+    torch._dynamo.reset()  # graphs of earlier tests with these shapes would be reused, not counted
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for n in (8, 21):  # caches of 11 and 24 positions: one graph, the cache's length a dynamic dimension
+        assert compiled.generate(prompts, max_gen_len=n, temperature=0) == eager.generate(prompts, max_gen_len=n,
+                                                                                          temperature=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1
     assert compiled.decode_step.compiled is not None  # it compiled rather than fell back
     # the weights are frozen into the compiled step: loading others compiles it again
     compiled.model.load_state_dict(random_state_dict(MHA, 9), strict=True)
@@ -5265,14 +5269,15 @@ def test_compiled_layer_groups_share_one_graph(ckpt_mha, monkeypatch):
     torch._dynamo.reset()  # graphs of earlier tests with these shapes would be reused, not counted
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     tokens, pos = torch.tensor([[128000, 9906, 1070], [128000, 791, 0]]), torch.tensor([3, 2])
-    caches = [llama31.KVCache(compiled.model.params, 2, 256, "cpu", torch.bfloat16) for _ in range(2)]
-    for llama, cache in zip((compiled, eager), caches):
-        llama.model.hidden_states(tokens, 0, cache)
-    for step, nxt in enumerate(([[11], [12]], [[13], [14]])):
-        nxt = torch.tensor(nxt)
-        got = compiled.decode_step(nxt, pos + step, caches[0])  # (2, vocab)
-        ref = eager.model(nxt, pos + step, caches[1])[:, -1]
-        assert (got - ref).abs().max() <= 0.02 * ref.abs().max()  # bf16 rounding, as the test above
+    for length in (256, 37):  # caches of another length run the same graphs: the length is a dynamic dimension
+        caches = [llama31.KVCache(compiled.model.params, 2, length, "cpu", torch.bfloat16) for _ in range(2)]
+        for llama, cache in zip((compiled, eager), caches):
+            llama.model.hidden_states(tokens, 0, cache)
+        for step, nxt in enumerate(([[11], [12]], [[13], [14]])):
+            nxt = torch.tensor(nxt)
+            got = compiled.decode_step(nxt, pos + step, caches[0])  # (2, vocab)
+            ref = eager.model(nxt, pos + step, caches[1])[:, -1]
+            assert (got - ref).abs().max() <= 0.02 * ref.abs().max()  # bf16 rounding, as the test above
     assert compiled.decode_step.compiled is not None  # it compiled rather than fell back
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 2  # one layer graph, one head graph
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):  # each layer wrote its own entries
