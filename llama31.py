@@ -4752,6 +4752,16 @@ class Job:
     next_token: int = 0
 
 
+def engine_cache(llama: Llama, kind: type, rows: int, max_len: int) -> KVCache:
+    """The engine's cache (kind: KVCache or VerifyCache) of llama's model: rows x max_len positions. Compiled, a view of
+    one position more: every view the decode steps read is then strided alike, where one as long as the cache would be
+    contiguous, which the compiled step's guards tell apart (a second graph, compiled when a request first reaches
+    the end of the context)."""
+    if llama.decode_step is None:
+        return kind(llama.params, rows, max_len, llama.device, llama.model.dtype)
+    return cache_view(kind(llama.params, rows, max_len + 1, llama.device, llama.model.dtype), slice(0, rows), max_len)
+
+
 class BatchEngine:
     """Continuous batching: the server's generations decode together, one thread running the model (the engine's
     own, or with thread=False the caller's: serve's main thread, see serve).
@@ -4785,11 +4795,9 @@ class BatchEngine:
         # speculate: greedy requests decode speculatively (speculative_round); the cache then takes several
         # tokens per row, and a draft has a cache of its own, its rows moving with the target's
         self.spec = None if speculate is None else check_speculate(llama, speculate)
-        self.cache = (KVCache if speculate is None else VerifyCache)(p, max_batch_size, p.max_seq_len, device,
-                                                                     llama.model.dtype)
+        self.cache = engine_cache(llama, KVCache if speculate is None else VerifyCache, max_batch_size, p.max_seq_len)
         draft = None if self.spec is None else self.spec.draft
-        self.dcache = None if draft is None else KVCache(draft.params, max_batch_size, p.max_seq_len, device,
-                                                         draft.model.dtype)
+        self.dcache = None if draft is None else engine_cache(draft, KVCache, max_batch_size, p.max_seq_len)
         self.pos = torch.zeros(max_batch_size, dtype=torch.long, device=device)  # (rows,) position of the next token
         self.tok = torch.zeros(max_batch_size, dtype=torch.long, device=device)  # (rows,) the next token to feed
         self.penalties = Penalties(max_batch_size, p.vocab_size, device)
@@ -4813,6 +4821,19 @@ class BatchEngine:
                 raise APIError(503, "the server is shutting down", kind="server_error")
             self.waiting.append(job)
             self.cond.notify()
+
+    def warm_up(self) -> float:
+        """Run a one-token prompt for 2 greedy tokens (stop tokens banned: its one decode step always runs) through
+        the engine, on the calling thread (before run(), or with thread=False), and wait for it, with the jobs that
+        arrive meanwhile: a compiled decode step compiles its batch-1 graph now, over the engine's own cache views
+        (whose strides its guards check), instead of in the first request. Seconds taken."""
+        t, tok = time.perf_counter(), self.llama.tokenizer
+        ban = Sampling(temperature=0, logit_bias={s: -100.0 for s in self.stop_tokens})
+        self.submit(Job([tok.bos_id if tok.bos_id is not None else 0], 2, ban, (), 0, None, queue.Queue()))
+        with torch.inference_mode():
+            while self.rows or self.waiting:
+                self.iteration()
+        return time.perf_counter() - t
 
     def stop(self, timeout: float = 30.0):
         """Stop after the current step; jobs not finished get a 503 error."""
@@ -5804,9 +5825,20 @@ def main(ckpt_dir: str = None, tokenizer_path: str = None, prompts: str = None, 
                                                                   stop=stop, **controls), out)
 
 
+def serve_compiles(device, compile: Optional[bool]) -> bool:
+    """Whether serve decodes under torch.compile: as asked, else (compile None) on CPU. The measured rule (2-core
+    Intel Xeon, README): compiling costs 30 s for the demo's quantized layers (6 s with inductor's on-disk cache
+    warm) and 60-90 s for fp32/bf16 layers, once per batch size, and saves 7 ms of the demo's 17 ms eager
+    token (0.59x -> 1.05x llama.cpp), about 10% on a 1B-shape model: paid back after ~4,000 demo tokens, minutes
+    of serving. A completion or a chat of a few hundred tokens never earns it back, so those decode eagerly unless
+    --compile; on GPUs (not measured here) too."""
+    check_value("compile", compile, (bool, type(None)), "true, false or not given (compiled on CPU)", lambda x: True)
+    return resolve_device_dtype(device)[0].type == "cpu" if compile is None else compile
+
+
 def serve(ckpt_dir: str = None, tokenizer_path: str = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str = None, max_batch_size: int = 8, max_seq_len: int = 2048, prompt_cache: int = 8,
-          model_name: str = None, seed: int = 1, device: str = None, dtype: str = None, compile: bool = False,
+          model_name: str = None, seed: int = 1, device: str = None, dtype: str = None, compile: bool = None,
           quiet: bool = False, draft_ckpt_dir: str = None, speculate_k: int = 4, prompt_lookup: bool = False):
     """Serve a checkpoint over OpenAI's HTTP API: POST /v1/chat/completions and /v1/completions (streamed with
     "stream": true), GET /v1/models, GET /health. Requests that arrive while others run are batched.
@@ -5828,7 +5860,9 @@ def serve(ckpt_dir: str = None, tokenizer_path: str = None, host: str = "127.0.0
         device: cuda, mps or cpu; autodetected in that order when not given
         dtype: float32, bfloat16 or float16; bf16 on GPUs that support it, fp32 on CPU when not given
         compile: decode under torch.compile, the same compiled step as --compile's (batch sizes rounded up to
-            powers of two, each compiled once; every context length runs the same graph)
+            powers of two, each compiled once; every context length runs the same graph); not given: on CPU, where
+            it pays back within minutes of serving (serve_compiles), the batch-1 graph compiled before serving;
+            --compile=false decodes eagerly
         quiet: do not log each request on stderr
         draft_ckpt_dir: a draft model: greedy requests (temperature 0, no penalties, biases, grammar or
             logprobs) decode speculatively, each row keeping its own count of proposals; others decode plainly
@@ -5839,6 +5873,10 @@ def serve(ckpt_dir: str = None, tokenizer_path: str = None, host: str = "127.0.0
     if ckpt_dir is None:
         ckpt_dir = demo_checkpoint()
     api_key = api_key if api_key is not None else os.environ.get("LLAMA31_API_KEY") or None
+    auto, compile = compile is None, serve_compiles(device, compile)
+    if auto and compile:
+        print("llama31: serve decodes under torch.compile on CPU (compiling takes 30-90 s, paid back within minutes of "
+              "serving; --compile=false decodes eagerly)", file=sys.stderr)
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                         device=device, dtype=dtype, seed=seed, compile=compile)
     speculate = speculate_from_flags(llama, draft_ckpt_dir, speculate_k, prompt_lookup)
@@ -5850,6 +5888,11 @@ def serve(ckpt_dir: str = None, tokenizer_path: str = None, host: str = "127.0.0
     server = start_server(llama, host=host, port=port, api_key=api_key, max_batch_size=max_batch_size,
                           model_name=name, prompt_cache=prompt_cache, seed=seed, quiet=quiet, engine_thread=False,
                           speculate=speculate)
+    if llama.decode_step is not None:  # requests that arrive meanwhile wait, then run in the warm-up's loop
+        print("llama31: compiling the decode step for one request ...", file=sys.stderr, flush=True)
+        seconds = server.engine.warm_up()
+        print(f"llama31: compiled in {seconds:.0f} s (batches of 2, 4, ... compile when first reached)",
+              file=sys.stderr)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"llama31: serving on {host} without an API key: anyone who can reach it can use it", file=sys.stderr)
     print(f"llama31: serving {name} at http://{host}:{server.server_address[1]}/v1 (Ctrl-C stops)", file=sys.stderr)

@@ -2735,6 +2735,27 @@ def test_server_compiled_decode_matches_generate(ckpt_mha):
     assert tokens == [eager.generate([p], max_gen_len=b, temperature=0)[0] for p, b in zip(prompts, budgets)]
 
 
+@pytest.mark.skipif(not os.environ.get("LLAMA31_TEST_COMPILE"), reason="set LLAMA31_TEST_COMPILE=1 to run "
+                    "torch.compile for real (needs a C++ compiler, takes minutes on 2 cores)")
+def test_engine_warm_up_compiles_what_requests_run(ckpt_mha):
+    # serve's warm-up compiles the batch-1 graph over the engine's own cache views: a request then compiles nothing
+    compiled = llama31.Llama.build(ckpt_mha, max_seq_len=512, max_batch_size=2, device="cpu", dtype="bfloat16",
+                                   compile=True)
+    engine = llama31.BatchEngine(compiled, max_batch_size=2, prompt_cache=0, thread=False)
+    torch._dynamo.reset()  # graphs of earlier tests with these shapes would be reused, not counted
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert engine.warm_up() > 0 and not engine.rows and not engine.waiting
+    warmed = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert warmed - before == 1 and compiled.decode_step.compiled is not None
+    events = queue.Queue()
+    engine.submit(llama31.Job([128000, 9906, 1070], 300, llama31.Sampling(temperature=0), (), None, 0, events))
+    with torch.inference_mode():  # 300 tokens: views of 256 then 512 positions, the same graph
+        while engine.rows or engine.waiting:
+            engine.iteration()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == warmed
+    assert drain(events)[-1][:2] == ("end", 0)
+
+
 def drain(events: queue.Queue) -> list:
     """The events a job has received so far."""
     out = []
@@ -3481,8 +3502,11 @@ def test_serve_command(ckpt_chain):
     with socket.socket() as s:  # a free port (released for the server to take)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # on CPU serve compiles its decode step by default (serve_compiles), before serving: where compiling is tested
+    compiles = bool(os.environ.get("LLAMA31_TEST_COMPILE"))
     p = subprocess.Popen([sys.executable, str(HERE / "llama31.py"), "serve", "--ckpt_dir", str(ckpt_chain), "--port",
-                          str(port), "--device", "cpu", "--max_seq_len", "128", "--quiet"],
+                          str(port), "--device", "cpu", "--max_seq_len", "128", "--quiet",
+                          *([] if compiles else ["--compile=false"])],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(1200):
@@ -3493,7 +3517,8 @@ def test_serve_command(ckpt_chain):
             except OSError:
                 assert p.poll() is None, p.communicate()
                 time.sleep(0.1)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        # (a request during the warm-up's compilation waits for it)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
         r = client.chat.completions.create(model="m", messages=HI, temperature=0)
         assert r.choices[0].message.content == "Hello!" and r.model == ckpt_chain.name
     finally:
@@ -3501,6 +3526,16 @@ def test_serve_command(ckpt_chain):
         out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     assert f"http://127.0.0.1:{port}/v1" in err and "Traceback" not in err
+    assert ("serve decodes under torch.compile on CPU" in err) == compiles, err
+    assert ("llama31: compiled in" in err) == compiles and "decoding eagerly" not in err, err
+
+
+def test_serve_compiles_on_cpu_by_default():
+    assert llama31.serve_compiles("cpu", None) and llama31.serve_compiles(None, None) == (
+        llama31.resolve_device_dtype(None)[0].type == "cpu")  # autodetected: compiled where that is the CPU
+    assert not llama31.serve_compiles("cpu", False) and llama31.serve_compiles("cpu", True)
+    with pytest.raises(ValueError, match=r"compile must be true, false or not given \(compiled on CPU\), got 'yes'"):
+        llama31.serve_compiles("cpu", "yes")
 
 
 def test_cli_generation_controls(ckpt_chain):
