@@ -5860,9 +5860,9 @@ def serve(ckpt_dir: str = None, tokenizer_path: str = None, host: str = "127.0.0
         device: cuda, mps or cpu; autodetected in that order when not given
         dtype: float32, bfloat16 or float16; bf16 on GPUs that support it, fp32 on CPU when not given
         compile: decode under torch.compile, the same compiled step as --compile's (batch sizes rounded up to
-            powers of two, each compiled once; every context length runs the same graph); not given: on CPU, where
-            it pays back within minutes of serving (serve_compiles), the batch-1 graph compiled before serving;
-            --compile=false decodes eagerly
+            powers of two, each compiled once; every context length runs the same graph); by default on CPU,
+            where it pays back within minutes of serving (serve_compiles), the batch-1 graph compiled before
+            serving; --compile=false decodes eagerly
         quiet: do not log each request on stderr
         draft_ckpt_dir: a draft model: greedy requests (temperature 0, no penalties, biases, grammar or
             logprobs) decode speculatively, each row keeping its own count of proposals; others decode plainly
